@@ -1,0 +1,144 @@
+namespace FineTuneNative.Kernels;
+
+/// <summary>How rotary position embedding pairs the channels of one head.</summary>
+public enum RopeLayout
+{
+    /// <summary>Hugging Face "rotate half": channel i pairs with channel i + HS/2.</summary>
+    RotateHalf,
+    /// <summary>Meta / llama2.c: channel 2i pairs with channel 2i + 1.</summary>
+    Interleaved,
+}
+
+/// <summary>The low-rank path of a LoRA linear: y += Scale · dropout(x) · Aᵀ · Bᵀ.</summary>
+/// <param name="A">(R, K) down projection (PEFT lora_A.weight).</param>
+/// <param name="B">(N, R) up projection (PEFT lora_B.weight).</param>
+/// <param name="Scale">alpha / r (or alpha / sqrt(r) for rsLoRA).</param>
+/// <param name="Dropout">drop probability p on the LoRA input; kept elements are scaled by 1/(1-p).</param>
+/// <param name="Seed">dropout seed; element (m, k) is kept iff DropoutHash.Keep(Seed, m·K + k, p).</param>
+public readonly record struct LoraParams(Tensor A, Tensor B, float Scale, float Dropout, ulong Seed);
+
+/// <summary>
+/// The one interface model code is written against. Every op exists on every backend (CPU SIMD, ILGPU) and
+/// matches the double-precision reference in Kernels/Reference.
+/// </summary>
+/// <remarks>
+/// Conventions:
+/// - All tensors are row-major and contiguous; "(M, K)" names the logical shape, only the element count and
+///   the stated sizes are checked (any tensor with Length == M·K works).
+/// - Activation gradients are overwritten (=) unless an <c>accumulate</c> flag says +=.
+///   Parameter gradients (dW, dA, dB, dBias, dWeight of norms, dTable) are always accumulated (+=), so
+///   micro-batches add up.
+/// - Weights W may be F32 or BF16 (then converted to f32 on the fly); every accumulation is in f32.
+/// - Ops are asynchronous on GPU backends; <see cref="Download"/> and the reductions returning a value
+///   synchronize.
+/// </remarks>
+public interface IBackend : IDisposable
+{
+    /// <summary>"cpu", "ilgpu-cuda", "ilgpu-sim" ...</summary>
+    string Name { get; }
+
+    // ---------------------------------------------------------------- memory
+    /// <summary>A new zero-filled tensor owned by this backend.</summary>
+    Tensor Allocate(DType dtype, params int[] shape);
+    /// <summary>Copies host floats into <paramref name="dst"/>, converting to its dtype (F32/BF16/F16).</summary>
+    void Upload(Tensor dst, ReadOnlySpan<float> src);
+    /// <summary>Copies host ints into an I32 tensor.</summary>
+    void Upload(Tensor dst, ReadOnlySpan<int> src);
+    /// <summary>Copies raw little-endian element bytes (exactly dst.Bytes) into <paramref name="dst"/>.</summary>
+    void UploadRaw(Tensor dst, ReadOnlySpan<byte> src);
+    /// <summary>Copies a tensor to host floats (converting BF16/F16).</summary>
+    void Download(Tensor src, Span<float> dst);
+    void Download(Tensor src, Span<int> dst);
+    void Synchronize();
+
+    // ---------------------------------------------------------------- elementwise
+    void Fill(Tensor t, float value);
+    /// <summary>dst = src (same length; converts between float dtypes).</summary>
+    void Copy(Tensor dst, Tensor src);
+    /// <summary>dst = a + b (may alias).</summary>
+    void Add(Tensor dst, Tensor a, Tensor b);
+    /// <summary>t *= s.</summary>
+    void Scale(Tensor t, float s);
+    /// <summary>Σ t², accumulated in double, synchronizing. Used for the gradient norm.</summary>
+    double SumOfSquares(Tensor t);
+
+    // ---------------------------------------------------------------- matmul (f32 accumulation)
+    /// <summary>y(M,N) (+)= x(M,K) · w(N,K)ᵀ  [+ bias(N)]. The nn.Linear forward.</summary>
+    void MatMul(Tensor y, Tensor x, Tensor w, Tensor? bias, int m, int n, int k, bool accumulate);
+    /// <summary>dx(M,K) (+)= dy(M,N) · w(N,K). The nn.Linear input gradient.</summary>
+    void MatMulBackwardInput(Tensor dx, Tensor dy, Tensor w, int m, int n, int k, bool accumulate);
+    /// <summary>dw(N,K) += dy(M,N)ᵀ · x(M,K); dBias(N) += Σ_m dy(m,:) when given. The nn.Linear weight gradient.</summary>
+    void MatMulBackwardWeight(Tensor dw, Tensor? dBias, Tensor dy, Tensor x, int m, int n, int k);
+
+    // ---------------------------------------------------------------- LoRA linear
+    /// <summary>
+    /// y(M,N) = x·wᵀ [+ bias] + s·(drop(x)·Aᵀ)·Bᵀ.
+    /// Saves u(M,R) = drop(x)·Aᵀ for the backward; when Dropout &gt; 0 also saves xDrop(M,K) = drop(x)
+    /// (may be null when Dropout == 0).
+    /// </summary>
+    void LoraLinearForward(Tensor y, Tensor x, Tensor w, Tensor? bias, LoraParams lora, Tensor u, Tensor? xDrop, int m, int n, int k, int r);
+
+    /// <summary>
+    /// Backward of <see cref="LoraLinearForward"/>: g(M,R) = dy·B (scratch, overwritten);
+    /// dB(N,R) += s·dyᵀ·u; dA(R,K) += s·gᵀ·drop(x); dx(M,K) (+)= dy·w + s·mask⊙(g·A)/(1-p).
+    /// dW/dBias are accumulated only when given (base trained).
+    /// </summary>
+    void LoraLinearBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, LoraParams lora, Tensor u, Tensor? xDrop, Tensor g,
+        Tensor dA, Tensor dB, Tensor? dW, Tensor? dBias, int m, int n, int k, int r, bool accumulate);
+
+    // ---------------------------------------------------------------- normalization, position, activation
+    /// <summary>y(M,C) = x / sqrt(mean(x²) + eps) ⊙ w(C). Saves rstd(M).</summary>
+    void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int m, int c, float eps);
+    /// <summary>dx(M,C) (+)= ∂; dw(C) += Σ_m dy ⊙ x·rstd.</summary>
+    void RmsNormBackward(Tensor dx, Tensor dw, Tensor dy, Tensor x, Tensor w, Tensor rstd, int m, int c, bool accumulate);
+
+    /// <summary>
+    /// Rotates x(M, NH, HS) in place by angle pos(m)·θ^(-2i/HS) for pair i (pos from I32 positions(M)).
+    /// inverse = true rotates by the negative angle, which is the backward.
+    /// </summary>
+    void Rope(Tensor x, Tensor positions, int m, int nHeads, int headSize, float theta, RopeLayout layout, bool inverse);
+
+    /// <summary>h(M,F) = silu(gate) ⊙ up.</summary>
+    void SwiGluForward(Tensor h, Tensor gate, Tensor up, long count);
+    /// <summary>dGate = dh ⊙ up ⊙ silu'(gate); dUp = dh ⊙ silu(gate) (both overwritten; may not alias inputs).</summary>
+    void SwiGluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long count);
+
+    // ---------------------------------------------------------------- attention
+    /// <summary>
+    /// Causal grouped-query attention with online softmax (no T×T matrix).
+    /// q(B, Tq, NH, HS); k, v (B, Tkv, NKV, HS) of which the first kvLen rows per batch are used;
+    /// query t sits at position kvLen - Tq + t and sees keys 0..that position. out (B, Tq, NH, HS);
+    /// lse (B, NH, Tq) = log Σ exp(score) saved for the backward (may be null at inference).
+    /// Head h reads kv head h / (NH / NKV). scale is usually 1/sqrt(HS).
+    /// </summary>
+    void AttentionForward(Tensor output, Tensor? lse, Tensor q, Tensor k, Tensor v,
+        int batch, int tq, int tkv, int kvLen, int nHeads, int nKvHeads, int headSize, float scale);
+
+    /// <summary>
+    /// Backward of <see cref="AttentionForward"/> for training (Tq == Tkv == kvLen == T):
+    /// dq, dk, dv overwritten (dk/dv sum over the query heads sharing a kv head).
+    /// </summary>
+    void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOut, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
+        int batch, int t, int nHeads, int nKvHeads, int headSize, float scale);
+
+    // ---------------------------------------------------------------- embedding, loss, optimizer
+    /// <summary>out(M,C) = table(V,C)[tokens(M)]. Throws on a token outside [0, V).</summary>
+    void EmbeddingForward(Tensor output, Tensor tokens, Tensor table, int m, int c);
+    /// <summary>dTable(V,C) += scatter of dOut(M,C) at tokens(M).</summary>
+    void EmbeddingBackward(Tensor dTable, Tensor dOut, Tensor tokens, int m, int c);
+
+    /// <summary>
+    /// Cross-entropy of logits(M,V) against targets(M) (I32; rows whose target == ignoreIndex contribute 0).
+    /// losses(M) = logsumexp(row) - row[target] (0 when ignored). When computeGrad, logits are overwritten by
+    /// gradScale·(softmax(row) - onehot(target)) (zeros for ignored rows). The caller chunks rows so the full
+    /// (B·T, V) logits never exist at once.
+    /// </summary>
+    void CrossEntropy(Tensor logits, Tensor targets, Tensor losses, int m, int v, int ignoreIndex, float gradScale, bool computeGrad);
+
+    /// <summary>
+    /// Decoupled AdamW on one f32 parameter: m = β1·m + (1-β1)·g; v = β2·v + (1-β2)·g²;
+    /// p -= lr·( m̂ / (sqrt(v̂) + eps) + weightDecay·p ), with bias corrections for 1-based <paramref name="step"/>.
+    /// The gradient is read as gradScale·grad (clipping folded in).
+    /// </summary>
+    void AdamW(Tensor param, Tensor grad, Tensor m, Tensor v, float lr, float beta1, float beta2, float eps, float weightDecay, int step, float gradScale);
+}
