@@ -1,0 +1,206 @@
+using FineTuneNative.Kernels;
+using FineTuneNative.Runtime.Model;
+
+namespace FineTuneNative.Runtime.Inference;
+
+/// <summary>
+/// Runs a Llama-family model forward for generation with a KV cache: <see cref="Prefill"/> pushes a prompt
+/// through in one batched pass, <see cref="Decode"/> one token at a time. Every buffer (the per-layer K/V cache
+/// for <c>maxSeqLen</c> positions and the activations of one prefill chunk) is allocated once, at
+/// construction; a decode step allocates nothing.
+/// </summary>
+/// <remarks>
+/// Per layer, for the T new tokens at positions p..p+T-1 (B = 1):
+///   xn = rmsnorm(x) · attn_norm;  q = xn·Wqᵀ (+bq);  K[p..p+T) = xn·Wkᵀ (+bk);  V[p..p+T) = xn·Wvᵀ (+bv)
+///   rope(q), rope(K[p..p+T)) at their absolute positions;  a = attention(q, K[0..p+T), V[0..p+T)) causal
+///   x += a·Woᵀ;  xn = rmsnorm(x) · ffn_norm;  x += (silu(xn·Wgateᵀ) ⊙ xn·Wupᵀ)·Wdownᵀ
+/// then logits = rmsnorm(x_last) · final_norm · Outputᵀ for the last position only.
+/// </remarks>
+public sealed class InferenceSession : IDisposable
+{
+    private readonly LlamaWeights _w;
+    private readonly IBackend _b;
+    private readonly LlamaConfig _c;
+    private readonly int _chunk;
+    private readonly Tensor[] _kCache, _vCache;   // per layer (maxSeqLen, NKV, HS)
+    private readonly Tensor _x, _xn, _q, _att, _gate, _up, _h, _rstd, _tokens, _positions; // (chunk, ·)
+    private readonly Tensor _xLast, _logits;       // (1, C), (1, V)
+    private readonly Tensor _xnRow, _rstdRow;      // views of row 0 of _xn and _rstd for the final norm
+    private readonly int[] _hostInts;
+    private readonly float[] _hostLogits;
+    private readonly List<Tensor> _owned = new();
+    private bool _disposed;
+
+    /// <param name="w">The model (on <paramref name="backend"/>).</param>
+    /// <param name="backend">The backend the weights live on.</param>
+    /// <param name="maxSeqLen">Most positions a sequence may reach (prompt + generated); sizes the KV cache.</param>
+    /// <param name="prefillChunk">Most prompt tokens processed in one pass (longer prompts go in several); default min(maxSeqLen, 512).</param>
+    public InferenceSession(LlamaWeights w, IBackend backend, int maxSeqLen, int prefillChunk = 0)
+    {
+        ArgumentNullException.ThrowIfNull(w);
+        ArgumentNullException.ThrowIfNull(backend);
+        if (maxSeqLen <= 0) throw new ArgumentOutOfRangeException(nameof(maxSeqLen), "maxSeqLen must be > 0");
+        if (!ReferenceEquals(w.Embedding.Backend, backend))
+            throw new ArgumentException($"the weights live on backend '{w.Embedding.Backend.Name}', not '{backend.Name}'", nameof(backend));
+        _w = w;
+        _b = backend;
+        _c = w.Config;
+        MaxSeqLen = maxSeqLen;
+        _chunk = prefillChunk > 0 ? Math.Min(prefillChunk, maxSeqLen) : Math.Min(maxSeqLen, 512);
+        int C = _c.HiddenSize, F = _c.IntermediateSize, Q = _c.QDim, T = _chunk;
+        try
+        {
+            _kCache = new Tensor[_c.NumLayers];
+            _vCache = new Tensor[_c.NumLayers];
+            for (int l = 0; l < _c.NumLayers; l++)
+            {
+                _kCache[l] = Own(DType.F32, $"k_cache.{l}", maxSeqLen, _c.NumKvHeads, _c.HeadDim);
+                _vCache[l] = Own(DType.F32, $"v_cache.{l}", maxSeqLen, _c.NumKvHeads, _c.HeadDim);
+            }
+            _x = Own(DType.F32, "x", T, C);
+            _xn = Own(DType.F32, "xn", T, C);
+            _q = Own(DType.F32, "q", T, Q);
+            _att = Own(DType.F32, "att", T, Q);
+            _gate = Own(DType.F32, "gate", T, F);
+            _up = Own(DType.F32, "up", T, F);
+            _h = Own(DType.F32, "h", T, F);
+            _rstd = Own(DType.F32, "rstd", T);
+            _tokens = Own(DType.I32, "tokens", T);
+            _positions = Own(DType.I32, "positions", T);
+            _xLast = Own(DType.F32, "x_last", 1, C);
+            _logits = Own(DType.F32, "logits", 1, _c.VocabSize);
+            _xnRow = _xn.View(0, 1, C);
+            _rstdRow = _rstd.View(0, 1);
+        }
+        catch
+        {
+            foreach (var t in _owned) t.Dispose();
+            throw;
+        }
+        _hostInts = new int[T];
+        _hostLogits = new float[_c.VocabSize];
+    }
+
+    private Tensor Own(DType d, string name, params int[] shape)
+    {
+        var t = _b.Allocate(d, shape);
+        t.Name = name;
+        _owned.Add(t);
+        return t;
+    }
+
+    public LlamaConfig Config => _c;
+    public IBackend Backend => _b;
+    public int MaxSeqLen { get; }
+    /// <summary>Number of positions already in the KV cache (the position of the next token).</summary>
+    public int Position { get; private set; }
+    public int VocabSize => _c.VocabSize;
+
+    /// <summary>Forgets the sequence (the cache is overwritten from position 0 on).</summary>
+    public void Reset() => Position = 0;
+
+    /// <summary>
+    /// Appends <paramref name="tokens"/> at the current position and returns the logits (V) of the last one.
+    /// The returned array is reused by the next call.
+    /// </summary>
+    public float[] Prefill(ReadOnlySpan<int> tokens)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (tokens.Length == 0) throw new ArgumentException("prefill needs at least one token (e.g. BOS)", nameof(tokens));
+        if (Position + tokens.Length > MaxSeqLen)
+            throw new InvalidOperationException($"sequence of {Position + tokens.Length} positions exceeds this session's maxSeqLen {MaxSeqLen}");
+        for (int i = 0; i < tokens.Length; i++)
+            if ((uint)tokens[i] >= (uint)_c.VocabSize)
+                throw new ArgumentOutOfRangeException(nameof(tokens), $"token {tokens[i]} at index {i} is outside the vocabulary [0, {_c.VocabSize})");
+        int done = 0;
+        while (done < tokens.Length)
+        {
+            int n = Math.Min(_chunk, tokens.Length - done);
+            Forward(tokens.Slice(done, n));
+            done += n;
+        }
+        return Logits();
+    }
+
+    /// <summary>Appends one token and returns the logits (V) of the next position (the array is reused).</summary>
+    public float[] Decode(int token)
+    {
+        ReadOnlySpan<int> one = stackalloc int[1] { token };
+        return Prefill(one);
+    }
+
+    /// <summary>Runs the T = tokens.Length new tokens through every layer, leaving the last row's hidden state in _xLast.</summary>
+    private void Forward(ReadOnlySpan<int> tokens)
+    {
+        var b = _b;
+        var c = _c;
+        int T = tokens.Length, p = Position;
+        int C = c.HiddenSize, F = c.IntermediateSize, Q = c.QDim, KV = c.KvDim, HS = c.HeadDim;
+        int kvLen = p + T;
+        float scale = 1f / MathF.Sqrt(HS);
+
+        var v = Views(T);
+        tokens.CopyTo(_hostInts);
+        b.Upload(v.Tokens, _hostInts.AsSpan(0, T));
+        for (int i = 0; i < T; i++) _hostInts[i] = p + i;
+        b.Upload(v.Positions, _hostInts.AsSpan(0, T));
+        var (tok, pos, x, xn, q, att, gate, up, h, rstd) = (v.Tokens, v.Positions, v.X, v.Xn, v.Q, v.Att, v.Gate, v.Up, v.H, v.Rstd);
+
+
+        b.EmbeddingForward(x, tok, _w.Embedding, T, C);
+        for (int l = 0; l < c.NumLayers; l++)
+        {
+            var L = _w.Layers[l];
+            var kNew = _kCache[l].View((long)p * KV, T, KV);
+            var vNew = _vCache[l].View((long)p * KV, T, KV);
+            b.RmsNormForward(xn, rstd, x, L.AttnNorm, T, C, c.RmsNormEps);
+            b.MatMul(q, xn, L.Wq, L.Bq, T, Q, C, accumulate: false);
+            b.MatMul(kNew, xn, L.Wk, L.Bk, T, KV, C, accumulate: false);
+            b.MatMul(vNew, xn, L.Wv, L.Bv, T, KV, C, accumulate: false);
+            b.Rope(q, pos, T, c.NumHeads, HS, c.RopeTheta, c.RopeLayout, inverse: false);
+            b.Rope(kNew, pos, T, c.NumKvHeads, HS, c.RopeTheta, c.RopeLayout, inverse: false);
+            b.AttentionForward(att, null, q, _kCache[l], _vCache[l], 1, T, MaxSeqLen, kvLen, c.NumHeads, c.NumKvHeads, HS, scale);
+            b.MatMul(x, att, L.Wo, null, T, C, Q, accumulate: true);
+
+            b.RmsNormForward(xn, rstd, x, L.FfnNorm, T, C, c.RmsNormEps);
+            b.MatMul(gate, xn, L.Wgate, null, T, F, C, accumulate: false);
+            b.MatMul(up, xn, L.Wup, null, T, F, C, accumulate: false);
+            b.SwiGluForward(h, gate, up, (long)T * F);
+            b.MatMul(x, h, L.Wdown, null, T, C, F, accumulate: true);
+        }
+        b.Copy(_xLast, v.XLastRow);
+        Position = kvLen;
+    }
+
+    /// <summary>Views of the activation buffers for T rows: cached for the last T used, so decode (T = 1) reuses them.</summary>
+    private sealed record RowViews(Tensor Tokens, Tensor Positions, Tensor X, Tensor Xn, Tensor Q, Tensor Att,
+        Tensor Gate, Tensor Up, Tensor H, Tensor Rstd, Tensor XLastRow);
+
+    private RowViews? _views;
+
+    private RowViews Views(int T)
+    {
+        if (_views is { } cached && cached.X.Shape[0] == T) return cached;
+        int C = _c.HiddenSize, F = _c.IntermediateSize, Q = _c.QDim;
+        return _views = new RowViews(_tokens.View(0, T), _positions.View(0, T), _x.View(0, T, C), _xn.View(0, T, C),
+            _q.View(0, T, Q), _att.View(0, T, Q), _gate.View(0, T, F), _up.View(0, T, F), _h.View(0, T, F), _rstd.View(0, T),
+            _x.View((long)(T - 1) * C, 1, C));
+    }
+
+    private float[] Logits()
+    {
+        int C = _c.HiddenSize, V = _c.VocabSize;
+        _b.RmsNormForward(_xnRow, _rstdRow, _xLast, _w.FinalNorm, 1, C, _c.RmsNormEps);
+        _b.MatMul(_logits, _xnRow, _w.Output, null, 1, V, C, accumulate: false);
+        _b.Download(_logits, _hostLogits);
+        return _hostLogits;
+    }
+
+    public void Dispose()
+    {
+        if (_disposed) return;
+        _disposed = true;
+        foreach (var t in _owned) t.Dispose();
+        _owned.Clear();
+    }
+}
