@@ -1,0 +1,40 @@
+namespace FineTuneNative.Kernels.Cpu;
+
+// Decoupled AdamW; reference: AdamWReference.
+public sealed unsafe partial class CpuBackend
+{
+    private struct AdamCtx { public float* P, G, M, V; public long N; public float Lr, B1, B2, Eps, Wd, GradScale, C1, C2; }
+
+    /// <summary>
+    /// m = β1·m + (1-β1)·g; v = β2·v + (1-β2)·g²; p -= lr·(m̂/(sqrt(v̂)+eps) + wd·p), g = gradScale·grad,
+    /// bias corrections for 1-based <paramref name="step"/>. Updates param, m and v in place.
+    /// </summary>
+    public void AdamW(Tensor param, Tensor grad, Tensor m, Tensor v, float lr, float beta1, float beta2, float eps, float weightDecay, int step, float gradScale)
+    {
+        const string op = "AdamW";
+        if (step < 1) throw new ArgumentOutOfRangeException(nameof(step), step, $"{op}: step is 1-based");
+        long n = param.Length;
+        var ctx = new AdamCtx
+        {
+            P = F32(param, n, nameof(param), op), G = F32(grad, n, nameof(grad), op), M = F32(m, n, nameof(m), op), V = F32(v, n, nameof(v), op),
+            N = n, Lr = lr, B1 = beta1, B2 = beta2, Eps = eps, Wd = weightDecay, GradScale = gradScale,
+            C1 = (float)(1 - Math.Pow(beta1, step)), C2 = (float)(1 - Math.Pow(beta2, step)),
+        };
+        _pool.For(Chunks(n), &AdamBody, &ctx);
+    }
+
+    private static void AdamBody(void* p, int chunk, int worker)
+    {
+        var c = (AdamCtx*)p;
+        long s = (long)chunk * ElementChunk, e = Math.Min(c->N, s + ElementChunk);
+        float ic1 = 1f / c->C1, ic2 = 1f / c->C2;
+        for (long i = s; i < e; i++)
+        {
+            float g = c->GradScale * c->G[i];
+            float mi = c->B1 * c->M[i] + (1 - c->B1) * g;
+            float vi = c->B2 * c->V[i] + (1 - c->B2) * g * g;
+            c->M[i] = mi; c->V[i] = vi;
+            c->P[i] -= c->Lr * (mi * ic1 / (MathF.Sqrt(vi * ic2) + c->Eps) + c->Wd * c->P[i]);
+        }
+    }
+}

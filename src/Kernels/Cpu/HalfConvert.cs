@@ -1,0 +1,66 @@
+using System.Runtime.Intrinsics;
+
+namespace FineTuneNative.Kernels.Cpu;
+
+/// <summary>Vectorised bf16/f16 ⇄ f32 conversions (round to nearest even, same bits as <see cref="HalfBits"/>).</summary>
+internal static unsafe class HalfConvert
+{
+    public static void Bf16ToF32(ReadOnlySpan<ushort> src, Span<float> dst)
+    {
+        fixed (ushort* s = src) fixed (float* d = dst) Bf16ToF32(s, d, src.Length);
+    }
+
+    /// <summary>bf16 is the top half of an f32: widen and shift.</summary>
+    public static void Bf16ToF32(ushort* s, float* d, long n)
+    {
+        long i = 0;
+        if (Vector512.IsHardwareAccelerated)
+        {
+            for (; i + 16 <= n; i += 16)
+            {
+                var (lo, hi) = Vector256.Widen(Vector256.Load(s + i));
+                // widen gives 8+8 uint32; 16 ushorts fit one Vector256
+                Vector512.ShiftLeft(Vector512.Create(lo, hi), 16).AsSingle().Store(d + i);
+            }
+        }
+        else if (Vector256.IsHardwareAccelerated)
+        {
+            for (; i + 8 <= n; i += 8)
+            {
+                var (lo, hi) = Vector128.Widen(Vector128.Load(s + i));
+                Vector256.ShiftLeft(Vector256.Create(lo, hi), 16).AsSingle().Store(d + i);
+            }
+        }
+        for (; i < n; i++) d[i] = BitConverter.Int32BitsToSingle(s[i] << 16);
+    }
+
+    public static void F32ToBf16(ReadOnlySpan<float> src, Span<ushort> dst)
+    {
+        for (int i = 0; i < src.Length; i++) dst[i] = HalfBits.F32ToBf16(src[i]);
+    }
+
+    public static void F32ToBf16(float* s, ushort* d, long n)
+    {
+        for (long i = 0; i < n; i++) d[i] = HalfBits.F32ToBf16(s[i]);
+    }
+
+    public static void F16ToF32(ReadOnlySpan<ushort> src, Span<float> dst)
+    {
+        for (int i = 0; i < src.Length; i++) dst[i] = HalfBits.F16ToF32(src[i]);
+    }
+
+    public static void F16ToF32(ushort* s, float* d, long n)
+    {
+        for (long i = 0; i < n; i++) d[i] = HalfBits.F16ToF32(s[i]);
+    }
+
+    public static void F32ToF16(ReadOnlySpan<float> src, Span<ushort> dst)
+    {
+        for (int i = 0; i < src.Length; i++) dst[i] = HalfBits.F32ToF16(src[i]);
+    }
+
+    public static void F32ToF16(float* s, ushort* d, long n)
+    {
+        for (long i = 0; i < n; i++) d[i] = HalfBits.F32ToF16(s[i]);
+    }
+}

@@ -1,0 +1,159 @@
+using FineTuneNative.Kernels;
+using FineTuneNative.Kernels.Reference;
+using FineTuneNative.Tests.Numerics;
+using static FineTuneNative.Tests.Kernels.KernelTest;
+
+namespace FineTuneNative.Tests.Kernels;
+
+public class LoraLinearTests
+{
+    // (M, N, K, R, dropout)
+    public static readonly (int M, int N, int K, int R, float P)[] Cases =
+    {
+        (1, 3, 5, 1, 0f), (4, 7, 9, 2, 0f), (13, 19, 33, 4, 0f), (5, 8, 6, 3, 0.3f), (17, 35, 40, 8, 0.1f), (1, 5, 4, 2, 0.5f),
+    };
+
+    private const float Scale = 2.5f;
+    private const ulong Seed = 0xC0FFEE;
+
+    [Fact]
+    public void ReferenceDropMask_IsDropoutHash()
+    {
+        var x = Rand(600, 1);
+        var xd = LoraLinearReference.Drop(x, 20, 30, 0.25f, 42);
+        int dropped = 0;
+        for (int i = 0; i < x.Length; i++)
+        {
+            bool keep = DropoutHash.Keep(42, i, 0.25f);
+            Assert.Equal(keep ? x[i] / 0.75 : 0.0, xd[i], 12);
+            if (!keep) dropped++;
+        }
+        Assert.InRange(dropped, 100, 200); // 150 expected
+    }
+
+    [SkippableTheory]
+    [MemberData(nameof(TestBackends.All), MemberType = typeof(TestBackends))]
+    public void Forward_MatchesReference(string backend)
+    {
+        var b = Backend(backend);
+        int seed = 10;
+        foreach (var (m, n, k, r, p) in Cases)
+            foreach (bool withBias in new[] { false, true })
+            {
+                string what = $"M={m} N={n} K={k} R={r} p={p} bias={withBias}";
+                var xd = Rand(m * k, seed++); var wd = Rand(n * k, seed++); var bd = Rand(n, seed++);
+                var ad = Rand(r * k, seed++); var bbd = Rand(n * r, seed++);
+                using var x = Up(b, xd, m, k); using var w = Up(b, wd, n, k); using var bias = Up(b, bd, n);
+                using var a = Up(b, ad, r, k); using var bb = Up(b, bbd, n, r);
+                using var y = Up(b, Rand(m * n, seed++, 9), m, n); // garbage: the forward overwrites
+                using var u = b.Allocate(DType.F32, m, r);
+                using var xDrop = b.Allocate(DType.F32, m, k);
+                var lora = new LoraParams(a, bb, Scale, p, Seed);
+                b.LoraLinearForward(y, x, w, withBias ? bias : null, lora, u, p > 0 ? xDrop : null, m, n, k, r);
+                var (ey, eu, exd) = LoraLinearReference.Forward(xd, wd, withBias ? bd : null, ad, bbd, Scale, p, Seed, m, n, k, r);
+                Close(ey, y, "y " + what);
+                Close(eu, u, "u " + what);
+                if (p > 0) Close(exd, xDrop, "xDrop " + what); // the exact DropoutHash mask
+            }
+    }
+
+    [SkippableTheory]
+    [MemberData(nameof(TestBackends.All), MemberType = typeof(TestBackends))]
+    public void Forward_Bf16BaseWeight(string backend)
+    {
+        var b = Backend(backend);
+        const int m = 6, n = 11, k = 13, r = 3;
+        var xd = Rand(m * k, 1); var wd = RoundBf16(Rand(n * k, 2)); var ad = Rand(r * k, 3); var bbd = Rand(n * r, 4);
+        using var x = Up(b, xd, m, k); using var w = UpBf16(b, GradCheck.ToFloat(wd), n, k);
+        using var a = Up(b, ad, r, k); using var bb = Up(b, bbd, n, r);
+        using var y = b.Allocate(DType.F32, m, n); using var u = b.Allocate(DType.F32, m, r);
+        b.LoraLinearForward(y, x, w, null, new LoraParams(a, bb, Scale, 0, 0), u, null, m, n, k, r);
+        Close(LoraLinearReference.Forward(xd, wd, null, ad, bbd, Scale, 0, 0, m, n, k, r).Y, y, "y");
+    }
+
+    [SkippableTheory]
+    [MemberData(nameof(TestBackends.All), MemberType = typeof(TestBackends))]
+    public void Backward_MatchesReference_AccumulatesParameterGrads(string backend)
+    {
+        var b = Backend(backend);
+        int seed = 500;
+        foreach (var (m, n, k, r, p) in Cases)
+            foreach (bool acc in new[] { false, true })
+                foreach (bool trainBase in new[] { false, true })
+                {
+                    string what = $"M={m} N={n} K={k} R={r} p={p} acc={acc} base={trainBase}";
+                    var xd = Rand(m * k, seed++); var wd = Rand(n * k, seed++); var ad = Rand(r * k, seed++); var bbd = Rand(n * r, seed++);
+                    var dyd = Rand(m * n, seed++);
+                    var dx0 = Rand(m * k, seed++, 7); var dA0 = Rand(r * k, seed++, 3); var dB0 = Rand(n * r, seed++, 3);
+                    var dW0 = Rand(n * k, seed++, 3); var dBias0 = Rand(n, seed++, 3);
+                    using var x = Up(b, xd, m, k); using var w = Up(b, wd, n, k);
+                    using var a = Up(b, ad, r, k); using var bb = Up(b, bbd, n, r);
+                    using var y = b.Allocate(DType.F32, m, n); using var u = b.Allocate(DType.F32, m, r); using var xDrop = b.Allocate(DType.F32, m, k);
+                    using var dy = Up(b, dyd, m, n); using var g = Up(b, Rand(m * r, seed++, 5), m, r);
+                    using var dx = Up(b, dx0, m, k); using var dA = Up(b, dA0, r, k); using var dB = Up(b, dB0, n, r);
+                    using var dW = Up(b, dW0, n, k); using var dBias = Up(b, dBias0, n);
+                    var lora = new LoraParams(a, bb, Scale, p, Seed);
+                    var xDropOrNull = p > 0 ? xDrop : null;
+                    b.LoraLinearForward(y, x, w, null, lora, u, xDropOrNull, m, n, k, r);
+                    b.LoraLinearBackward(dx, dy, x, w, lora, u, xDropOrNull, g, dA, dB, trainBase ? dW : null, trainBase ? dBias : null, m, n, k, r, acc);
+                    var e = LoraLinearReference.Backward(dyd, xd, wd, ad, bbd, Scale, p, Seed, m, n, k, r);
+                    Close(MatMulReference.BackwardInput(dyd, bbd, m, n, r), g, "g " + what);
+                    Close(acc ? Plus(e.DX, dx0) : e.DX, dx, "dx " + what);
+                    Close(Plus(e.DA, dA0), dA, "dA " + what);
+                    Close(Plus(e.DB, dB0), dB, "dB " + what);
+                    Close(trainBase ? Plus(e.DW, dW0) : dW0, dW, "dW " + what);
+                    Close(trainBase ? Plus(e.DBias, dBias0) : dBias0, dBias, "dBias " + what);
+                }
+    }
+
+    /// <summary>dx, dA, dB, dW, dBias of the whole y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ path against central differences.</summary>
+    [Theory]
+    [InlineData(0f)]
+    [InlineData(0.4f)]
+    public void ReferenceBackward_MatchesFiniteDifferences(float p)
+    {
+        const int m = 3, n = 4, k = 5, r = 2;
+        var x = Rand(m * k, 1); var w = Rand(n * k, 2); var bias = Rand(n, 3); var a = Rand(r * k, 4); var bb = Rand(n * r, 5); var dy = Rand(m * n, 6);
+        var e = LoraLinearReference.Backward(dy, x, w, a, bb, Scale, p, Seed, m, n, k, r);
+        double[] Y(double[] xx, double[] ww, double[] bi, double[] aa, double[] b2) => LoraLinearReference.Forward(xx, ww, bi, aa, b2, Scale, p, Seed, m, n, k, r).Y;
+        GradMatches(q => Y(q, w, bias, a, bb), x, dy, e.DX, "dx");
+        GradMatches(q => Y(x, q, bias, a, bb), w, dy, e.DW, "dW");
+        GradMatches(q => Y(x, w, q, a, bb), bias, dy, e.DBias, "dBias");
+        GradMatches(q => Y(x, w, bias, q, bb), a, dy, e.DA, "dA");
+        GradMatches(q => Y(x, w, bias, a, q), bb, dy, e.DB, "dB");
+    }
+
+    /// <summary>The scale enters y linearly: ∂(Σ dy⊙y)/∂s (central differences of the reference) = Σ dy ⊙ (u·Bᵀ) with the backend's u.</summary>
+    [SkippableTheory]
+    [MemberData(nameof(TestBackends.All), MemberType = typeof(TestBackends))]
+    public void Scale_DerivativeMatchesBackendLowRankPath(string backend)
+    {
+        var b = Backend(backend);
+        const int m = 4, n = 6, k = 7, r = 3;
+        const float p = 0.25f;
+        var xd = Rand(m * k, 1); var wd = Rand(n * k, 2); var ad = Rand(r * k, 3); var bbd = Rand(n * r, 4); var dyd = Rand(m * n, 5);
+        using var x = Up(b, xd, m, k); using var w = Up(b, wd, n, k); using var a = Up(b, ad, r, k); using var bb = Up(b, bbd, n, r);
+        using var y = b.Allocate(DType.F32, m, n); using var u = b.Allocate(DType.F32, m, r); using var xDrop = b.Allocate(DType.F32, m, k);
+        b.LoraLinearForward(y, x, w, null, new LoraParams(a, bb, Scale, p, Seed), u, xDrop, m, n, k, r);
+        var numeric = GradCheck.Numeric(s => Dot(dyd, LoraLinearReference.Forward(xd, wd, null, ad, bbd, s[0], p, Seed, m, n, k, r).Y), new double[] { Scale });
+        double analytic = Dot(dyd, MatMulReference.Forward(Down(u), bbd, null, m, n, r));
+        Assert.Equal(numeric[0], analytic, 4);
+        // and y itself: y(s) - x·Wᵀ = s·u·Bᵀ
+        var baseY = MatMulReference.Forward(xd, wd, null, m, n, k);
+        var low = MatMulReference.Forward(Down(u), bbd, null, m, n, r);
+        var expected = new double[m * n];
+        for (int i = 0; i < expected.Length; i++) expected[i] = baseY[i] + Scale * low[i];
+        Close(expected, y, "y = x·Wᵀ + s·u·Bᵀ");
+    }
+
+    [SkippableTheory]
+    [MemberData(nameof(TestBackends.All), MemberType = typeof(TestBackends))]
+    public void DropoutWithoutXDrop_Throws(string backend)
+    {
+        var b = Backend(backend);
+        using var x = b.Allocate(DType.F32, 2, 3); using var w = b.Allocate(DType.F32, 4, 3);
+        using var a = b.Allocate(DType.F32, 1, 3); using var bb = b.Allocate(DType.F32, 4, 1);
+        using var y = b.Allocate(DType.F32, 2, 4); using var u = b.Allocate(DType.F32, 2, 1);
+        ThrowsNaming("xDrop", () => b.LoraLinearForward(y, x, w, null, new LoraParams(a, bb, 1, 0.1f, 1), u, null, 2, 4, 3, 1));
+    }
+}
