@@ -1,0 +1,444 @@
+using FineTuneNative.Kernels;
+
+namespace FineTuneNative.Runtime.Model;
+
+/// <summary>
+/// The training-time Llama-family model: forward with saved activations and a hand-written backward, written
+/// only against <see cref="IBackend"/>. LoRA adapters attach per (layer, linear); with <see cref="TrainBase"/>
+/// every base parameter gets an f32 gradient too (full training, used to pretrain from scratch).
+/// </summary>
+/// <remarks>
+/// Per layer: x → RMSNorm → q, k, v (+bias) → RoPE(q, k) → causal GQA attention → o_proj → +x →
+/// RMSNorm → gate, up → SwiGLU → down_proj → +; then a final RMSNorm and the LM head (tied or not) fused with the
+/// cross-entropy in chunks of rows, so the (B·T, V) logits never exist at once.
+/// Each of the seven linears is a plain MatMul, or the fused LoRA linear when a <see cref="LoraSlot"/> is set.
+/// The loss is a sum over the tokens whose target is not <see cref="IgnoreIndex"/>; the backward accumulates
+/// (+=) the gradients of lossScale·Σloss into LoRA DA/DB and, when <see cref="TrainBase"/>, into the base
+/// gradients, so micro-batches add up (pass lossScale = 1 / total tokens of the whole batch).
+/// </remarks>
+public sealed class LlamaModel : IDisposable
+{
+    /// <summary>Targets equal to this are ignored by the loss (PyTorch's default).</summary>
+    public const int IgnoreIndex = -100;
+
+    /// <summary>Default floats in one chunk of logits (16 MiB): rows per chunk = this / V.</summary>
+    public const int DefaultLogitsChunkElements = 1 << 22;
+
+    private const int NumModules = 7;
+    private const int ModQ = 0, ModK = 1, ModV = 2, ModO = 3, ModGate = 4, ModUp = 5, ModDown = 6;
+
+    private readonly IBackend _b;
+    private readonly LoraSlot?[] _lora;      // [layer * 7 + module]
+    private readonly List<TrainingWorkspace> _workspaces = new(); // most recently used first, at most 2
+    private LlamaWeights? _grads;            // f32 gradients of every base parameter when TrainBase
+    private int _logitsChunkRows;
+    private bool _disposed;
+
+    public LlamaModel(LlamaWeights weights, IBackend backend)
+    {
+        Weights = weights ?? throw new ArgumentNullException(nameof(weights));
+        _b = backend ?? throw new ArgumentNullException(nameof(backend));
+        Validate(weights, backend);
+        _lora = new LoraSlot?[Config.NumLayers * NumModules];
+    }
+
+    public LlamaWeights Weights { get; }
+    public LlamaConfig Config => Weights.Config;
+    public IBackend Backend => _b;
+
+    /// <summary>
+    /// Rows of logits computed at once by the LM head + cross-entropy (0 = automatic:
+    /// <see cref="DefaultLogitsChunkElements"/> / V, at least 1).
+    /// </summary>
+    public int LogitsChunkRows
+    {
+        get => _logitsChunkRows;
+        set
+        {
+            if (value < 0) throw new ArgumentOutOfRangeException(nameof(value), "LogitsChunkRows must be >= 0");
+            if (value != _logitsChunkRows) { _logitsChunkRows = value; ReleaseWorkspaces(); }
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------ LoRA
+
+    /// <summary>Attaches (or with null detaches) the LoRA adapter of one linear ("q_proj" ... "down_proj").</summary>
+    public void SetLora(int layer, string module, LoraSlot? slot)
+    {
+        int key = SlotKey(layer, module);
+        if (slot is not null)
+        {
+            var w = Weights.Layers[layer].Linear(module);
+            int n = w.Dim(0), k = w.Dim(1);
+            string where = $"LoRA {LlamaWeights.LinearPath(layer, module)}";
+            if (slot.A.Rank != 2 || slot.A.Dim(1) != k || slot.A.Dim(0) <= 0)
+                throw new ArgumentException($"{where}: A is {slot.A.Describe()}, expected (R, {k})");
+            int r = slot.A.Dim(0);
+            if (slot.B.Rank != 2 || slot.B.Dim(0) != n || slot.B.Dim(1) != r)
+                throw new ArgumentException($"{where}: B is {slot.B.Describe()}, expected ({n}, {r})");
+            if (slot.DA.Length != slot.A.Length || slot.DB.Length != slot.B.Length)
+                throw new ArgumentException($"{where}: DA {slot.DA.Describe()} / DB {slot.DB.Describe()} must match A and B");
+            foreach (var t in new[] { slot.A, slot.B, slot.DA, slot.DB })
+            {
+                if (t.DType != DType.F32) throw new ArgumentException($"{where}: {t.Describe()} must be f32");
+                if (!ReferenceEquals(t.Backend, _b)) throw new ArgumentException($"{where}: {t.Describe()} lives on backend {t.Backend.Name}, the model on {_b.Name}");
+            }
+            if (!(slot.Dropout >= 0 && slot.Dropout < 1)) throw new ArgumentException($"{where}: dropout {slot.Dropout} must be in [0, 1)");
+        }
+        _lora[key] = slot;
+        foreach (var ws in _workspaces) ws.ForgetLora(key);
+    }
+
+    public LoraSlot? GetLora(int layer, string module) => _lora[SlotKey(layer, module)];
+
+    /// <summary>Every attached slot, in layer then module order.</summary>
+    public IEnumerable<(int Layer, string Module, LoraSlot Slot)> LoraSlots()
+    {
+        for (int i = 0; i < _lora.Length; i++)
+            if (_lora[i] is { } s) yield return (i / NumModules, LlamaWeights.LinearModules[i % NumModules], s);
+    }
+
+    /// <summary>
+    /// The dropout seed of slot (layer, module) in a step with seed <paramref name="seed"/>: every slot draws an
+    /// independent mask, and the same (seed, layer, module) always draws the same mask on every backend.
+    /// </summary>
+    public static ulong DropoutSeedFor(ulong seed, int layer, int moduleIndex) =>
+        Mix64(seed ^ Mix64((ulong)(layer * 8 + moduleIndex + 1)));
+
+    /// <summary>splitmix64's finaliser on x + golden ratio (Steele, Lea, Flood 2014).</summary>
+    private static ulong Mix64(ulong x)
+    {
+        ulong z = x + 0x9E3779B97F4A7C15UL;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
+        return z ^ (z >> 31);
+    }
+
+    private int SlotKey(int layer, string module)
+    {
+        if ((uint)layer >= (uint)Config.NumLayers)
+            throw new ArgumentOutOfRangeException(nameof(layer), $"layer {layer} outside [0, {Config.NumLayers})");
+        int m = Array.IndexOf(LlamaWeights.LinearModules, module);
+        if (m < 0) throw new ArgumentException($"unknown linear module '{module}' (expected one of {string.Join(", ", LlamaWeights.LinearModules)})");
+        return layer * NumModules + m;
+    }
+
+    // ------------------------------------------------------------------------------------------ base gradients
+
+    /// <summary>When true, f32 gradients of every base parameter are allocated (zeroed) and accumulated.</summary>
+    public bool TrainBase
+    {
+        get => _grads is not null;
+        set
+        {
+            if (value == TrainBase) return;
+            if (value)
+            {
+                var g = LlamaWeights.Allocate(Config, _b, DType.F32);
+                foreach (var (name, t) in g.Named()) t.Name = "grad " + name;
+                _grads = g;
+            }
+            else
+            {
+                _grads!.Dispose();
+                _grads = null;
+            }
+        }
+    }
+
+    /// <summary>Every base parameter with its HF name and its f32 gradient (the tied embedding once).</summary>
+    public IEnumerable<(string Name, Tensor Param, Tensor Grad)> BaseParameters()
+    {
+        var g = _grads ?? throw new InvalidOperationException("BaseParameters needs TrainBase = true");
+        using var pe = Weights.Named().GetEnumerator();
+        using var ge = g.Named().GetEnumerator();
+        while (pe.MoveNext())
+        {
+            if (!ge.MoveNext() || ge.Current.Name != pe.Current.Name)
+                throw new InvalidOperationException($"gradient table out of step with the weights at {pe.Current.Name}");
+            yield return (pe.Current.Name, pe.Current.Tensor, ge.Current.Tensor);
+        }
+    }
+
+    /// <summary>Zeroes the LoRA gradients of every attached slot and, when <see cref="TrainBase"/>, every base gradient.</summary>
+    public void ZeroGrad()
+    {
+        foreach (var (_, _, s) in LoraSlots()) { _b.Fill(s.DA, 0); _b.Fill(s.DB, 0); }
+        if (_grads is not null) foreach (var (_, t) in _grads.Named()) _b.Fill(t, 0);
+    }
+
+    // ------------------------------------------------------------------------------------------ steps
+
+    /// <summary>
+    /// One forward and backward over <paramref name="batch"/> sequences of <paramref name="seqLen"/> tokens.
+    /// <paramref name="targets"/> are the next-token ids aligned with <paramref name="tokens"/> (-100 = ignored).
+    /// Accumulates (+=) the gradients of lossScale·Σloss into every attached LoRA slot's DA/DB and, when
+    /// <see cref="TrainBase"/>, into the base gradients. LoRA dropout masks derive from
+    /// <paramref name="dropoutSeed"/> (see <see cref="DropoutSeedFor"/>).
+    /// Returns the unscaled sum of the per-token losses and the number of tokens that count.
+    /// </summary>
+    public (double LossSum, int Count) ForwardBackward(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen, float lossScale, ulong dropoutSeed)
+    {
+        var ws = Prepare(tokens, targets, batch, seqLen, out int count, train: true);
+        Forward(ws, train: true, dropoutSeed);
+        double loss = HeadAndLoss(ws, computeGrad: true, lossScale);
+        Backward(ws, dropoutSeed);
+        return (loss, count);
+    }
+
+    /// <summary>Evaluation loss (no dropout, no gradients): Σ per-token loss and the token count.</summary>
+    public (double LossSum, int Count) Loss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen)
+    {
+        var ws = Prepare(tokens, targets, batch, seqLen, out int count, train: false);
+        Forward(ws, train: false, 0);
+        return (HeadAndLoss(ws, computeGrad: false, 0f), count);
+    }
+
+    /// <summary>Frees the cached activation workspaces (they are rebuilt on the next step).</summary>
+    public void ReleaseWorkspaces()
+    {
+        foreach (var ws in _workspaces) ws.Dispose();
+        _workspaces.Clear();
+    }
+
+    private TrainingWorkspace Prepare(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen, out int count, bool train)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (batch <= 0 || seqLen <= 0) throw new ArgumentException($"batch ({batch}) and seqLen ({seqLen}) must be > 0");
+        long m = (long)batch * seqLen;
+        if (tokens.Length != m) throw new ArgumentException($"tokens has {tokens.Length} ids, expected batch·seqLen = {batch}·{seqLen} = {m}");
+        if (targets.Length != m) throw new ArgumentException($"targets has {targets.Length} ids, expected batch·seqLen = {batch}·{seqLen} = {m}");
+        int vocab = Config.VocabSize;
+        count = 0;
+        for (int i = 0; i < tokens.Length; i++)
+        {
+            if ((uint)tokens[i] >= (uint)vocab)
+                throw new ArgumentException($"tokens[{i}] (sequence {i / seqLen}, position {i % seqLen}) = {tokens[i]} is outside the vocabulary [0, {vocab})");
+            int t = targets[i];
+            if (t == IgnoreIndex) continue;
+            if ((uint)t >= (uint)vocab)
+                throw new ArgumentException($"targets[{i}] (sequence {i / seqLen}, position {i % seqLen}) = {t} is outside the vocabulary [0, {vocab}) and is not the ignore index {IgnoreIndex}");
+            count++;
+        }
+
+        var ws = Workspace(batch, seqLen);
+        _b.Upload(ws.Tokens, tokens);
+        _b.Upload(ws.Targets, targets);
+        for (int key = 0; key < _lora.Length; key++)
+        {
+            if (_lora[key] is not { } s) continue;
+            var w = LinearWeight(key / NumModules, key % NumModules);
+            ws.Lora(key, s.Rank, w.Dim(1), needXDrop: train && s.Dropout > 0);
+        }
+        return ws;
+    }
+
+    private TrainingWorkspace Workspace(int batch, int seqLen)
+    {
+        for (int i = 0; i < _workspaces.Count; i++)
+        {
+            var w = _workspaces[i];
+            if (w.Batch != batch || w.SeqLen != seqLen) continue;
+            if (i > 0) { _workspaces.RemoveAt(i); _workspaces.Insert(0, w); }
+            return w;
+        }
+        // Keep the training shape and one evaluation shape; a third shape evicts the least recently used.
+        if (_workspaces.Count >= 2) { _workspaces[^1].Dispose(); _workspaces.RemoveAt(_workspaces.Count - 1); }
+        int rows = _logitsChunkRows > 0 ? _logitsChunkRows : Math.Max(1, DefaultLogitsChunkElements / Config.VocabSize);
+        var ws = new TrainingWorkspace(_b, Config, batch, seqLen, rows);
+        _workspaces.Insert(0, ws);
+        return ws;
+    }
+
+    // ------------------------------------------------------------------------------------------ forward
+
+    private void Forward(TrainingWorkspace ws, bool train, ulong seed)
+    {
+        var c = Config;
+        int m = ws.M, C = c.HiddenSize, F = c.IntermediateSize;
+        float attnScale = 1f / MathF.Sqrt(c.HeadDim);
+        _b.EmbeddingForward(ws.Resid[0], ws.Tokens, Weights.Embedding, m, C);
+        for (int l = 0; l < c.NumLayers; l++)
+        {
+            var lw = Weights.Layers[l];
+            var s = ws.Layers[l];
+            // attention block
+            _b.RmsNormForward(ws.Xn, ws.Rstd, ws.Resid[l], lw.AttnNorm, m, C, c.RmsNormEps);
+            LinearForward(ws, l, ModQ, s.Q, ws.Xn, train, seed);
+            LinearForward(ws, l, ModK, s.K, ws.Xn, train, seed);
+            LinearForward(ws, l, ModV, s.V, ws.Xn, train, seed);
+            _b.Rope(s.Q, ws.Positions, m, c.NumHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
+            _b.Rope(s.K, ws.Positions, m, c.NumKvHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
+            _b.AttentionForward(s.Att, s.Lse, s.Q, s.K, s.V, ws.Batch, ws.SeqLen, ws.SeqLen, ws.SeqLen,
+                c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
+            LinearForward(ws, l, ModO, ws.Tmp, s.Att, train, seed);
+            _b.Add(s.ResidMid, ws.Resid[l], ws.Tmp);
+            // MLP block
+            _b.RmsNormForward(ws.Xn, ws.Rstd, s.ResidMid, lw.FfnNorm, m, C, c.RmsNormEps);
+            LinearForward(ws, l, ModGate, s.Gate, ws.Xn, train, seed);
+            LinearForward(ws, l, ModUp, s.Up, ws.Xn, train, seed);
+            _b.SwiGluForward(ws.H, s.Gate, s.Up, (long)m * F);
+            LinearForward(ws, l, ModDown, ws.Tmp, ws.H, train, seed);
+            _b.Add(ws.Resid[l + 1], s.ResidMid, ws.Tmp);
+        }
+        _b.RmsNormForward(ws.XnF, ws.RstdF, ws.Resid[c.NumLayers], Weights.FinalNorm, m, C, c.RmsNormEps);
+    }
+
+    /// <summary>
+    /// LM head + cross-entropy, chunk by chunk of rows. With <paramref name="computeGrad"/>: each chunk's logits
+    /// are overwritten by lossScale·dlogits, dXnF rows (ws.DXn) are written (=), and when TrainBase the head's
+    /// gradient is accumulated (+=). Returns Σ per-token loss (unscaled).
+    /// </summary>
+    private double HeadAndLoss(TrainingWorkspace ws, bool computeGrad, float lossScale)
+    {
+        int m = ws.M, C = Config.HiddenSize, V = Config.VocabSize;
+        var head = Weights.Output;
+        var dHead = _grads?.Output;
+        for (int r0 = 0; r0 < m; r0 += ws.ChunkRows)
+        {
+            int rows = Math.Min(ws.ChunkRows, m - r0);
+            var logits = ws.Logits.View(0, rows, V);
+            var xRows = ws.XnF.View((long)r0 * C, rows, C);
+            _b.MatMul(logits, xRows, head, null, rows, V, C, accumulate: false);
+            _b.CrossEntropy(logits, ws.Targets.View(r0, rows), ws.Losses.View(r0, rows), rows, V, IgnoreIndex, lossScale, computeGrad);
+            if (!computeGrad) continue;
+            _b.MatMulBackwardInput(ws.DXn.View((long)r0 * C, rows, C), logits, head, rows, V, C, accumulate: false);
+            if (dHead is not null) _b.MatMulBackwardWeight(dHead, null, logits, xRows, rows, V, C);
+        }
+        _b.Download(ws.Losses, ws.LossHost);
+        double sum = 0;
+        foreach (float x in ws.LossHost) sum += x;
+        return sum;
+    }
+
+    // ------------------------------------------------------------------------------------------ backward
+
+    private void Backward(TrainingWorkspace ws, ulong seed)
+    {
+        var c = Config;
+        int m = ws.M, C = c.HiddenSize, F = c.IntermediateSize;
+        float attnScale = 1f / MathF.Sqrt(c.HeadDim);
+        var g = _grads;
+        if (g is null) _b.Fill(ws.NormGradSink, 0); // keeps the never-read sink bounded
+        Tensor NormGrad(Tensor? t) => t ?? ws.NormGradSink;
+
+        // final norm: DXn holds d(final norm output) from the head
+        _b.RmsNormBackward(ws.DResid, NormGrad(g?.FinalNorm), ws.DXn, ws.Resid[c.NumLayers], Weights.FinalNorm, ws.RstdF, m, C, accumulate: false);
+
+        for (int l = c.NumLayers - 1; l >= 0; l--)
+        {
+            var lw = Weights.Layers[l];
+            var lg = g?.Layers[l];
+            var s = ws.Layers[l];
+
+            // MLP block: Resid[l+1] = ResidMid + down(silu(gate(xn)) ⊙ up(xn)), xn = RMSNorm(ResidMid)
+            _b.RmsNormForward(ws.Xn, ws.Rstd, s.ResidMid, lw.FfnNorm, m, C, c.RmsNormEps); // recompute
+            _b.SwiGluForward(ws.H, s.Gate, s.Up, (long)m * F);                             // recompute
+            LinearBackward(ws, l, ModDown, ws.DH, ws.DResid, ws.H, seed, accumulate: false);
+            var dGate = ws.H; // H is no longer read: reuse it for dGate
+            _b.SwiGluBackward(dGate, ws.DUp, ws.DH, s.Gate, s.Up, (long)m * F);
+            LinearBackward(ws, l, ModGate, ws.DXn, dGate, ws.Xn, seed, accumulate: false);
+            LinearBackward(ws, l, ModUp, ws.DXn, ws.DUp, ws.Xn, seed, accumulate: true);
+            _b.RmsNormBackward(ws.DResid, NormGrad(lg?.FfnNorm), ws.DXn, s.ResidMid, lw.FfnNorm, ws.Rstd, m, C, accumulate: true);
+
+            // attention block: ResidMid = Resid[l] + o(attn(rope(q(xn)), rope(k(xn)), v(xn))), xn = RMSNorm(Resid[l])
+            LinearBackward(ws, l, ModO, ws.DAtt, ws.DResid, s.Att, seed, accumulate: false);
+            _b.AttentionBackward(ws.DQ, ws.DK, ws.DV, ws.DAtt, s.Att, s.Lse, s.Q, s.K, s.V,
+                ws.Batch, ws.SeqLen, c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
+            // RoPE is a rotation: its backward is the inverse rotation of the gradient
+            _b.Rope(ws.DQ, ws.Positions, m, c.NumHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: true);
+            _b.Rope(ws.DK, ws.Positions, m, c.NumKvHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: true);
+            _b.RmsNormForward(ws.Xn, ws.Rstd, ws.Resid[l], lw.AttnNorm, m, C, c.RmsNormEps); // recompute
+            LinearBackward(ws, l, ModQ, ws.DXn, ws.DQ, ws.Xn, seed, accumulate: false);
+            LinearBackward(ws, l, ModK, ws.DXn, ws.DK, ws.Xn, seed, accumulate: true);
+            LinearBackward(ws, l, ModV, ws.DXn, ws.DV, ws.Xn, seed, accumulate: true);
+            // Below layer 0 only the (frozen) embedding waits: skip the last norm backward unless training the base.
+            if (l > 0 || g is not null)
+                _b.RmsNormBackward(ws.DResid, NormGrad(lg?.AttnNorm), ws.DXn, ws.Resid[l], lw.AttnNorm, ws.Rstd, m, C, accumulate: true);
+        }
+        if (g is not null) _b.EmbeddingBackward(g.Embedding, ws.DResid, ws.Tokens, m, C);
+    }
+
+    // ------------------------------------------------------------------------------------------ linears
+
+    private Tensor LinearWeight(int layer, int module) => Weights.Layers[layer].Linear(LlamaWeights.LinearModules[module]);
+
+    private LoraParams Params(LoraSlot s, bool train, ulong seed, int layer, int module) =>
+        new(s.A, s.B, s.Scale, train ? s.Dropout : 0f, DropoutSeedFor(seed, layer, module));
+
+    /// <summary>y(M, N) = x(M, K)·Wᵀ [+ bias] [+ LoRA].</summary>
+    private void LinearForward(TrainingWorkspace ws, int layer, int module, Tensor y, Tensor x, bool train, ulong seed)
+    {
+        string name = LlamaWeights.LinearModules[module];
+        var lw = Weights.Layers[layer];
+        var w = lw.Linear(name);
+        var bias = lw.LinearBias(name);
+        int n = w.Dim(0), k = w.Dim(1);
+        int key = layer * NumModules + module;
+        if (_lora[key] is not { } s)
+        {
+            _b.MatMul(y, x, w, bias, ws.M, n, k, accumulate: false);
+            return;
+        }
+        var p = Params(s, train, seed, layer, module);
+        var (u, xDrop) = ws.Lora(key, s.Rank, k, needXDrop: p.Dropout > 0);
+        _b.LoraLinearForward(y, x, w, bias, p, u, p.Dropout > 0 ? xDrop : null, ws.M, n, k, s.Rank);
+    }
+
+    /// <summary>
+    /// dx(M, K) (+)= dy·W [+ LoRA path]; accumulates (+=) DA/DB of the slot and, when TrainBase, dW and dBias.
+    /// </summary>
+    private void LinearBackward(TrainingWorkspace ws, int layer, int module, Tensor dx, Tensor dy, Tensor x, ulong seed, bool accumulate)
+    {
+        string name = LlamaWeights.LinearModules[module];
+        var w = Weights.Layers[layer].Linear(name);
+        var lg = _grads?.Layers[layer];
+        var dW = lg?.Linear(name);
+        var dBias = lg?.LinearBias(name);
+        int n = w.Dim(0), k = w.Dim(1);
+        int key = layer * NumModules + module;
+        if (_lora[key] is not { } s)
+        {
+            _b.MatMulBackwardInput(dx, dy, w, ws.M, n, k, accumulate);
+            if (dW is not null) _b.MatMulBackwardWeight(dW, dBias, dy, x, ws.M, n, k);
+            return;
+        }
+        var p = Params(s, train: true, seed, layer, module);
+        var (u, xDrop) = ws.Lora(key, s.Rank, k, needXDrop: p.Dropout > 0);
+        var gScratch = ws.LoraG!.View(0, ws.M, s.Rank);
+        _b.LoraLinearBackward(dx, dy, x, w, p, u, p.Dropout > 0 ? xDrop : null, gScratch, s.DA, s.DB, dW, dBias, ws.M, n, k, s.Rank, accumulate);
+    }
+
+    // ------------------------------------------------------------------------------------------ checks
+
+    private static void Validate(LlamaWeights w, IBackend b)
+    {
+        var c = w.Config;
+        c.Validate("LlamaModel config");
+        var expected = LlamaWeights.Schema(c).ToList();
+        var actual = w.Named().ToList();
+        for (int i = 0; i < Math.Max(expected.Count, actual.Count); i++)
+        {
+            if (i >= actual.Count) throw new ArgumentException($"weights lack {expected[i].Name} (config: {DescribeConfig(c)})");
+            if (i >= expected.Count) throw new ArgumentException($"weights have an unexpected tensor {actual[i].Name} (config: {DescribeConfig(c)})");
+            var (name, shape) = expected[i];
+            var t = actual[i].Tensor;
+            if (actual[i].Name != name) throw new ArgumentException($"weights: found {actual[i].Name} where {name} was expected (config: {DescribeConfig(c)})");
+            if (!t.Shape.SequenceEqual(shape)) throw new ArgumentException($"weights: {name} has shape [{string.Join(", ", t.Shape)}], expected [{string.Join(", ", shape)}]");
+            if (!ReferenceEquals(t.Backend, b)) throw new ArgumentException($"weights: {name} lives on backend {t.Backend.Name}, the model on {b.Name}");
+            if (t.DType is not (DType.F32 or DType.BF16)) throw new ArgumentException($"weights: {name} is {t.DType.Name()}, expected f32 or bf16");
+        }
+    }
+
+    private static string DescribeConfig(LlamaConfig c) =>
+        $"L={c.NumLayers} C={c.HiddenSize} tied={c.TieWordEmbeddings} attention_bias={c.AttentionBias}";
+
+    public void Dispose()
+    {
+        if (_disposed) return;
+        _disposed = true;
+        ReleaseWorkspaces();
+        _grads?.Dispose();
+        _grads = null;
+    }
+}

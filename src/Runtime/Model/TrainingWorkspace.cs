@@ -1,0 +1,165 @@
+using FineTuneNative.Kernels;
+
+namespace FineTuneNative.Runtime.Model;
+
+/// <summary>
+/// Every buffer one training step of <see cref="LlamaModel"/> needs for a given (batch, seqLen): the activations
+/// the forward saves for the backward, the activation-gradient scratch, one chunk of logits, and the LoRA
+/// buffers of each attached slot. Allocated once per shape and reused by every step.
+/// </summary>
+/// <remarks>
+/// Saved per layer (read by the backward): ResidIn (the layer input; also the previous layer's output),
+/// ResidMid (after attention), Q and K after RoPE, V, the attention output Att and its log-sum-exp Lse, Gate and
+/// Up. Recomputed in the backward instead of saved (cheap, and it saves 2·C + F floats per token per layer):
+/// both RMSNorm outputs and their rstd, and the SwiGLU output H.
+/// M = B·T rows; (M, X) below means M rows of X.
+/// </remarks>
+internal sealed class TrainingWorkspace : IDisposable
+{
+    private readonly List<Tensor> _owned = new();
+    private readonly IBackend _b;
+    private readonly Dictionary<int, (Tensor U, Tensor? XDrop, int R, int K)> _lora = new();
+
+    public int Batch { get; }
+    public int SeqLen { get; }
+    public int M { get; }
+    public int ChunkRows { get; }
+
+    public Tensor Tokens { get; }     // (M) I32
+    public Tensor Targets { get; }    // (M) I32
+    public Tensor Positions { get; }  // (M) I32, t within its sequence
+    public Tensor Losses { get; }     // (M)
+    public float[] LossHost { get; }  // (M) host copy of Losses
+
+    public Tensor[] Resid { get; }    // L+1 × (M, C): Resid[l] is layer l's input, Resid[L] the last output
+    public LayerActivations[] Layers { get; }
+
+    public Tensor Xn { get; }         // (M, C) RMSNorm output (forward; recomputed in backward)
+    public Tensor Rstd { get; }       // (M)
+    public Tensor XnF { get; }        // (M, C) final RMSNorm output, read by every LM-head chunk
+    public Tensor RstdF { get; }      // (M)
+    public Tensor Tmp { get; }        // (M, C) o_proj / down_proj output before the residual add
+    public Tensor H { get; }          // (M, F) SwiGLU output; in the backward reused as dGate once down_proj's backward has read it
+    public Tensor Logits { get; }     // (ChunkRows, V) logits, then dlogits, of one chunk
+
+    public Tensor DResid { get; }     // (M, C) gradient of the residual stream
+    public Tensor DXn { get; }        // (M, C) gradient of an RMSNorm output
+    public Tensor DAtt { get; }       // (M, NH·HS)
+    public Tensor DQ { get; }         // (M, NH·HS)
+    public Tensor DK { get; }         // (M, NKV·HS)
+    public Tensor DV { get; }         // (M, NKV·HS)
+    public Tensor DH { get; }         // (M, F)
+    public Tensor DUp { get; }        // (M, F)
+    public Tensor NormGradSink { get; } // (C) dWeight of RMSNorm when the base is frozen (the op always accumulates one)
+    public Tensor? LoraG { get; private set; } // (M, maxR) scratch g = dy·B of LoraLinearBackward
+
+    public sealed class LayerActivations
+    {
+        public required Tensor ResidMid { get; init; } // (M, C)
+        public required Tensor Q { get; init; }        // (B, T, NH, HS) after RoPE
+        public required Tensor K { get; init; }        // (B, T, NKV, HS) after RoPE
+        public required Tensor V { get; init; }        // (B, T, NKV, HS)
+        public required Tensor Att { get; init; }      // (B, T, NH, HS)
+        public required Tensor Lse { get; init; }      // (B, NH, T)
+        public required Tensor Gate { get; init; }     // (M, F)
+        public required Tensor Up { get; init; }       // (M, F)
+    }
+
+    public TrainingWorkspace(IBackend b, LlamaConfig c, int batch, int seqLen, int chunkRows)
+    {
+        _b = b;
+        Batch = batch;
+        SeqLen = seqLen;
+        M = checked(batch * seqLen);
+        ChunkRows = Math.Clamp(chunkRows, 1, M);
+        int m = M, C = c.HiddenSize, F = c.IntermediateSize, QD = c.QDim, KVD = c.KvDim;
+
+        Tokens = New(DType.I32, "tokens", m);
+        Targets = New(DType.I32, "targets", m);
+        Positions = New(DType.I32, "positions", m);
+        Losses = New(DType.F32, "losses", m);
+        LossHost = new float[m];
+        var pos = new int[m];
+        for (int i = 0; i < m; i++) pos[i] = i % seqLen;
+        b.Upload(Positions, pos);
+
+        Resid = new Tensor[c.NumLayers + 1];
+        for (int l = 0; l <= c.NumLayers; l++) Resid[l] = New(DType.F32, $"resid{l}", m, C);
+        Layers = new LayerActivations[c.NumLayers];
+        for (int l = 0; l < c.NumLayers; l++)
+        {
+            Layers[l] = new LayerActivations
+            {
+                ResidMid = New(DType.F32, $"layer{l}.resid_mid", m, C),
+                Q = New(DType.F32, $"layer{l}.q", batch, seqLen, c.NumHeads, c.HeadDim),
+                K = New(DType.F32, $"layer{l}.k", batch, seqLen, c.NumKvHeads, c.HeadDim),
+                V = New(DType.F32, $"layer{l}.v", batch, seqLen, c.NumKvHeads, c.HeadDim),
+                Att = New(DType.F32, $"layer{l}.att", batch, seqLen, c.NumHeads, c.HeadDim),
+                Lse = New(DType.F32, $"layer{l}.lse", batch, c.NumHeads, seqLen),
+                Gate = New(DType.F32, $"layer{l}.gate", m, F),
+                Up = New(DType.F32, $"layer{l}.up", m, F),
+            };
+        }
+        Xn = New(DType.F32, "xn", m, C);
+        Rstd = New(DType.F32, "rstd", m);
+        XnF = New(DType.F32, "xn_final", m, C);
+        RstdF = New(DType.F32, "rstd_final", m);
+        Tmp = New(DType.F32, "tmp", m, C);
+        H = New(DType.F32, "h", m, F);
+        Logits = New(DType.F32, "logits_chunk", ChunkRows, c.VocabSize);
+        DResid = New(DType.F32, "d_resid", m, C);
+        DXn = New(DType.F32, "d_xn", m, C);
+        DAtt = New(DType.F32, "d_att", m, QD);
+        DQ = New(DType.F32, "d_q", m, QD);
+        DK = New(DType.F32, "d_k", m, KVD);
+        DV = New(DType.F32, "d_v", m, KVD);
+        DH = New(DType.F32, "d_h", m, F);
+        DUp = New(DType.F32, "d_up", m, F);
+        NormGradSink = New(DType.F32, "norm_grad_sink", C);
+    }
+
+    private Tensor New(DType d, string name, params int[] shape)
+    {
+        var t = _b.Allocate(d, shape);
+        t.Name = name;
+        _owned.Add(t);
+        return t;
+    }
+
+    /// <summary>
+    /// The LoRA buffers of slot <paramref name="key"/>: u (M, R) always, drop(x) (M, K) when dropout is used.
+    /// Allocated on first use after the slot was attached or changed; never inside a steady-state step.
+    /// </summary>
+    public (Tensor U, Tensor? XDrop) Lora(int key, int r, int k, bool needXDrop)
+    {
+        if (_lora.TryGetValue(key, out var e) && e.R == r && e.K == k && (e.XDrop is not null || !needXDrop))
+            return (e.U, e.XDrop);
+        ForgetLora(key);
+        var u = _b.Allocate(DType.F32, M, r);
+        u.Name = $"lora{key}.u";
+        Tensor? xd = null;
+        if (needXDrop) { xd = _b.Allocate(DType.F32, M, k); xd.Name = $"lora{key}.x_drop"; }
+        _lora[key] = (u, xd, r, k);
+        if (LoraG is null || LoraG.Length < (long)M * r)
+        {
+            LoraG?.Dispose();
+            LoraG = _b.Allocate(DType.F32, M, r);
+            LoraG.Name = "lora_g";
+        }
+        return (u, xd);
+    }
+
+    public void ForgetLora(int key)
+    {
+        if (_lora.Remove(key, out var e)) { e.U.Dispose(); e.XDrop?.Dispose(); }
+    }
+
+    public void Dispose()
+    {
+        foreach (var t in _owned) t.Dispose();
+        _owned.Clear();
+        foreach (var key in _lora.Keys.ToArray()) ForgetLora(key);
+        LoraG?.Dispose();
+        LoraG = null;
+    }
+}
