@@ -11,6 +11,7 @@ public sealed unsafe partial class CpuBackend
     /// </summary>
     public void AdamW(Tensor param, Tensor grad, Tensor m, Tensor v, float lr, float beta1, float beta2, float eps, float weightDecay, int step, float gradScale)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "AdamW";
         if (step < 1) throw new ArgumentOutOfRangeException(nameof(step), step, $"{op}: step is 1-based");
         long n = param.Length;

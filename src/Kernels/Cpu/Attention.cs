@@ -35,6 +35,7 @@ public sealed unsafe partial class CpuBackend
     public void AttentionForward(Tensor output, Tensor? lse, Tensor q, Tensor k, Tensor v,
         int batch, int tq, int tkv, int kvLen, int nHeads, int nKvHeads, int headSize, float scale)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "AttentionForward";
         CheckAttention(op, batch, tq, tkv, kvLen, nHeads, nKvHeads, headSize);
         long qn = (long)batch * tq * nHeads * headSize, kn = (long)batch * tkv * nKvHeads * headSize;
@@ -91,6 +92,7 @@ public sealed unsafe partial class CpuBackend
     public void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOut, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
         int batch, int t, int nHeads, int nKvHeads, int headSize, float scale)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "AttentionBackward";
         CheckAttention(op, batch, t, t, t, nHeads, nKvHeads, headSize);
         long qn = (long)batch * t * nHeads * headSize, kn = (long)batch * t * nKvHeads * headSize, rows = (long)batch * nHeads * t;

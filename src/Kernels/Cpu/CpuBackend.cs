@@ -8,12 +8,14 @@ namespace FineTuneNative.Kernels.Cpu;
 /// memory and names the offending tensor.
 /// </summary>
 /// <remarks>
-/// Not thread-safe for concurrent op calls from several threads on one instance (the pool serializes them, but
-/// per-thread scratch is shared). Ops are synchronous; <see cref="Synchronize"/> is a no-op.
+/// Ops may be called from several threads: each op holds the backend's lock, so they run one at a time (each on
+/// all of the pool's threads). Ops are synchronous; <see cref="Synchronize"/> is a no-op.
 /// </remarks>
 public sealed unsafe partial class CpuBackend : IBackend
 {
     private readonly CpuThreadPool _pool;
+    // One op at a time per backend: ops share the pool and the per-thread scratch (tests and servers call from many threads).
+    private readonly Lock _opLock = new();
     private float* _scratch;
     private long _scratchPerThread; // floats
     private bool _disposed;
@@ -115,6 +117,7 @@ public sealed unsafe partial class CpuBackend : IBackend
 
     public void Dispose()
     {
+        using var opScope = _opLock.EnterScope();
         if (_disposed) return;
         _disposed = true;
         _pool.Dispose();

@@ -14,6 +14,7 @@ public sealed unsafe partial class CpuBackend
     /// </summary>
     public void CrossEntropy(Tensor logits, Tensor targets, Tensor losses, int m, int v, int ignoreIndex, float gradScale, bool computeGrad)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "CrossEntropy";
         Dims(op, (nameof(m), m), (nameof(v), v));
         var ctx = new CeCtx

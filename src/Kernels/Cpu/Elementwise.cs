@@ -21,6 +21,7 @@ public sealed unsafe partial class CpuBackend
 
     public void Fill(Tensor t, float value)
     {
+        using var opScope = _opLock.EnterScope();
         byte* p = Ptr(t, nameof(t));
         var ctx = new EwCtx { Dst = p, N = t.Length, S = value, DstType = t.DType };
         _pool.For(Chunks(t.Length), &FillBody, &ctx);
@@ -41,6 +42,7 @@ public sealed unsafe partial class CpuBackend
 
     public void Copy(Tensor dst, Tensor src)
     {
+        using var opScope = _opLock.EnterScope();
         byte* d = Ptr(dst, nameof(dst)), s = Ptr(src, nameof(src));
         if (dst.Length != src.Length) throw new ArgumentException($"Copy: dst {dst.Describe()} and src {src.Describe()} differ in length");
         if ((dst.DType == DType.I32) != (src.DType == DType.I32))
@@ -74,6 +76,7 @@ public sealed unsafe partial class CpuBackend
 
     public void Add(Tensor dst, Tensor a, Tensor b)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "Add";
         long n = dst.Length;
         var ctx = new EwCtx { Dst = (byte*)F32(dst, n, nameof(dst), op), A = (byte*)F32(a, n, nameof(a), op), B = (byte*)F32(b, n, nameof(b), op), N = n };
@@ -91,6 +94,7 @@ public sealed unsafe partial class CpuBackend
 
     public void Scale(Tensor t, float s)
     {
+        using var opScope = _opLock.EnterScope();
         var ctx = new EwCtx { Dst = (byte*)F32(t, t.Length, nameof(t), "Scale"), N = t.Length, S = s };
         _pool.For(Chunks(t.Length), &ScaleBody, &ctx);
     }
@@ -106,6 +110,7 @@ public sealed unsafe partial class CpuBackend
 
     public double SumOfSquares(Tensor t)
     {
+        using var opScope = _opLock.EnterScope();
         byte* p = Ptr(t, nameof(t));
         if (t.DType != DType.F32 && t.DType != DType.BF16) throw new ArgumentException($"SumOfSquares: {t.Describe()} must be f32 or bf16");
         int chunks = Chunks(t.Length);

@@ -15,6 +15,7 @@ public sealed unsafe partial class CpuBackend
     /// <summary>out(M,C) = table(V,C)[tokens(M)]; table f32 or bf16. Throws on a token outside [0, V).</summary>
     public void EmbeddingForward(Tensor output, Tensor tokens, Tensor table, int m, int c)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "EmbeddingForward";
         Dims(op, (nameof(m), m), (nameof(c), c));
         float* po = F32(output, (long)m * c, nameof(output), op);
@@ -39,6 +40,7 @@ public sealed unsafe partial class CpuBackend
     /// <remarks>Threads split the channels, so a token repeated in the batch never races.</remarks>
     public void EmbeddingBackward(Tensor dTable, Tensor dOut, Tensor tokens, int m, int c)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "EmbeddingBackward";
         Dims(op, (nameof(m), m), (nameof(c), c));
         float* pd = F32(dTable, c, nameof(dTable), op);

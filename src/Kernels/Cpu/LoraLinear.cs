@@ -12,6 +12,7 @@ public sealed unsafe partial class CpuBackend
     /// </summary>
     public void LoraLinearForward(Tensor y, Tensor x, Tensor w, Tensor? bias, LoraParams lora, Tensor u, Tensor? xDrop, int m, int n, int k, int r)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "LoraLinearForward";
         Dims(op, (nameof(m), m), (nameof(n), n), (nameof(k), k), (nameof(r), r));
         CheckDropout(lora, op);
@@ -43,6 +44,7 @@ public sealed unsafe partial class CpuBackend
     public void LoraLinearBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, LoraParams lora, Tensor u, Tensor? xDrop, Tensor g,
         Tensor dA, Tensor dB, Tensor? dW, Tensor? dBias, int m, int n, int k, int r, bool accumulate)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "LoraLinearBackward";
         Dims(op, (nameof(m), m), (nameof(n), n), (nameof(k), k), (nameof(r), r));
         CheckDropout(lora, op);

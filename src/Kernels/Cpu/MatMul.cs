@@ -6,6 +6,7 @@ public sealed unsafe partial class CpuBackend
     /// <summary>y(M,N) (+)= x(M,K) · w(N,K)ᵀ [+ bias(N)]; w f32 or bf16. Matches MatMulReference.Forward.</summary>
     public void MatMul(Tensor y, Tensor x, Tensor w, Tensor? bias, int m, int n, int k, bool accumulate)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "MatMul";
         Dims(op, (nameof(m), m), (nameof(n), n), (nameof(k), k));
         float* py = F32(y, (long)m * n, nameof(y), op);
@@ -19,6 +20,7 @@ public sealed unsafe partial class CpuBackend
     /// <remarks>Overwrites dx unless <paramref name="accumulate"/> (activation gradient).</remarks>
     public void MatMulBackwardInput(Tensor dx, Tensor dy, Tensor w, int m, int n, int k, bool accumulate)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "MatMulBackwardInput";
         Dims(op, (nameof(m), m), (nameof(n), n), (nameof(k), k));
         float* pdx = F32(dx, (long)m * k, nameof(dx), op);
@@ -31,6 +33,7 @@ public sealed unsafe partial class CpuBackend
     /// <remarks>Accumulates (+=) into dw and dBias: parameter gradients add up over micro-batches.</remarks>
     public void MatMulBackwardWeight(Tensor dw, Tensor? dBias, Tensor dy, Tensor x, int m, int n, int k)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "MatMulBackwardWeight";
         Dims(op, (nameof(m), m), (nameof(n), n), (nameof(k), k));
         float* pdw = F32(dw, (long)n * k, nameof(dw), op);

@@ -10,6 +10,7 @@ public sealed unsafe partial class CpuBackend
     /// <summary>y(M,C) = x / sqrt(mean(x²) + eps) ⊙ w(C). Saves rstd(M) (one float per row, cheaper than recomputing the row sums).</summary>
     public void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int m, int c, float eps)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "RmsNormForward";
         Dims(op, (nameof(m), m), (nameof(c), c));
         var ctx = new RmsCtx
@@ -38,6 +39,7 @@ public sealed unsafe partial class CpuBackend
     /// </summary>
     public void RmsNormBackward(Tensor dx, Tensor dw, Tensor dy, Tensor x, Tensor w, Tensor rstd, int m, int c, bool accumulate)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "RmsNormBackward";
         Dims(op, (nameof(m), m), (nameof(c), c));
         var ctx = new RmsCtx

@@ -11,6 +11,7 @@ public sealed unsafe partial class CpuBackend
     /// </summary>
     public void Rope(Tensor x, Tensor positions, int m, int nHeads, int headSize, float theta, RopeLayout layout, bool inverse)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "Rope";
         Dims(op, (nameof(m), m), (nameof(nHeads), nHeads), (nameof(headSize), headSize));
         if (headSize % 2 != 0) throw new ArgumentException($"{op}: head size {headSize} must be even");

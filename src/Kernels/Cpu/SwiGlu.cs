@@ -8,6 +8,7 @@ public sealed unsafe partial class CpuBackend
     /// <summary>h = silu(gate) ⊙ up, silu(g) = g/(1 + e^-g). Saves nothing: the backward reads gate and up.</summary>
     public void SwiGluForward(Tensor h, Tensor gate, Tensor up, long count)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "SwiGluForward";
         Dims(op, (nameof(count), count));
         var ctx = new SwiCtx { H = F32(h, count, nameof(h), op), Gate = F32(gate, count, nameof(gate), op), Up = F32(up, count, nameof(up), op), N = count };
@@ -28,6 +29,7 @@ public sealed unsafe partial class CpuBackend
     /// <summary>dGate = dh ⊙ up ⊙ σ(g)(1 + g(1 - σ(g))); dUp = dh ⊙ silu(g). Both overwritten.</summary>
     public void SwiGluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long count)
     {
+        using var opScope = _opLock.EnterScope();
         const string op = "SwiGluBackward";
         Dims(op, (nameof(count), count));
         var ctx = new SwiCtx
