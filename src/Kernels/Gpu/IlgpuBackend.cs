@@ -1,39 +1,449 @@
+using System.Runtime.InteropServices;
+using ILGPU;
+using ILGPU.Algorithms;
+using ILGPU.Runtime;
+using ILGPU.Runtime.CPU;
+using ILGPU.Runtime.Cuda;
+
 namespace FineTuneNative.Kernels.Gpu;
 
-// TEMPORARY STUB: replaced by the real implementation.
+/// <summary>The storage root of tensors allocated by an <see cref="IlgpuBackend"/>: one device byte buffer.</summary>
+internal sealed class GpuStorage : IDisposable
+{
+    public GpuStorage(IlgpuBackend owner, MemoryBuffer1D<byte, Stride1D.Dense> buffer)
+    {
+        Owner = owner;
+        Buffer = buffer;
+    }
+
+    public IlgpuBackend Owner { get; }
+    public MemoryBuffer1D<byte, Stride1D.Dense> Buffer { get; }
+    public void Dispose() => Buffer.Dispose();
+}
+
+/// <summary>
+/// The ILGPU backend: CUDA on an NVIDIA GPU (<see cref="CreateCuda"/>) or ILGPU's CPU simulator shaped like a
+/// GPU (<see cref="CreateSimulator"/>, tests only). Each op family lives in its own file (MatMul.cs, Attention.cs
+/// ...) with its kernels and a kernel-set class that loads them once per accelerator; this class owns the
+/// context, memory and dispatch.
+/// </summary>
+/// <remarks>
+/// Ops are enqueued on the accelerator's default stream; downloads and reductions returning a value
+/// synchronize. Calls are serialized by a lock, so one backend may be shared by threads (tests do).
+/// </remarks>
 public sealed class IlgpuBackend : IBackend
 {
-    public static IlgpuBackend CreateCuda(int device) => throw new NotImplementedException();
-    public static IlgpuBackend CreateSimulator(int warpSize) => throw new NotImplementedException();
-    public static int CudaDeviceCount() => 0;
-    public string Name => "IlgpuBackend";
-    public Tensor Allocate(DType dtype, params int[] shape) => throw new NotImplementedException();
-    public void Upload(Tensor dst, ReadOnlySpan<float> src) => throw new NotImplementedException();
-    public void Upload(Tensor dst, ReadOnlySpan<int> src) => throw new NotImplementedException();
-    public void UploadRaw(Tensor dst, ReadOnlySpan<byte> src) => throw new NotImplementedException();
-    public void Download(Tensor src, Span<float> dst) => throw new NotImplementedException();
-    public void Download(Tensor src, Span<int> dst) => throw new NotImplementedException();
-    public void Synchronize() => throw new NotImplementedException();
-    public void Fill(Tensor t, float value) => throw new NotImplementedException();
-    public void Copy(Tensor dst, Tensor src) => throw new NotImplementedException();
-    public void Add(Tensor dst, Tensor a, Tensor b) => throw new NotImplementedException();
-    public void Scale(Tensor t, float s) => throw new NotImplementedException();
-    public double SumOfSquares(Tensor t) => throw new NotImplementedException();
-    public void MatMul(Tensor y, Tensor x, Tensor w, Tensor? bias, int m, int n, int k, bool accumulate) => throw new NotImplementedException();
-    public void MatMulBackwardInput(Tensor dx, Tensor dy, Tensor w, int m, int n, int k, bool accumulate) => throw new NotImplementedException();
-    public void MatMulBackwardWeight(Tensor dw, Tensor? dBias, Tensor dy, Tensor x, int m, int n, int k) => throw new NotImplementedException();
-    public void LoraLinearForward(Tensor y, Tensor x, Tensor w, Tensor? bias, LoraParams lora, Tensor u, Tensor? xDrop, int m, int n, int k, int r) => throw new NotImplementedException();
-    public void LoraLinearBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, LoraParams lora, Tensor u, Tensor? xDrop, Tensor g, Tensor dA, Tensor dB, Tensor? dW, Tensor? dBias, int m, int n, int k, int r, bool accumulate) => throw new NotImplementedException();
-    public void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int m, int c, float eps) => throw new NotImplementedException();
-    public void RmsNormBackward(Tensor dx, Tensor dw, Tensor dy, Tensor x, Tensor w, Tensor rstd, int m, int c, bool accumulate) => throw new NotImplementedException();
-    public void Rope(Tensor x, Tensor positions, int m, int nHeads, int headSize, float theta, RopeLayout layout, bool inverse) => throw new NotImplementedException();
-    public void SwiGluForward(Tensor h, Tensor gate, Tensor up, long count) => throw new NotImplementedException();
-    public void SwiGluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long count) => throw new NotImplementedException();
-    public void AttentionForward(Tensor output, Tensor? lse, Tensor q, Tensor k, Tensor v, int batch, int tq, int tkv, int kvLen, int nHeads, int nKvHeads, int headSize, float scale) => throw new NotImplementedException();
-    public void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOut, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int batch, int t, int nHeads, int nKvHeads, int headSize, float scale) => throw new NotImplementedException();
-    public void EmbeddingForward(Tensor output, Tensor tokens, Tensor table, int m, int c) => throw new NotImplementedException();
-    public void EmbeddingBackward(Tensor dTable, Tensor dOut, Tensor tokens, int m, int c) => throw new NotImplementedException();
-    public void CrossEntropy(Tensor logits, Tensor targets, Tensor losses, int m, int v, int ignoreIndex, float gradScale, bool computeGrad) => throw new NotImplementedException();
-    public void AdamW(Tensor param, Tensor grad, Tensor m, Tensor v, float lr, float beta1, float beta2, float eps, float weightDecay, int step, float gradScale) => throw new NotImplementedException();
-    public void Dispose() { }
+    /// <summary>The largest group any kernel here launches; the simulator is built to allow it.</summary>
+    internal const int MaxGroupSize = 256;
+
+    private readonly Context _context;
+    private readonly object _gate = new();
+    private readonly Dictionary<Type, object> _kernelSets = new();
+    private bool _disposed;
+
+    private IlgpuBackend(Context context, Accelerator accelerator, string name)
+    {
+        _context = context;
+        Accelerator = accelerator;
+        Name = name;
+        if (accelerator.MaxNumThreadsPerGroup < MaxGroupSize)
+            throw new NotSupportedException($"{name}: the accelerator allows {accelerator.MaxNumThreadsPerGroup} threads per group, kernels need {MaxGroupSize}");
+        if (MaxGroupSize / accelerator.WarpSize > GroupReduce.MaxWarps)
+            throw new NotSupportedException($"{name}: warp size {accelerator.WarpSize} gives more than {GroupReduce.MaxWarps} warps per group");
+    }
+
+    /// <summary>ILGPU's CUDA accelerator on device <paramref name="device"/>.</summary>
+    public static IlgpuBackend CreateCuda(int device)
+    {
+        int count = CudaDeviceCount();
+        if (count == 0)
+            throw new InvalidOperationException("device 'cuda': no CUDA device found (no NVIDIA GPU or no CUDA driver); use --device cpu");
+        if (device < 0 || device >= count)
+            throw new ArgumentOutOfRangeException(nameof(device), $"device 'cuda:{device}': there are {count} CUDA device(s) (0..{count - 1})");
+        var context = Context.Create(b => b.Cuda().Math(MathMode.Default).EnableAlgorithms());
+        try
+        {
+            var accelerator = context.GetCudaDevice(device).CreateCudaAccelerator(context);
+            return new IlgpuBackend(context, accelerator, $"cuda:{device}");
+        }
+        catch
+        {
+            context.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// ILGPU's CPU simulator shaped like an NVIDIA GPU with the given warp size: groups of up to
+    /// <see cref="MaxGroupSize"/> threads, two multiprocessors (so groups run concurrently and atomics race).
+    /// A debugger, not a compute path: keep shapes tiny.
+    /// </summary>
+    public static IlgpuBackend CreateSimulator(int warpSize)
+    {
+        if (warpSize < 1 || warpSize > MaxGroupSize || (warpSize & (warpSize - 1)) != 0)
+            throw new ArgumentOutOfRangeException(nameof(warpSize), $"device 'ilgpu-sim:{warpSize}': the warp size must be a power of two in [1, {MaxGroupSize}]");
+        var device = new CPUDevice(warpSize, MaxGroupSize / warpSize, 2); // (threads per warp, warps per multiprocessor, multiprocessors)
+        var context = Context.Create(b => b.CPU(device).Math(MathMode.Default).EnableAlgorithms());
+        try
+        {
+            var accelerator = context.GetCPUDevice(0).CreateAccelerator(context);
+            return new IlgpuBackend(context, accelerator, $"ilgpu-sim:{warpSize}");
+        }
+        catch
+        {
+            context.Dispose();
+            throw;
+        }
+    }
+
+    private static readonly Lazy<int> CudaCount = new(() =>
+    {
+        try
+        {
+            using var context = Context.Create(b => b.Cuda());
+            return context.GetCudaDevices().Count;
+        }
+        catch
+        {
+            return 0; // no driver, no libcuda: no CUDA device
+        }
+    });
+
+    /// <summary>Number of CUDA devices ILGPU sees; 0 without a GPU or driver. Never throws.</summary>
+    public static int CudaDeviceCount() => CudaCount.Value;
+
+    public string Name { get; }
+    internal Accelerator Accelerator { get; }
+    internal AcceleratorStream Stream => Accelerator.DefaultStream;
+    public int WarpSize => Accelerator.WarpSize;
+
+    /// <summary>Threads per group for one-group-per-row kernels: a multiple of the warp size.</summary>
+    internal int RowGroupSize => MaxGroupSize / WarpSize * WarpSize;
+
+    /// <summary>The kernel set of one op family, created (and its kernels loaded) on first use only.</summary>
+    internal T Kernels<T>(Func<IlgpuBackend, T> create) where T : class
+    {
+        if (!_kernelSets.TryGetValue(typeof(T), out var set)) _kernelSets[typeof(T)] = set = create(this);
+        return (T)set;
+    }
+
+    // ------------------------------------------------------------------ tensor -> view
+    private GpuStorage StorageOf(Tensor t, string name)
+    {
+        if (t.Storage is not GpuStorage s || !ReferenceEquals(s.Owner, this))
+            throw new ArgumentException($"{name} ({t.Describe()}) does not live on backend {Name}");
+        return s;
+    }
+
+    internal ArrayView<byte> RawView(Tensor t, string name)
+    {
+        var s = StorageOf(t, name);
+        long size = t.DType.SizeOf();
+        return s.Buffer.View.AsContiguous().SubView(t.Offset * size, t.Length * size);
+    }
+
+    internal ArrayView<float> F32(Tensor t, string name)
+    {
+        if (t.DType != DType.F32) throw new ArgumentException($"{name} ({t.Describe()}) must be f32");
+        return RawView(t, name).Cast<float>();
+    }
+
+    internal ArrayView<int> I32(Tensor t, string name)
+    {
+        if (t.DType != DType.I32) throw new ArgumentException($"{name} ({t.Describe()}) must be i32");
+        return RawView(t, name).Cast<int>();
+    }
+
+    /// <summary>A float tensor of any float dtype (f32, bf16, f16).</summary>
+    internal DeviceFloats Floats(Tensor t, string name) => t.DType switch
+    {
+        DType.F32 => new DeviceFloats(RawView(t, name).Cast<float>(), ArrayView<ushort>.Empty, DeviceFloats.KindF32),
+        DType.BF16 => new DeviceFloats(ArrayView<float>.Empty, RawView(t, name).Cast<ushort>(), DeviceFloats.KindBF16),
+        DType.F16 => new DeviceFloats(ArrayView<float>.Empty, RawView(t, name).Cast<ushort>(), DeviceFloats.KindF16),
+        _ => throw new ArgumentException($"{name} ({t.Describe()}) must be a float tensor (f32, bf16 or f16)"),
+    };
+
+    /// <summary>A weight: f32 or bf16 (f16 also accepted).</summary>
+    internal DeviceFloats Weight(Tensor t, string name) => Floats(t, name);
+
+    internal static void Need(Tensor t, long count, string name, string op)
+    {
+        if (t.Length != count)
+            throw new ArgumentException($"{op}: {name} ({t.Describe()}) has {t.Length} elements, expected {count}");
+    }
+
+    internal static void Positive(string op, params (string Name, long Value)[] sizes)
+    {
+        foreach (var (n, v) in sizes)
+            if (v < 0) throw new ArgumentOutOfRangeException(n, $"{op}: {n} = {v} must not be negative");
+    }
+
+    internal static int CheckedCount(long n, string op)
+    {
+        if (n > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(n), $"{op}: {n} elements exceed one launch ({int.MaxValue})");
+        return (int)n;
+    }
+
+    private ElementwiseKernels Ew => Kernels(b => new ElementwiseKernels(b));
+
+    // ------------------------------------------------------------------ memory
+    public Tensor Allocate(DType dtype, params int[] shape)
+    {
+        lock (_gate)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            long n = 1;
+            foreach (int d in shape)
+            {
+                if (d < 0) throw new ArgumentException($"negative dimension in shape [{string.Join(", ", shape)}]");
+                n *= d;
+            }
+            long bytes = Math.Max(4, (n * dtype.SizeOf() + 3) / 4 * 4);
+            var buffer = Accelerator.Allocate1D<byte>(bytes);
+            buffer.View.AsContiguous().MemSetToZero(Stream);
+            var storage = new GpuStorage(this, buffer);
+            return new Tensor(this, dtype, shape, storage, 0, storage);
+        }
+    }
+
+    public void Upload(Tensor dst, ReadOnlySpan<float> src)
+    {
+        lock (_gate)
+        {
+            Need(dst, src.Length, "dst", "Upload");
+            switch (dst.DType)
+            {
+                case DType.F32:
+                    CopyIn(RawView(dst, "dst"), MemoryMarshal.AsBytes(src));
+                    break;
+                case DType.BF16:
+                case DType.F16:
+                    var h = new ushort[src.Length];
+                    bool bf = dst.DType == DType.BF16;
+                    for (int i = 0; i < h.Length; i++) h[i] = bf ? HalfBits.F32ToBf16(src[i]) : HalfBits.F32ToF16(src[i]);
+                    CopyIn(RawView(dst, "dst"), MemoryMarshal.AsBytes(h.AsSpan()));
+                    break;
+                default:
+                    throw new ArgumentException($"Upload: floats cannot go into {dst.Describe()}; use the int overload");
+            }
+        }
+    }
+
+    public void Upload(Tensor dst, ReadOnlySpan<int> src)
+    {
+        lock (_gate)
+        {
+            Need(dst, src.Length, "dst", "Upload");
+            if (dst.DType != DType.I32) throw new ArgumentException($"Upload: ints need an i32 tensor, got {dst.Describe()}");
+            CopyIn(RawView(dst, "dst"), MemoryMarshal.AsBytes(src));
+        }
+    }
+
+    public void UploadRaw(Tensor dst, ReadOnlySpan<byte> src)
+    {
+        lock (_gate)
+        {
+            if (src.Length != dst.Bytes) throw new ArgumentException($"UploadRaw: {src.Length} bytes for {dst.Describe()} ({dst.Bytes} bytes)");
+            CopyIn(RawView(dst, "dst"), src);
+        }
+    }
+
+    private void CopyIn(ArrayView<byte> dst, ReadOnlySpan<byte> src)
+    {
+        if (src.Length == 0) return;
+        Stream.Synchronize(); // earlier kernels may still read the buffer
+        dst.CopyFromCPU(ref MemoryMarshal.GetReference(src), src.Length);
+    }
+
+    private void CopyOut(ArrayView<byte> src, Span<byte> dst)
+    {
+        Stream.Synchronize();
+        if (dst.Length == 0) return;
+        src.CopyToCPU(ref MemoryMarshal.GetReference(dst), dst.Length);
+    }
+
+    public void Download(Tensor src, Span<float> dst)
+    {
+        lock (_gate)
+        {
+            if (dst.Length != src.Length) throw new ArgumentException($"Download: {dst.Length} floats for {src.Describe()}");
+            switch (src.DType)
+            {
+                case DType.F32:
+                    CopyOut(RawView(src, "src"), MemoryMarshal.AsBytes(dst));
+                    break;
+                case DType.BF16:
+                case DType.F16:
+                    var h = new ushort[src.Length];
+                    CopyOut(RawView(src, "src"), MemoryMarshal.AsBytes(h.AsSpan()));
+                    bool bf = src.DType == DType.BF16;
+                    for (int i = 0; i < h.Length; i++) dst[i] = bf ? HalfBits.Bf16ToF32(h[i]) : HalfBits.F16ToF32(h[i]);
+                    break;
+                default:
+                    throw new ArgumentException($"Download: {src.Describe()} holds ints; use the int overload");
+            }
+        }
+    }
+
+    public void Download(Tensor src, Span<int> dst)
+    {
+        lock (_gate)
+        {
+            if (dst.Length != src.Length) throw new ArgumentException($"Download: {dst.Length} ints for {src.Describe()}");
+            if (src.DType != DType.I32) throw new ArgumentException($"Download: ints need an i32 tensor, got {src.Describe()}");
+            CopyOut(RawView(src, "src"), MemoryMarshal.AsBytes(dst));
+        }
+    }
+
+    /// <summary>Host copy of an I32 tensor (synchronizing), for validating token ids before a launch.</summary>
+    internal int[] DownloadInts(Tensor t, string name)
+    {
+        var a = new int[t.Length];
+        CopyOut(I32(t, name).Cast<byte>(), MemoryMarshal.AsBytes(a.AsSpan()));
+        return a;
+    }
+
+    public void Synchronize()
+    {
+        lock (_gate) Stream.Synchronize();
+    }
+
+    // ------------------------------------------------------------------ elementwise
+    public void Fill(Tensor t, float value)
+    {
+        lock (_gate) Ew.Fill(t, value);
+    }
+
+    public void Copy(Tensor dst, Tensor src)
+    {
+        lock (_gate) Ew.Copy(dst, src);
+    }
+
+    public void Add(Tensor dst, Tensor a, Tensor b)
+    {
+        lock (_gate) Ew.Add(dst, a, b);
+    }
+
+    public void Scale(Tensor t, float s)
+    {
+        lock (_gate) Ew.Scale(t, s);
+    }
+
+    public double SumOfSquares(Tensor t)
+    {
+        lock (_gate) return Kernels(b => new ReduceKernels(b)).SumOfSquares(t);
+    }
+
+    // ------------------------------------------------------------------ matmul
+    private MatMulKernels Mm => Kernels(b => new MatMulKernels(b));
+
+    public void MatMul(Tensor y, Tensor x, Tensor w, Tensor? bias, int m, int n, int k, bool accumulate)
+    {
+        lock (_gate) Mm.Forward(y, x, w, bias, m, n, k, accumulate);
+    }
+
+    public void MatMulBackwardInput(Tensor dx, Tensor dy, Tensor w, int m, int n, int k, bool accumulate)
+    {
+        lock (_gate) Mm.BackwardInput(dx, dy, w, m, n, k, accumulate);
+    }
+
+    public void MatMulBackwardWeight(Tensor dw, Tensor? dBias, Tensor dy, Tensor x, int m, int n, int k)
+    {
+        lock (_gate) Mm.BackwardWeight(dw, dBias, dy, x, m, n, k);
+    }
+
+    // ------------------------------------------------------------------ LoRA
+    private LoraLinearKernels Lora => Kernels(b => new LoraLinearKernels(b));
+
+    public void LoraLinearForward(Tensor y, Tensor x, Tensor w, Tensor? bias, LoraParams lora, Tensor u, Tensor? xDrop, int m, int n, int k, int r)
+    {
+        lock (_gate) Lora.Forward(y, x, w, bias, lora, u, xDrop, m, n, k, r);
+    }
+
+    public void LoraLinearBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, LoraParams lora, Tensor u, Tensor? xDrop, Tensor g,
+        Tensor dA, Tensor dB, Tensor? dW, Tensor? dBias, int m, int n, int k, int r, bool accumulate)
+    {
+        lock (_gate) Lora.Backward(dx, dy, x, w, lora, u, xDrop, g, dA, dB, dW, dBias, m, n, k, r, accumulate);
+    }
+
+    // ------------------------------------------------------------------ norm, rope, activation
+    private RmsNormKernels Norm => Kernels(b => new RmsNormKernels(b));
+
+    public void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int m, int c, float eps)
+    {
+        lock (_gate) Norm.Forward(y, rstd, x, w, m, c, eps);
+    }
+
+    public void RmsNormBackward(Tensor dx, Tensor dw, Tensor dy, Tensor x, Tensor w, Tensor rstd, int m, int c, bool accumulate)
+    {
+        lock (_gate) Norm.Backward(dx, dw, dy, x, w, rstd, m, c, accumulate);
+    }
+
+    public void Rope(Tensor x, Tensor positions, int m, int nHeads, int headSize, float theta, RopeLayout layout, bool inverse)
+    {
+        lock (_gate) Kernels(b => new RopeKernels(b)).Apply(x, positions, m, nHeads, headSize, theta, layout, inverse);
+    }
+
+    private SwiGluKernels Glu => Kernels(b => new SwiGluKernels(b));
+
+    public void SwiGluForward(Tensor h, Tensor gate, Tensor up, long count)
+    {
+        lock (_gate) Glu.Forward(h, gate, up, count);
+    }
+
+    public void SwiGluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long count)
+    {
+        lock (_gate) Glu.Backward(dGate, dUp, dh, gate, up, count);
+    }
+
+    // ------------------------------------------------------------------ attention
+    private AttentionKernels Attn => Kernels(b => new AttentionKernels(b));
+
+    public void AttentionForward(Tensor output, Tensor? lse, Tensor q, Tensor k, Tensor v,
+        int batch, int tq, int tkv, int kvLen, int nHeads, int nKvHeads, int headSize, float scale)
+    {
+        lock (_gate) Attn.Forward(output, lse, q, k, v, batch, tq, tkv, kvLen, nHeads, nKvHeads, headSize, scale);
+    }
+
+    public void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOut, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
+        int batch, int t, int nHeads, int nKvHeads, int headSize, float scale)
+    {
+        lock (_gate) Attn.Backward(dq, dk, dv, dOut, output, lse, q, k, v, batch, t, nHeads, nKvHeads, headSize, scale);
+    }
+
+    // ------------------------------------------------------------------ embedding, loss, optimizer
+    private EmbeddingKernels Emb => Kernels(b => new EmbeddingKernels(b));
+
+    public void EmbeddingForward(Tensor output, Tensor tokens, Tensor table, int m, int c)
+    {
+        lock (_gate) Emb.Forward(output, tokens, table, m, c);
+    }
+
+    public void EmbeddingBackward(Tensor dTable, Tensor dOut, Tensor tokens, int m, int c)
+    {
+        lock (_gate) Emb.Backward(dTable, dOut, tokens, m, c);
+    }
+
+    public void CrossEntropy(Tensor logits, Tensor targets, Tensor losses, int m, int v, int ignoreIndex, float gradScale, bool computeGrad)
+    {
+        lock (_gate) Kernels(b => new CrossEntropyKernels(b)).Run(logits, targets, losses, m, v, ignoreIndex, gradScale, computeGrad);
+    }
+
+    public void AdamW(Tensor param, Tensor grad, Tensor m, Tensor v, float lr, float beta1, float beta2, float eps, float weightDecay, int step, float gradScale)
+    {
+        lock (_gate) Kernels(b => new AdamWKernels(b)).Step(param, grad, m, v, lr, beta1, beta2, eps, weightDecay, step, gradScale);
+    }
+
+    public void Dispose()
+    {
+        lock (_gate)
+        {
+            if (_disposed) return;
+            _disposed = true;
+            foreach (var set in _kernelSets.Values) (set as IDisposable)?.Dispose();
+            _kernelSets.Clear();
+            Accelerator.Dispose();
+            _context.Dispose();
+        }
+    }
 }

@@ -1,0 +1,92 @@
+using ILGPU;
+
+namespace FineTuneNative.Kernels.Gpu;
+
+/// <summary>
+/// A float tensor as a kernel sees it: f32 elements, or 16-bit bf16/f16 elements converted on every load and
+/// store. Exactly one of the views is used, chosen by <see cref="Kind"/>; the branch is uniform over a launch.
+/// </summary>
+public readonly struct DeviceFloats
+{
+    public const int KindF32 = 0, KindBF16 = 1, KindF16 = 2;
+
+    public readonly ArrayView<float> F32;
+    public readonly ArrayView<ushort> U16;
+    public readonly int Kind;
+
+    public DeviceFloats(ArrayView<float> f32, ArrayView<ushort> u16, int kind)
+    {
+        F32 = f32;
+        U16 = u16;
+        Kind = kind;
+    }
+
+    public float Load(long i)
+    {
+        if (Kind == KindF32) return F32[i];
+        if (Kind == KindBF16) return HalfMath.Bf16ToF32(U16[i]);
+        return HalfMath.F16ToF32(U16[i]);
+    }
+
+    public void Store(long i, float v)
+    {
+        if (Kind == KindF32) F32[i] = v;
+        else if (Kind == KindBF16) U16[i] = HalfMath.F32ToBf16(v);
+        else U16[i] = HalfMath.F32ToF16(v);
+    }
+}
+
+/// <summary>Kernel-safe bf16 / f16 conversions, round to nearest even (bit-identical to <see cref="HalfBits"/>).</summary>
+public static class HalfMath
+{
+    public static float Bf16ToF32(ushort b) => Interop.IntAsFloat((uint)b << 16);
+
+    public static ushort F32ToBf16(float f)
+    {
+        uint bits = Interop.FloatAsInt(f);
+        if ((bits & 0x7F800000u) == 0x7F800000u && (bits & 0x007FFFFFu) != 0)
+            return (ushort)((bits >> 16) | 0x40u);
+        uint rounding = 0x7FFFu + ((bits >> 16) & 1u);
+        return (ushort)((bits + rounding) >> 16);
+    }
+
+    public static float F16ToF32(ushort h)
+    {
+        uint sign = ((uint)h & 0x8000u) << 16;
+        uint exp = ((uint)h >> 10) & 0x1Fu;
+        uint mant = (uint)h & 0x3FFu;
+        if (exp == 0)
+        {
+            float v = mant * (1f / 16777216f); // subnormal: mant · 2^-24, exact in f32
+            return sign != 0 ? -v : v;
+        }
+        if (exp == 31) return Interop.IntAsFloat(sign | 0x7F800000u | (mant << 13));
+        return Interop.IntAsFloat(sign | ((exp + 112u) << 23) | (mant << 13));
+    }
+
+    public static ushort F32ToF16(float f)
+    {
+        uint bits = Interop.FloatAsInt(f);
+        uint sign = (bits >> 16) & 0x8000u;
+        uint abs = bits & 0x7FFFFFFFu;
+        if (abs >= 0x7F800000u) return (ushort)(sign | (abs > 0x7F800000u ? 0x7E00u : 0x7C00u));
+        if (abs >= 0x477FF000u) return (ushort)(sign | 0x7C00u); // >= 65520 rounds to infinity
+        if (abs < 0x38800000u)
+        {
+            // half subnormal: round(|f| · 2^24) to nearest even
+            uint e = abs >> 23;
+            if (e < 102) return (ushort)sign;
+            uint m = (abs & 0x7FFFFFu) | 0x800000u;
+            int shift = (int)(126 - e);
+            uint r = m >> shift;
+            uint rem = m & ((1u << shift) - 1u);
+            uint half = 1u << (shift - 1);
+            if (rem > half || (rem == half && (r & 1u) != 0)) r++;
+            return (ushort)(sign | r);
+        }
+        uint h = ((abs >> 23) - 112u) << 10 | ((abs & 0x7FFFFFu) >> 13);
+        uint rest = abs & 0x1FFFu;
+        if (rest > 0x1000u || (rest == 0x1000u && (h & 1u) != 0)) h++;
+        return (ushort)(sign | h);
+    }
+}

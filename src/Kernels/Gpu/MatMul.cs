@@ -1,0 +1,176 @@
+using ILGPU;
+using ILGPU.Runtime;
+
+namespace FineTuneNative.Kernels.Gpu;
+
+/// <summary>
+/// Shape and epilogue of one tiled matmul: out(i, j) (+)= Alpha · Σ_r A(i, r)·B(j, r) [⊙ dropout mask] [+ bias(j)].
+/// A(i, r) = a[i·Sai + r·Sar], B(j, r) = b[j·Sbj + r·Sbr], out(i, j) = out[i·Ldo + j]. The strides express the
+/// three training layouts without transposing anything in memory.
+/// </summary>
+public struct MatMulArgs
+{
+    public int M, N, R, Ldo;
+    public long Sai, Sar, Sbj, Sbr;
+    public float Alpha;
+    public int Accumulate, HasBias;
+    /// <summary>When Dropout != 0, out(i, j) is multiplied by DropScale if DropoutHash.Keep(Seed, i·Ldo + j, DropP), else by 0.</summary>
+    public int Dropout;
+    public float DropP, DropScale;
+    public ulong Seed;
+}
+
+/// <summary>
+/// Matmul in the three layouts a linear layer needs, with f32 accumulation over f32 or bf16 weights:
+/// y = x·Wᵀ (+bias), dx = dy·W, dW += dyᵀ·x (dBias += Σ dy).
+/// </summary>
+/// <remarks>
+/// One explicitly grouped kernel: a group of 256 threads computes a 64×64 output tile, each thread a 4×4
+/// register block; 64×16 slices of A and B are staged through shared memory (rows padded by one float so
+/// neither the transposing stores nor the reads conflict on banks). Loads are coalesced along whichever
+/// operand dimension is contiguous. Matches MatMulReference. Tensor-core (mma.sync) paths come later.
+/// </remarks>
+internal sealed class MatMulKernels
+{
+    public const int BM = 64, BN = 64, BK = 16, Threads = 256;
+    private const int SA = BM + 1, SB = BN + 1;
+
+    private readonly IlgpuBackend _b;
+    private readonly Action<KernelConfig, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, MatMulArgs> _tiled;
+    private readonly ColumnSumKernels _columnSum;
+
+    public MatMulKernels(IlgpuBackend b)
+    {
+        _b = b;
+        _tiled = b.Accelerator.LoadStreamKernel<ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, MatMulArgs>(MatMulTiledKernel);
+        _columnSum = b.Kernels(x => new ColumnSumKernels(x));
+    }
+
+    [GpuKernel(true)]
+    public static void MatMulTiledKernel(ArrayView<float> a, DeviceFloats b, ArrayView<float> output, DeviceFloats bias, MatMulArgs p)
+    {
+        var sa = SharedMemory.Allocate<float>(BK * SA);
+        var sb = SharedMemory.Allocate<float>(BK * SB);
+        int tid = Group.IdxX;
+        int tx = tid % 16, ty = tid / 16;
+        int tilesN = (p.N + BN - 1) / BN;
+        int bi = Grid.IdxX / tilesN * BM;
+        int bj = Grid.IdxX % tilesN * BN;
+
+        float c00 = 0, c01 = 0, c02 = 0, c03 = 0, c10 = 0, c11 = 0, c12 = 0, c13 = 0;
+        float c20 = 0, c21 = 0, c22 = 0, c23 = 0, c30 = 0, c31 = 0, c32 = 0, c33 = 0;
+
+        for (int r0 = 0; r0 < p.R; r0 += BK)
+        {
+            for (int l = 0; l < BM * BK / Threads; l++)
+            {
+                int idx = tid + l * Threads;
+                int ii, rr;
+                if (p.Sar == 1) { rr = idx % BK; ii = idx / BK; }
+                else { ii = idx % BM; rr = idx / BM; }
+                int gi = bi + ii, gr = r0 + rr;
+                sa[rr * SA + ii] = gi < p.M && gr < p.R ? a[gi * p.Sai + gr * p.Sar] : 0f;
+            }
+            for (int l = 0; l < BN * BK / Threads; l++)
+            {
+                int idx = tid + l * Threads;
+                int jj, rr;
+                if (p.Sbr == 1) { rr = idx % BK; jj = idx / BK; }
+                else { jj = idx % BN; rr = idx / BN; }
+                int gj = bj + jj, gr = r0 + rr;
+                sb[rr * SB + jj] = gj < p.N && gr < p.R ? b.Load(gj * p.Sbj + gr * p.Sbr) : 0f;
+            }
+            Group.Barrier();
+            for (int rr = 0; rr < BK; rr++)
+            {
+                float a0 = sa[rr * SA + ty], a1 = sa[rr * SA + ty + 16], a2 = sa[rr * SA + ty + 32], a3 = sa[rr * SA + ty + 48];
+                float b0 = sb[rr * SB + tx], b1 = sb[rr * SB + tx + 16], b2 = sb[rr * SB + tx + 32], b3 = sb[rr * SB + tx + 48];
+                c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
+                c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
+                c20 += a2 * b0; c21 += a2 * b1; c22 += a2 * b2; c23 += a2 * b3;
+                c30 += a3 * b0; c31 += a3 * b1; c32 += a3 * b2; c33 += a3 * b3;
+            }
+            Group.Barrier();
+        }
+
+        int i0 = bi + ty, j0 = bj + tx;
+        Store(p, output, bias, i0, j0, c00); Store(p, output, bias, i0, j0 + 16, c01); Store(p, output, bias, i0, j0 + 32, c02); Store(p, output, bias, i0, j0 + 48, c03);
+        Store(p, output, bias, i0 + 16, j0, c10); Store(p, output, bias, i0 + 16, j0 + 16, c11); Store(p, output, bias, i0 + 16, j0 + 32, c12); Store(p, output, bias, i0 + 16, j0 + 48, c13);
+        Store(p, output, bias, i0 + 32, j0, c20); Store(p, output, bias, i0 + 32, j0 + 16, c21); Store(p, output, bias, i0 + 32, j0 + 32, c22); Store(p, output, bias, i0 + 32, j0 + 48, c23);
+        Store(p, output, bias, i0 + 48, j0, c30); Store(p, output, bias, i0 + 48, j0 + 16, c31); Store(p, output, bias, i0 + 48, j0 + 32, c32); Store(p, output, bias, i0 + 48, j0 + 48, c33);
+    }
+
+    private static void Store(MatMulArgs p, ArrayView<float> output, DeviceFloats bias, int i, int j, float acc)
+    {
+        if (i >= p.M || j >= p.N) return;
+        long idx = (long)i * p.Ldo + j;
+        float v = p.Alpha * acc;
+        if (p.Dropout != 0) v = DropoutHash.Keep(p.Seed, idx, p.DropP) ? v * p.DropScale : 0f;
+        if (p.HasBias != 0) v += bias.Load(j);
+        if (p.Accumulate != 0) v += output[idx];
+        output[idx] = v;
+    }
+
+    /// <summary>Launches the tiled kernel (no validation: callers check shapes).</summary>
+    internal void Launch(ArrayView<float> a, DeviceFloats b, ArrayView<float> output, DeviceFloats bias, MatMulArgs p)
+    {
+        if (p.M == 0 || p.N == 0) return;
+        long groups = (long)((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN);
+        if (groups > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(p), $"matmul {p.M}×{p.N} needs too many groups");
+        _tiled(new KernelConfig((int)groups, Threads), a, b, output, bias, p);
+    }
+
+    internal static DeviceFloats None => new(ArrayView<float>.Empty, ArrayView<ushort>.Empty, DeviceFloats.KindF32);
+
+    /// <summary>out(M,N) (+)= alpha · A(M,R)·B(N,R)ᵀ, both row-major (the nn.Linear forward layout).</summary>
+    internal static MatMulArgs Nt(int m, int n, int r, float alpha, bool accumulate) => new()
+    {
+        M = m, N = n, R = r, Ldo = n, Sai = r, Sar = 1, Sbj = r, Sbr = 1, Alpha = alpha, Accumulate = accumulate ? 1 : 0,
+    };
+
+    /// <summary>out(M,N) (+)= alpha · A(M,R)·B(R,N) (the input-gradient layout; B given as (R, N) row-major).</summary>
+    internal static MatMulArgs Nn(int m, int n, int r, float alpha, bool accumulate) => new()
+    {
+        M = m, N = n, R = r, Ldo = n, Sai = r, Sar = 1, Sbj = 1, Sbr = n, Alpha = alpha, Accumulate = accumulate ? 1 : 0,
+    };
+
+    /// <summary>out(M,N) (+)= alpha · A(R,M)ᵀ·B(R,N) (the weight-gradient layout: both operands row-major over R).</summary>
+    internal static MatMulArgs Tn(int m, int n, int r, float alpha, bool accumulate) => new()
+    {
+        M = m, N = n, R = r, Ldo = n, Sai = 1, Sar = m, Sbj = 1, Sbr = n, Alpha = alpha, Accumulate = accumulate ? 1 : 0,
+    };
+
+    public void Forward(Tensor y, Tensor x, Tensor w, Tensor? bias, int m, int n, int k, bool accumulate)
+    {
+        const string op = "MatMul";
+        IlgpuBackend.Positive(op, ("m", m), ("n", n), ("k", k));
+        IlgpuBackend.Need(y, (long)m * n, "y", op);  // (M, N)
+        IlgpuBackend.Need(x, (long)m * k, "x", op);  // (M, K)
+        IlgpuBackend.Need(w, (long)n * k, "w", op);  // (N, K)
+        if (bias is not null) IlgpuBackend.Need(bias, n, "bias", op); // (N)
+        var p = Nt(m, n, k, 1f, accumulate);
+        p.HasBias = bias is null ? 0 : 1;
+        Launch(_b.F32(x, "x"), _b.Weight(w, "w"), _b.F32(y, "y"), bias is null ? None : _b.Floats(bias, "bias"), p);
+    }
+
+    public void BackwardInput(Tensor dx, Tensor dy, Tensor w, int m, int n, int k, bool accumulate)
+    {
+        const string op = "MatMulBackwardInput";
+        IlgpuBackend.Positive(op, ("m", m), ("n", n), ("k", k));
+        IlgpuBackend.Need(dx, (long)m * k, "dx", op); // (M, K)
+        IlgpuBackend.Need(dy, (long)m * n, "dy", op); // (M, N)
+        IlgpuBackend.Need(w, (long)n * k, "w", op);   // (N, K)
+        Launch(_b.F32(dy, "dy"), _b.Weight(w, "w"), _b.F32(dx, "dx"), None, Nn(m, k, n, 1f, accumulate));
+    }
+
+    public void BackwardWeight(Tensor dw, Tensor? dBias, Tensor dy, Tensor x, int m, int n, int k)
+    {
+        const string op = "MatMulBackwardWeight";
+        IlgpuBackend.Positive(op, ("m", m), ("n", n), ("k", k));
+        IlgpuBackend.Need(dw, (long)n * k, "dw", op); // (N, K)
+        IlgpuBackend.Need(dy, (long)m * n, "dy", op); // (M, N)
+        IlgpuBackend.Need(x, (long)m * k, "x", op);   // (M, K)
+        Launch(_b.F32(dy, "dy"), _b.Floats(x, "x"), _b.F32(dw, "dw"), None, Tn(n, k, m, 1f, true));
+        if (dBias is not null) _columnSum.Accumulate(dBias, dy, m, n, op);
+    }
+}
