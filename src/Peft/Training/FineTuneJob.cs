@@ -1,0 +1,87 @@
+using FineTuneNative.Kernels;
+using FineTuneNative.Peft.Data;
+using FineTuneNative.Peft.Lora;
+using FineTuneNative.Runtime.IO;
+using FineTuneNative.Runtime.Model;
+using FineTuneNative.Runtime.Text;
+
+namespace FineTuneNative.Peft.Training;
+
+/// <summary>The prepared data of a run: the two splits, the problems found, and how to pad.</summary>
+public sealed class PreparedData
+{
+    public required List<TokenizedSample> Train { get; init; }
+    public required List<TokenizedSample> Eval { get; init; }
+    /// <summary>Malformed records and dropped samples, each with file:line.</summary>
+    public required List<DatasetIssue> Issues { get; init; }
+    public required int PadId { get; init; }
+    public int RecordsRead { get; init; }
+}
+
+/// <summary>
+/// A whole LoRA fine-tune from paths: create the backend, load model and tokenizer, read and split the data,
+/// attach fresh adapters, train, save the adapter and the metrics into the output directory. What `ftn train`
+/// runs.
+/// </summary>
+public sealed class FineTuneJob
+{
+    /// <summary>A Hugging Face model directory or a llama2.c checkpoint (see ModelLoader).</summary>
+    public required string ModelPath { get; init; }
+    /// <summary>Tokenizer file or directory when the model does not carry one (a llama2.c checkpoint).</summary>
+    public string? TokenizerPath { get; init; }
+    /// <summary>One or more JSON / JSONL dataset files.</summary>
+    public required IReadOnlyList<string> DatasetPaths { get; init; }
+    public required string OutputDir { get; init; }
+    public LoraConfig Lora { get; init; } = new();
+    public TrainOptions Options { get; init; } = new();
+    /// <summary>Use at most this many records (after reading, before the split; 0 = all).</summary>
+    public int MaxRecords { get; init; }
+
+    public Action<string>? Log { get; init; }
+    public Action<TrainProgress>? OnProgress { get; init; }
+    public Action<EvalProgress>? OnEval { get; init; }
+
+    /// <summary>Reads, encodes and splits datasets. Never throws for malformed records (they become issues).</summary>
+    public static PreparedData Prepare(IReadOnlyList<string> paths, ITextTokenizer tokenizer, TrainOptions o, int maxRecords = 0)
+    {
+        var issues = new List<DatasetIssue>();
+        var records = new List<DatasetRecord>();
+        foreach (var p in paths)
+        {
+            var r = DatasetReader.Read(p);
+            records.AddRange(r.Records);
+            issues.AddRange(r.Issues);
+        }
+        if (maxRecords > 0 && records.Count > maxRecords) records = records.Take(maxRecords).ToList();
+        var encoder = new SampleEncoder(tokenizer, new EncodeOptions { MaxLength = o.MaxLength, TrainOnPrompt = o.TrainOnPrompt });
+        var samples = encoder.EncodeAll(records, issues);
+        var (train, eval) = Batching.Split(samples, o.EvalFraction, o.Seed);
+        return new PreparedData { Train = train, Eval = eval, Issues = issues, PadId = encoder.PadId, RecordsRead = records.Count };
+    }
+
+    public TrainResult Run(CancellationToken cancel = default)
+    {
+        Options.Validate();
+        Lora.Validate();
+        using var backend = Backends.Create(Options.Device);
+        using var loaded = ModelLoader.Load(ModelPath, backend);
+        var tokenizer = TokenizerPath is not null ? TokenizerLoader.Load(TokenizerPath)
+            : loaded.Tokenizer ?? throw new ArgumentException($"{ModelPath}: the model has no tokenizer; pass a tokenizer path");
+        if (tokenizer.VocabSize > loaded.Weights.Config.VocabSize)
+            throw new ArgumentException($"tokenizer vocabulary ({tokenizer.VocabSize}) is larger than the model's ({loaded.Weights.Config.VocabSize})");
+        Log?.Invoke($"model: {loaded.Path} ({loaded.Format}, {loaded.Weights.ParameterCount:N0} parameters); tokenizer: {tokenizer.Describe()}");
+
+        var data = Prepare(DatasetPaths, tokenizer, Options, MaxRecords);
+        foreach (var issue in data.Issues) Log?.Invoke($"skipped {issue}");
+        Log?.Invoke($"data: {data.RecordsRead} records, {data.Train.Count} train / {data.Eval.Count} eval samples, {data.Issues.Count} skipped");
+        if (data.Train.Count == 0) throw new InvalidDataException("no usable training samples (see the skipped records above)");
+
+        using var model = new LlamaModel(loaded.Weights, backend);
+        using var adapter = LoraAdapter.Create(model, Lora, Options.Seed);
+        Log?.Invoke($"LoRA r={Lora.Rank} alpha={Lora.Alpha} on {string.Join(",", Lora.TargetModules)}: {adapter.ParameterCount:N0} trainable parameters");
+        using var trainer = new Trainer(model, adapter, Options);
+        if (OnProgress is not null) trainer.Progress += OnProgress;
+        if (OnEval is not null) trainer.Evaluated += OnEval;
+        return trainer.Train(data.Train, data.Eval, data.PadId, OutputDir, ModelPath, cancel);
+    }
+}
