@@ -65,8 +65,9 @@ public sealed class FineTuneJob
         Lora.Validate();
         using var backend = Backends.Create(Options.Device);
         using var loaded = ModelLoader.Load(ModelPath, backend);
-        var tokenizer = TokenizerPath is not null ? TokenizerLoader.Load(TokenizerPath)
-            : loaded.Tokenizer ?? throw new ArgumentException($"{ModelPath}: the model has no tokenizer; pass a tokenizer path");
+        // A Hugging Face directory carries its tokenizer; a llama2.c checkpoint needs one named.
+        var tokenizer = TokenizerLoader.Load(TokenizerPath ?? (Directory.Exists(ModelPath) ? ModelPath
+            : throw new ArgumentException($"{ModelPath}: a single-file checkpoint carries no tokenizer; pass a tokenizer path")));
         if (tokenizer.VocabSize > loaded.Weights.Config.VocabSize)
             throw new ArgumentException($"tokenizer vocabulary ({tokenizer.VocabSize}) is larger than the model's ({loaded.Weights.Config.VocabSize})");
         Log?.Invoke($"model: {loaded.Path} ({loaded.Format}, {loaded.Weights.ParameterCount:N0} parameters); tokenizer: {tokenizer.Describe()}");
