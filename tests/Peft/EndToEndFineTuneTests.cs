@@ -12,6 +12,7 @@ namespace FineTuneNative.Tests.Peft;
 /// The issue's "done means": LoRA fine-tuning the real stories260K (llama2.c) on a real instruction dataset
 /// lowers held-out loss, and the saved PEFT adapter reloads to the same eval loss.
 /// </summary>
+[Collection("PeftModel")]
 public class EndToEndFineTuneTests(ITestOutputHelper output)
 {
     [SkippableFact]
@@ -41,6 +42,12 @@ public class EndToEndFineTuneTests(ITestOutputHelper output)
         output.WriteLine($"eval loss {r.EvalLossBefore:F4} -> {r.EvalLossAfter:F4} (ppl {r.EvalPerplexityBefore:F2} -> {r.EvalPerplexityAfter:F2}) in {r.Elapsed.TotalSeconds:F1}s");
         Assert.True(r.EvalSamples >= 20, $"only {r.EvalSamples} eval samples");
         Assert.True(r.EvalLossAfter < r.EvalLossBefore - 0.1, $"held-out loss did not drop: {r.EvalLossBefore} -> {r.EvalLossAfter}");
+
+        // Records whose prompt alone exceeds MaxLength were dropped and listed with file:line (record N).
+        var issues = File.ReadAllLines(Path.Combine(tmp.Path, "data_issues.txt"));
+        Assert.NotEmpty(issues);
+        Assert.All(issues, l => Assert.Matches(@"alpaca_en_demo\.json:\d+ \(record \d+\): every target is masked", l));
+        Assert.True(File.Exists(Path.Combine(tmp.Path, "metrics.jsonl")) && File.Exists(Path.Combine(tmp.Path, "train_results.json")));
 
         // Reload: a fresh model from the checkpoint, the adapter from disk, the same held-out split.
         using var backend = Backends.Create("cpu");

@@ -8,9 +8,10 @@ using FineTuneNative.Tests.Numerics;
 
 namespace FineTuneNative.Tests.Peft;
 
+[Collection("PeftModel")]
 public class LoraAdapterTests
 {
-    private static IBackend Cpu => TestBackends.Get("cpu");
+    private static IBackend Cpu => PeftBackend.Cpu;
 
     private static double EvalLoss(LlamaModel model, IReadOnlyList<TokenizedSample> samples)
     {

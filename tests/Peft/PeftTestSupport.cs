@@ -1,4 +1,5 @@
 using System.Text;
+using FineTuneNative.Kernels;
 using FineTuneNative.Runtime.Text;
 
 namespace FineTuneNative.Tests.Peft;
@@ -87,3 +88,17 @@ internal sealed class TempDir : IDisposable
     }
     public void Dispose() { try { Directory.Delete(Path, true); } catch (IOException) { } }
 }
+
+/// <summary>
+/// The CPU backend of the Peft model tests. CpuBackend is not safe for concurrent calls (shared per-thread scratch)
+/// and xunit runs test classes in parallel, so these tests own an instance (not TestBackends' shared one) and run
+/// one at a time in the "PeftModel" collection.
+/// </summary>
+internal static class PeftBackend
+{
+    private static readonly Lazy<IBackend> Instance = new(() => Backends.Create("cpu"));
+    public static IBackend Cpu => Instance.Value;
+}
+
+[CollectionDefinition("PeftModel", DisableParallelization = true)]
+public sealed class PeftModelCollection;

@@ -8,9 +8,10 @@ using FineTuneNative.Tests.Numerics;
 
 namespace FineTuneNative.Tests.Peft;
 
+[Collection("PeftModel")]
 public class TrainerTests
 {
-    private static IBackend Cpu => TestBackends.Get("cpu");
+    private static IBackend Cpu => PeftBackend.Cpu;
 
     private static void SetB(LoraAdapter adapter, ulong seed)
     {
@@ -130,7 +131,7 @@ public class TrainerTests
         var r = trainer.Train(train, eval, padId: 0, outputDir: tmp.Path, baseModelName: "tiny");
 
         Assert.Equal(30, r.Steps);
-        Assert.True(r.EvalLossAfter < 0.5 * r.EvalLossBefore, $"eval loss {r.EvalLossBefore} -> {r.EvalLossAfter}");
+        Assert.True(r.EvalLossAfter < r.EvalLossBefore - 1.0, $"eval loss {r.EvalLossBefore} -> {r.EvalLossAfter}");
         Assert.Equal(Math.Exp(r.EvalLossAfter), r.EvalPerplexityAfter, 9);
         Assert.Equal(Enumerable.Range(1, 30), progress.Select(p => p.Step));
         Assert.All(progress, p => Assert.True(p.TokensPerSecond > 0 && p.Eta >= TimeSpan.Zero && double.IsFinite(p.Loss)));

@@ -38,6 +38,8 @@ public sealed class FineTuneJob
     public int MaxRecords { get; init; }
 
     public Action<string>? Log { get; init; }
+    /// <summary>Skipped records reported through <see cref="Log"/> (all of them go to OutputDir/data_issues.txt).</summary>
+    public int MaxIssuesLogged { get; init; } = 10;
     public Action<TrainProgress>? OnProgress { get; init; }
     public Action<EvalProgress>? OnEval { get; init; }
 
@@ -73,7 +75,14 @@ public sealed class FineTuneJob
         Log?.Invoke($"model: {loaded.Path} ({loaded.Format}, {loaded.Weights.ParameterCount:N0} parameters); tokenizer: {tokenizer.Describe()}");
 
         var data = Prepare(DatasetPaths, tokenizer, Options, MaxRecords);
-        foreach (var issue in data.Issues) Log?.Invoke($"skipped {issue}");
+        if (data.Issues.Count > 0)
+        {
+            Directory.CreateDirectory(OutputDir);
+            string issuesPath = Path.Combine(OutputDir, "data_issues.txt");
+            LoraAdapter.WriteAtomic(issuesPath, string.Concat(data.Issues.Select(i => i + "\n")));
+            foreach (var issue in data.Issues.Take(MaxIssuesLogged)) Log?.Invoke($"skipped {issue}");
+            if (data.Issues.Count > MaxIssuesLogged) Log?.Invoke($"... and {data.Issues.Count - MaxIssuesLogged} more; every skipped record is listed in {issuesPath}");
+        }
         Log?.Invoke($"data: {data.RecordsRead} records, {data.Train.Count} train / {data.Eval.Count} eval samples, {data.Issues.Count} skipped");
         if (data.Train.Count == 0) throw new InvalidDataException("no usable training samples (see the skipped records above)");
 
