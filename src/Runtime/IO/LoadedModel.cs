@@ -1,4 +1,5 @@
 using FineTuneNative.Runtime.Model;
+using FineTuneNative.Runtime.Text;
 
 namespace FineTuneNative.Runtime.IO;
 
@@ -29,6 +30,8 @@ public sealed class LoadedModel : IDisposable
     public string Format { get; }
     /// <summary>HF tensor name -> dtype in the file ("F32", "BF16", "F16").</summary>
     public IReadOnlyDictionary<string, string> SourceDTypes { get; }
+    /// <summary>The tokenizer found next to the model (or given explicitly); null when there is none.</summary>
+    public ITextTokenizer? Tokenizer { get; internal set; }
     /// <summary>How many parameters are zero-copy views over the memory-mapped file (CPU backend only).</summary>
     public int ZeroCopyTensors { get; }
 

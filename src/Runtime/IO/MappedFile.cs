@@ -3,7 +3,8 @@ using System.IO.MemoryMappedFiles;
 namespace FineTuneNative.Runtime.IO;
 
 /// <summary>
-/// A whole file mapped read-only into memory, with a reference count: the mapping stays alive while the
+/// A whole file mapped into memory copy-on-write (the file is opened read-only and never modified; a page
+/// written through the mapping becomes private), with a reference count: the mapping stays alive while the
 /// opener or any tensor wrapping its bytes (zero-copy weights) still holds a reference.
 /// </summary>
 public sealed unsafe class MappedFile : IDisposable
@@ -26,18 +27,21 @@ public sealed unsafe class MappedFile : IDisposable
     public string Path { get; }
     public long Length { get; }
 
-    /// <summary>Maps <paramref name="path"/> read-only. Throws <see cref="InvalidDataException"/> for an empty file.</summary>
+    /// <summary>Maps <paramref name="path"/>. Throws <see cref="InvalidDataException"/> for an empty file.</summary>
     public static MappedFile Open(string path)
     {
         var info = new FileInfo(path);
         if (!info.Exists) throw new FileNotFoundException($"{path}: file not found", path);
         long length = info.Length;
         if (length == 0) throw new InvalidDataException($"{path}: file is empty");
-        var map = MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, 0, MemoryMappedFileAccess.Read);
+        var fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read);
+        MemoryMappedFile map;
+        try { map = MemoryMappedFile.CreateFromFile(fs, null, 0, MemoryMappedFileAccess.CopyOnWrite, HandleInheritability.None, leaveOpen: false); }
+        catch { fs.Dispose(); throw; }
         MemoryMappedViewAccessor? view = null;
         try
         {
-            view = map.CreateViewAccessor(0, 0, MemoryMappedFileAccess.Read);
+            view = map.CreateViewAccessor(0, 0, MemoryMappedFileAccess.CopyOnWrite);
             byte* p = null;
             view.SafeMemoryMappedViewHandle.AcquirePointer(ref p);
             p += view.PointerOffset;

@@ -1,6 +1,8 @@
 using System.Buffers.Binary;
 using FineTuneNative.Kernels;
+using FineTuneNative.Kernels.Cpu;
 using FineTuneNative.Runtime.Model;
+using FineTuneNative.Runtime.Text;
 
 namespace FineTuneNative.Runtime.IO;
 
@@ -23,7 +25,49 @@ public static class ModelLoader
     /// <param name="path">An HF model directory (or its config.json / a .safetensors / the index file), or a llama2.c .bin.</param>
     /// <param name="backend">Where the weights live.</param>
     /// <param name="linearDType">F32 or BF16 for the linear weights; null keeps bf16 files bf16 and makes everything else f32.</param>
-    public static LoadedModel Load(string path, IBackend backend, DType? linearDType = null)
+    /// <param name="tokenizerPath">
+    /// A tokenizer file or directory for <see cref="TokenizerLoader.Load"/>. When null, the model's own is used if
+    /// present: tokenizer.json / tokenizer.model in an HF directory; tokenizer.bin, else the only tok*.bin
+    /// (llama2.c's naming, e.g. tok512.bin), next to a llama2.c checkpoint.
+    /// </param>
+    public static LoadedModel Load(string path, IBackend backend, DType? linearDType = null, string? tokenizerPath = null)
+    {
+        var m = LoadWeights(path, backend, linearDType);
+        try
+        {
+            m.Tokenizer = LoadTokenizer(m, tokenizerPath);
+            return m;
+        }
+        catch
+        {
+            m.Dispose();
+            throw;
+        }
+    }
+
+    private static ITextTokenizer? LoadTokenizer(LoadedModel m, string? tokenizerPath)
+    {
+        string? source = tokenizerPath;
+        if (source is null)
+        {
+            string dir = m.Format == "hf" ? m.Path : System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(m.Path))!;
+            string[] names = m.Format == "hf" ? new[] { "tokenizer.json", "tokenizer.model" } : new[] { "tokenizer.bin" };
+            source = names.Select(n => System.IO.Path.Combine(dir, n)).FirstOrDefault(File.Exists);
+            if (source is null && m.Format == "llama2c")
+            {
+                var tokBins = Directory.GetFiles(dir, "tok*.bin");
+                if (tokBins.Length == 1) source = tokBins[0];
+            }
+            if (source is null) return null;
+        }
+        var tok = TokenizerLoader.Load(source);
+        int v = m.Weights.Config.VocabSize;
+        if (tok.VocabSize > v)
+            throw new InvalidDataException($"{source}: tokenizer has {tok.VocabSize} ids but the model at {m.Path} has a vocabulary of {v}");
+        return tok;
+    }
+
+    private static LoadedModel LoadWeights(string path, IBackend backend, DType? linearDType)
     {
         ArgumentNullException.ThrowIfNull(backend);
         if (linearDType is DType ld && ld is not (DType.F32 or DType.BF16))
@@ -341,10 +385,23 @@ public static class ModelLoader
         }
     }
 
-    /// <summary>Zero-copy view over the mapping (CPU backend). Null where the backend keeps its own memory.</summary>
+    /// <summary>
+    /// Zero-copy view over the mapping (CPU backend), holding a lease on it until the tensor is disposed.
+    /// Null where the backend keeps its own memory. The mapping is copy-on-write, so a parameter that is later
+    /// trained in place gets private pages and the file is never modified.
+    /// </summary>
     private static Tensor? TryWrap(IBackend backend, DType dtype, Source src)
     {
-        _ = backend; _ = dtype; _ = src;
-        return null;
+        if (backend is not CpuBackend cpu || dtype is not (DType.F32 or DType.BF16)) return null;
+        IntPtr p = src.Pointer(out var lease);
+        try
+        {
+            return cpu.WrapExternal(dtype, src.Shape, p, lease);
+        }
+        catch
+        {
+            lease.Dispose();
+            throw;
+        }
     }
 }

@@ -101,6 +101,36 @@ public class ModelLoaderTests
     }
 
     [Fact]
+    public void Cpu_Weights_Are_Zero_Copy_And_Writes_Never_Reach_The_File()
+    {
+        using var dir = new TempDir();
+        var cfg = Tiny();
+        var tensors = RandomTensors(cfg, DType.F32, 4);
+        WriteHf(dir.Path, cfg, tensors);
+        string file = Path.Combine(dir.Path, "model.safetensors");
+        byte[] before = File.ReadAllBytes(file);
+        using (var m = ModelLoader.Load(dir.Path, Backend))
+        {
+            Assert.Equal(tensors.Count, m.ZeroCopyTensors);
+            var wq = m.Weights.Layers[0].Wq;
+            Backend.Fill(wq, 7f);   // a trained-in-place parameter: copy-on-write pages
+            Assert.All(wq.ToArray(), v => Assert.Equal(7f, v));
+            using var again = ModelLoader.Load(dir.Path, Backend);
+            Assert.Equal(tensors.First(t => t.Name == "model.layers.0.self_attn.q_proj.weight").Data, again.Weights.Layers[0].Wq.ToArray());
+        }
+        Assert.Equal(before, File.ReadAllBytes(file));
+
+        // bf16 file: linear weights (kept bf16) are views, the f32 norms and embedding are converted copies.
+        var bf = RandomTensors(cfg, DType.BF16, 4);
+        WriteHf(dir.Path, cfg, bf);
+        using (var m = ModelLoader.Load(dir.Path, Backend))
+            Assert.Equal(bf.Count(t => IsLinear(t.Name)), m.ZeroCopyTensors);
+        // Converting to f32 on request copies everything.
+        using (var m = ModelLoader.Load(dir.Path, Backend, DType.F32))
+            Assert.Equal(0, m.ZeroCopyTensors);
+    }
+
+    [Fact]
     public void Linear_DType_Can_Be_Chosen()
     {
         using var dir = new TempDir();
@@ -216,6 +246,7 @@ public class ModelLoaderTests
         Assert.Equal(At(w3 + 1 * F * C, 172 * 64), w.Layers[1].Wup.ToArray());
         Assert.Equal(At(rmsFinal, 64), w.FinalNorm.ToArray());
         Assert.All(m.SourceDTypes.Values, v => Assert.Equal("F32", v));
+        Assert.Equal(m.Weights.Named().Count(), m.ZeroCopyTensors);
     }
 
     [SkippableFact]
@@ -243,8 +274,14 @@ public class ModelLoaderTests
         Assert.Equal("pt", st.Metadata["format"]);
         st.Dispose();
 
+        // tok512.model is the SentencePiece model tok512.bin was exported from: as an HF directory's tokenizer.model.
+        File.Copy(SharedAssets.Require("stories260K/tok512.model"), Path.Combine(dir.Path, "tokenizer.model"));
         using var hf = ModelLoader.Load(dir.Path, Backend);
         Assert.Equal("hf", hf.Format);
+        Assert.NotNull(hf.Tokenizer);
+        Assert.NotNull(original.Tokenizer);
+        Assert.Equal(original.Tokenizer!.Encode("Once upon a time, Lily saw a big dog.", addBos: true),
+            hf.Tokenizer!.Encode("Once upon a time, Lily saw a big dog.", addBos: true));
         Assert.Equal(RopeLayout.RotateHalf, hf.Weights.Config.RopeLayout);
         // Everything but q/k is byte-identical; q/k rows moved, the values are the same multiset per head.
         var a = original.Weights.Named().ToDictionary(p => p.Name, p => p.Tensor);
@@ -267,6 +304,31 @@ public class ModelLoaderTests
         var l1 = (float[])s1.Prefill(prompt).Clone();
         var l2 = s2.Prefill(prompt);
         NumericAssert.Close(l1, l2, 1e-4, 1e-4, "logits interleaved vs rotate-half export");
+    }
+
+    [SkippableFact]
+    public void Tokenizer_Next_To_The_Model_Is_Loaded_And_Checked()
+    {
+        string spm = SharedAssets.Require("stories260K/tok512.model");
+        using var dir = new TempDir();
+        WriteHf(dir.Path, Tiny(), RandomTensors(Tiny(), DType.F32, 2));
+        using (var m = ModelLoader.Load(dir.Path, Backend)) Assert.Null(m.Tokenizer);
+        // A 512-token vocabulary cannot serve a 40-token model.
+        File.Copy(spm, Path.Combine(dir.Path, "tokenizer.model"));
+        var e = Assert.Throws<InvalidDataException>(() => ModelLoader.Load(dir.Path, Backend).Dispose());
+        Assert.Contains("512", e.Message);
+        Assert.Contains("tokenizer.model", e.Message);
+
+        var big = Tiny() with { VocabSize = 512 };
+        WriteHf(dir.Path, big, RandomTensors(big, DType.F32, 2));
+        using (var m = ModelLoader.Load(dir.Path, Backend))
+        {
+            Assert.Equal(512, m.Tokenizer!.VocabSize);
+            Assert.Equal(1, m.Tokenizer.BosId);
+        }
+        // An explicit tokenizer path wins.
+        using (var m = ModelLoader.Load(dir.Path, Backend, tokenizerPath: SharedAssets.Require("stories260K/tok512.bin")))
+            Assert.Contains("tok512.bin", m.Tokenizer!.Describe());
     }
 
     [Fact]
