@@ -1,3 +1,5 @@
+using System.Runtime.Intrinsics;
+
 namespace FineTuneNative.Kernels.Cpu;
 
 // Decoupled AdamW; reference: AdamWReference.
@@ -29,7 +31,24 @@ public sealed unsafe partial class CpuBackend
         var c = (AdamCtx*)p;
         long s = (long)chunk * ElementChunk, e = Math.Min(c->N, s + ElementChunk);
         float ic1 = 1f / c->C1, ic2 = 1f / c->C2;
-        for (long i = s; i < e; i++)
+        long i = s;
+        if (Vector512.IsHardwareAccelerated)
+        {
+            var b1 = Vector512.Create(c->B1); var b1c = Vector512.Create(1 - c->B1);
+            var b2 = Vector512.Create(c->B2); var b2c = Vector512.Create(1 - c->B2);
+            var gs = Vector512.Create(c->GradScale); var vic1 = Vector512.Create(ic1); var vic2 = Vector512.Create(ic2);
+            var eps = Vector512.Create(c->Eps); var lr = Vector512.Create(c->Lr); var wd = Vector512.Create(c->Wd);
+            for (; i + 16 <= e; i += 16)
+            {
+                var g = gs * Vector512.Load(c->G + i);
+                var mi = b1 * Vector512.Load(c->M + i) + b1c * g;
+                var vi = b2 * Vector512.Load(c->V + i) + b2c * g * g;
+                mi.Store(c->M + i); vi.Store(c->V + i);
+                var pi = Vector512.Load(c->P + i);
+                (pi - lr * (mi * vic1 / (Vector512.Sqrt(vi * vic2) + eps) + wd * pi)).Store(c->P + i);
+            }
+        }
+        for (; i < e; i++)
         {
             float g = c->GradScale * c->G[i];
             float mi = c->B1 * c->M[i] + (1 - c->B1) * g;

@@ -66,6 +66,14 @@ internal static unsafe class Gemm
             be.Pool.For(ctx.NBlocks, &SmallMBody, &ctx);
             return;
         }
+        // Few rows times a row-major B (dx = dy·W for one token): axpy over the rows of B, threads over columns.
+        if (!aTrans && !bTrans && m <= 4)
+        {
+            ctx.NC = 256;
+            ctx.NBlocks = (n + ctx.NC - 1) / ctx.NC;
+            be.Pool.For(ctx.NBlocks, &SmallMAxpyBody, &ctx);
+            return;
+        }
         int nr = NR;
         int nBlocks = (n + NCMax - 1) / NCMax;
         int nc = RoundUp((n + nBlocks - 1) / nBlocks, nr);
@@ -105,6 +113,34 @@ internal static unsafe class Gemm
                 float* cij = x->C + i * x->Ldc + j;
                 *cij = (x->Accumulate ? *cij : 0f) + d + (x->Bias != null ? x->Bias[j] : 0f);
             }
+        }
+    }
+
+    private static void SmallMAxpyBody(void* p, int task, int worker)
+    {
+        var x = (Ctx*)p;
+        int j0 = task * x->NC, nj = Math.Min(x->NC, x->N - j0);
+        float* acc = stackalloc float[4 * 256];
+        float* row = stackalloc float[256];
+        new Span<float>(acc, 4 * 256).Clear();
+        for (int q = 0; q < x->K; q++)
+        {
+            long off = q * x->Ldb + j0;
+            float* b;
+            if (x->BBf16) { HalfConvert.Bf16ToF32((ushort*)x->B + off, row, nj); b = row; }
+            else b = (float*)x->B + off;
+            var bs = new ReadOnlySpan<float>(b, nj);
+            for (int i = 0; i < x->M; i++)
+            {
+                var a = new Span<float>(acc + i * 256, nj);
+                TensorPrimitives.MultiplyAdd(bs, x->A[i * x->Lda + q], a, a);
+            }
+        }
+        for (int i = 0; i < x->M; i++)
+        {
+            float* c = x->C + i * x->Ldc + j0;
+            for (int j = 0; j < nj; j++)
+                c[j] = x->Alpha * acc[i * 256 + j] + (x->Accumulate ? c[j] : 0f) + (x->Bias != null ? x->Bias[j0 + j] : 0f);
         }
     }
 

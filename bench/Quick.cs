@@ -1,0 +1,56 @@
+using System.Diagnostics;
+using FineTuneNative.Kernels;
+using FineTuneNative.Kernels.Cpu;
+
+namespace FineTuneNative.Bench;
+
+/// <summary>
+/// A fast sanity timer for kernel work between BenchmarkDotNet runs (best of N, no statistics):
+/// dotnet run -c Release --project bench -- quick [threads]
+/// </summary>
+internal static class Quick
+{
+    public static void Run(string[] args)
+    {
+        int threads = args.Length > 1 ? int.Parse(args[1]) : 0;
+        using var b = new CpuBackend(threads);
+        Console.WriteLine($"cpu threads={b.Threads} Vector512={System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated}");
+        foreach (var s in new[] { new MatMulShape(1024, 1024, 1024), new MatMulShape(4096, 576, 576), new MatMulShape(512, 49152, 576), new MatMulShape(1000, 333, 517), new MatMulShape(1, 49152, 576) })
+            foreach (var dt in new[] { DType.F32, DType.BF16 })
+            {
+                using var x = BenchEnv.Random(b, DType.F32, 1, s.M, s.K);
+                using var w = BenchEnv.Random(b, dt, 2, s.N, s.K);
+                using var y = b.Allocate(DType.F32, s.M, s.N);
+                using var dw = b.Allocate(DType.F32, s.N, s.K);
+                double f = Time(() => b.MatMul(y, x, w, null, s.M, s.N, s.K, false));
+                double bi = Time(() => b.MatMulBackwardInput(x, y, w, s.M, s.N, s.K, false));
+                double bw = dt == DType.F32 ? Time(() => b.MatMulBackwardWeight(dw, null, y, x, s.M, s.N, s.K)) : double.NaN;
+                Console.WriteLine($"matmul {s,-16} {dt.Name(),-5} fwd {s.Flops / f / 1e9,7:F1}  bwdIn {s.Flops / bi / 1e9,7:F1}  bwdW {s.Flops / bw / 1e9,7:F1} GFLOP/s");
+            }
+    }
+
+    /// <summary>
+    /// Best of up to 20 runs. With FTN_CPUTIME=1 the process CPU time is used instead of the wall clock: on a loaded
+    /// shared machine it approximates the time on an idle one (threads x wall for a fully parallel op).
+    /// </summary>
+    private static double Time(Action a)
+    {
+        bool cpu = Environment.GetEnvironmentVariable("FTN_CPUTIME") == "1";
+        var proc = Process.GetCurrentProcess();
+        a();
+        double best = double.MaxValue, total = 0;
+        for (int i = 0; i < 20 && total < 1.5; i++)
+        {
+            proc.Refresh();
+            var c0 = proc.TotalProcessorTime;
+            var sw = Stopwatch.StartNew();
+            a();
+            double t = sw.Elapsed.TotalSeconds;
+            proc.Refresh();
+            double ct = (proc.TotalProcessorTime - c0).TotalSeconds;
+            total += t;
+            best = Math.Min(best, cpu ? ct : t);
+        }
+        return best;
+    }
+}
