@@ -188,4 +188,37 @@ public class TokenizerFormatTests
         Assert.Equal(new[] { 33, 45 }, failing);   // "!!!!!!" and the long mixed case that contains "!!!!!!"
         Assert.Equal(new[] { 1738, 21004, 6824 }, ml.EncodeToIds("!!!!!!"));   // ▁! !!! !! (SentencePiece: ▁! !! !!!)
     }
+
+    [SkippableFact]
+    public void StreamingDecoder_TokenByToken_EqualsWholeDecode()
+    {
+        var texts = TextAssets.LlamaCppCases("llama-spm").Select(c => c.Text).ToList();
+        foreach (var f in new[] { "llama2-tokenizer/tokenizer.model", "llama3-tokenizer/tokenizer.model", "stories260K/tok512.bin" })
+        {
+            var tok = TokenizerLoader.Load(TextAssets.Require(f));
+            int pieces = 0;
+            foreach (var t in texts)
+            {
+                var ids = tok.Encode(t, addBos: true);
+                var dec = new StreamingDecoder(tok);
+                var sb = new System.Text.StringBuilder();
+                foreach (var id in ids)
+                {
+                    var delta = dec.Push(id);
+                    Assert.DoesNotContain('\uFFFD', delta);   // partial UTF-8 is held back, not shown as U+FFFD
+                    sb.Append(delta);
+                    pieces++;
+                }
+                sb.Append(dec.Flush());
+                Assert.Equal(tok.Decode(ids, skipSpecialTokens: true), sb.ToString());
+            }
+            // With the prompt as prefix, only the continuation comes out, with its leading space.
+            var prompt = tok.Encode("Once upon a time", addBos: true);
+            var more = tok.Encode("Once upon a time there was a dog", addBos: true)[prompt.Length..];
+            var d = new StreamingDecoder(tok, prefix: prompt);
+            var cont = string.Concat(more.Select(d.Push)) + d.Flush();
+            Assert.Equal(" there was a dog", cont);
+            _out.WriteLine($"{f}: {texts.Count} texts streamed token by token ({pieces} pushes) == whole decode");
+        }
+    }
 }
