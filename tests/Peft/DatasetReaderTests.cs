@@ -90,6 +90,25 @@ public class DatasetReaderTests
     }
 
     [Fact]
+    public void A_json_file_may_hold_one_pretty_printed_record_or_json_lines()
+    {
+        using var tmp = new TempDir();
+        string single = tmp.File("one.json", "\n{\n  \"instruction\": \"a\",\n  \"output\": 1\n}\n");
+        var r = DatasetReader.Read(single);
+        Assert.Empty(r.Records);
+        Assert.Equal($"{single}:2 (record 0)", Assert.Single(r.Issues).Location);
+
+        string lines = tmp.File("lines.json", "{\"instruction\": \"a\", \"output\": \"A\"}\n{\"instruction\": \"b\", \"output\": \"B\"}\n");
+        Assert.Equal(new[] { "A", "B" }, DatasetReader.Read(lines).Records.Select(x => x.Output));
+
+        // .jsonl is always line by line, even when a line is an array.
+        string jl = tmp.File("arr.jsonl", "[{\"instruction\": \"a\", \"output\": \"A\"}]\n{\"instruction\": \"b\", \"output\": \"B\"}\n");
+        var rj = DatasetReader.Read(jl);
+        Assert.Equal("B", Assert.Single(rj.Records).Output);
+        Assert.Equal($"{jl}:1", Assert.Single(rj.Issues).Location);
+    }
+
+    [Fact]
     public void Empty_file_is_an_issue_and_a_missing_file_an_error()
     {
         using var tmp = new TempDir();

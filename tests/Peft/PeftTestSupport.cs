@@ -8,9 +8,12 @@ namespace FineTuneNative.Tests.Peft;
 /// A byte-level tokenizer with hand-checkable ids for data tests: BOS = 1, EOS = 2, byte b = b + 3.
 /// Every id is one UTF-8 byte, so expected token sequences can be written from the text alone.
 /// </summary>
-internal sealed class ByteTokenizer : ITextTokenizer
+internal sealed class ByteTokenizer(bool dummyPrefix = false) : ITextTokenizer
 {
     public const int Bos = 1, Eos = 2, Offset = 3;
+    /// <summary>Like SentencePiece (add_dummy_prefix), every non-empty Encode starts with a space: segment
+    /// boundaries then show in the ids, so code that encodes text in different pieces is caught.</summary>
+    public bool DummyPrefix { get; } = dummyPrefix;
     public int VocabSize => 259;
     public int? BosId => Bos;
     public int? EosId => Eos;
@@ -21,6 +24,7 @@ internal sealed class ByteTokenizer : ITextTokenizer
         var bytes = Encoding.UTF8.GetBytes(text);
         var ids = new List<int>();
         if (addBos) ids.Add(Bos);
+        if (DummyPrefix && bytes.Length > 0) ids.Add(' ' + Offset);
         foreach (var b in bytes) ids.Add(b + Offset);
         return ids.ToArray();
     }

@@ -101,7 +101,8 @@ public class SampleEncoderTests
     [Fact]
     public void Generation_prompts_match_the_training_prefix()
     {
-        var enc = Encoder();
+        // A dummy-prefix tokenizer makes every segment boundary visible in the ids.
+        var enc = new SampleEncoder(new ByteTokenizer(dummyPrefix: true), new EncodeOptions());
         var train = enc.Encode(DatasetRecord.Alpaca("Say hi", "x", "ok"), out _)!;
         var prompt = enc.EncodeAlpacaPrompt("Say hi", "x");
         Assert.Equal(prompt, train.Tokens.Take(prompt.Length));

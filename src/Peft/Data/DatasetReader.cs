@@ -29,8 +29,9 @@ public static class DatasetReader
         return Parse(File.ReadAllBytes(path), path);
     }
 
-    /// <summary>Parses dataset bytes; <paramref name="name"/> is used in locations. JSON array when the first
-    /// non-blank character is '[', JSON Lines otherwise.</summary>
+    /// <summary>Parses dataset bytes; <paramref name="name"/> is used in locations. A name ending in .jsonl/.ndjson is
+    /// JSON Lines; otherwise a JSON array when the first non-blank character is '[', a single record when the whole
+    /// text is one object, JSON Lines otherwise.</summary>
     public static DatasetReadResult Parse(ReadOnlySpan<byte> bytes, string name)
     {
         if (bytes.StartsWith(Encoding.UTF8.Preamble)) bytes = bytes[3..];
@@ -42,9 +43,30 @@ public static class DatasetReader
             result.Issues.Add(new DatasetIssue($"{name}:1", "the file is empty"));
             return result;
         }
-        if (bytes[first] == (byte)'[') ParseArray(bytes, name, result);
+        bool jsonl = name.EndsWith(".jsonl", StringComparison.OrdinalIgnoreCase) || name.EndsWith(".ndjson", StringComparison.OrdinalIgnoreCase);
+        if (!jsonl && bytes[first] == (byte)'[') ParseArray(bytes, name, result);
+        else if (!jsonl && IsSingleObject(bytes)) AddRecordParsed(bytes, $"{name}:{LineAt(bytes, first)} (record 0)", result);
         else ParseLines(bytes, name, result);
         return result;
+    }
+
+    /// <summary>True when the whole text is one JSON object (a .json file holding a single pretty-printed record).</summary>
+    private static bool IsSingleObject(ReadOnlySpan<byte> bytes)
+    {
+        try
+        {
+            var reader = new Utf8JsonReader(bytes);
+            return reader.Read() && reader.TokenType == JsonTokenType.StartObject && reader.TrySkip() && !reader.Read();
+        }
+        catch (JsonException) { return false; }
+    }
+
+    private static int LineAt(ReadOnlySpan<byte> bytes, int offset) => bytes[..offset].Count((byte)'\n') + 1;
+
+    private static void AddRecordParsed(ReadOnlySpan<byte> bytes, string loc, DatasetReadResult result)
+    {
+        using var doc = JsonDocument.Parse(bytes.ToArray());
+        AddRecord(doc.RootElement, loc, result);
     }
 
     private static bool IsBlank(byte b) => b is (byte)' ' or (byte)'\t' or (byte)'\r' or (byte)'\n';
