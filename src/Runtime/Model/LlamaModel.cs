@@ -81,7 +81,7 @@ public sealed class LlamaModel : IDisposable
             foreach (var t in new[] { slot.A, slot.B, slot.DA, slot.DB })
             {
                 if (t.DType != DType.F32) throw new ArgumentException($"{where}: {t.Describe()} must be f32");
-                if (!ReferenceEquals(t.Backend, _b)) throw new ArgumentException($"{where}: {t.Describe()} lives on backend {t.Backend.Name}, the model on {_b.Name}");
+                if (t.Backend.Name != _b.Name) throw new ArgumentException($"{where}: {t.Describe()} lives on backend {t.Backend.Name}, the model on {_b.Name}");
             }
             if (!(slot.Dropout >= 0 && slot.Dropout < 1)) throw new ArgumentException($"{where}: dropout {slot.Dropout} must be in [0, 1)");
         }
@@ -291,19 +291,16 @@ public sealed class LlamaModel : IDisposable
     /// </summary>
     private double HeadAndLoss(TrainingWorkspace ws, bool computeGrad, float lossScale)
     {
-        int m = ws.M, C = Config.HiddenSize, V = Config.VocabSize;
+        int C = Config.HiddenSize, V = Config.VocabSize;
         var head = Weights.Output;
         var dHead = _grads?.Output;
-        for (int r0 = 0; r0 < m; r0 += ws.ChunkRows)
+        foreach (var ch in ws.Chunks)
         {
-            int rows = Math.Min(ws.ChunkRows, m - r0);
-            var logits = ws.Logits.View(0, rows, V);
-            var xRows = ws.XnF.View((long)r0 * C, rows, C);
-            _b.MatMul(logits, xRows, head, null, rows, V, C, accumulate: false);
-            _b.CrossEntropy(logits, ws.Targets.View(r0, rows), ws.Losses.View(r0, rows), rows, V, IgnoreIndex, lossScale, computeGrad);
+            _b.MatMul(ch.Logits, ch.X, head, null, ch.Rows, V, C, accumulate: false);
+            _b.CrossEntropy(ch.Logits, ch.Targets, ch.Losses, ch.Rows, V, IgnoreIndex, lossScale, computeGrad);
             if (!computeGrad) continue;
-            _b.MatMulBackwardInput(ws.DXn.View((long)r0 * C, rows, C), logits, head, rows, V, C, accumulate: false);
-            if (dHead is not null) _b.MatMulBackwardWeight(dHead, null, logits, xRows, rows, V, C);
+            _b.MatMulBackwardInput(ch.DX, ch.Logits, head, ch.Rows, V, C, accumulate: false);
+            if (dHead is not null) _b.MatMulBackwardWeight(dHead, null, ch.Logits, ch.X, ch.Rows, V, C);
         }
         _b.Download(ws.Losses, ws.LossHost);
         double sum = 0;
@@ -381,8 +378,8 @@ public sealed class LlamaModel : IDisposable
             return;
         }
         var p = Params(s, train, seed, layer, module);
-        var (u, xDrop) = ws.Lora(key, s.Rank, k, needXDrop: p.Dropout > 0);
-        _b.LoraLinearForward(y, x, w, bias, p, u, p.Dropout > 0 ? xDrop : null, ws.M, n, k, s.Rank);
+        var buf = ws.Lora(key, s.Rank, k, needXDrop: p.Dropout > 0);
+        _b.LoraLinearForward(y, x, w, bias, p, buf.U, p.Dropout > 0 ? buf.XDrop : null, ws.M, n, k, s.Rank);
     }
 
     /// <summary>
@@ -404,9 +401,8 @@ public sealed class LlamaModel : IDisposable
             return;
         }
         var p = Params(s, train: true, seed, layer, module);
-        var (u, xDrop) = ws.Lora(key, s.Rank, k, needXDrop: p.Dropout > 0);
-        var gScratch = ws.LoraG!.View(0, ws.M, s.Rank);
-        _b.LoraLinearBackward(dx, dy, x, w, p, u, p.Dropout > 0 ? xDrop : null, gScratch, s.DA, s.DB, dW, dBias, ws.M, n, k, s.Rank, accumulate);
+        var buf = ws.Lora(key, s.Rank, k, needXDrop: p.Dropout > 0);
+        _b.LoraLinearBackward(dx, dy, x, w, p, buf.U, p.Dropout > 0 ? buf.XDrop : null, buf.G, s.DA, s.DB, dW, dBias, ws.M, n, k, s.Rank, accumulate);
     }
 
     // ------------------------------------------------------------------------------------------ checks
@@ -425,7 +421,7 @@ public sealed class LlamaModel : IDisposable
             var t = actual[i].Tensor;
             if (actual[i].Name != name) throw new ArgumentException($"weights: found {actual[i].Name} where {name} was expected (config: {DescribeConfig(c)})");
             if (!t.Shape.SequenceEqual(shape)) throw new ArgumentException($"weights: {name} has shape [{string.Join(", ", t.Shape)}], expected [{string.Join(", ", shape)}]");
-            if (!ReferenceEquals(t.Backend, b)) throw new ArgumentException($"weights: {name} lives on backend {t.Backend.Name}, the model on {b.Name}");
+            if (t.Backend.Name != b.Name) throw new ArgumentException($"weights: {name} lives on backend {t.Backend.Name}, the model on {b.Name}");
             if (t.DType is not (DType.F32 or DType.BF16)) throw new ArgumentException($"weights: {name} is {t.DType.Name()}, expected f32 or bf16");
         }
     }

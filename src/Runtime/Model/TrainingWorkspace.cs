@@ -18,7 +18,7 @@ internal sealed class TrainingWorkspace : IDisposable
 {
     private readonly List<Tensor> _owned = new();
     private readonly IBackend _b;
-    private readonly Dictionary<int, (Tensor U, Tensor? XDrop, int R, int K)> _lora = new();
+    private readonly Dictionary<int, LoraBuffers> _lora = new();
 
     public int Batch { get; }
     public int SeqLen { get; }
@@ -52,6 +52,16 @@ internal sealed class TrainingWorkspace : IDisposable
     public Tensor DUp { get; }        // (M, F)
     public Tensor NormGradSink { get; } // (C) dWeight of RMSNorm when the base is frozen (the op always accumulates one)
     public Tensor? LoraG { get; private set; } // (M, maxR) scratch g = dy·B of LoraLinearBackward
+
+    /// <summary>One chunk of rows [Start, Start + Rows) of the LM head + loss, as views made once.</summary>
+    public readonly record struct HeadChunk(int Start, int Rows, Tensor Logits, Tensor X, Tensor DX, Tensor Targets, Tensor Losses);
+    public HeadChunk[] Chunks { get; }
+
+    /// <summary>The LoRA buffers of one slot: u (M, R); drop(x) (M, K) when dropout is used; G, the (M, R) view of LoraG.</summary>
+    public sealed record LoraBuffers(Tensor U, Tensor? XDrop, int R, int K)
+    {
+        public Tensor G { get; set; } = null!;
+    }
 
     public sealed class LayerActivations
     {
@@ -116,6 +126,16 @@ internal sealed class TrainingWorkspace : IDisposable
         DH = New(DType.F32, "d_h", m, F);
         DUp = New(DType.F32, "d_up", m, F);
         NormGradSink = New(DType.F32, "norm_grad_sink", C);
+
+        // views are made here once, so a step allocates nothing (not even view objects)
+        var chunks = new List<HeadChunk>();
+        for (int r0 = 0; r0 < m; r0 += ChunkRows)
+        {
+            int rows = Math.Min(ChunkRows, m - r0);
+            chunks.Add(new HeadChunk(r0, rows, Logits.View(0, rows, c.VocabSize), XnF.View((long)r0 * C, rows, C),
+                DXn.View((long)r0 * C, rows, C), Targets.View(r0, rows), Losses.View(r0, rows)));
+        }
+        Chunks = chunks.ToArray();
     }
 
     private Tensor New(DType d, string name, params int[] shape)
@@ -127,26 +147,29 @@ internal sealed class TrainingWorkspace : IDisposable
     }
 
     /// <summary>
-    /// The LoRA buffers of slot <paramref name="key"/>: u (M, R) always, drop(x) (M, K) when dropout is used.
-    /// Allocated on first use after the slot was attached or changed; never inside a steady-state step.
+    /// The LoRA buffers of slot <paramref name="key"/>. Allocated on first use after the slot was attached or
+    /// changed (or the first step with dropout); never inside a steady-state step.
     /// </summary>
-    public (Tensor U, Tensor? XDrop) Lora(int key, int r, int k, bool needXDrop)
+    public LoraBuffers Lora(int key, int r, int k, bool needXDrop)
     {
         if (_lora.TryGetValue(key, out var e) && e.R == r && e.K == k && (e.XDrop is not null || !needXDrop))
-            return (e.U, e.XDrop);
+            return e;
         ForgetLora(key);
         var u = _b.Allocate(DType.F32, M, r);
         u.Name = $"lora{key}.u";
         Tensor? xd = null;
         if (needXDrop) { xd = _b.Allocate(DType.F32, M, k); xd.Name = $"lora{key}.x_drop"; }
-        _lora[key] = (u, xd, r, k);
+        e = new LoraBuffers(u, xd, r, k);
+        _lora[key] = e;
         if (LoraG is null || LoraG.Length < (long)M * r)
         {
             LoraG?.Dispose();
             LoraG = _b.Allocate(DType.F32, M, r);
             LoraG.Name = "lora_g";
+            foreach (var other in _lora.Values) other.G = LoraG.View(0, M, other.R);
         }
-        return (u, xd);
+        else e.G = LoraG.View(0, M, r);
+        return e;
     }
 
     public void ForgetLora(int key)
