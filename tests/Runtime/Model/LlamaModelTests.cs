@@ -55,14 +55,25 @@ public class LlamaModelTests
 
     public static IEnumerable<object[]> AllBackends() => BackendNames.Select(b => new object[] { b });
 
+    // The ILGPU simulator needs ~60 s for one step of this tiny model (measured at 19:58 with a timing wrapper:
+    // RmsNormForward ~2.7 s per call, 40% of the step), so it runs the fixture step with and without TrainBase
+    // and the eval loss; the multi-step tests (accumulation: 3 steps, finite differences: hundreds) run on
+    // "plain" and "cpu", and the kernels' own += contract is covered by the op tests on every backend.
+    public static IEnumerable<object[]> TrainBaseCases() =>
+        from b in BackendNames from c in TinyLoraCase.Names
+        where !TestBackends.IsSimulator(b) || c == "tied_interleaved_dropout"
+        select new object[] { b, c };
+
+    public static IEnumerable<object[]> HostBackends() =>
+        BackendNames.Where(b => !TestBackends.IsSimulator(b)).Select(b => new object[] { b });
+
     /// <summary>
     /// f32 model against a float64 reference on the same f32 weights. Gradients (of the mean loss) are compared
     /// per tensor with atol = GradAtolOfMax·max|expected| and rtol = GradRtol: single-precision rounding errors
-    /// scale with the tensor's largest entries, not with each element. Measured on "plain" (double-accumulating
-    /// kernels), the worst error is 1.3e-6 of the tensor's max (dropout case, gradients up to 1.3) and 2e-2 of
-    /// it only for tensors whose max is ~1e-8; 2e-5 leaves ~15x margin for the summation orders of blocked and
-    /// threaded kernels and still fails on any wiring error (those are of the size of the gradient itself).
-    /// The loss sum agrees to 1e-8 relative on "plain".
+    /// scale with the tensor's largest entries, not with each element. Measured worst error over all tensors, as a
+    /// fraction of the tensor's max |gradient| (gradients up to 1.3 in the dropout case): plain 1.2e-6, cpu 3.6e-6,
+    /// ilgpu-sim:32 3.4e-6; loss sum relative error: plain 8e-9, cpu 3e-8, ilgpu-sim:32 1e-7. 2e-5 leaves ~5x margin
+    /// and still fails on any wiring error (those are of the size of the gradient itself).
     /// </summary>
     private const double GradAtolOfMax = 2e-5, GradRtol = 1e-4, LossRtol = 1e-5;
 
@@ -87,7 +98,7 @@ public class LlamaModelTests
     }
 
     [Theory]
-    [MemberData(nameof(BackendsAndCases))]
+    [MemberData(nameof(TrainBaseCases))]
     public void FullStep_TrainBase_MatchesTorchFixture(string backendName, string caseName)
     {
         var fx = TinyLoraCase.Get(caseName);
@@ -150,7 +161,8 @@ public class LlamaModelTests
 
             var one = new int[fx.Targets.Length];
             var perToken = new double[one.Length];
-            for (int i = 0; i < one.Length; i++)
+            // per token: 10 eval passes, too slow on the simulator (see TrainBaseCases); all-ignored runs everywhere
+            for (int i = 0; i < one.Length && !TestBackends.IsSimulator(backendName); i++)
             {
                 Array.Fill(one, LlamaModel.IgnoreIndex);
                 one[i] = fx.Targets[i];
@@ -158,7 +170,8 @@ public class LlamaModelTests
                 Assert.Equal(fx.Targets[i] == LlamaModel.IgnoreIndex ? 0 : 1, ci);
                 perToken[i] = li;
             }
-            NumericAssert.Close(fx.TokenLosses, perToken, 1e-5, 1e-5, "per-token losses");
+            if (!TestBackends.IsSimulator(backendName))
+                NumericAssert.Close(fx.TokenLosses, perToken, 1e-5, 1e-5, "per-token losses");
 
             Array.Fill(one, LlamaModel.IgnoreIndex);
             Assert.Equal((0.0, 0), model.Loss(fx.Tokens, one, fx.Batch, fx.SeqLen));
@@ -171,7 +184,7 @@ public class LlamaModelTests
     /// LoRA and base gradients as one batch of both with the same lossScale; losses and counts add up.
     /// </summary>
     [Theory]
-    [MemberData(nameof(AllBackends))]
+    [MemberData(nameof(HostBackends))]
     public void GradientAccumulation_TwoMicroBatchesEqualOneBatch(string backendName)
     {
         var fx = TinyLoraCase.Get("untied_bias_rotatehalf"); // no dropout: masks would depend on the row layout
