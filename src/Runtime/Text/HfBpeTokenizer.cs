@@ -42,6 +42,7 @@ public sealed class HfBpeTokenizer : TextTokenizerBase
     private string _metaspacePrepend = "never"; // "always" | "first" | "never"
     private bool _metaspaceSplit;
     private bool _normalizerReplacesSpace;
+    private Func<string, string>? _prependNormalizer;   // HF "Prepend" normalizer: the SentencePiece dummy prefix
 
     /// <summary>True for GPT-2-style byte-level BPE, false for SentencePiece-style BPE.</summary>
     public bool ByteLevel { get; private set; }
@@ -217,7 +218,8 @@ public sealed class HfBpeTokenizer : TextTokenizerBase
                 case "Prepend":
                     {
                         var pre = Str(e, "prepend") ?? "";
-                        _normalizers.Add(s => s.Length == 0 ? s : pre + s);
+                        _prependNormalizer = s => s.Length == 0 ? s : pre + s;
+                        _normalizers.Add(_prependNormalizer);
                         break;
                     }
                 case "Replace":
@@ -390,12 +392,17 @@ public sealed class HfBpeTokenizer : TextTokenizerBase
         }
     }
 
-    protected override void EncodeOrdinary(string text, bool atStart, List<int> output)
+    protected override void EncodeOrdinary(string text, Segment position, List<int> output)
     {
-        foreach (var f in _normalizers) text = f(text);
+        if (position == Segment.Continuation && _prependNormalizer != null && text.Length > 0)
+        {
+            // A continuation gets every normalizer except Prepend (the dummy prefix).
+            foreach (var f in _normalizers) if (f != _prependNormalizer) text = f(text);
+        }
+        else foreach (var f in _normalizers) text = f(text);
         if (ByteLevel)
         {
-            if (_addPrefixSpace && text.Length > 0 && text[0] != ' ') text = " " + text;
+            if (_addPrefixSpace && position != Segment.Continuation && text.Length > 0 && text[0] != ' ') text = " " + text;
             if (text.Length == 0) return;
             if (_ml != null) { output.AddRange(_ml.EncodeToIds(text, considerPreTokenization: true, considerNormalization: false)); return; }
             foreach (var piece in Split(text)) EncodeByteLevelWord(piece, output);
@@ -404,7 +411,8 @@ public sealed class HfBpeTokenizer : TextTokenizerBase
         if (_metaspace != null)
         {
             text = text.Replace(" ", _metaspace, StringComparison.Ordinal);
-            bool prepend = _metaspacePrepend == "always" || (_metaspacePrepend == "first" && atStart);
+            bool prepend = position != Segment.Continuation
+                && (_metaspacePrepend == "always" || (_metaspacePrepend == "first" && position == Segment.TextStart));
             if (prepend && text.Length > 0 && !text.StartsWith(_metaspace, StringComparison.Ordinal)) text = _metaspace + text;
         }
         if (text.Length == 0) return;

@@ -22,6 +22,12 @@ public interface ITextTokenizer
     IReadOnlyList<int> EosIds { get; }
 
     int[] Encode(string text, bool addBos = false);
+    /// <summary>
+    /// Encodes text that continues text encoded before (a response after its prompt): no SentencePiece dummy
+    /// prefix, so "Hi" stays "Hi" rather than becoming "▁Hi". Identical to <see cref="Encode"/> for byte-level
+    /// and tiktoken tokenizers (the default here, for implementations without a dummy prefix).
+    /// </summary>
+    int[] EncodeContinuation(string text) => Encode(text);
     string Decode(ReadOnlySpan<int> ids);
     /// <summary>One line: format, file, vocabulary size, BOS/EOS, and any defects that loading worked around.</summary>
     string Describe();

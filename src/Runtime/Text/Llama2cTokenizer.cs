@@ -71,12 +71,12 @@ public sealed class Llama2cTokenizer : TextTokenizerBase
         return new Llama2cTokenizer(path, maxLen, pieces.ToArray(), scores.ToArray());
     }
 
-    protected override void EncodeOrdinary(string text, bool atStart, List<int> output)
+    protected override void EncodeOrdinary(string text, Segment position, List<int> output)
     {
         if (text.Length == 0) return;
         int start = output.Count;
         // Dummy prefix (SentencePiece add_dummy_prefix): run.c prepends the " " piece to non-empty text.
-        if (_ids.TryGetValue(" ", out int space)) output.Add(space);
+        if (position != Segment.Continuation && _ids.TryGetValue(" ", out int space)) output.Add(space);
         for (int i = 0; i < text.Length;)
         {
             int len = char.IsHighSurrogate(text[i]) && i + 1 < text.Length && char.IsLowSurrogate(text[i + 1]) ? 2 : 1;

@@ -86,15 +86,17 @@ public sealed class SentencePieceTextTokenizer : TextTokenizerBase
     public int ModelType => _model.ModelType;
     public float Score(int id) => _model.Pieces[id].Score;
 
-    protected override void EncodeOrdinary(string text, bool atStart, List<int> output)
+    protected override void EncodeOrdinary(string text, Segment position, List<int> output)
     {
         if (text.Length == 0) return;
-        if (_sp == null) { EncodeBpe(text, output); return; }
+        if (_sp == null) { EncodeBpe(text, _model.AddDummyPrefix && position != Segment.Continuation, output); return; }
+        if (position == Segment.Continuation && _model.AddDummyPrefix)
+            throw new NotSupportedException($"{Source}: EncodeContinuation is not available for SentencePiece unigram models or non-identity normalizers");
         output.AddRange(_sp.EncodeToIds(text, addBeginningOfSentence: false, addEndOfSentence: false,
             considerPreTokenization: true, considerNormalization: true));
     }
 
-    private void EncodeBpe(string text, List<int> output)
+    private void EncodeBpe(string text, bool dummyPrefix, List<int> output)
     {
         if (_model.RemoveExtraWhitespaces)
         {
@@ -102,7 +104,7 @@ public sealed class SentencePieceTextTokenizer : TextTokenizerBase
             if (text.Length == 0) return;
         }
         if (_model.EscapeWhitespaces) text = text.Replace(' ', '\u2581');
-        if (_model.AddDummyPrefix) text = (_model.EscapeWhitespaces ? "\u2581" : " ") + text;
+        if (dummyPrefix) text = (_model.EscapeWhitespaces ? "\u2581" : " ") + text;
         int start = output.Count;
         for (int i = 0; i < text.Length;)
         {

@@ -62,8 +62,19 @@ public abstract class TextTokenizerBase : ITextTokenizer
 
     protected internal void SetBos(int? bosId) => BosId = bosId;
 
-    /// <summary>Encodes text that contains no special tokens. <paramref name="atStart"/>: the segment begins the text.</summary>
-    protected abstract void EncodeOrdinary(string text, bool atStart, List<int> output);
+    /// <summary>Where a run of ordinary text sits: it decides SentencePiece's dummy prefix ("▁" before the text).</summary>
+    protected enum Segment
+    {
+        /// <summary>The text begins here: dummy prefix applies.</summary>
+        TextStart,
+        /// <summary>Right after a literal special token: HF's legacy Llama behaviour prefixes again ("always" schemes).</summary>
+        AfterSpecial,
+        /// <summary><see cref="EncodeContinuation"/>: the text continues earlier text, no prefix.</summary>
+        Continuation,
+    }
+
+    /// <summary>Encodes text that contains no special tokens.</summary>
+    protected abstract void EncodeOrdinary(string text, Segment position, List<int> output);
 
     /// <summary>The raw bytes a non-special token stands for (spaces as 0x20, byte-fallback as that byte).</summary>
     protected abstract ReadOnlySpan<byte> TokenBytes(int id);
@@ -73,7 +84,11 @@ public abstract class TextTokenizerBase : ITextTokenizer
 
     public bool IsSpecial(int id) => _specialText.ContainsKey(id) && !_unskippable.Contains(id);
 
-    public int[] Encode(string text, bool addBos = false)
+    public int[] Encode(string text, bool addBos = false) => EncodeCore(text, addBos, continuation: false);
+
+    public int[] EncodeContinuation(string text) => EncodeCore(text, addBos: false, continuation: true);
+
+    private int[] EncodeCore(string text, bool addBos, bool continuation)
     {
         ArgumentNullException.ThrowIfNull(text);
         var ids = new List<int>(text.Length / 3 + 2);
@@ -83,22 +98,22 @@ public abstract class TextTokenizerBase : ITextTokenizer
             ids.Add(bos);
         }
         int segStart = 0;
-        bool atStart = true;
+        var position = continuation ? Segment.Continuation : Segment.TextStart;
         for (int i = 0; i < text.Length; i++)
         {
             if (!_specialByFirstChar.TryGetValue(text[i], out var cands)) continue;
             foreach (var (s, id) in cands)
             {
                 if (string.CompareOrdinal(text, i, s, 0, s.Length) != 0) continue;
-                if (i > segStart) { EncodeOrdinary(text.Substring(segStart, i - segStart), atStart, ids); }
-                atStart = false;
+                if (i > segStart) { EncodeOrdinary(text.Substring(segStart, i - segStart), position, ids); }
+                position = Segment.AfterSpecial;
                 ids.Add(id);
                 segStart = i + s.Length;
                 i = segStart - 1;
                 break;
             }
         }
-        if (segStart < text.Length) EncodeOrdinary(segStart == 0 ? text : text.Substring(segStart), atStart, ids);
+        if (segStart < text.Length) EncodeOrdinary(segStart == 0 ? text : text.Substring(segStart), position, ids);
         return ids.ToArray();
     }
 

@@ -96,7 +96,7 @@ public sealed class TiktokenTextTokenizer : TextTokenizerBase
 
     private static string Trunc(string s) => s.Length > 60 ? s[..60] + "..." : s;
 
-    protected override void EncodeOrdinary(string text, bool atStart, List<int> output)
+    protected override void EncodeOrdinary(string text, Segment position, List<int> output)
     {
         if (text.Length == 0) return;
         output.AddRange(_tk.EncodeToIds(text));

@@ -221,4 +221,26 @@ public class TokenizerFormatTests
             _out.WriteLine($"{f}: {texts.Count} texts streamed token by token ({pieces} pushes) == whole decode");
         }
     }
+
+    [SkippableFact]
+    public void EncodeContinuation_NoDummyPrefix_PromptPlusResponseEqualsWhole()
+    {
+        var files = Llama2Files.Append("llama3-tokenizer/tokenizer.model").Append("stories260K/tok512.bin");
+        var pairs = new[] { ("### Response:\n", "Hello world"), ("Q: 2+3?\nA:", " 5"), ("<s>[INST] hi [/INST]", " Sure."), ("Once upon a time", " there was a dog.") };
+        foreach (var f in files)
+        {
+            var tok = TokenizerLoader.Load(TextAssets.Require(f));
+            foreach (var (prompt, response) in pairs)
+            {
+                var whole = tok.Encode(prompt + response, addBos: true);
+                var split = tok.Encode(prompt, addBos: true).Concat(tok.EncodeContinuation(response)).ToArray();
+                Assert.True(whole.SequenceEqual(split), $"{f}: {TextAssets.Show(prompt)} + {TextAssets.Show(response)}: whole [{string.Join(" ", whole)}] split [{string.Join(" ", split)}]");
+            }
+            Assert.Equal("Hello", tok.Decode(tok.EncodeContinuation("Hello")));
+        }
+        var sp = TokenizerLoader.Load(TextAssets.Require("llama2-tokenizer/tokenizer.model"));
+        Assert.Equal(new[] { 15043 }, sp.Encode("Hello"));            // "▁Hello"
+        Assert.Equal(new[] { 10994 }, sp.EncodeContinuation("Hello")); // "Hello"
+        Assert.Equal("Hello", sp.IdToToken(10994));
+    }
 }
