@@ -175,4 +175,43 @@ public class TrainerTests
         Assert.Equal(a, Run(4));
         Assert.NotEqual(a, Run(5));
     }
+
+    [Fact]
+    public void Save_reload_continue_gives_the_same_losses_bit_for_bit()
+    {
+        var samples = TinyModel.Samples(10, 4, 10, seed: 6);
+        var eval = TinyModel.Samples(3, 4, 10, seed: 7);
+        using var w = TinyModel.Weights(Cpu);
+        var cfg = new LoraConfig { Rank = 4, Alpha = 8, Dropout = 0.1f };
+        // 10 samples, 3 per micro-batch, 2 per step: 2 steps an epoch, the last window short; 3 epochs.
+        var opts = new TrainOptions { MicroBatch = 3, GradAccum = 2, Epochs = 3, LearningRate = 1e-2, WarmupSteps = 2, SaveEvery = 3, Seed = 9 };
+        using var tmp = new TempDir();
+
+        TrainResult full;
+        using (var model = new LlamaModel(w, Cpu))
+        using (var adapter = LoraAdapter.Create(model, cfg, 9))
+        using (var trainer = new Trainer(model, adapter, opts))
+            full = trainer.Train(samples, eval, 0, tmp.Path);
+        Assert.Equal(6, full.Steps);
+        string ckpt = Path.Combine(tmp.Path, "checkpoint-3");
+        Assert.True(File.Exists(Path.Combine(ckpt, Trainer.StateFile)) && File.Exists(Path.Combine(ckpt, Trainer.OptimizerFile)));
+
+        using var model2 = new LlamaModel(w, Cpu);
+        using var adapter2 = LoraAdapter.Load(ckpt, model2);
+        using var trainer2 = new Trainer(model2, adapter2, opts);
+        var resumed = trainer2.Train(samples, eval, 0, Path.Combine(tmp.Path, "resumed"), resumeFrom: ckpt);
+
+        Assert.Equal(full.StepLosses.Skip(3), resumed.StepLosses);
+        Assert.Equal(full.EvalLossAfter, resumed.EvalLossAfter);
+
+        // A checkpoint missing its optimizer state, or no checkpoint at all, is refused naming the file.
+        using var model3 = new LlamaModel(w, Cpu);
+        using var adapter3 = LoraAdapter.Load(ckpt, model3);
+        using var trainer3 = new Trainer(model3, adapter3, opts);
+        File.Delete(Path.Combine(ckpt, Trainer.OptimizerFile));
+        var e1 = Assert.ThrowsAny<IOException>(() => trainer3.Train(samples, eval, 0, resumeFrom: ckpt));
+        Assert.Contains(Trainer.OptimizerFile, e1.Message);
+        var e = Assert.Throws<FileNotFoundException>(() => trainer3.LoadCheckpoint(Path.Combine(tmp.Path, "nope")));
+        Assert.Contains("trainer_state.json", e.Message);
+    }
 }

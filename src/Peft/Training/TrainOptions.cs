@@ -33,6 +33,8 @@ public sealed class TrainOptions
     /// <summary>Cap on the held-out samples actually evaluated (0 = all).</summary>
     public int MaxEvalSamples { get; init; }
     public bool TrainOnPrompt { get; init; }
+    /// <summary>Write a resumable checkpoint to OutputDir/checkpoint-{step} every N steps (0 = only the final adapter).</summary>
+    public int SaveEvery { get; init; }
     /// <summary>Backend name for <see cref="Kernels.Backends.Create"/> ("cpu", "cpu:N", "cuda", ...), used by <see cref="FineTuneJob"/>.</summary>
     public string Device { get; init; } = "cpu";
 
@@ -54,6 +56,7 @@ public sealed class TrainOptions
         Req(MaxLength >= 2, $"max length must be >= 2 (got {MaxLength})");
         Req(EvalFraction >= 0 && EvalFraction < 1, $"eval fraction must be in [0, 1) (got {EvalFraction})");
         Req(EvalEvery >= 0, $"eval every must be >= 0 (got {EvalEvery})");
+        Req(SaveEvery >= 0, $"save every must be >= 0 (got {SaveEvery})");
         Req(MaxEvalSamples >= 0, $"max eval samples must be >= 0 (got {MaxEvalSamples})");
     }
 }

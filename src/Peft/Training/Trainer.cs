@@ -13,6 +13,9 @@ namespace FineTuneNative.Peft.Training;
 public sealed record TrainProgress(int Step, int TotalSteps, int Epoch, double Loss, double LearningRate, double GradNorm,
     long Tokens, double TokensPerSecond, TimeSpan Elapsed, TimeSpan Eta);
 
+/// <summary>Where a run stands: optimizer steps taken, the epoch and the next sample of its shuffled order.</summary>
+public sealed record TrainerPosition(int Step, int Epoch, int Cursor, int TotalSteps, int TrainSamples);
+
 /// <summary>Reported after every evaluation on the held-out split (Step 0 = before training).</summary>
 public sealed record EvalProgress(int Step, double Loss, double Perplexity, int Samples, int Targets);
 
@@ -157,8 +160,15 @@ public sealed class Trainer : IDisposable
     /// after. When <paramref name="outputDir"/> is given, writes metrics.jsonl (one JSON object per step and per
     /// evaluation) and train_results.json there, and saves the adapter there (PEFT format) at the end.
     /// </summary>
+    /// <remarks>
+    /// With SaveEvery &gt; 0 a checkpoint (<see cref="SaveCheckpoint"/>) is written to outputDir/checkpoint-{step}
+    /// every SaveEvery steps. <paramref name="resumeFrom"/> continues from such a checkpoint: load its adapter
+    /// into the model first (<see cref="LoraAdapter.Load"/>), pass the same data and options, and the remaining
+    /// steps reproduce the uninterrupted run bit for bit (same batches, dropout masks, learning rates and Adam
+    /// state). metrics.jsonl is then appended to.
+    /// </remarks>
     public TrainResult Train(IReadOnlyList<TokenizedSample> train, IReadOnlyList<TokenizedSample> eval, int padId,
-        string? outputDir = null, string? baseModelName = null, CancellationToken cancel = default)
+        string? outputDir = null, string? baseModelName = null, CancellationToken cancel = default, string? resumeFrom = null)
     {
         if (train.Count == 0) throw new ArgumentException("the training split is empty");
         if (_opt.MaxEvalSamples > 0 && eval.Count > _opt.MaxEvalSamples) eval = eval.Take(_opt.MaxEvalSamples).ToList();
@@ -172,7 +182,7 @@ public sealed class Trainer : IDisposable
         {
             Directory.CreateDirectory(outputDir);
             metricsPath = Path.Combine(outputDir, "metrics.jsonl");
-            metrics = new StreamWriter(metricsPath, append: false) { AutoFlush = true };
+            metrics = new StreamWriter(metricsPath, append: resumeFrom is not null) { AutoFlush = true };
         }
         try
         {
@@ -187,14 +197,22 @@ public sealed class Trainer : IDisposable
                 return r;
             }
 
-            var before = RunEval(0);
+            int epoch = 0, cursor = 0, first = 1;
+            if (resumeFrom is not null)
+            {
+                var pos = LoadCheckpoint(resumeFrom);
+                if (pos.TotalSteps != total || pos.TrainSamples != train.Count)
+                    throw new InvalidDataException($"{resumeFrom}: the checkpoint is of a run with {pos.TotalSteps} steps over {pos.TrainSamples} samples; " +
+                        $"these options and data give {total} steps over {train.Count} samples");
+                (epoch, cursor, first) = (pos.Epoch, pos.Cursor, pos.Step + 1);
+            }
+            else if (_step != 0) throw new InvalidOperationException($"this trainer already took {_step} steps; use a new one (or resumeFrom)");
+            var before = RunEval(first - 1);
             var losses = new List<double>();
             var clock = Stopwatch.StartNew();
             long tokens = 0;
-            int epoch = 0;
-            int[] order = Batching.Permutation(train.Count, EpochSeed(0));
-            int cursor = 0;
-            for (int step = 1; step <= total; step++)
+            int[] order = Batching.Permutation(train.Count, EpochSeed(epoch));
+            for (int step = first; step <= total; step++)
             {
                 cancel.ThrowIfCancellationRequested();
                 var window = new List<Batch>(_opt.GradAccum);
@@ -220,7 +238,7 @@ public sealed class Trainer : IDisposable
                 tokens += window.Sum(b => (long)b.TokenCount);
                 double secs = clock.Elapsed.TotalSeconds;
                 double tps = secs > 0 ? tokens / secs : 0;
-                var eta = TimeSpan.FromSeconds(secs / step * (total - step));
+                var eta = TimeSpan.FromSeconds(secs / (step - first + 1) * (total - step));
                 Progress?.Invoke(new TrainProgress(step, total, epoch, loss, lr, norm, tokens, tps, clock.Elapsed, eta));
                 Log(new JsonObject
                 {
@@ -231,6 +249,8 @@ public sealed class Trainer : IDisposable
                 {
                     RunEval(step);
                 }
+                if (outputDir is not null && _opt.SaveEvery > 0 && step % _opt.SaveEvery == 0 && step != total)
+                    SaveCheckpoint(Path.Combine(outputDir, $"checkpoint-{step}"), new TrainerPosition(step, epoch, cursor, total, train.Count), baseModelName);
             }
             clock.Stop();
             var after = RunEval(total);
@@ -292,6 +312,69 @@ public sealed class Trainer : IDisposable
         {
             metrics?.Dispose();
         }
+    }
+
+    // ------------------------------------------------------------------------------------------ checkpoints
+
+    public const string StateFile = "trainer_state.json";
+    public const string OptimizerFile = "optimizer.safetensors";
+
+    /// <summary>
+    /// Writes a resumable checkpoint into <paramref name="dir"/>: the adapter (PEFT format, usable on its own),
+    /// optimizer.safetensors (Adam m and v of every adapter tensor, "{PEFT name}.adam_m" / ".adam_v") and
+    /// trainer_state.json (the step, the data position and the run shape). Each file is written atomically.
+    /// </summary>
+    public void SaveCheckpoint(string dir, TrainerPosition position, string? baseModelName = null)
+    {
+        if (position.Step != _step) throw new ArgumentException($"position step {position.Step} differs from the trainer's {_step}");
+        _adapter.Save(dir, baseModelName);
+        var tensors = new List<(string, DType, int[], float[])>();
+        var names = _adapter.Parameters().Select(p => p.Name).ToList();
+        for (int i = 0; i < _state.Count; i++)
+        {
+            tensors.Add(($"{names[i]}.adam_m", DType.F32, (int[])_state[i].M.Shape.Clone(), _state[i].M.ToArray()));
+            tensors.Add(($"{names[i]}.adam_v", DType.F32, (int[])_state[i].V.Shape.Clone(), _state[i].V.ToArray()));
+        }
+        Runtime.IO.SafeTensors.Write(Path.Combine(dir, OptimizerFile), tensors, new Dictionary<string, string> { ["format"] = "ftn-adamw" });
+        var json = new JsonObject
+        {
+            ["step"] = position.Step, ["epoch"] = position.Epoch, ["cursor"] = position.Cursor,
+            ["total_steps"] = position.TotalSteps, ["train_samples"] = position.TrainSamples, ["seed"] = _opt.Seed,
+        };
+        LoraAdapter.WriteAtomic(Path.Combine(dir, StateFile), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+    }
+
+    /// <summary>Restores the Adam state and step of a checkpoint (the adapter weights are loaded separately).</summary>
+    public TrainerPosition LoadCheckpoint(string dir)
+    {
+        string statePath = Path.Combine(dir, StateFile);
+        if (!File.Exists(statePath)) throw new FileNotFoundException($"{statePath}: not found (not a training checkpoint?)", statePath);
+        JsonNode root;
+        try { root = JsonNode.Parse(File.ReadAllText(statePath)) ?? throw new InvalidDataException($"{statePath}: empty"); }
+        catch (JsonException e) { throw new InvalidDataException($"{statePath}: invalid JSON: {e.Message}"); }
+        int Int(string key) => root[key]?.GetValue<int>() ?? throw new InvalidDataException($"{statePath}: missing \"{key}\"");
+        var pos = new TrainerPosition(Int("step"), Int("epoch"), Int("cursor"), Int("total_steps"), Int("train_samples"));
+        ulong seed = root["seed"]?.GetValue<ulong>() ?? throw new InvalidDataException($"{statePath}: missing \"seed\"");
+        if (seed != _opt.Seed) throw new InvalidDataException($"{statePath}: the checkpoint was trained with seed {seed}, these options say {_opt.Seed}");
+        string optPath = Path.Combine(dir, OptimizerFile);
+        using var st = Runtime.IO.SafeTensors.Open(optPath);
+        var names = _adapter.Parameters().Select(p => p.Name).ToList();
+        for (int i = 0; i < _state.Count; i++)
+        {
+            foreach (var (suffix, t) in new[] { ("adam_m", _state[i].M), ("adam_v", _state[i].V) })
+            {
+                string name = $"{names[i]}.{suffix}";
+                if (!st.Contains(name)) throw new InvalidDataException($"{optPath}: missing tensor '{name}' (adapter and checkpoint differ)");
+                var info = st.Info(name);
+                if (!info.Shape.SequenceEqual(t.Shape))
+                    throw new InvalidDataException($"{optPath}: tensor '{name}' has shape {info.ShapeText}, expected [{string.Join(", ", t.Shape)}]");
+                _backend.Upload(t, st.ReadF32(name));
+            }
+        }
+        if (st.Names.Count != 2 * _state.Count)
+            throw new InvalidDataException($"{optPath}: holds {st.Names.Count} tensors, the adapter needs {2 * _state.Count}");
+        _step = pos.Step;
+        return pos;
     }
 
     private ulong EpochSeed(int epoch) => _opt.Seed ^ (0xD1B54A32D192ED03UL * (ulong)(epoch + 1));
