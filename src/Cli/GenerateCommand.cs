@@ -1,0 +1,102 @@
+using System.Diagnostics;
+using CommandLine;
+using FineTuneNative.Peft.Data;
+using FineTuneNative.Peft.Lora;
+using FineTuneNative.Runtime.Inference;
+using FineTuneNative.Runtime.Model;
+using FineTuneNative.Runtime.Text;
+
+namespace FineTuneNative.Cli;
+
+[Verb("generate", HelpText = "Generate text from a model, optionally with a LoRA adapter (PEFT directory) merged in.")]
+public sealed class GenerateOptions : DeviceOptions
+{
+    [Option("model", MetaValue = "PATH",
+        HelpText = "Hugging Face model directory or llama2.c .bin checkpoint. Default: the embedded models/ftn-tiny.")]
+    public string? Model { get; set; }
+
+    [Option("tokenizer", MetaValue = "PATH", HelpText = "Tokenizer file or directory (default: the one next to the model).")]
+    public string? Tokenizer { get; set; }
+
+    [Option("adapter", MetaValue = "DIR", HelpText = "PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to merge before generating.")]
+    public string? Adapter { get; set; }
+
+    [Option("prompt", Required = true, MetaValue = "TEXT",
+        HelpText = "The instruction. It is wrapped in the alpaca template used for training (\"### Instruction:\\n...\\n\\n### Response:\\n\") unless --raw is given.")]
+    public string Prompt { get; set; } = "";
+
+    [Option("input", Default = "", MetaValue = "TEXT", HelpText = "The alpaca input field (the \"### Input:\" block), e.g. the words a task works on.")]
+    public string Input { get; set; } = "";
+
+    [Option("raw", Default = false, HelpText = "Continue the prompt text as is (BOS + prompt), without the instruction template.")]
+    public bool Raw { get; set; }
+
+    [Option("max-new-tokens", Default = 128, MetaValue = "N", HelpText = "Most tokens to generate (generation also stops at EOS).")]
+    public int MaxNewTokens { get; set; } = 128;
+
+    [Option("temperature", Default = 0f, MetaValue = "T", HelpText = "Sampling temperature; 0 = greedy (argmax).")]
+    public float Temperature { get; set; }
+
+    [Option("top-k", Default = 0, MetaValue = "K", HelpText = "Sample only among the K most likely tokens (0 = no limit).")]
+    public int TopK { get; set; }
+
+    [Option("top-p", Default = 1f, MetaValue = "P", HelpText = "Nucleus sampling: the smallest set of tokens whose probability reaches P (1 = no limit).")]
+    public float TopP { get; set; } = 1f;
+
+    [Option("seed", Default = 0UL, MetaValue = "S", HelpText = "Sampling seed (same seed, same text).")]
+    public ulong Seed { get; set; }
+}
+
+/// <summary><c>ftn generate</c>: streams a completion to standard output; statistics go to standard error.</summary>
+public static class GenerateCommand
+{
+    public static int Run(GenerateOptions o, TextWriter stdout)
+    {
+        if (o.MaxNewTokens <= 0) throw new UserError($"--max-new-tokens must be > 0 (got {o.MaxNewTokens})");
+        if (o.Temperature < 0 || !float.IsFinite(o.Temperature)) throw new UserError($"--temperature must be >= 0 (got {o.Temperature})");
+        if (o.TopK < 0) throw new UserError($"--top-k must be >= 0 (got {o.TopK})");
+        if (!(o.TopP > 0 && o.TopP <= 1)) throw new UserError($"--top-p must be in (0, 1] (got {o.TopP})");
+        if (o.Raw && o.Input.Length > 0) throw new UserError("--input belongs to the instruction template; it cannot be used with --raw");
+        string? adapter = o.Adapter is null ? null : CliCommon.RequireDirectory(o.Adapter, "adapter");
+        string path = ModelSource.Resolve(o.Model);
+
+        using var backend = CliCommon.CreateBackend(o);
+        using var loaded = ModelSource.Load(path, backend);
+        var tok = ModelSource.LoadTokenizer(path, o.Tokenizer);
+        using var merged = adapter is null ? null : ModelSource.CloneWritable(loaded.Weights, backend);
+        if (merged is not null)
+        {
+            try { LoraAdapter.MergeInto(adapter!, merged); }
+            catch (Exception e) when (e is FileNotFoundException or InvalidDataException or ArgumentException)
+            {
+                throw new UserError($"adapter '{adapter}': {Program.OneLine(e.Message)}");
+            }
+        }
+        var weights = merged ?? loaded.Weights;
+
+        int[] prompt = o.Raw
+            ? tok.Encode(o.Prompt, addBos: tok.BosId is not null)
+            : ExactMatch.PromptIds(tok, DatasetRecord.Alpaca(o.Prompt, o.Input, ""));
+        int maxLen = Math.Min(weights.Config.MaxPositions, prompt.Length + o.MaxNewTokens);
+        if (prompt.Length >= weights.Config.MaxPositions)
+            throw new UserError($"the prompt has {prompt.Length} tokens; the model holds at most {weights.Config.MaxPositions} positions");
+        using var session = new InferenceSession(weights, backend, maxLen);
+        var options = new GenerationOptions
+        {
+            MaxNewTokens = Math.Min(o.MaxNewTokens, maxLen - prompt.Length),
+            Temperature = o.Temperature,
+            TopK = o.TopK,
+            TopP = o.TopP,
+            Seed = o.Seed,
+            StopTokenIds = tok.EosIds.ToArray(),
+        };
+        var sw = Stopwatch.StartNew();
+        var decoder = new StreamingDecoder(tok);
+        var generated = Generator.Generate(session, prompt, options, id => { stdout.Write(decoder.Push(id)); stdout.Flush(); });
+        stdout.WriteLine(decoder.Flush());
+        double secs = sw.Elapsed.TotalSeconds;
+        Console.Error.WriteLine($"ftn generate: {prompt.Length} prompt tokens, {generated.Length} new tokens in {CliCommon.F(secs, "0.00")} s " +
+                                $"({CliCommon.F(generated.Length / Math.Max(1e-9, secs), "0.0")} tok/s){(adapter is null ? "" : $", adapter {adapter}")}");
+        return 0;
+    }
+}

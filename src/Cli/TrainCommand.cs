@@ -1,0 +1,322 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using CommandLine;
+using FineTuneNative.Kernels;
+using FineTuneNative.Peft.Data;
+using FineTuneNative.Peft.Lora;
+using FineTuneNative.Peft.Training;
+using FineTuneNative.Runtime.Inference;
+using FineTuneNative.Runtime.Model;
+using FineTuneNative.Runtime.Text;
+using PeftTrainOptions = FineTuneNative.Peft.Training.TrainOptions;
+
+namespace FineTuneNative.Cli;
+
+[Verb("train", HelpText = "LoRA fine-tune a model on a JSON/JSONL dataset and save a PEFT adapter. With no --model: the embedded models/ftn-tiny on data/count-plus-one.jsonl.")]
+public sealed class TrainOptions : DeviceOptions
+{
+    [Option("model", MetaValue = "PATH",
+        HelpText = "Hugging Face model directory (config.json + safetensors) or llama2.c .bin checkpoint. Default: the embedded models/ftn-tiny, with the demo settings listed as 'demo'.")]
+    public string? Model { get; set; }
+
+    [Option("tokenizer", MetaValue = "PATH", HelpText = "Tokenizer file or directory (default: the one next to the model).")]
+    public string? Tokenizer { get; set; }
+
+    [Option("data", MetaValue = "FILE[,FILE]",
+        HelpText = "Dataset: JSON or JSONL, alpaca {instruction,input,output} or chat {messages:[{role,content}]}. Malformed records are reported with file:line and skipped. Default (no --model): data/count-plus-one.jsonl.")]
+    public string? Data { get; set; }
+
+    [Option("out", MetaValue = "DIR",
+        HelpText = "Output directory: adapter_config.json, adapter_model.safetensors (PEFT), metrics.jsonl, train_results.json, eval_generations.jsonl. Written to a temporary directory and renamed. Default: runs/ftn-train.")]
+    public string Out { get; set; } = "runs/ftn-train";
+
+    [Option("targets", MetaValue = "LIST",
+        HelpText = "LoRA target modules, comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (short names q,k,v,o,gate,up,down work), or 'all'. Default: all.")]
+    public string Targets { get; set; } = "all";
+
+    [Option("rank", MetaValue = "R", HelpText = "LoRA rank r. Default 8.")]
+    public int? Rank { get; set; }
+
+    [Option("alpha", MetaValue = "A", HelpText = "LoRA alpha; the update is scaled by alpha/r. Default 16.")]
+    public float? Alpha { get; set; }
+
+    [Option("dropout", MetaValue = "P", HelpText = "Dropout on the LoRA input. Default 0.05.")]
+    public float? Dropout { get; set; }
+
+    [Option("rslora", Default = false, HelpText = "Scale by alpha/sqrt(r) (rank-stabilized LoRA) instead of alpha/r.")]
+    public bool RsLora { get; set; }
+
+    [Option("lr", MetaValue = "LR", HelpText = "Peak learning rate (AdamW; linear warmup then cosine decay). Default 2e-4; demo 2e-3.")]
+    public double? LearningRate { get; set; }
+
+    [Option("epochs", MetaValue = "N", HelpText = "Passes over the training split (ignored when --max-steps is set). Default 1; demo 3.")]
+    public int? Epochs { get; set; }
+
+    [Option("max-steps", MetaValue = "N", HelpText = "Optimizer steps to take (overrides --epochs; wraps into new epochs).")]
+    public int? MaxSteps { get; set; }
+
+    [Option("batch-size", MetaValue = "B", HelpText = "Sequences per micro-batch. Default 4; demo 8.")]
+    public int? BatchSize { get; set; }
+
+    [Option("grad-accum", MetaValue = "N", HelpText = "Micro-batches accumulated per optimizer step. Default 1.")]
+    public int? GradAccum { get; set; }
+
+    [Option("max-len", MetaValue = "T", HelpText = "Longest sequence in tokens; longer samples are cut at the end. Default 512; demo 96.")]
+    public int? MaxLen { get; set; }
+
+    [Option("warmup", MetaValue = "N", HelpText = "Linear warmup steps. Default 0; demo 10.")]
+    public int? Warmup { get; set; }
+
+    [Option("min-lr-ratio", MetaValue = "R", HelpText = "The cosine decay ends at lr * R. Default 0.")]
+    public double? MinLrRatio { get; set; }
+
+    [Option("weight-decay", MetaValue = "WD", HelpText = "AdamW decoupled weight decay on the adapter. Default 0.")]
+    public double? WeightDecay { get; set; }
+
+    [Option("clip", MetaValue = "X", HelpText = "Clip the global gradient norm to X (0 = off). Default 1.")]
+    public double? Clip { get; set; }
+
+    [Option("seed", MetaValue = "S", HelpText = "Seed of the split, the shuffles, the LoRA init and dropout. Default 42.")]
+    public ulong? Seed { get; set; }
+
+    [Option("eval-fraction", MetaValue = "F", HelpText = "Share of the dataset held out for evaluation (loss, perplexity, exact match). Default 0.1.")]
+    public double? EvalFraction { get; set; }
+
+    [Option("eval-every", MetaValue = "N", HelpText = "Also evaluate the held-out loss every N steps (0 = before and after only). Default 0.")]
+    public int? EvalEvery { get; set; }
+
+    [Option("exact-match", MetaValue = "N",
+        HelpText = "Held-out alpaca examples to generate greedily before and after training for the exact-match metric (0 = skip). Default 50.")]
+    public int ExactMatchSamples { get; set; } = 50;
+
+    [Option("max-new-tokens", MetaValue = "N", HelpText = "Generation length for the exact-match metric and the sample generation. Default 48.")]
+    public int MaxNewTokens { get; set; } = 48;
+
+    [Option("train-on-prompt", Default = false, HelpText = "Also take the loss on prompt tokens (default: response tokens and their EOS only).")]
+    public bool TrainOnPrompt { get; set; }
+
+    [Option("log-every", MetaValue = "N", HelpText = "Print a progress line every N steps (default: about 20 lines per run).")]
+    public int? LogEvery { get; set; }
+}
+
+/// <summary>
+/// <c>ftn train</c>: LoRA fine-tuning with Peft's <see cref="Trainer"/>, plus the task metric: greedy exact match on
+/// held-out alpaca examples before and after, and one generation shown side by side.
+/// </summary>
+public static class TrainCommand
+{
+    /// <summary>Settings of the embedded demo (no --model): sized so the run takes a few minutes on 2 CPU cores.</summary>
+    internal static readonly PeftTrainOptions Demo = new()
+    {
+        LearningRate = 2e-3, Epochs = 3, MicroBatch = 8, GradAccum = 1, MaxLength = 96, WarmupSteps = 10,
+    };
+
+    public static int Run(TrainOptions o, TextWriter stdout)
+    {
+        bool demo = o.Model is null;
+        string[] dataPaths = ResolveData(o, demo);
+        string modelPath = ModelSource.Resolve(o.Model);
+        var lora = BuildLora(o);
+        var opts = BuildOptions(o, demo ? Demo : new PeftTrainOptions());
+        try { opts.Validate(); lora.Validate(); }
+        catch (ArgumentException e) { throw new UserError(e.Message); }
+        if (o.ExactMatchSamples < 0) throw new UserError($"--exact-match must be >= 0 (got {o.ExactMatchSamples})");
+        if (o.MaxNewTokens <= 0) throw new UserError($"--max-new-tokens must be > 0 (got {o.MaxNewTokens})");
+
+        var wall = Stopwatch.StartNew();
+        using var backend = CliCommon.CreateBackend(o);
+        using var loaded = ModelSource.Load(modelPath, backend);
+        var tok = ModelSource.LoadTokenizer(modelPath, o.Tokenizer);
+        var cfg = loaded.Weights.Config;
+        if (tok.VocabSize > cfg.VocabSize)
+            throw new UserError($"the tokenizer has {tok.VocabSize} tokens, more than the model's vocabulary ({cfg.VocabSize})");
+        stdout.WriteLine($"model    {loaded.Path}{(demo ? " (embedded)" : "")}: {cfg.Architecture} L={cfg.NumLayers} C={cfg.HiddenSize} V={cfg.VocabSize}, " +
+                         $"{CliCommon.Count(loaded.Weights.ParameterCount)} parameters; device {backend.Name}");
+
+        // Data: read, encode, split (Peft), and the held-out records for exact match.
+        var data = FineTuneJob.Prepare(dataPaths, tok, opts);
+        foreach (var issue in data.Issues.Take(5)) stdout.WriteLine($"skipped  {issue}");
+        if (data.Issues.Count > 5) stdout.WriteLine($"skipped  ... and {data.Issues.Count - 5} more");
+        if (data.Train.Count == 0) throw new UserError($"no usable training sample in {string.Join(", ", dataPaths)} ({data.Issues.Count} records skipped)");
+        stdout.WriteLine($"data     {string.Join(", ", dataPaths.Select(Path.GetFileName))}: {data.RecordsRead} records, {data.Train.Count} train / {data.Eval.Count} held out" +
+                         (data.Issues.Count > 0 ? $", {data.Issues.Count} skipped" : ""));
+        var emRecords = HeldOutAlpaca(dataPaths, data.Eval, o.ExactMatchSamples);
+
+        // Before: exact match and one generation with the base model.
+        ExactMatchResult? emBefore = null;
+        if (emRecords.Count > 0)
+        {
+            using var session = new InferenceSession(loaded.Weights, backend, SessionLength(cfg, tok, emRecords, o.MaxNewTokens));
+            emBefore = ExactMatch.Evaluate(session, tok, emRecords, o.MaxNewTokens);
+            stdout.WriteLine($"before   exact match {emBefore.Correct}/{emBefore.Count} ({Pct(emBefore.Rate)}) on held-out prompts (greedy)");
+        }
+
+        using var model = new LlamaModel(loaded.Weights, backend);
+        using var adapter = LoraAdapter.Create(model, lora, opts.Seed);
+        stdout.WriteLine($"lora     r={lora.Rank} alpha={CliCommon.F(lora.Alpha, "0.###")} dropout={CliCommon.F(lora.Dropout, "0.###")} on {string.Join(",", lora.TargetModules)}: " +
+                         $"{CliCommon.Count(adapter.ParameterCount)} trainable parameters");
+        using var trainer = new Trainer(model, adapter, opts);
+        int total = Trainer.TotalSteps(opts, data.Train.Count);
+        int logEvery = o.LogEvery is int le && le > 0 ? le : Math.Max(1, total / 20);
+        stdout.WriteLine($"train    {total} steps x {opts.MicroBatch * opts.GradAccum} sequences (batch {opts.MicroBatch} x accum {opts.GradAccum}), lr {opts.LearningRate:0.###e0}, max len {opts.MaxLength}");
+        trainer.Evaluated += e => stdout.WriteLine(
+            $"eval     step {e.Step,5}  loss {CliCommon.F(e.Loss)}  ppl {CliCommon.F(e.Perplexity, "0.000")}  ({e.Samples} samples, {e.Targets} target tokens)");
+        trainer.Progress += p =>
+        {
+            if (p.Step % logEvery != 0 && p.Step != p.TotalSteps && p.Step != 1) return;
+            stdout.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"step {p.Step,5}/{p.TotalSteps}  epoch {p.Epoch + 1}  loss {p.Loss:0.0000}  lr {p.LearningRate:0.000e0}  |g| {p.GradNorm:0.000}  " +
+                $"{p.TokensPerSecond,6:0} tok/s  elapsed {CliCommon.Duration(p.Elapsed)}  ETA {CliCommon.Duration(p.Eta)}"));
+        };
+
+        TrainResult? result = null;
+        ExactMatchResult? emAfter = null;
+        string outDir = Path.GetFullPath(o.Out);
+        CliCommon.WriteDirectoryAtomic(outDir, tmp =>
+        {
+            result = trainer.Train(data.Train, data.Eval, data.PadId, tmp, modelPath);
+            // After: the adapter merged into a writable copy of the base weights.
+            if (emRecords.Count > 0)
+            {
+                using var merged = ModelSource.CloneWritable(loaded.Weights, backend);
+                adapter.MergeInto(merged);
+                using var session = new InferenceSession(merged, backend, SessionLength(cfg, tok, emRecords, o.MaxNewTokens));
+                emAfter = ExactMatch.Evaluate(session, tok, emRecords, o.MaxNewTokens);
+                WriteGenerations(Path.Combine(tmp, "eval_generations.jsonl"), emBefore!, emAfter);
+            }
+        });
+        var r = result!;
+
+        stdout.WriteLine();
+        stdout.WriteLine($"held-out results ({r.EvalSamples} samples{(emRecords.Count > 0 ? $"; exact match on {emRecords.Count}" : "")})   before -> after");
+        stdout.WriteLine($"  eval loss     {CliCommon.F(r.EvalLossBefore),10} -> {CliCommon.F(r.EvalLossAfter)}");
+        stdout.WriteLine($"  perplexity    {CliCommon.F(r.EvalPerplexityBefore, "0.000"),10} -> {CliCommon.F(r.EvalPerplexityAfter, "0.000")}");
+        if (emBefore is not null && emAfter is not null)
+        {
+            stdout.WriteLine($"  exact match   {$"{Pct(emBefore.Rate)} ({emBefore.Correct}/{emBefore.Count})",10} -> {Pct(emAfter.Rate)} ({emAfter.Correct}/{emAfter.Count})");
+            // One generation: the first held-out example the adapter changed, else the first one.
+            int i = Enumerable.Range(0, emAfter.Samples.Count).FirstOrDefault(k => emAfter.Samples[k].Correct && !emBefore.Samples[k].Correct);
+            var before = emBefore.Samples[i];
+            var after = emAfter.Samples[i];
+            stdout.WriteLine();
+            stdout.WriteLine($"example  instruction: {Program.OneLine(emRecords[i].Instruction)}");
+            if (emRecords[i].Input.Length > 0) stdout.WriteLine($"         input:       {Program.OneLine(emRecords[i].Input)}");
+            stdout.WriteLine($"         expected:    {Program.OneLine(after.Expected)}");
+            stdout.WriteLine($"         before:      {Program.OneLine(before.Generated)}");
+            stdout.WriteLine($"         after:       {Program.OneLine(after.Generated)}");
+        }
+        stdout.WriteLine();
+        stdout.WriteLine($"trained {r.Steps} steps, {CliCommon.Count(r.TrainTokens)} tokens, {r.TokensPerSecond:0} tok/s in {CliCommon.Duration(r.Elapsed)}; total {CliCommon.Duration(wall.Elapsed)}");
+        stdout.WriteLine($"adapter  {outDir}  (try: ftn generate{(demo ? "" : $" --model {modelPath}")} --adapter {o.Out} --prompt \"...\"{(emRecords.Count > 0 && emRecords[0].Input.Length > 0 ? " --input \"...\"" : "")})");
+        return 0;
+    }
+
+    private static string Pct(double rate) => double.IsNaN(rate) ? "n/a" : (100 * rate).ToString("0.0", CultureInfo.InvariantCulture) + "%";
+
+    private static string[] ResolveData(TrainOptions o, bool demo)
+    {
+        if (o.Data is null)
+        {
+            if (!demo) throw new UserError("--data is required with --model (a JSON or JSONL dataset)");
+            return new[] { CliCommon.RequireFile(EmbeddedDefault.DataPath, "sample dataset") };
+        }
+        return o.Data.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
+            .Select(p => CliCommon.RequireFile(p, "dataset")).ToArray();
+    }
+
+    internal static string[] ParseTargets(string spec)
+    {
+        if (spec.Trim() == "all") return (string[])LlamaWeights.LinearModules.Clone();
+        var result = new List<string>();
+        foreach (var raw in spec.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
+        {
+            string m = raw switch
+            {
+                "q" or "k" or "v" or "o" => raw + "_proj",
+                "gate" or "up" or "down" => raw + "_proj",
+                _ => raw,
+            };
+            if (!LlamaWeights.LinearModules.Contains(m))
+                throw new UserError($"--targets: unknown module '{raw}' (expected {string.Join(", ", LlamaWeights.LinearModules)} or all)");
+            if (!result.Contains(m)) result.Add(m);
+        }
+        if (result.Count == 0) throw new UserError("--targets: no module given");
+        return result.ToArray();
+    }
+
+    internal static LoraConfig BuildLora(TrainOptions o)
+    {
+        var d = new LoraConfig();
+        return new LoraConfig
+        {
+            Rank = o.Rank ?? d.Rank,
+            Alpha = o.Alpha ?? d.Alpha,
+            Dropout = o.Dropout ?? d.Dropout,
+            TargetModules = ParseTargets(o.Targets),
+            UseRsLora = o.RsLora,
+        };
+    }
+
+    /// <summary>Peft's TrainOptions: each option given on the command line, else the base profile's value.</summary>
+    internal static PeftTrainOptions BuildOptions(TrainOptions o, PeftTrainOptions b) => new()
+    {
+        Epochs = o.Epochs ?? b.Epochs,
+        MaxSteps = o.MaxSteps ?? b.MaxSteps,
+        MicroBatch = o.BatchSize ?? b.MicroBatch,
+        GradAccum = o.GradAccum ?? b.GradAccum,
+        LearningRate = o.LearningRate ?? b.LearningRate,
+        WarmupSteps = o.Warmup ?? b.WarmupSteps,
+        WarmupRatio = b.WarmupRatio,
+        MinLrRatio = o.MinLrRatio ?? b.MinLrRatio,
+        WeightDecay = o.WeightDecay ?? b.WeightDecay,
+        ClipNorm = o.Clip ?? b.ClipNorm,
+        Beta1 = b.Beta1,
+        Beta2 = b.Beta2,
+        AdamEps = b.AdamEps,
+        MaxLength = o.MaxLen ?? b.MaxLength,
+        Seed = o.Seed ?? b.Seed,
+        EvalFraction = o.EvalFraction ?? b.EvalFraction,
+        EvalEvery = o.EvalEvery ?? b.EvalEvery,
+        MaxEvalSamples = b.MaxEvalSamples,
+        TrainOnPrompt = o.TrainOnPrompt,
+        Device = o.Device,
+    };
+
+    /// <summary>The held-out records (alpaca only) behind the first <paramref name="max"/> eval samples, matched by file:line.</summary>
+    private static List<DatasetRecord> HeldOutAlpaca(string[] paths, IReadOnlyList<TokenizedSample> eval, int max)
+    {
+        if (max == 0 || eval.Count == 0) return new List<DatasetRecord>();
+        var byLocation = new Dictionary<string, DatasetRecord>(StringComparer.Ordinal);
+        foreach (var p in paths)
+            foreach (var rec in DatasetReader.Read(p).Records)
+                byLocation.TryAdd(rec.Location, rec);
+        return eval.Select(s => byLocation.GetValueOrDefault(s.Location)).OfType<DatasetRecord>()
+            .Where(rec => rec.Format == RecordFormat.Alpaca).Take(max).ToList();
+    }
+
+    private static int SessionLength(LlamaConfig c, ITextTokenizer tok, List<DatasetRecord> records, int maxNew)
+    {
+        int longest = records.Max(r => ExactMatch.PromptIds(tok, r).Length);
+        return Math.Min(c.MaxPositions, longest + maxNew);
+    }
+
+    private static void WriteGenerations(string path, ExactMatchResult before, ExactMatchResult after)
+    {
+        using var w = new StreamWriter(path, false, new System.Text.UTF8Encoding(false)) { NewLine = "\n" };
+        for (int i = 0; i < after.Samples.Count; i++)
+        {
+            var o = new JsonObject
+            {
+                ["prompt"] = after.Samples[i].Prompt,
+                ["expected"] = after.Samples[i].Expected,
+                ["before"] = before.Samples[i].Generated,
+                ["after"] = after.Samples[i].Generated,
+                ["correct_before"] = before.Samples[i].Correct,
+                ["correct_after"] = after.Samples[i].Correct,
+            };
+            w.WriteLine(o.ToJsonString(new JsonSerializerOptions { Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping }));
+        }
+    }
+}
