@@ -15,6 +15,23 @@ internal static class Quick
         int threads = args.Length > 1 ? int.Parse(args[1]) : 0;
         using var b = new CpuBackend(threads);
         Console.WriteLine($"cpu threads={b.Threads} Vector512={System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated}");
+        bool onlyAttention = args.Length > 2 && args[2] == "attention";
+        foreach (var a in new[] { new AttentionShape(8, 512, 9, 3, 64), new AttentionShape(3, 333, 6, 2, 40) })
+        {
+            using var q = BenchEnv.Random(b, DType.F32, 1, a.B, a.T, a.NH, a.HS);
+            using var k = BenchEnv.Random(b, DType.F32, 2, a.B, a.T, a.NKV, a.HS);
+            using var v = BenchEnv.Random(b, DType.F32, 3, a.B, a.T, a.NKV, a.HS);
+            using var o = b.Allocate(DType.F32, a.B, a.T, a.NH, a.HS);
+            using var lse = b.Allocate(DType.F32, a.B, a.NH, a.T);
+            using var dq = b.Allocate(DType.F32, a.B, a.T, a.NH, a.HS);
+            using var dk = b.Allocate(DType.F32, a.B, a.T, a.NKV, a.HS);
+            using var dv = b.Allocate(DType.F32, a.B, a.T, a.NKV, a.HS);
+            float sc = 1f / MathF.Sqrt(a.HS);
+            double f = Time(() => b.AttentionForward(o, lse, q, k, v, a.B, a.T, a.T, a.T, a.NH, a.NKV, a.HS, sc));
+            double bw = Time(() => b.AttentionBackward(dq, dk, dv, o, o, lse, q, k, v, a.B, a.T, a.NH, a.NKV, a.HS, sc));
+            Console.WriteLine($"attention {a,-18} fwd {a.Flops / f / 1e9,7:F1}  bwd {2.5 * a.Flops / bw / 1e9,7:F1} GFLOP/s (bwd counted as 2.5x fwd flops)");
+        }
+        if (onlyAttention) return;
         foreach (var s in new[] { new MatMulShape(1024, 1024, 1024), new MatMulShape(4096, 576, 576), new MatMulShape(512, 49152, 576), new MatMulShape(1000, 333, 517), new MatMulShape(1, 49152, 576) })
             foreach (var dt in new[] { DType.F32, DType.BF16 })
             {

@@ -16,11 +16,14 @@ public class AttentionTests
         (2, 1, 9, 6, 4, 2, 8),     // decode: one query, kvLen < Tkv (cache not full)
         (1, 3, 10, 7, 4, 1, 6),    // chunked prefill: 3 new queries at positions 4..6, one kv head
         (1, 19, 19, 19, 3, 1, 5),  // odd head size, MQA
+        (1, 70, 70, 70, 2, 1, 8),  // more than one block of keys (CPU: 64) and of query rows (CPU: 16)
+        (1, 1, 150, 130, 2, 2, 16), // decode over three key blocks
+        (1, 30, 90, 80, 2, 1, 8),  // chunked prefill whose row block straddles a key block edge
     };
 
     public static readonly (int B, int T, int NH, int NKV, int HS)[] BackwardShapes =
     {
-        (1, 1, 1, 1, 4), (2, 5, 4, 2, 8), (1, 13, 2, 2, 16), (1, 19, 3, 1, 5), (2, 7, 4, 4, 6),
+        (1, 1, 1, 1, 4), (2, 5, 4, 2, 8), (1, 13, 2, 2, 16), (1, 19, 3, 1, 5), (2, 7, 4, 4, 6), (1, 70, 2, 1, 8),
     };
 
     [SkippableTheory]

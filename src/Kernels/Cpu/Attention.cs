@@ -1,5 +1,6 @@
 using System.Numerics.Tensors;
 using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
 
 namespace FineTuneNative.Kernels.Cpu;
 
@@ -31,7 +32,7 @@ public sealed unsafe partial class CpuBackend
     /// Causal GQA: out(B,Tq,NH,HS) = softmax(scale·q·kᵀ)·v over keys 0..kvLen-Tq+t. Saves lse(B,NH,Tq) = log Σ exp(score),
     /// one float per row, from which the backward rebuilds every probability without storing the T×T matrix.
     /// </summary>
-    /// <remarks>Per query row the scores of its visible keys go to a per-thread row buffer (O(Tkv), never T×T).</remarks>
+    /// <remarks>Blocked online softmax (flash-attention style): per-thread scratch of O(16·64 + HS·64) floats, never T×T.</remarks>
     public void AttentionForward(Tensor output, Tensor? lse, Tensor q, Tensor k, Tensor v,
         int batch, int tq, int tkv, int kvLen, int nHeads, int nKvHeads, int headSize, float scale)
     {
@@ -39,49 +40,138 @@ public sealed unsafe partial class CpuBackend
         const string op = "AttentionForward";
         CheckAttention(op, batch, tq, tkv, kvLen, nHeads, nKvHeads, headSize);
         long qn = (long)batch * tq * nHeads * headSize, kn = (long)batch * tkv * nKvHeads * headSize;
-        EnsureScratch(tkv + headSize);
+        EnsureScratch(AttnForwardScratch(headSize));
         var ctx = new AttnCtx
         {
             O = F32(output, qn, nameof(output), op), Lse = lse != null ? F32(lse, (long)batch * nHeads * tq, nameof(lse), op) : null,
             Q = F32(q, qn, nameof(q), op), K = F32(k, kn, nameof(k), op), V = F32(v, kn, nameof(v), op),
             B = batch, Tq = tq, Tkv = tkv, KvLen = kvLen, NH = nHeads, NKV = nKvHeads, HS = headSize, Group = nHeads / nKvHeads,
-            RowBlocks = (tq + AttnRows - 1) / AttnRows, Scale = scale, Scratch = ScratchBase, Stride = ScratchStride,
+            RowBlocks = (tq + AttnBr - 1) / AttnBr, Scale = scale, Scratch = ScratchBase, Stride = ScratchStride,
         };
         _pool.For(batch * nHeads * ctx.RowBlocks, &AttnForwardBody, &ctx);
     }
 
+    private const int AttnBr = 16; // query rows per task
+    private const int AttnBc = 64; // keys per block: four Vector512 of scores per row
+
+    /// <summary>Scratch floats per thread for the blocked forward.</summary>
+    private static long AttnForwardScratch(int hs) => (long)hs * AttnBc + AttnBr * AttnBc + AttnBr * (long)hs + 2 * AttnBr + hs + 64;
+
+    /// <summary>
+    /// One (batch, head, block of 16 query rows): keys in blocks of 64 packed transposed (HS × 64), scores for one row as
+    /// four Vector512 accumulators over HS, online softmax (running max m, sum l, rescaled output), then O += P·V with
+    /// four rows sharing each loaded V vector.
+    /// </summary>
     private static void AttnForwardBody(void* p, int task, int worker)
     {
         var c = (AttnCtx*)p;
         int rb = task % c->RowBlocks, bh = task / c->RowBlocks, h = bh % c->NH, b = bh / c->NH;
         int kh = h / c->Group, hs = c->HS;
-        float* s = c->Scratch + worker * c->Stride;
         long kvStride = (long)c->NKV * hs;
         float* kBase = c->K + ((long)b * c->Tkv * c->NKV + kh) * hs;
         float* vBase = c->V + ((long)b * c->Tkv * c->NKV + kh) * hs;
-        int t1 = Math.Min(c->Tq, (rb + 1) * AttnRows);
-        for (int t = rb * AttnRows; t < t1; t++)
+        float* kt = c->Scratch + worker * c->Stride;      // (HS, BC)
+        float* sc = kt + hs * AttnBc;                     // (BR, BC) scores, then probabilities
+        float* o = sc + AttnBr * AttnBc;                  // (BR, HS) unnormalised output
+        float* mRow = o + AttnBr * hs;                    // (BR) running max
+        float* lRow = mRow + AttnBr;                      // (BR) running sum
+        float* qs = lRow + AttnBr;                        // (HS) scaled query row
+        int t0 = rb * AttnBr, rows = Math.Min(AttnBr, c->Tq - t0);
+        int pos0 = c->KvLen - c->Tq + t0, posLast = pos0 + rows - 1;
+        new Span<float>(o, rows * hs).Clear();
+        for (int r = 0; r < rows; r++) { mRow[r] = float.NegativeInfinity; lRow[r] = 0; }
+        for (int j0 = 0; j0 <= posLast; j0 += AttnBc)
         {
-            int pos = c->KvLen - c->Tq + t;
-            long qo = (((long)b * c->Tq + t) * c->NH + h) * hs;
-            var qrow = new ReadOnlySpan<float>(c->Q + qo, hs);
-            float max = float.NegativeInfinity;
-            for (int j = 0; j <= pos; j++)
+            int nc = Math.Min(AttnBc, posLast + 1 - j0);
+            // pack K[j0..j0+nc) transposed; zero the padding keys
+            for (int cc = 0; cc < nc; cc++)
             {
-                float d = TensorPrimitives.Dot(qrow, new ReadOnlySpan<float>(kBase + j * kvStride, hs)) * c->Scale;
-                s[j] = d;
-                if (d > max) max = d;
+                float* krow = kBase + (j0 + cc) * kvStride;
+                for (int d = 0; d < hs; d++) kt[d * AttnBc + cc] = krow[d];
             }
-            var sp = new Span<float>(s, pos + 1);
-            TensorPrimitives.Subtract(sp, max, sp);
-            TensorPrimitives.Exp(sp, sp);
-            float sum = TensorPrimitives.Sum(sp);
-            var o = new Span<float>(c->O + qo, hs);
-            o.Clear();
-            float inv = 1f / sum;
-            for (int j = 0; j <= pos; j++)
-                TensorPrimitives.MultiplyAdd(new ReadOnlySpan<float>(vBase + j * kvStride, hs), s[j] * inv, o, o);
-            if (c->Lse != null) c->Lse[((long)b * c->NH + h) * c->Tq + t] = max + MathF.Log(sum);
+            if (nc < AttnBc)
+                for (int d = 0; d < hs; d++) new Span<float>(kt + d * AttnBc + nc, AttnBc - nc).Clear();
+            int firstRow = Math.Max(0, j0 - pos0); // rows before this see none of the block
+            for (int r = firstRow; r < rows; r++)
+            {
+                float* qrow = c->Q + (((long)b * c->Tq + t0 + r) * c->NH + h) * hs;
+                for (int d = 0; d < hs; d++) qs[d] = qrow[d] * c->Scale;
+                Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+                float* kd = kt;
+                for (int d = 0; d < hs; d++, kd += AttnBc)
+                {
+                    var qd = Vector512.Create(qs[d]);
+                    a0 = Vector512.FusedMultiplyAdd(qd, Vector512.Load(kd), a0);
+                    a1 = Vector512.FusedMultiplyAdd(qd, Vector512.Load(kd + 16), a1);
+                    a2 = Vector512.FusedMultiplyAdd(qd, Vector512.Load(kd + 32), a2);
+                    a3 = Vector512.FusedMultiplyAdd(qd, Vector512.Load(kd + 48), a3);
+                }
+                float* srow = sc + r * AttnBc;
+                a0.Store(srow); a1.Store(srow + 16); a2.Store(srow + 32); a3.Store(srow + 48);
+                int valid = Math.Min(nc, pos0 + r - j0 + 1);
+                var sv = new Span<float>(srow, valid);
+                float mNew = Math.Max(mRow[r], TensorPrimitives.Max(sv));
+                float corr = MathF.Exp(mRow[r] - mNew); // 0 on the first block (m = -inf)
+                mRow[r] = mNew;
+                TensorPrimitives.Subtract(sv, mNew, sv);
+                TensorPrimitives.Exp(sv, sv);
+                new Span<float>(srow + valid, AttnBc - valid).Clear();
+                lRow[r] = lRow[r] * corr + TensorPrimitives.Sum(sv);
+                if (corr != 1f)
+                {
+                    var orow = new Span<float>(o + r * hs, hs);
+                    TensorPrimitives.Multiply(orow, corr, orow);
+                }
+            }
+            for (int r = 0; r < firstRow; r++) new Span<float>(sc + r * AttnBc, AttnBc).Clear();
+            AccumulatePV(sc, vBase + j0 * kvStride, kvStride, o, rows, nc, hs);
+        }
+        for (int r = 0; r < rows; r++)
+        {
+            long qo = (((long)b * c->Tq + t0 + r) * c->NH + h) * hs;
+            var orow = new ReadOnlySpan<float>(o + r * hs, hs);
+            TensorPrimitives.Multiply(orow, 1f / lRow[r], new Span<float>(c->O + qo, hs));
+            if (c->Lse != null) c->Lse[((long)b * c->NH + h) * c->Tq + t0 + r] = mRow[r] + MathF.Log(lRow[r]);
+        }
+    }
+
+    /// <summary>o(rows, HS) += P(rows, BC)·V(nc, HS): four rows share every loaded 16-channel slice of V.</summary>
+    private static void AccumulatePV(float* pm, float* v, long vStride, float* o, int rows, int nc, int hs)
+    {
+        int hv = hs & ~15;
+        for (int r0 = 0; r0 < rows; r0 += 4)
+        {
+            int nr = Math.Min(4, rows - r0);
+            float* p0 = pm + r0 * AttnBc, p1 = p0 + (nr > 1 ? AttnBc : 0), p2 = p0 + (nr > 2 ? 2 * AttnBc : 0), p3 = p0 + (nr > 3 ? 3 * AttnBc : 0);
+            for (int d = 0; d < hv; d += 16)
+            {
+                float* o0 = o + r0 * hs + d;
+                Vector512<float> acc0 = Vector512.Load(o0), acc1 = default, acc2 = default, acc3 = default;
+                if (nr > 1) acc1 = Vector512.Load(o0 + hs);
+                if (nr > 2) acc2 = Vector512.Load(o0 + 2 * hs);
+                if (nr > 3) acc3 = Vector512.Load(o0 + 3 * hs);
+                float* vd = v + d;
+                for (int cc = 0; cc < nc; cc++, vd += vStride)
+                {
+                    var vv = Vector512.Load(vd);
+                    acc0 = Vector512.FusedMultiplyAdd(Vector512.Create(p0[cc]), vv, acc0);
+                    acc1 = Vector512.FusedMultiplyAdd(Vector512.Create(p1[cc]), vv, acc1);
+                    acc2 = Vector512.FusedMultiplyAdd(Vector512.Create(p2[cc]), vv, acc2);
+                    acc3 = Vector512.FusedMultiplyAdd(Vector512.Create(p3[cc]), vv, acc3);
+                }
+                acc0.Store(o0);
+                if (nr > 1) acc1.Store(o0 + hs);
+                if (nr > 2) acc2.Store(o0 + 2 * hs);
+                if (nr > 3) acc3.Store(o0 + 3 * hs);
+            }
+            for (int d = hv; d < hs; d++)
+                for (int r = 0; r < nr; r++)
+                {
+                    float* pr = pm + (r0 + r) * AttnBc;
+                    float acc = o[(r0 + r) * hs + d];
+                    for (int cc = 0; cc < nc; cc++) acc += pr[cc] * v[cc * vStride + d];
+                    o[(r0 + r) * hs + d] = acc;
+                }
         }
     }
 
