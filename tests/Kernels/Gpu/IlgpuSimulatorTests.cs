@@ -52,6 +52,24 @@ public class IlgpuSimulatorTests
     }
 
     [Theory, MemberData(nameof(Sims))]
+    public void BadInputsGiveClearErrors(string name)
+    {
+        var b = TestBackends.Get(name);
+        using var q = b.Allocate(DType.F32, 1, 1, 1, 130);
+        using var kv = b.Allocate(DType.F32, 1, 1, 1, 130);
+        using var o = b.Allocate(DType.F32, 1, 1, 1, 130);
+        var e = Assert.Throws<ArgumentException>(() => b.AttentionForward(o, null, q, kv, kv, 1, 1, 1, 1, 1, 1, 130, 1f));
+        Assert.Contains("head size 130", e.Message);
+        using var foreign = TestBackends.Get("cpu").Allocate(DType.F32, 4);
+        e = Assert.Throws<ArgumentException>(() => b.Scale(foreign, 2f));
+        Assert.Contains("does not live on backend " + name, e.Message);
+        using var ints = b.Allocate(DType.I32, 4);
+        using var f = b.Allocate(DType.F32, 4);
+        e = Assert.Throws<ArgumentException>(() => b.Copy(f, ints));
+        Assert.Contains("cannot convert", e.Message);
+    }
+
+    [Theory, MemberData(nameof(Sims))]
     public void UploadDownloadConvertAndViews(string name)
     {
         var b = TestBackends.Get(name);

@@ -1,6 +1,5 @@
 using System.Diagnostics;
 using System.Reflection;
-using System.Reflection.Emit;
 using System.Text;
 using System.Text.RegularExpressions;
 using FineTuneNative.Kernels.Gpu;
@@ -87,6 +86,20 @@ public class PtxasTests
             }
         }
         Assert.True(loaded >= GpuKernelCatalog.All().Count, $"found {loaded} kernel loads, fewer than the {GpuKernelCatalog.All().Count} catalogued kernels");
+    }
+
+    private static void NotAKernel(Index1D i) { }
+
+    private static Delegate TakesTheAddressOfAnUnmarkedMethod() => (Action<Index1D>)NotAKernel;
+
+    /// <summary>The IL scan above really sees a delegate made from an unmarked method (so it can fail).</summary>
+    [Fact]
+    public void LoadScanSeesDelegatesToUnmarkedMethods()
+    {
+        var scanned = typeof(PtxasTests).GetMethod(nameof(TakesTheAddressOfAnUnmarkedMethod), BindingFlags.NonPublic | BindingFlags.Static)!;
+        var found = LoadedFunctions(scanned).ToList();
+        Assert.Contains(found, m => m.Name == nameof(NotAKernel));
+        Assert.DoesNotContain(GpuKernelCatalog.All(), k => k.Method.Name == nameof(NotAKernel));
     }
 
     private static IEnumerable<MethodBase> LoadedFunctions(MethodBase method)
