@@ -290,6 +290,43 @@ public class LlamaModelTests
         finally { owned.ForEach(t => t.Dispose()); }
     }
 
+    /// <summary>
+    /// bf16 linear weights (converted to f32 inside the kernels) give the same step as an f32 model holding the
+    /// same bf16-rounded values: loss, LoRA and base gradients agree to f32 rounding (both sides compute the same
+    /// f32 math; only the weight load differs). Case with dropout, tied head, TrainBase.
+    /// </summary>
+    [Theory]
+    [InlineData("plain")]
+    [InlineData("cpu")]
+    public void Bf16LinearWeights_MatchF32ModelOnRoundedWeights(string backendName)
+    {
+        var fx = TinyLoraCase.Get("tied_interleaved_dropout");
+        var b = ModelBackends.Get(backendName);
+        var owned = new List<Tensor>();
+        using var bf = fx.Build(b, out var w1, owned, DType.BF16);
+        using var f32 = fx.Build(b, out var w2, owned, DType.F32, roundLinearsToBf16: true);
+        using var d1 = w1;
+        using var d2 = w2;
+        try
+        {
+            Assert.Equal(DType.BF16, w1.Layers[0].Wq.DType);
+            bf.TrainBase = f32.TrainBase = true;
+            var (l1, _) = bf.ForwardBackward(fx.Tokens, fx.Targets, fx.Batch, fx.SeqLen, fx.LossScale, fx.DropoutSeed);
+            var (l2, _) = f32.ForwardBackward(fx.Tokens, fx.Targets, fx.Batch, fx.SeqLen, fx.LossScale, fx.DropoutSeed);
+            Close(l2, l1, 0, 1e-6, "bf16 vs rounded f32 loss");
+            // the rounding is real: the bf16 model's loss differs from the f32 fixture's
+            Assert.True(Math.Abs(l1 - fx.LossSum) > 1e-4, $"bf16 loss {l1} equals the f32 loss {fx.LossSum}: were the weights really bf16?");
+            foreach (var ((_, _, s1), (_, _, s2)) in bf.LoraSlots().Zip(f32.LoraSlots()))
+            {
+                Close(GradCheck.ToDouble(s2.DA.ToArray()), s1.DA.ToArray(), 1e-6, 1e-4, "dA");
+                Close(GradCheck.ToDouble(s2.DB.ToArray()), s1.DB.ToArray(), 1e-6, 1e-4, "dB");
+            }
+            foreach (var ((name, _, g1), (_, _, g2)) in bf.BaseParameters().Zip(f32.BaseParameters()))
+                Close(GradCheck.ToDouble(g2.ToArray()), g1.ToArray(), 1e-6, 1e-4, $"d {name}");
+        }
+        finally { owned.ForEach(t => t.Dispose()); }
+    }
+
     /// <summary>Bad input names what is wrong.</summary>
     [Fact]
     public void BadInput_IsRejectedWithAClearMessage()

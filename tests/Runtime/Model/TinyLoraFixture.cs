@@ -114,13 +114,22 @@ internal sealed class TinyLoraCase
     /// The fixture's model on <paramref name="backend"/>: weights uploaded by their HF names, and a LoRA slot on
     /// every fixture module (A, B from the fixture; DA, DB zero).
     /// </summary>
-    public LlamaModel Build(IBackend backend, out LlamaWeights weights, List<Tensor> owned)
+    /// <remarks>
+    /// <paramref name="linearDType"/> is the dtype of the linear weights (Upload converts); with
+    /// <paramref name="roundLinearsToBf16"/> f32 linear weights get the bf16-rounded fixture values.
+    /// </remarks>
+    public LlamaModel Build(IBackend backend, out LlamaWeights weights, List<Tensor> owned,
+        DType linearDType = DType.F32, bool roundLinearsToBf16 = false)
     {
-        weights = LlamaWeights.Allocate(Config, backend);
+        weights = LlamaWeights.Allocate(Config, backend, linearDType);
+        var linears = LlamaWeights.Allocate(Config, backend, DType.BF16).Named()
+            .Where(p => { bool bf = p.Tensor.DType == DType.BF16; p.Tensor.Dispose(); return bf; }).Select(p => p.Name).ToHashSet();
         foreach (var (name, t) in weights.Named())
         {
             if (!Weights.TryGetValue(name, out var data)) throw new InvalidDataException($"fixture {Name}: no weight {name}");
             Assert.Equal(t.Length, data.Length);
+            if (roundLinearsToBf16 && linears.Contains(name))
+                data = Array.ConvertAll(data, x => HalfBits.Bf16ToF32(HalfBits.F32ToBf16(x)));
             backend.Upload(t, data);
         }
         var model = new LlamaModel(weights, backend);
