@@ -7,6 +7,7 @@ public static class Program
     public static void Main(string[] args)
     {
         if (args.Length > 0 && args[0] == "quick") { Quick.Run(args); return; }
+        if (args.Length > 0 && args[0] == "generate") { GenerationThroughput.Run(args); return; }
         BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);
     }
 }
