@@ -7,8 +7,6 @@ namespace FineTuneNative.Kernels.Cpu;
 // Causal grouped-query attention; reference: AttentionReference.
 public sealed unsafe partial class CpuBackend
 {
-    private const int AttnRows = 8; // query rows per task
-
     private struct AttnCtx
     {
         public float* O, Lse, Q, K, V, DQ, DK, DV, DO, D;
@@ -192,8 +190,10 @@ public sealed unsafe partial class CpuBackend
             DO = F32(dOut, qn, nameof(dOut), op), O = F32(output, qn, nameof(output), op), Lse = F32(lse, rows, nameof(lse), op),
             Q = F32(q, qn, nameof(q), op), K = F32(k, kn, nameof(k), op), V = F32(v, kn, nameof(v), op),
             B = batch, Tq = t, Tkv = t, KvLen = t, NH = nHeads, NKV = nKvHeads, HS = headSize, Group = nHeads / nKvHeads,
-            RowBlocks = (t + AttnRows - 1) / AttnRows, Scale = scale,
+            RowBlocks = (t + AttnBr - 1) / AttnBr, Scale = scale,
         };
+        EnsureScratch(AttnBackwardScratch(headSize));
+        ctx.Scratch = ScratchBase; ctx.Stride = ScratchStride;
         if (_attnDLength < rows)
         {
             if (_attnD != null) NativeMemory.AlignedFree(_attnD);
@@ -202,10 +202,62 @@ public sealed unsafe partial class CpuBackend
         }
         ctx.D = _attnD;
         _pool.For(batch * nHeads * ctx.RowBlocks, &AttnBackwardQBody, &ctx);
+        ctx.RowBlocks = (t + AttnBc - 1) / AttnBc; // key blocks for the dk/dv pass
         _pool.For(batch * nKvHeads * ctx.RowBlocks, &AttnBackwardKvBody, &ctx);
     }
 
-    /// <summary>dq_i = scale·Σ_{j≤i} p_ij (dOut_i·v_j - D_i) k_j, and D_i.</summary>
+    /// <summary>Scratch floats per thread for the blocked backward.</summary>
+    private static long AttnBackwardScratch(int hs) => 4L * hs * AttnBc + 2 * AttnBr * AttnBc + (long)AttnBr * hs + 2L * hs + 64;
+
+    /// <summary>out[c] = Σ_d x[d]·t[d·64 + c] for the 64 keys of a packed transposed block (four Vector512 accumulators).</summary>
+    private static void RowTimesPacked(float* x, float* t, int hs, float* out64)
+    {
+        Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+        for (int d = 0; d < hs; d++, t += AttnBc)
+        {
+            var xd = Vector512.Create(x[d]);
+            a0 = Vector512.FusedMultiplyAdd(xd, Vector512.Load(t), a0);
+            a1 = Vector512.FusedMultiplyAdd(xd, Vector512.Load(t + 16), a1);
+            a2 = Vector512.FusedMultiplyAdd(xd, Vector512.Load(t + 32), a2);
+            a3 = Vector512.FusedMultiplyAdd(xd, Vector512.Load(t + 48), a3);
+        }
+        a0.Store(out64); a1.Store(out64 + 16); a2.Store(out64 + 32); a3.Store(out64 + 48);
+    }
+
+    /// <summary>Packs rows src[j0..j0+nc) (stride) transposed into t(HS, 64), zero padding keys.</summary>
+    private static void PackTransposed(float* src, long stride, int nc, int hs, float* t)
+    {
+        for (int cc = 0; cc < nc; cc++)
+        {
+            float* row = src + cc * stride;
+            for (int d = 0; d < hs; d++) t[d * AttnBc + cc] = row[d];
+        }
+        if (nc < AttnBc)
+            for (int d = 0; d < hs; d++) new Span<float>(t + d * AttnBc + nc, AttnBc - nc).Clear();
+    }
+
+    /// <summary>
+    /// For query row i against the packed key block at j0: p = exp(scale·q·k - lse_i), ds = p·(dOut_i·v - D_i)·scale,
+    /// both zero past the causal edge and the block end. Returns nothing; fills p64 and ds64.
+    /// </summary>
+    private static void ProbsAndScoreGrads(AttnCtx* c, float* q, float* dO, float lse, float di, int valid, float* kt, float* vt, float* tmp, float* p64, float* ds64)
+    {
+        int hs = c->HS;
+        for (int d = 0; d < hs; d++) tmp[d] = q[d] * c->Scale;
+        RowTimesPacked(tmp, kt, hs, p64);
+        RowTimesPacked(dO, vt, hs, ds64);
+        var pv = new Span<float>(p64, valid);
+        var dv = new Span<float>(ds64, valid);
+        TensorPrimitives.Subtract(pv, lse, pv);
+        TensorPrimitives.Exp(pv, pv);
+        TensorPrimitives.Subtract(dv, di, dv);
+        TensorPrimitives.Multiply(dv, pv, dv);
+        TensorPrimitives.Multiply(dv, c->Scale, dv);
+        new Span<float>(p64 + valid, AttnBc - valid).Clear();
+        new Span<float>(ds64 + valid, AttnBc - valid).Clear();
+    }
+
+    /// <summary>dq for (batch, head, 16 query rows): dq_i = Σ_blocks dS(i, :)·K_block, and D_i = dOut_i·out_i.</summary>
     private static void AttnBackwardQBody(void* p, int task, int worker)
     {
         var c = (AttnCtx*)p;
@@ -214,60 +266,116 @@ public sealed unsafe partial class CpuBackend
         long kvStride = (long)c->NKV * hs;
         float* kBase = c->K + ((long)b * T * c->NKV + kh) * hs;
         float* vBase = c->V + ((long)b * T * c->NKV + kh) * hs;
-        int i1 = Math.Min(T, (rb + 1) * AttnRows);
-        for (int i = rb * AttnRows; i < i1; i++)
+        float* kt = c->Scratch + worker * c->Stride, vt = kt + hs * AttnBc;
+        float* pm = vt + hs * AttnBc, dsm = pm + AttnBr * AttnBc, acc = dsm + AttnBr * AttnBc, tmp = acc + AttnBr * hs;
+        int t0 = rb * AttnBr, rows = Math.Min(AttnBr, T - t0), last = t0 + rows - 1;
+        long rowBase = ((long)b * c->NH + h) * T;
+        for (int r = 0; r < rows; r++)
         {
-            long qo = (((long)b * T + i) * c->NH + h) * hs;
-            long row = ((long)b * c->NH + h) * T + i;
-            var qrow = new ReadOnlySpan<float>(c->Q + qo, hs);
-            var dorow = new ReadOnlySpan<float>(c->DO + qo, hs);
-            float di = TensorPrimitives.Dot(dorow, new ReadOnlySpan<float>(c->O + qo, hs));
-            c->D[row] = di;
-            float l = c->Lse[row];
-            var dqrow = new Span<float>(c->DQ + qo, hs);
-            dqrow.Clear();
-            for (int j = 0; j <= i; j++)
+            long qo = (((long)b * T + t0 + r) * c->NH + h) * hs;
+            c->D[rowBase + t0 + r] = TensorPrimitives.Dot(new ReadOnlySpan<float>(c->DO + qo, hs), new ReadOnlySpan<float>(c->O + qo, hs));
+        }
+        new Span<float>(acc, rows * hs).Clear();
+        for (int j0 = 0; j0 <= last; j0 += AttnBc)
+        {
+            int nc = Math.Min(AttnBc, last + 1 - j0);
+            PackTransposed(kBase + j0 * kvStride, kvStride, nc, hs, kt);
+            PackTransposed(vBase + j0 * kvStride, kvStride, nc, hs, vt);
+            for (int r = 0; r < rows; r++)
             {
-                var krow = new ReadOnlySpan<float>(kBase + j * kvStride, hs);
-                float pij = MathF.Exp(TensorPrimitives.Dot(qrow, krow) * c->Scale - l);
-                float dp = TensorPrimitives.Dot(dorow, new ReadOnlySpan<float>(vBase + j * kvStride, hs));
-                TensorPrimitives.MultiplyAdd(krow, pij * (dp - di) * c->Scale, dqrow, dqrow);
+                int i = t0 + r;
+                float* dsr = dsm + r * AttnBc;
+                if (i < j0) { new Span<float>(dsr, AttnBc).Clear(); continue; }
+                long qo = (((long)b * T + i) * c->NH + h) * hs;
+                ProbsAndScoreGrads(c, c->Q + qo, c->DO + qo, c->Lse[rowBase + i], c->D[rowBase + i], Math.Min(nc, i - j0 + 1),
+                    kt, vt, tmp, pm, dsr);
             }
+            AccumulatePV(dsm, kBase + j0 * kvStride, kvStride, acc, rows, nc, hs);
+        }
+        for (int r = 0; r < rows; r++)
+        {
+            long qo = (((long)b * T + t0 + r) * c->NH + h) * hs;
+            new ReadOnlySpan<float>(acc + r * hs, hs).CopyTo(new Span<float>(c->DQ + qo, hs));
         }
     }
 
-    /// <summary>dk_j = scale·Σ_h Σ_{i≥j} ds_ij q_i; dv_j = Σ_h Σ_{i≥j} p_ij dOut_i (h over the group of kv head).</summary>
+    /// <summary>
+    /// dk, dv for (batch, kv head, 64 keys): over every query head of the group and every row i ≥ j0, in blocks of 16
+    /// rows: dV_block += Pᵀ·dOut_rows, dK_block += dSᵀ·Q_rows.
+    /// </summary>
     private static void AttnBackwardKvBody(void* p, int task, int worker)
     {
         var c = (AttnCtx*)p;
-        int rb = task % c->RowBlocks, bk = task / c->RowBlocks, kh = bk % c->NKV, b = bk / c->NKV;
+        int kb = task % c->RowBlocks, bk = task / c->RowBlocks, kh = bk % c->NKV, b = bk / c->NKV;
         int hs = c->HS, T = c->Tq;
         long kvStride = (long)c->NKV * hs, qStride = (long)c->NH * hs;
-        int j1 = Math.Min(T, (rb + 1) * AttnRows);
-        for (int j = rb * AttnRows; j < j1; j++)
+        int j0 = kb * AttnBc, nc = Math.Min(AttnBc, T - j0);
+        float* kt = c->Scratch + worker * c->Stride, vt = kt + hs * AttnBc;
+        float* dkAcc = vt + hs * AttnBc, dvAcc = dkAcc + hs * AttnBc;
+        float* pm = dvAcc + hs * AttnBc, dsm = pm + AttnBr * AttnBc, tmp = dsm + AttnBr * AttnBc;
+        float* kBlock = c->K + (((long)b * T + j0) * c->NKV + kh) * hs;
+        float* vBlock = c->V + (((long)b * T + j0) * c->NKV + kh) * hs;
+        PackTransposed(kBlock, kvStride, nc, hs, kt);
+        PackTransposed(vBlock, kvStride, nc, hs, vt);
+        new Span<float>(dkAcc, AttnBc * hs).Clear();
+        new Span<float>(dvAcc, AttnBc * hs).Clear();
+        for (int g = 0; g < c->Group; g++)
         {
-            long ko = (((long)b * T + j) * c->NKV + kh) * hs;
-            var krow = new ReadOnlySpan<float>(c->K + ko, hs);
-            var vrow = new ReadOnlySpan<float>(c->V + ko, hs);
-            var dkrow = new Span<float>(c->DK + ko, hs);
-            var dvrow = new Span<float>(c->DV + ko, hs);
-            dkrow.Clear(); dvrow.Clear();
-            for (int g = 0; g < c->Group; g++)
+            int h = kh * c->Group + g;
+            float* qBase = c->Q + ((long)b * T * c->NH + h) * hs;
+            float* doBase = c->DO + ((long)b * T * c->NH + h) * hs;
+            long rowBase = ((long)b * c->NH + h) * T;
+            for (int i0 = j0; i0 < T; i0 += AttnBr)
             {
-                int h = kh * c->Group + g;
-                float* qBase = c->Q + ((long)b * T * c->NH + h) * hs;
-                float* doBase = c->DO + ((long)b * T * c->NH + h) * hs;
-                long rowBase = ((long)b * c->NH + h) * T;
-                for (int i = j; i < T; i++)
+                int rows = Math.Min(AttnBr, T - i0);
+                for (int r = 0; r < rows; r++)
                 {
-                    var qrow = new ReadOnlySpan<float>(qBase + i * qStride, hs);
-                    var dorow = new ReadOnlySpan<float>(doBase + i * qStride, hs);
-                    float pij = MathF.Exp(TensorPrimitives.Dot(qrow, krow) * c->Scale - c->Lse[rowBase + i]);
-                    float dp = TensorPrimitives.Dot(dorow, vrow);
-                    TensorPrimitives.MultiplyAdd(dorow, pij, dvrow, dvrow);
-                    TensorPrimitives.MultiplyAdd(qrow, pij * (dp - c->D[rowBase + i]) * c->Scale, dkrow, dkrow);
+                    int i = i0 + r;
+                    ProbsAndScoreGrads(c, qBase + i * qStride, doBase + i * qStride, c->Lse[rowBase + i], c->D[rowBase + i],
+                        Math.Min(nc, i - j0 + 1), kt, vt, tmp, pm + r * AttnBc, dsm + r * AttnBc);
                 }
+                AccumulateTransposed(pm, rows, doBase + i0 * qStride, qStride, dvAcc, nc, hs);
+                AccumulateTransposed(dsm, rows, qBase + i0 * qStride, qStride, dkAcc, nc, hs);
             }
+        }
+        for (int cc = 0; cc < nc; cc++)
+        {
+            long ko = (((long)b * T + j0 + cc) * c->NKV + kh) * hs;
+            new ReadOnlySpan<float>(dkAcc + cc * hs, hs).CopyTo(new Span<float>(c->DK + ko, hs));
+            new ReadOnlySpan<float>(dvAcc + cc * hs, hs).CopyTo(new Span<float>(c->DV + ko, hs));
+        }
+    }
+
+    /// <summary>acc(64, HS) += Pᵀ·X: acc[c, :] += Σ_r P[r, c]·x_r, four keys share every loaded 16-channel slice of x_r.</summary>
+    private static void AccumulateTransposed(float* pm, int rows, float* x, long xStride, float* acc, int nc, int hs)
+    {
+        int hv = hs & ~15;
+        for (int c0 = 0; c0 < nc; c0 += 4)
+        {
+            // keys past nc have P = 0 and land in acc rows that are never copied out (acc has 64 rows)
+            for (int d = 0; d < hv; d += 16)
+            {
+                float* a = acc + c0 * hs + d;
+                var acc0 = Vector512.Load(a); var acc1 = Vector512.Load(a + hs);
+                var acc2 = Vector512.Load(a + 2 * hs); var acc3 = Vector512.Load(a + 3 * hs);
+                for (int r = 0; r < rows; r++)
+                {
+                    var xv = Vector512.Load(x + r * xStride + d);
+                    float* pr = pm + r * AttnBc + c0;
+                    acc0 = Vector512.FusedMultiplyAdd(Vector512.Create(pr[0]), xv, acc0);
+                    acc1 = Vector512.FusedMultiplyAdd(Vector512.Create(pr[1]), xv, acc1);
+                    acc2 = Vector512.FusedMultiplyAdd(Vector512.Create(pr[2]), xv, acc2);
+                    acc3 = Vector512.FusedMultiplyAdd(Vector512.Create(pr[3]), xv, acc3);
+                }
+                acc0.Store(a); acc1.Store(a + hs); acc2.Store(a + 2 * hs); acc3.Store(a + 3 * hs);
+            }
+            for (int d = hv; d < hs; d++)
+                for (int k = 0; k < 4; k++)
+                {
+                    float s = acc[(c0 + k) * hs + d];
+                    for (int r = 0; r < rows; r++) s += pm[r * AttnBc + c0 + k] * x[r * xStride + d];
+                    acc[(c0 + k) * hs + d] = s;
+                }
         }
     }
 }
