@@ -47,8 +47,8 @@ internal static class Quick
     }
 
     /// <summary>
-    /// Best of up to 20 runs. With FTN_CPUTIME=1 the process CPU time is used instead of the wall clock: on a loaded
-    /// shared machine it approximates the time on an idle one (threads x wall for a fully parallel op).
+    /// Best of up to 20 runs. With FTN_CPUTIME=1 the process CPU time (summed over threads) replaces the wall clock, so
+    /// the rate is per core-second: on a loaded shared machine it estimates what one idle core does.
     /// </summary>
     private static double Time(Action a)
     {
