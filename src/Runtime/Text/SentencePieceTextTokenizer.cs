@@ -47,7 +47,7 @@ public sealed class SentencePieceTextTokenizer : TextTokenizerBase
                 _bytes[i] = Encoding.UTF8.GetBytes(p.Text.Replace('\u2581', ' '));
             if (p.Type is SentencePieceModelFile.PieceType.Control or SentencePieceModelFile.PieceType.Unknown
                 or SentencePieceModelFile.PieceType.UserDefined)
-                AddSpecial(p.Text, i);
+                AddSpecial(p.Text, i, special: p.Type != SentencePieceModelFile.PieceType.UserDefined);
         }
         StripLeadingSpace = model.AddDummyPrefix;
         SetBos(model.BosId >= 0 && model.BosId < VocabSize ? model.BosId : null);

@@ -152,7 +152,7 @@ public abstract class TextTokenizerBase : ITextTokenizer
 
     public virtual string Describe()
     {
-        string Tok(int? id) => id is int i ? $"{IdToToken(i)}={i}" : "none";
+        string Tok(int? id) => id is int i ? $"{Escape(_specialText.GetValueOrDefault(i) ?? IdToToken(i) ?? "?")}={i}" : "none";
         var s = $"{Format} tokenizer ({Path.GetFileName(Source)}): vocab {VocabSize}, BOS {Tok(BosId)}, EOS {Tok(EosId)}";
         if (EosIds.Count > 1) s += $", stop ids [{string.Join(",", EosIds)}]";
         if (Warnings.Count > 0) s += $"; {Warnings.Count} file defect(s) worked around: " + string.Join("; ", Warnings);
@@ -160,4 +160,7 @@ public abstract class TextTokenizerBase : ITextTokenizer
     }
 
     public override string ToString() => Describe();
+
+    private static string Escape(string s) =>
+        string.Concat(s.Select(c => c switch { '\n' => "\\n", '\t' => "\\t", '\r' => "\\r", _ when char.IsControl(c) => $"\\x{(int)c:X2}", _ => c.ToString() }));
 }
