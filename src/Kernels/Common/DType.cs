@@ -7,6 +7,10 @@ public enum DType
     BF16,
     F16,
     I32,
+    /// <summary>GGUF Q8_0: blocks of 32 elements, 34 bytes each (f16 scale d, 32 int8 q); x = q·d.</summary>
+    Q8_0,
+    /// <summary>GGUF Q4_0: blocks of 32 elements, 18 bytes each (f16 scale d, 16 bytes of nibbles); x = (q-8)·d.</summary>
+    Q4_0,
 }
 
 public static class DTypeExtensions
@@ -17,8 +21,31 @@ public static class DTypeExtensions
         DType.I32 => 4,
         DType.BF16 => 2,
         DType.F16 => 2,
-        _ => throw new ArgumentOutOfRangeException(nameof(d)),
+        _ => throw new ArgumentOutOfRangeException(nameof(d), d, "block-quantized types have no per-element size; use StorageBytes"),
     };
+
+    /// <summary>True for the GGUF block-quantized types (Q8_0, Q4_0).</summary>
+    public static bool IsBlockQuantized(this DType d) => d is DType.Q8_0 or DType.Q4_0;
+
+    /// <summary>Elements per block: 32 for Q8_0/Q4_0, 1 otherwise.</summary>
+    public static int BlockElements(this DType d) => d.IsBlockQuantized() ? 32 : 1;
+
+    /// <summary>Bytes of one block (one element for plain types).</summary>
+    public static int BlockBytes(this DType d) => d switch
+    {
+        DType.Q8_0 => 34,
+        DType.Q4_0 => 18,
+        _ => d.SizeOf(),
+    };
+
+    /// <summary>Bytes that <paramref name="elements"/> elements occupy (a multiple of the block size for quantized types).</summary>
+    public static long StorageBytes(this DType d, long elements)
+    {
+        int be = d.BlockElements();
+        if (elements % be != 0)
+            throw new ArgumentException($"{d.Name()} stores whole blocks of {be} elements; {elements} is not a multiple");
+        return elements / be * d.BlockBytes();
+    }
 
     public static string Name(this DType d) => d switch
     {
@@ -26,6 +53,8 @@ public static class DTypeExtensions
         DType.BF16 => "bf16",
         DType.F16 => "f16",
         DType.I32 => "i32",
+        DType.Q8_0 => "q8_0",
+        DType.Q4_0 => "q4_0",
         _ => d.ToString(),
     };
 }

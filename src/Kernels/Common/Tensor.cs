@@ -43,7 +43,7 @@ public sealed class Tensor : IDisposable
     public long Offset { get; }
     public string? Name { get; set; }
     public int Rank => Shape.Length;
-    public long Bytes => Length * DType.SizeOf();
+    public long Bytes => DType.StorageBytes(Length);
     public bool IsView => _owner is null;
 
     public int Dim(int i) => Shape[i < 0 ? Shape.Length + i : i];

@@ -45,7 +45,7 @@ public sealed unsafe partial class CpuBackend : IBackend
             if (d < 0) throw new ArgumentException($"negative dimension in shape [{string.Join(", ", shape)}]");
             n *= d;
         }
-        var storage = new CpuStorage(n * dtype.SizeOf());
+        var storage = new CpuStorage(dtype.StorageBytes(n));
         return new Tensor(this, dtype, shape, storage, 0, storage);
     }
 
@@ -60,7 +60,7 @@ public sealed unsafe partial class CpuBackend : IBackend
         if (data == IntPtr.Zero) throw new ArgumentException("WrapExternal: null data pointer", nameof(data));
         long n = 1;
         foreach (int d in shape) n *= d;
-        var storage = new CpuStorage((byte*)data, n * dtype.SizeOf(), owner);
+        var storage = new CpuStorage((byte*)data, dtype.StorageBytes(n), owner);
         return new Tensor(this, dtype, shape, storage, 0, storage);
     }
 
@@ -137,7 +137,7 @@ public sealed unsafe partial class CpuBackend : IBackend
         if (t.Storage is not CpuStorage s)
             throw new ArgumentException($"{name}: {t.Describe()} lives on backend '{t.Backend.Name}', not on the cpu backend", name);
         if (s.IsDisposed) throw new ObjectDisposedException(name, $"{name}: {t.Describe()} was disposed");
-        return s.Pointer + t.Offset * t.DType.SizeOf();
+        return s.Pointer + t.DType.StorageBytes(t.Offset);
     }
 
     private static void CheckLength(Tensor t, long needed, string name, string op)
