@@ -4,7 +4,9 @@ namespace FineTuneNative.Peft.Data;
 /// A padded micro-batch: Tokens and Targets are (B, T) row-major. Rows shorter than T, and whole rows past
 /// the last sample, hold the pad id with target -100, so they add nothing to the loss or the gradients.
 /// </summary>
-public sealed record Batch(int[] Tokens, int[] Targets, int BatchSize, int SeqLen, int Samples, int TargetCount, int TokenCount);
+/// <remarks>Positions (B, T) is set when a row holds packed samples: each sample's positions restart at 0, and the
+/// model keeps attention inside each (see LlamaModel.ForwardBackward); the padding after them is a segment of its own.</remarks>
+public sealed record Batch(int[] Tokens, int[] Targets, int BatchSize, int SeqLen, int Samples, int TargetCount, int TokenCount, int[]? Positions = null);
 
 /// <summary>Deterministic shuffles, the train/eval split and padding into fixed-shape batches.</summary>
 public static class Batching
@@ -54,16 +56,29 @@ public static class Batching
         Array.Fill(tokens, padId);
         Array.Fill(targets, TokenizedSample.IgnoreIndex);
         int tcount = 0, ntok = 0;
-        for (int b = 0; b < samples.Count; b++)
+        bool packed = samples.Any(s => s.Positions is not null);
+        int[]? positions = packed ? new int[batchSize * seqLen] : null;
+        for (int b = 0; b < batchSize; b++)
         {
-            var s = samples[b];
-            if (s.Length > seqLen) throw new ArgumentException($"{s.Location}: sample of {s.Length} tokens exceeds the batch length {seqLen}");
-            s.Tokens.CopyTo(tokens, b * seqLen);
-            s.Targets.CopyTo(targets, b * seqLen);
-            tcount += s.TargetCount;
-            ntok += s.Length;
+            int len = 0;
+            if (b < samples.Count)
+            {
+                var s = samples[b];
+                if (s.Length > seqLen) throw new ArgumentException($"{s.Location}: sample of {s.Length} tokens exceeds the batch length {seqLen}");
+                s.Tokens.CopyTo(tokens, b * seqLen);
+                s.Targets.CopyTo(targets, b * seqLen);
+                tcount += s.TargetCount;
+                ntok += s.Length;
+                len = s.Length;
+                if (positions is not null)
+                {
+                    if (s.Positions is { } p) p.CopyTo(positions, b * seqLen);
+                    else for (int t = 0; t < len; t++) positions[b * seqLen + t] = t;
+                }
+            }
+            if (positions is not null) for (int t = len; t < seqLen; t++) positions[b * seqLen + t] = t - len;
         }
-        return new Batch(tokens, targets, batchSize, seqLen, samples.Count, tcount, ntok);
+        return new Batch(tokens, targets, batchSize, seqLen, samples.Count, tcount, ntok, positions);
     }
 
     /// <summary>Consecutive batches over <paramref name="samples"/> in the given order; the last one padded with empty rows.</summary>

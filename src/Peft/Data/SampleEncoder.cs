@@ -9,6 +9,8 @@ namespace FineTuneNative.Peft.Data;
 public sealed record TokenizedSample(string Location, int[] Tokens, int[] Targets)
 {
     public const int IgnoreIndex = -100;
+    /// <summary>Per-token positions of a packed sample (restarting at 0 for each packed sample, see <see cref="Packing"/>); null = 0..Length-1.</summary>
+    public int[]? Positions { get; init; }
     public int Length => Tokens.Length;
     public int TargetCount => Targets.Count(t => t != IgnoreIndex);
 }

@@ -103,7 +103,7 @@ public sealed class Trainer : IDisposable
         long count = 0;
         foreach (var b in Batching.Batches(samples, _opt.MicroBatch, seqLen, padId))
         {
-            var (ls, c) = _model.Loss(b.Tokens, b.Targets, b.BatchSize, b.SeqLen);
+            var (ls, c) = _model.Loss(b.Tokens, b.Targets, b.BatchSize, b.SeqLen, b.Positions);
             sum += ls;
             count += c;
         }
@@ -128,7 +128,7 @@ public sealed class Trainer : IDisposable
         {
             var b = window[i];
             ulong dropoutSeed = _opt.Seed * 0x9E3779B97F4A7C15UL + (ulong)_step * 0x100000001B3UL + (ulong)i;
-            var (ls, _) = _model.ForwardBackward(b.Tokens, b.Targets, b.BatchSize, b.SeqLen, lossScale, dropoutSeed);
+            var (ls, _) = _model.ForwardBackward(b.Tokens, b.Targets, b.BatchSize, b.SeqLen, lossScale, dropoutSeed, b.Positions);
             lossSum += ls;
         }
         double loss = lossSum / n;

@@ -32,6 +32,7 @@ public sealed class LlamaModel : IDisposable
     private readonly List<TrainingWorkspace> _workspaces = new(); // most recently used first, at most 2
     private LlamaWeights? _grads;            // f32 gradients of every base parameter when TrainBase
     private int _logitsChunkRows;
+    private float[]? _noiseHost;            // (M, C) host NEFTune noise, reused across steps
     private bool _disposed;
 
     public LlamaModel(LlamaWeights weights, IBackend backend)
@@ -57,6 +58,36 @@ public sealed class LlamaModel : IDisposable
         {
             if (value < 0) throw new ArgumentOutOfRangeException(nameof(value), "LogitsChunkRows must be >= 0");
             if (value != _logitsChunkRows) { _logitsChunkRows = value; ReleaseWorkspaces(); }
+        }
+    }
+
+    /// <summary>
+    /// NEFTune (Jain et al. 2023): in training steps only, the input embeddings get uniform noise in
+    /// [-α/√(T·C), α/√(T·C)] (T the batch's sequence length, C the hidden size), as Hugging Face's
+    /// <c>neftune_noise_alpha</c>. 0 = off. The noise is drawn from the step's dropout seed (see <see cref="NeftuneNoise"/>),
+    /// so a resumed run draws the same noise. The embedding gradient is unchanged by an additive constant.
+    /// </summary>
+    public float NeftuneAlpha
+    {
+        get => _neftuneAlpha;
+        set
+        {
+            if (!(value >= 0 && float.IsFinite(value))) throw new ArgumentOutOfRangeException(nameof(value), $"NEFTune alpha must be a finite value >= 0 (got {value})");
+            _neftuneAlpha = value;
+        }
+    }
+    private float _neftuneAlpha;
+
+    /// <summary>Fills <paramref name="noise"/> (T·C per sequence) with NEFTune's uniform noise of magnitude α/√(T·C).</summary>
+    public static void NeftuneNoise(Span<float> noise, float alpha, int seqLen, int hidden, ulong seed)
+    {
+        double mag = alpha / Math.Sqrt((double)seqLen * hidden);
+        ulong state = Mix64(seed ^ 0x4E454654554E45UL); // "NEFTUNE": a stream independent of the dropout masks
+        for (int i = 0; i < noise.Length; i++)
+        {
+            state += 0x9E3779B97F4A7C15UL;
+            double u = (Mix64(state) >> 11) * (1.0 / (1UL << 53)); // [0, 1)
+            noise[i] = (float)((2 * u - 1) * mag);
         }
     }
 
@@ -176,10 +207,14 @@ public sealed class LlamaModel : IDisposable
     /// <see cref="TrainBase"/>, into the base gradients. LoRA dropout masks derive from
     /// <paramref name="dropoutSeed"/> (see <see cref="DropoutSeedFor"/>).
     /// Returns the unscaled sum of the per-token losses and the number of tokens that count.
+    /// <paramref name="positions"/> (optional, (B, T)) packs several samples per row: a row is cut into segments
+    /// where the position restarts at 0 (it must otherwise grow by 1); RoPE uses these positions and attention
+    /// stays inside each segment (block-diagonal), so a packed row computes exactly what its samples would alone.
     /// </summary>
-    public (double LossSum, int Count) ForwardBackward(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen, float lossScale, ulong dropoutSeed)
+    public (double LossSum, int Count) ForwardBackward(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen, float lossScale, ulong dropoutSeed,
+        ReadOnlySpan<int> positions = default)
     {
-        var ws = Prepare(tokens, targets, batch, seqLen, out int count, train: true);
+        var ws = Prepare(tokens, targets, batch, seqLen, out int count, train: true, positions);
         Forward(ws, train: true, dropoutSeed);
         double loss = HeadAndLoss(ws, computeGrad: true, lossScale);
         Backward(ws, dropoutSeed);
@@ -187,9 +222,9 @@ public sealed class LlamaModel : IDisposable
     }
 
     /// <summary>Evaluation loss (no dropout, no gradients): Σ per-token loss and the token count.</summary>
-    public (double LossSum, int Count) Loss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen)
+    public (double LossSum, int Count) Loss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen, ReadOnlySpan<int> positions = default)
     {
-        var ws = Prepare(tokens, targets, batch, seqLen, out int count, train: false);
+        var ws = Prepare(tokens, targets, batch, seqLen, out int count, train: false, positions);
         Forward(ws, train: false, 0);
         return (HeadAndLoss(ws, computeGrad: false, 0f), count);
     }
@@ -201,7 +236,7 @@ public sealed class LlamaModel : IDisposable
         _workspaces.Clear();
     }
 
-    private TrainingWorkspace Prepare(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen, out int count, bool train)
+    private TrainingWorkspace Prepare(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen, out int count, bool train, ReadOnlySpan<int> positions)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         if (batch <= 0 || seqLen <= 0) throw new ArgumentException($"batch ({batch}) and seqLen ({seqLen}) must be > 0");
@@ -221,9 +256,11 @@ public sealed class LlamaModel : IDisposable
             count++;
         }
 
+        var segments = PackedSegments(positions, batch, seqLen);
         var ws = Workspace(batch, seqLen);
         _b.Upload(ws.Tokens, tokens);
         _b.Upload(ws.Targets, targets);
+        ws.SetSegments(segments, positions);
         for (int key = 0; key < _lora.Length; key++)
         {
             if (_lora[key] is not { } s) continue;
@@ -231,6 +268,32 @@ public sealed class LlamaModel : IDisposable
             ws.Lora(key, s.Rank, w.Dim(1), needXDrop: train && s.Dropout > 0);
         }
         return ws;
+    }
+
+    /// <summary>
+    /// The (start row, length) segments of packed rows, or null when every row is one sequence from position 0
+    /// (no positions given, or positions 0..T-1 in every row).
+    /// </summary>
+    private static (int Start, int Length)[]? PackedSegments(ReadOnlySpan<int> positions, int batch, int seqLen)
+    {
+        if (positions.IsEmpty) return null;
+        if (positions.Length != batch * seqLen) throw new ArgumentException($"positions has {positions.Length} entries, expected batch·seqLen = {batch}·{seqLen}");
+        var segs = new List<(int, int)>();
+        for (int r = 0; r < batch; r++)
+        {
+            int start = r * seqLen;
+            if (positions[start] != 0) throw new ArgumentException($"positions[{start}] (sequence {r}, position 0) = {positions[start]}: a row must start a segment at 0");
+            for (int t = 1; t <= seqLen; t++)
+            {
+                int i = r * seqLen + t;
+                if (t < seqLen && positions[i] == positions[i - 1] + 1) continue;
+                if (t < seqLen && positions[i] != 0)
+                    throw new ArgumentException($"positions[{i}] (sequence {r}, position {t}) = {positions[i]}: expected {positions[i - 1] + 1} (same segment) or 0 (a new one)");
+                segs.Add((start, i - start));
+                start = i;
+            }
+        }
+        return segs.Count == batch ? null : segs.ToArray();
     }
 
     private TrainingWorkspace Workspace(int batch, int seqLen)
@@ -258,6 +321,14 @@ public sealed class LlamaModel : IDisposable
         int m = ws.M, C = c.HiddenSize, F = c.IntermediateSize;
         float attnScale = 1f / MathF.Sqrt(c.HeadDim);
         _b.EmbeddingForward(ws.Resid[0], ws.Tokens, Weights.Embedding, m, C);
+        if (train && _neftuneAlpha > 0)
+        {
+            // host-drawn so that every backend adds the same noise; Tmp is free until o_proj of layer 0
+            if (_noiseHost is null || _noiseHost.Length != (long)m * C) _noiseHost = new float[(long)m * C];
+            NeftuneNoise(_noiseHost, _neftuneAlpha, ws.SeqLen, C, seed);
+            _b.Upload(ws.Tmp, _noiseHost);
+            _b.Add(ws.Resid[0], ws.Resid[0], ws.Tmp);
+        }
         for (int l = 0; l < c.NumLayers; l++)
         {
             var lw = Weights.Layers[l];
@@ -269,8 +340,16 @@ public sealed class LlamaModel : IDisposable
             LinearForward(ws, l, ModV, s.V, ws.Xn, train, seed);
             _b.Rope(s.Q, ws.Positions, m, c.NumHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
             _b.Rope(s.K, ws.Positions, m, c.NumKvHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
-            _b.AttentionForward(s.Att, s.Lse, s.Q, s.K, s.V, ws.Batch, ws.SeqLen, ws.SeqLen, ws.SeqLen,
-                c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
+            if (ws.Segments is null)
+                _b.AttentionForward(s.Att, s.Lse, s.Q, s.K, s.V, ws.Batch, ws.SeqLen, ws.SeqLen, ws.SeqLen,
+                    c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
+            else
+                // packed rows: one causal attention per segment, on views (B = 1, T = segment length); the segment's
+                // lse is stored contiguously at row offset·NH (a private layout read only by the backward below)
+                foreach (var (o, n) in ws.Segments)
+                    _b.AttentionForward(s.Att.View((long)o * c.QDim, 1, n, c.NumHeads, c.HeadDim), s.Lse.View((long)o * c.NumHeads, 1, c.NumHeads, n),
+                        s.Q.View((long)o * c.QDim, 1, n, c.NumHeads, c.HeadDim), s.K.View((long)o * c.KvDim, 1, n, c.NumKvHeads, c.HeadDim),
+                        s.V.View((long)o * c.KvDim, 1, n, c.NumKvHeads, c.HeadDim), 1, n, n, n, c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
             LinearForward(ws, l, ModO, ws.Tmp, s.Att, train, seed);
             _b.Add(s.ResidMid, ws.Resid[l], ws.Tmp);
             // MLP block
@@ -340,8 +419,19 @@ public sealed class LlamaModel : IDisposable
 
             // attention block: ResidMid = Resid[l] + o(attn(rope(q(xn)), rope(k(xn)), v(xn))), xn = RMSNorm(Resid[l])
             LinearBackward(ws, l, ModO, ws.DAtt, ws.DResid, s.Att, seed, accumulate: false);
-            _b.AttentionBackward(ws.DQ, ws.DK, ws.DV, ws.DAtt, s.Att, s.Lse, s.Q, s.K, s.V,
-                ws.Batch, ws.SeqLen, c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
+            if (ws.Segments is null)
+                _b.AttentionBackward(ws.DQ, ws.DK, ws.DV, ws.DAtt, s.Att, s.Lse, s.Q, s.K, s.V,
+                    ws.Batch, ws.SeqLen, c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
+            else
+                foreach (var (o, n) in ws.Segments)
+                {
+                    long qo = (long)o * c.QDim, ko = (long)o * c.KvDim;
+                    _b.AttentionBackward(ws.DQ.View(qo, 1, n, c.NumHeads, c.HeadDim), ws.DK.View(ko, 1, n, c.NumKvHeads, c.HeadDim),
+                        ws.DV.View(ko, 1, n, c.NumKvHeads, c.HeadDim), ws.DAtt.View(qo, 1, n, c.NumHeads, c.HeadDim),
+                        s.Att.View(qo, 1, n, c.NumHeads, c.HeadDim), s.Lse.View((long)o * c.NumHeads, 1, c.NumHeads, n),
+                        s.Q.View(qo, 1, n, c.NumHeads, c.HeadDim), s.K.View(ko, 1, n, c.NumKvHeads, c.HeadDim), s.V.View(ko, 1, n, c.NumKvHeads, c.HeadDim),
+                        1, n, c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
+                }
             // RoPE is a rotation: its backward is the inverse rotation of the gradient
             _b.Rope(ws.DQ, ws.Positions, m, c.NumHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: true);
             _b.Rope(ws.DK, ws.Positions, m, c.NumKvHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: true);

@@ -27,7 +27,9 @@ internal sealed class TrainingWorkspace : IDisposable
 
     public Tensor Tokens { get; }     // (M) I32
     public Tensor Targets { get; }    // (M) I32
-    public Tensor Positions { get; }  // (M) I32, t within its sequence
+    public Tensor Positions { get; }  // (M) I32, t within its sequence (within its segment for packed rows)
+    /// <summary>(start row, length) of each packed segment; null when every row is one sequence (see LlamaModel.ForwardBackward).</summary>
+    public (int Start, int Length)[]? Segments { get; private set; }
     public Tensor Losses { get; }     // (M)
     public float[] LossHost { get; }  // (M) host copy of Losses
 
@@ -136,6 +138,19 @@ internal sealed class TrainingWorkspace : IDisposable
                 DXn.View((long)r0 * C, rows, C), Targets.View(r0, rows), Losses.View(r0, rows)));
         }
         Chunks = chunks.ToArray();
+    }
+
+    /// <summary>Sets the packed segments and uploads their positions; null restores positions 0..T-1 per row.</summary>
+    public void SetSegments((int Start, int Length)[]? segments, ReadOnlySpan<int> positions)
+    {
+        if (segments is not null) _b.Upload(Positions, positions);
+        else if (Segments is not null)
+        {
+            var pos = new int[M];
+            for (int i = 0; i < M; i++) pos[i] = i % SeqLen;
+            _b.Upload(Positions, pos);
+        }
+        Segments = segments;
     }
 
     private Tensor New(DType d, string name, params int[] shape)
