@@ -154,10 +154,8 @@ public static class TrainCommand
         }
 
         using var model = new LlamaModel(loaded.Weights, backend);
-        using var adapter = LoraAdapter.Create(model, lora, opts.Seed);
-        stdout.WriteLine($"lora     r={lora.Rank} alpha={CliCommon.F(lora.Alpha, "0.###")} dropout={CliCommon.F(lora.Dropout, "0.###")} on {string.Join(",", lora.TargetModules)}: " +
-                         $"{CliCommon.Count(adapter.ParameterCount)} trainable parameters");
-        using var trainer = new Trainer(model, adapter, opts);
+        using var method = CreateMethod(o, model, lora, opts, stdout);
+        using var trainer = new Trainer(model, method, opts);
         int total = Trainer.TotalSteps(opts, data.Train.Count);
         int logEvery = o.LogEvery is int le && le > 0 ? le : Math.Max(1, total / 20);
         stdout.WriteLine($"train    {total} steps x {opts.MicroBatch * opts.GradAccum} sequences (batch {opts.MicroBatch} x accum {opts.GradAccum}), lr {opts.LearningRate:0.###e0}, max len {opts.MaxLength}");
@@ -181,7 +179,7 @@ public static class TrainCommand
             if (emRecords.Count > 0)
             {
                 using var merged = ModelSource.CloneWritable(loaded.Weights, backend);
-                adapter.MergeInto(merged);
+                if (method is LoraAdapter adapter) adapter.MergeInto(merged);
                 using var session = new InferenceSession(merged, backend, SessionLength(cfg, tok, emRecords, o.MaxNewTokens));
                 emAfter = ExactMatch.Evaluate(session, tok, emRecords, o.MaxNewTokens);
                 WriteGenerations(Path.Combine(tmp, "eval_generations.jsonl"), emBefore!, emAfter);
@@ -211,6 +209,18 @@ public static class TrainCommand
         stdout.WriteLine($"trained {r.Steps} steps, {CliCommon.Count(r.TrainTokens)} tokens, {r.TokensPerSecond:0} tok/s in {CliCommon.Duration(r.Elapsed)}; total {CliCommon.Duration(wall.Elapsed)}");
         stdout.WriteLine($"adapter  {outDir}  (try: ftn generate{(demo ? "" : $" --model {modelPath}")} --adapter {o.Out} --prompt \"...\"{(emRecords.Count > 0 && emRecords[0].Input.Length > 0 ? " --input \"...\"" : "")})");
         return 0;
+    }
+
+    /// <summary>
+    /// Creates and attaches the trainable method the options ask for, and prints one line about it. New methods add a
+    /// case here (and their options to <see cref="TrainOptions"/>).
+    /// </summary>
+    internal static ITrainableMethod CreateMethod(TrainOptions o, LlamaModel model, LoraConfig lora, PeftTrainOptions opts, TextWriter stdout)
+    {
+        var adapter = LoraAdapter.Create(model, lora, opts.Seed);
+        stdout.WriteLine($"lora     r={lora.Rank} alpha={CliCommon.F(lora.Alpha, "0.###")} dropout={CliCommon.F(lora.Dropout, "0.###")} on {string.Join(",", lora.TargetModules)}: " +
+                         $"{CliCommon.Count(adapter.ParameterCount)} trainable parameters");
+        return adapter;
     }
 
     private static string Pct(double rate) => double.IsNaN(rate) ? "n/a" : (100 * rate).ToString("0.0", CultureInfo.InvariantCulture) + "%";

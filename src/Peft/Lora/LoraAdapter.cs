@@ -1,6 +1,8 @@
 using System.Text;
+using System.Text.Json.Nodes;
 using FineTuneNative.Kernels;
 using FineTuneNative.Peft.Data;
+using FineTuneNative.Peft.Training;
 using FineTuneNative.Runtime.IO;
 using FineTuneNative.Runtime.Model;
 
@@ -22,14 +24,17 @@ public sealed record LoraModule(int Layer, string Module, int Out, int In, LoraS
 /// Files: adapter_config.json (PEFT fields) and adapter_model.safetensors with keys
 /// "base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight" (R, in) and ".lora_B.weight" (out, R),
 /// f32, metadata {"format": "pt"} as PEFT writes it.
+/// As an <see cref="ITrainableMethod"/>: every A and B is trainable with weight decay; Save/LoadValues use the PEFT
+/// files; Detach/Attach remove and restore the slots on the model.
 /// </remarks>
-public sealed class LoraAdapter : IDisposable
+public sealed class LoraAdapter : ITrainableMethod
 {
     public const string ConfigFile = "adapter_config.json";
     public const string WeightsFile = "adapter_model.safetensors";
 
     private readonly LlamaModel _model;
     private readonly List<LoraModule> _modules;
+    private readonly TrainableTensor[] _trainable;
     private bool _disposed;
 
     private LoraAdapter(LlamaModel model, LoraConfig config, List<LoraModule> modules)
@@ -37,7 +42,13 @@ public sealed class LoraAdapter : IDisposable
         _model = model;
         Config = config;
         _modules = modules;
+        _trainable = Parameters().Select(p => new TrainableTensor(p.Name, p.Param, p.Grad, WeightDecay: true)).ToArray();
+        IsAttached = true;
     }
+
+    public string Kind => "lora";
+    public IReadOnlyList<TrainableTensor> Trainable => _trainable;
+    public bool IsAttached { get; private set; }
 
     public LoraConfig Config { get; }
     public IReadOnlyList<LoraModule> Modules => _modules;
@@ -132,6 +143,35 @@ public sealed class LoraAdapter : IDisposable
 
     private static Tensor Named(Tensor t, string name) { t.Name = name; return t; }
 
+    /// <summary>Re-attaches every slot to the model (after <see cref="Detach"/>).</summary>
+    public void Attach()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (IsAttached) return;
+        foreach (var m in _modules)
+            if (_model.GetLora(m.Layer, m.Module) is not null)
+                throw new InvalidOperationException($"layer {m.Layer} {m.Module} already has another LoRA adapter attached; detach it first");
+        foreach (var m in _modules) _model.SetLora(m.Layer, m.Module, m.Slot);
+        IsAttached = true;
+    }
+
+    /// <summary>Removes every slot from the model, keeping the tensors: the model computes the base alone.</summary>
+    public void Detach()
+    {
+        if (!IsAttached) return;
+        foreach (var m in _modules)
+            if (ReferenceEquals(_model.GetLora(m.Layer, m.Module), m.Slot)) _model.SetLora(m.Layer, m.Module, null);
+        IsAttached = false;
+    }
+
+    public JsonObject DescribeConfig() => new()
+    {
+        ["method"] = Kind,
+        ["r"] = Config.Rank, ["lora_alpha"] = Config.Alpha, ["lora_dropout"] = Config.Dropout,
+        ["target_modules"] = new JsonArray(Config.TargetModules.Select(m => (JsonNode)m).ToArray()),
+        ["use_rslora"] = Config.UseRsLora,
+    };
+
     // ------------------------------------------------------------------------------------------ save / load
 
     /// <summary>
@@ -180,6 +220,22 @@ public sealed class LoraAdapter : IDisposable
                 string p = PeftPrefix(layer, module);
                 return (weights.ReadF32($"{p}.lora_A.weight"), weights.ReadF32($"{p}.lora_B.weight"));
             });
+        }
+    }
+
+    /// <summary>
+    /// Reads the A and B values of the PEFT adapter in <paramref name="dir"/> into this adapter (same rank and target
+    /// modules, else an error naming the file).
+    /// </summary>
+    public void LoadValues(string dir)
+    {
+        var (config, st) = ReadChecked(dir, _model.Weights.Config);
+        using (st)
+        {
+            if (config.Rank != Config.Rank || !config.TargetModules.OrderBy(x => x, StringComparer.Ordinal).SequenceEqual(Config.TargetModules.OrderBy(x => x, StringComparer.Ordinal)))
+                throw new InvalidDataException($"{Path.Combine(dir, ConfigFile)}: r = {config.Rank} on {string.Join(",", config.TargetModules)}; " +
+                    $"this adapter has r = {Config.Rank} on {string.Join(",", Config.TargetModules)}");
+            foreach (var (name, param, _) in Parameters()) param.Backend.Upload(param, st.ReadF32(name));
         }
     }
 

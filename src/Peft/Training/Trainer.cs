@@ -44,8 +44,9 @@ public sealed class TrainResult
 }
 
 /// <summary>
-/// LoRA fine-tuning loop: AdamW on the adapter tensors, linear warmup then cosine decay, gradient accumulation,
-/// global-norm clipping, held-out evaluation before, during and after training.
+/// Fine-tuning loop over any <see cref="ITrainableMethod"/> (LoRA, full fine-tuning, ...): AdamW on the method's
+/// trainable tensors, linear warmup then cosine decay, gradient accumulation, global-norm clipping, held-out
+/// evaluation before, during and after training.
 /// </summary>
 /// <remarks>
 /// Accumulation: an optimizer step covers GradAccum micro-batches; the loss of every micro-batch is scaled by
@@ -59,28 +60,41 @@ public sealed class TrainResult
 public sealed class Trainer : IDisposable
 {
     private readonly LlamaModel _model;
-    private readonly LoraAdapter _adapter;
+    private readonly ITrainableMethod _method;
     private readonly TrainOptions _opt;
     private readonly IBackend _backend;
-    private readonly List<(Tensor Param, Tensor Grad, Tensor M, Tensor V)> _state = new();
+    private readonly List<(string Name, Tensor Param, Tensor Grad, Tensor M, Tensor V, bool Decay)> _state = new();
     private int _step;
 
-    public Trainer(LlamaModel model, LoraAdapter adapter, TrainOptions options)
+    /// <summary>A trainer of <paramref name="method"/>'s tensors, which must be attached to <paramref name="model"/>.</summary>
+    public Trainer(LlamaModel model, ITrainableMethod method, TrainOptions options)
     {
         options.Validate();
         _model = model;
-        _adapter = adapter;
+        _method = method;
         _opt = options;
         _backend = model.Backend;
-        foreach (var (name, p, g) in adapter.Parameters())
+        if (!method.IsAttached) throw new InvalidOperationException($"the {method.Kind} method is detached from the model; attach it before training");
+        var names = new HashSet<string>(StringComparer.Ordinal);
+        foreach (var t in method.Trainable)
         {
-            var m = _backend.Allocate(DType.F32, p.Shape);
-            var v = _backend.Allocate(DType.F32, p.Shape);
-            m.Name = name + ".adam_m";
-            v.Name = name + ".adam_v";
-            _state.Add((p, g, m, v));
+            if (!names.Add(t.Name)) throw new InvalidOperationException($"{method.Kind}: two trainable tensors are named '{t.Name}'");
+            if (t.Param.DType != DType.F32 || t.Grad.DType != DType.F32 || t.Param.Length != t.Grad.Length)
+                throw new InvalidOperationException($"{method.Kind}: trainable '{t.Name}' must be an f32 parameter with an f32 gradient of its size " +
+                    $"(param {t.Param.Describe()}, grad {t.Grad.Describe()})");
+            var m = _backend.Allocate(DType.F32, t.Param.Shape);
+            var v = _backend.Allocate(DType.F32, t.Param.Shape);
+            m.Name = t.Name + ".adam_m";
+            v.Name = t.Name + ".adam_v";
+            _backend.Fill(m, 0);
+            _backend.Fill(v, 0);
+            _state.Add((t.Name, t.Param, t.Grad, m, v, t.WeightDecay));
         }
+        if (_state.Count == 0) throw new InvalidOperationException($"the {method.Kind} method has no trainable tensor");
     }
+
+    /// <summary>What this trainer trains.</summary>
+    public ITrainableMethod Method => _method;
 
     public event Action<TrainProgress>? Progress;
     public event Action<EvalProgress>? Evaluated;
@@ -121,7 +135,7 @@ public sealed class Trainer : IDisposable
         long n = window.Sum(b => (long)b.TargetCount);
         if (n == 0) throw new InvalidOperationException("a training step has no target tokens");
         _step++;
-        _adapter.ZeroGrad();
+        _method.ZeroGrad();
         float lossScale = (float)(1.0 / n);
         double lossSum = 0;
         for (int i = 0; i < window.Count; i++)
@@ -131,7 +145,7 @@ public sealed class Trainer : IDisposable
             var (ls, _) = _model.ForwardBackward(b.Tokens, b.Targets, b.BatchSize, b.SeqLen, lossScale, dropoutSeed, b.Positions);
             lossSum += ls;
         }
-        double loss = lossSum / n;
+        double loss = lossSum / n + _method.AddPenalty();
         if (!double.IsFinite(loss)) throw new InvalidOperationException($"step {_step}: the training loss is {loss}; stopping (lower the learning rate?)");
         double sq = 0;
         foreach (var s in _state) sq += _backend.SumOfSquares(s.Grad);
@@ -140,7 +154,8 @@ public sealed class Trainer : IDisposable
         float gradScale = _opt.ClipNorm > 0 && norm > _opt.ClipNorm ? (float)(_opt.ClipNorm / (norm + 1e-6)) : 1f;
         foreach (var s in _state)
             _backend.AdamW(s.Param, s.Grad, s.M, s.V, (float)lr, (float)_opt.Beta1, (float)_opt.Beta2, (float)_opt.AdamEps,
-                (float)_opt.WeightDecay, _step, gradScale);
+                s.Decay ? (float)_opt.WeightDecay : 0f, _step, gradScale);
+        _method.AfterStep();
         return (loss, norm);
     }
 
@@ -163,7 +178,8 @@ public sealed class Trainer : IDisposable
     /// <remarks>
     /// With SaveEvery &gt; 0 a checkpoint (<see cref="SaveCheckpoint"/>) is written to outputDir/checkpoint-{step}
     /// every SaveEvery steps. <paramref name="resumeFrom"/> continues from such a checkpoint: load its adapter
-    /// into the model first (<see cref="LoraAdapter.Load"/>), pass the same data and options, and the remaining
+    /// into the model first (<see cref="LoraAdapter.Load"/>, or let LoadCheckpoint restore the values into the method),
+    /// pass the same data and options, and the remaining
     /// steps reproduce the uninterrupted run bit for bit (same batches, dropout masks, learning rates and Adam
     /// state). metrics.jsonl is then appended to.
     /// </remarks>
@@ -277,7 +293,7 @@ public sealed class Trainer : IDisposable
             };
             if (outputDir is not null)
             {
-                _adapter.Save(outputDir, baseModelName);
+                _method.Save(outputDir, baseModelName);
                 summaryPath = result.SummaryPath!;
                 var summary = new JsonObject
                 {
@@ -294,14 +310,9 @@ public sealed class Trainer : IDisposable
                     ["train_tokens"] = tokens,
                     ["tokens_per_s"] = Math.Round(result.TokensPerSecond, 1),
                     ["elapsed_s"] = Math.Round(secsTotal, 3),
-                    ["trainable_parameters"] = _adapter.ParameterCount,
+                    ["trainable_parameters"] = _method.ParameterCount,
                     ["device"] = _backend.Name,
-                    ["lora"] = new JsonObject
-                    {
-                        ["r"] = _adapter.Config.Rank, ["lora_alpha"] = _adapter.Config.Alpha, ["lora_dropout"] = _adapter.Config.Dropout,
-                        ["target_modules"] = new JsonArray(_adapter.Config.TargetModules.Select(m => (JsonNode)m).ToArray()),
-                        ["use_rslora"] = _adapter.Config.UseRsLora,
-                    },
+                    [_method.Kind] = _method.DescribeConfig(),
                     ["options"] = JsonSerializer.SerializeToNode(_opt),
                 };
                 LoraAdapter.WriteAtomic(summaryPath, summary.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
@@ -327,13 +338,12 @@ public sealed class Trainer : IDisposable
     public void SaveCheckpoint(string dir, TrainerPosition position, string? baseModelName = null)
     {
         if (position.Step != _step) throw new ArgumentException($"position step {position.Step} differs from the trainer's {_step}");
-        _adapter.Save(dir, baseModelName);
+        _method.Save(dir, baseModelName);
         var tensors = new List<(string, DType, int[], float[])>();
-        var names = _adapter.Parameters().Select(p => p.Name).ToList();
-        for (int i = 0; i < _state.Count; i++)
+        foreach (var s in _state)
         {
-            tensors.Add(($"{names[i]}.adam_m", DType.F32, (int[])_state[i].M.Shape.Clone(), _state[i].M.ToArray()));
-            tensors.Add(($"{names[i]}.adam_v", DType.F32, (int[])_state[i].V.Shape.Clone(), _state[i].V.ToArray()));
+            tensors.Add(($"{s.Name}.adam_m", DType.F32, (int[])s.M.Shape.Clone(), s.M.ToArray()));
+            tensors.Add(($"{s.Name}.adam_v", DType.F32, (int[])s.V.Shape.Clone(), s.V.ToArray()));
         }
         Runtime.IO.SafeTensors.Write(Path.Combine(dir, OptimizerFile), tensors, new Dictionary<string, string> { ["format"] = "ftn-adamw" });
         var json = new JsonObject
@@ -344,7 +354,7 @@ public sealed class Trainer : IDisposable
         LoraAdapter.WriteAtomic(Path.Combine(dir, StateFile), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
     }
 
-    /// <summary>Restores the Adam state and step of a checkpoint (the adapter weights are loaded separately).</summary>
+    /// <summary>Restores the parameter values (<see cref="ITrainableMethod.LoadValues"/>), the Adam state and the step of a checkpoint.</summary>
     public TrainerPosition LoadCheckpoint(string dir)
     {
         string statePath = Path.Combine(dir, StateFile);
@@ -358,12 +368,11 @@ public sealed class Trainer : IDisposable
         if (seed != _opt.Seed) throw new InvalidDataException($"{statePath}: the checkpoint was trained with seed {seed}, these options say {_opt.Seed}");
         string optPath = Path.Combine(dir, OptimizerFile);
         using var st = Runtime.IO.SafeTensors.Open(optPath);
-        var names = _adapter.Parameters().Select(p => p.Name).ToList();
-        for (int i = 0; i < _state.Count; i++)
+        foreach (var s in _state)
         {
-            foreach (var (suffix, t) in new[] { ("adam_m", _state[i].M), ("adam_v", _state[i].V) })
+            foreach (var (suffix, t) in new[] { ("adam_m", s.M), ("adam_v", s.V) })
             {
-                string name = $"{names[i]}.{suffix}";
+                string name = $"{s.Name}.{suffix}";
                 if (!st.Contains(name)) throw new InvalidDataException($"{optPath}: missing tensor '{name}' (adapter and checkpoint differ)");
                 var info = st.Info(name);
                 if (!info.Shape.SequenceEqual(t.Shape))
@@ -373,6 +382,7 @@ public sealed class Trainer : IDisposable
         }
         if (st.Names.Count != 2 * _state.Count)
             throw new InvalidDataException($"{optPath}: holds {st.Names.Count} tensors, the adapter needs {2 * _state.Count}");
+        _method.LoadValues(dir);
         _step = pos.Step;
         return pos;
     }
