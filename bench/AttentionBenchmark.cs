@@ -61,5 +61,5 @@ public class AttentionBenchmark
 
     /// <summary>The backward does about 2.5x the forward's flops (recomputed scores, dP, dQ, dK, dV); the column counts forward flops.</summary>
     [Benchmark]
-    public void Backward() => _b.AttentionBackward(_dq, _dk, _dv, _do, _o, _lse, _q, _k, _v, Shape.B, Shape.T, Shape.NH, Shape.NKV, Shape.HS, _scale);
+    public void Backward() => _b.AttentionBackward(_dq, _dk, _dv, _do, _o, _lse, _q, _k, _v, Shape.B, Shape.T, Shape.T, Shape.NH, Shape.NKV, Shape.HS, _scale);
 }

@@ -18,17 +18,17 @@ internal static class Quick
         bool onlyAttention = args.Length > 2 && args[2] == "attention";
         foreach (var a in new[] { new AttentionShape(8, 512, 9, 3, 64), new AttentionShape(3, 333, 6, 2, 40) })
         {
-            using var q = BenchEnv.Random(b, DType.F32, 1, a.B, a.T, a.NH, a.HS);
+            using var q = BenchEnv.Random(b, DType.F32, 1, a.B, a.T, a.T, a.NH, a.HS);
             using var k = BenchEnv.Random(b, DType.F32, 2, a.B, a.T, a.NKV, a.HS);
             using var v = BenchEnv.Random(b, DType.F32, 3, a.B, a.T, a.NKV, a.HS);
-            using var o = b.Allocate(DType.F32, a.B, a.T, a.NH, a.HS);
+            using var o = b.Allocate(DType.F32, a.B, a.T, a.T, a.NH, a.HS);
             using var lse = b.Allocate(DType.F32, a.B, a.NH, a.T);
-            using var dq = b.Allocate(DType.F32, a.B, a.T, a.NH, a.HS);
+            using var dq = b.Allocate(DType.F32, a.B, a.T, a.T, a.NH, a.HS);
             using var dk = b.Allocate(DType.F32, a.B, a.T, a.NKV, a.HS);
             using var dv = b.Allocate(DType.F32, a.B, a.T, a.NKV, a.HS);
             float sc = 1f / MathF.Sqrt(a.HS);
             double f = Time(() => b.AttentionForward(o, lse, q, k, v, a.B, a.T, a.T, a.T, a.NH, a.NKV, a.HS, sc));
-            double bw = Time(() => b.AttentionBackward(dq, dk, dv, o, o, lse, q, k, v, a.B, a.T, a.NH, a.NKV, a.HS, sc));
+            double bw = Time(() => b.AttentionBackward(dq, dk, dv, o, o, lse, q, k, v, a.B, a.T, a.T, a.NH, a.NKV, a.HS, sc));
             Console.WriteLine($"attention {a,-18} fwd {a.Flops / f / 1e9,7:F1}  bwd {2.5 * a.Flops / bw / 1e9,7:F1} GFLOP/s (bwd counted as 2.5x fwd flops)");
         }
         if (onlyAttention) return;

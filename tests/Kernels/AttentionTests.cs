@@ -21,9 +21,15 @@ public class AttentionTests
         (1, 30, 90, 80, 2, 1, 8),  // chunked prefill whose row block straddles a key block edge
     };
 
-    public static readonly (int B, int T, int NH, int NKV, int HS)[] BackwardShapes =
+    // (B, Tq, Tkv, NH, NKV, HS); Tq < Tkv: the first Tkv - Tq keys are a prefix every query sees (prefix tuning)
+    public static readonly (int B, int Tq, int Tkv, int NH, int NKV, int HS)[] BackwardShapes =
     {
-        (1, 1, 1, 1, 4), (2, 5, 4, 2, 8), (1, 13, 2, 2, 16), (1, 19, 3, 1, 5), (2, 7, 4, 4, 6), (1, 70, 2, 1, 8),
+        (1, 1, 1, 1, 1, 4), (2, 5, 5, 4, 2, 8), (1, 13, 13, 2, 2, 16), (1, 19, 19, 3, 1, 5), (2, 7, 7, 4, 4, 6), (1, 70, 70, 2, 1, 8),
+        (1, 1, 4, 2, 1, 4),    // one query after a prefix of 3
+        (2, 5, 8, 4, 2, 8),    // GQA with a prefix of 3
+        (1, 6, 7, 1, 1, 5),    // prefix of 1, odd head size
+        (1, 20, 70, 2, 1, 8),  // prefix of 50: the first key block (CPU: 64) mixes prefix and causal keys
+        (1, 17, 100, 2, 2, 4), // prefix of 83 spans a whole key block; rows straddle a query block (CPU: 16)
     };
 
     [SkippableTheory]
@@ -76,35 +82,37 @@ public class AttentionTests
     {
         var b = Backend(backend);
         int seed = 100;
-        foreach (var (bs, t, nh, nkv, hs) in BackwardShapes)
+        foreach (var (bs, t, tkv, nh, nkv, hs) in BackwardShapes)
         {
-            string what = $"B={bs} T={t} NH={nh} NKV={nkv} HS={hs}";
+            string what = $"B={bs} Tq={t} Tkv={tkv} NH={nh} NKV={nkv} HS={hs}";
             float scale = 1f / MathF.Sqrt(hs);
-            int qn = bs * t * nh * hs, kn = bs * t * nkv * hs;
+            int qn = bs * t * nh * hs, kn = bs * tkv * nkv * hs;
             var qd = Rand(qn, seed++, 2); var kd = Rand(kn, seed++, 2); var vd = Rand(kn, seed++); var dod = Rand(qn, seed++);
-            using var q = Up(b, qd, bs, t, nh, hs); using var k = Up(b, kd, bs, t, nkv, hs); using var v = Up(b, vd, bs, t, nkv, hs);
+            using var q = Up(b, qd, bs, t, nh, hs); using var k = Up(b, kd, bs, tkv, nkv, hs); using var v = Up(b, vd, bs, tkv, nkv, hs);
             using var o = b.Allocate(DType.F32, bs, t, nh, hs); using var lse = b.Allocate(DType.F32, bs, nh, t);
             using var dOut = Up(b, dod, bs, t, nh, hs);
             using var dq = Up(b, Rand(qn, seed++, 9), bs, t, nh, hs);
-            using var dk = Up(b, Rand(kn, seed++, 9), bs, t, nkv, hs);
-            using var dv = Up(b, Rand(kn, seed++, 9), bs, t, nkv, hs);
-            b.AttentionForward(o, lse, q, k, v, bs, t, t, t, nh, nkv, hs, scale);
-            b.AttentionBackward(dq, dk, dv, dOut, o, lse, q, k, v, bs, t, nh, nkv, hs, scale);
-            var (edq, edk, edv) = AttentionReference.Backward(dod, qd, kd, vd, bs, t, nh, nkv, hs, scale);
+            using var dk = Up(b, Rand(kn, seed++, 9), bs, tkv, nkv, hs);
+            using var dv = Up(b, Rand(kn, seed++, 9), bs, tkv, nkv, hs);
+            b.AttentionForward(o, lse, q, k, v, bs, t, tkv, tkv, nh, nkv, hs, scale);
+            b.AttentionBackward(dq, dk, dv, dOut, o, lse, q, k, v, bs, t, tkv, nh, nkv, hs, scale);
+            var (edq, edk, edv) = AttentionReference.Backward(dod, qd, kd, vd, bs, t, tkv, nh, nkv, hs, scale);
             Close(edq, dq, "dq " + what);
             Close(edk, dk, "dk " + what);
             Close(edv, dv, "dv " + what);
         }
     }
 
-    [Fact]
-    public void ReferenceBackward_MatchesFiniteDifferences()
+    [Theory]
+    [InlineData(4)] // plain causal
+    [InlineData(7)] // a prefix of 3 keys every query sees
+    public void ReferenceBackward_MatchesFiniteDifferences(int tkv)
     {
-        const int bs = 1, t = 4, nh = 4, nkv = 2, hs = 3;
+        const int bs = 2, t = 4, nh = 4, nkv = 2, hs = 3;
         const double scale = 0.7;
-        var q = Rand(bs * t * nh * hs, 1); var k = Rand(bs * t * nkv * hs, 2); var v = Rand(bs * t * nkv * hs, 3); var dOut = Rand(q.Length, 4);
-        var (dq, dk, dv) = AttentionReference.Backward(dOut, q, k, v, bs, t, nh, nkv, hs, scale);
-        double[] F(double[] qq, double[] kk, double[] vv) => AttentionReference.Forward(qq, kk, vv, bs, t, t, t, nh, nkv, hs, scale).Out;
+        var q = Rand(bs * t * nh * hs, 1); var k = Rand(bs * tkv * nkv * hs, 2); var v = Rand(bs * tkv * nkv * hs, 3); var dOut = Rand(q.Length, 4);
+        var (dq, dk, dv) = AttentionReference.Backward(dOut, q, k, v, bs, t, tkv, nh, nkv, hs, scale);
+        double[] F(double[] qq, double[] kk, double[] vv) => AttentionReference.Forward(qq, kk, vv, bs, t, tkv, tkv, nh, nkv, hs, scale).Out;
         GradMatches(p => F(p, k, v), q, dOut, dq, "dq");
         GradMatches(p => F(q, p, v), k, dOut, dk, "dk");
         GradMatches(p => F(q, k, p), v, dOut, dv, "dv");

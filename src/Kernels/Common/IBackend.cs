@@ -115,11 +115,13 @@ public interface IBackend : IDisposable
         int batch, int tq, int tkv, int kvLen, int nHeads, int nKvHeads, int headSize, float scale);
 
     /// <summary>
-    /// Backward of <see cref="AttentionForward"/> for training (Tq == Tkv == kvLen == T):
+    /// Backward of <see cref="AttentionForward"/> for training, every key row used (kvLen == Tkv, Tq &lt;= Tkv):
+    /// q, dq (B, Tq, NH, HS); k, v, dk, dv (B, Tkv, NKV, HS). Query i sits at position P + i, P = Tkv - Tq, so
+    /// Tq == Tkv is plain causal training and Tq &lt; Tkv puts P prefix keys (prefix tuning) before the sequence.
     /// dq, dk, dv overwritten (dk/dv sum over the query heads sharing a kv head).
     /// </summary>
     void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOut, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
-        int batch, int t, int nHeads, int nKvHeads, int headSize, float scale);
+        int batch, int tq, int tkv, int nHeads, int nKvHeads, int headSize, float scale);
 
     // ---------------------------------------------------------------- embedding, loss, optimizer
     /// <summary>out(M,C) = table(V,C)[tokens(M)]. Throws on a token outside [0, V).</summary>

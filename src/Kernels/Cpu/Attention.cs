@@ -174,22 +174,24 @@ public sealed unsafe partial class CpuBackend
     }
 
     /// <summary>
-    /// Backward for training (Tq == Tkv == kvLen == T). dq, dk, dv are overwritten; dk/dv sum over the query heads
-    /// of their group. Probabilities are rebuilt from lse; D_i = dOut_i·out_i is kept per row (B·NH·T floats).
+    /// Backward for training, every key used (kvLen == Tkv; Tq &lt; Tkv puts P = Tkv - Tq prefix keys before the
+    /// sequence, seen by every query). dq, dk, dv are overwritten; dk/dv sum over the query heads of their group.
+    /// Probabilities are rebuilt from lse; D_i = dOut_i·out_i is kept per row (B·NH·Tq floats).
     /// </summary>
     public void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOut, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
-        int batch, int t, int nHeads, int nKvHeads, int headSize, float scale)
+        int batch, int tq, int tkv, int nHeads, int nKvHeads, int headSize, float scale)
     {
         using var opScope = _opLock.EnterScope();
         const string op = "AttentionBackward";
-        CheckAttention(op, batch, t, t, t, nHeads, nKvHeads, headSize);
-        long qn = (long)batch * t * nHeads * headSize, kn = (long)batch * t * nKvHeads * headSize, rows = (long)batch * nHeads * t;
+        CheckAttention(op, batch, tq, tkv, tkv, nHeads, nKvHeads, headSize);
+        int t = tq;
+        long qn = (long)batch * tq * nHeads * headSize, kn = (long)batch * tkv * nKvHeads * headSize, rows = (long)batch * nHeads * tq;
         var ctx = new AttnCtx
         {
             DQ = F32(dq, qn, nameof(dq), op), DK = F32(dk, kn, nameof(dk), op), DV = F32(dv, kn, nameof(dv), op),
             DO = F32(dOut, qn, nameof(dOut), op), O = F32(output, qn, nameof(output), op), Lse = F32(lse, rows, nameof(lse), op),
             Q = F32(q, qn, nameof(q), op), K = F32(k, kn, nameof(k), op), V = F32(v, kn, nameof(v), op),
-            B = batch, Tq = t, Tkv = t, KvLen = t, NH = nHeads, NKV = nKvHeads, HS = headSize, Group = nHeads / nKvHeads,
+            B = batch, Tq = tq, Tkv = tkv, KvLen = tkv, NH = nHeads, NKV = nKvHeads, HS = headSize, Group = nHeads / nKvHeads,
             RowBlocks = (t + AttnBr - 1) / AttnBr, Scale = scale,
         };
         EnsureScratch(AttnBackwardScratch(headSize));
@@ -202,7 +204,7 @@ public sealed unsafe partial class CpuBackend
         }
         ctx.D = _attnD;
         _pool.For(batch * nHeads * ctx.RowBlocks, &AttnBackwardQBody, &ctx);
-        ctx.RowBlocks = (t + AttnBc - 1) / AttnBc; // key blocks for the dk/dv pass
+        ctx.RowBlocks = (tkv + AttnBc - 1) / AttnBc; // key blocks for the dk/dv pass
         _pool.For(batch * nKvHeads * ctx.RowBlocks, &AttnBackwardKvBody, &ctx);
     }
 
@@ -262,13 +264,13 @@ public sealed unsafe partial class CpuBackend
     {
         var c = (AttnCtx*)p;
         int rb = task % c->RowBlocks, bh = task / c->RowBlocks, h = bh % c->NH, b = bh / c->NH;
-        int kh = h / c->Group, hs = c->HS, T = c->Tq;
+        int kh = h / c->Group, hs = c->HS, T = c->Tq, prefix = c->Tkv - c->Tq; // query i sits at position prefix + i
         long kvStride = (long)c->NKV * hs;
-        float* kBase = c->K + ((long)b * T * c->NKV + kh) * hs;
-        float* vBase = c->V + ((long)b * T * c->NKV + kh) * hs;
+        float* kBase = c->K + ((long)b * c->Tkv * c->NKV + kh) * hs;
+        float* vBase = c->V + ((long)b * c->Tkv * c->NKV + kh) * hs;
         float* kt = c->Scratch + worker * c->Stride, vt = kt + hs * AttnBc;
         float* pm = vt + hs * AttnBc, dsm = pm + AttnBr * AttnBc, acc = dsm + AttnBr * AttnBc, tmp = acc + AttnBr * hs;
-        int t0 = rb * AttnBr, rows = Math.Min(AttnBr, T - t0), last = t0 + rows - 1;
+        int t0 = rb * AttnBr, rows = Math.Min(AttnBr, T - t0), last = prefix + t0 + rows - 1; // last key any row sees
         long rowBase = ((long)b * c->NH + h) * T;
         for (int r = 0; r < rows; r++)
         {
@@ -283,11 +285,11 @@ public sealed unsafe partial class CpuBackend
             PackTransposed(vBase + j0 * kvStride, kvStride, nc, hs, vt);
             for (int r = 0; r < rows; r++)
             {
-                int i = t0 + r;
+                int i = t0 + r, pos = prefix + i;
                 float* dsr = dsm + r * AttnBc;
-                if (i < j0) { new Span<float>(dsr, AttnBc).Clear(); continue; }
+                if (pos < j0) { new Span<float>(dsr, AttnBc).Clear(); continue; }
                 long qo = (((long)b * T + i) * c->NH + h) * hs;
-                ProbsAndScoreGrads(c, c->Q + qo, c->DO + qo, c->Lse[rowBase + i], c->D[rowBase + i], Math.Min(nc, i - j0 + 1),
+                ProbsAndScoreGrads(c, c->Q + qo, c->DO + qo, c->Lse[rowBase + i], c->D[rowBase + i], Math.Min(nc, pos - j0 + 1),
                     kt, vt, tmp, pm, dsr);
             }
             AccumulatePV(dsm, kBase + j0 * kvStride, kvStride, acc, rows, nc, hs);
@@ -307,14 +309,14 @@ public sealed unsafe partial class CpuBackend
     {
         var c = (AttnCtx*)p;
         int kb = task % c->RowBlocks, bk = task / c->RowBlocks, kh = bk % c->NKV, b = bk / c->NKV;
-        int hs = c->HS, T = c->Tq;
+        int hs = c->HS, T = c->Tq, TK = c->Tkv, prefix = TK - T; // query i sits at position prefix + i
         long kvStride = (long)c->NKV * hs, qStride = (long)c->NH * hs;
-        int j0 = kb * AttnBc, nc = Math.Min(AttnBc, T - j0);
+        int j0 = kb * AttnBc, nc = Math.Min(AttnBc, TK - j0);
         float* kt = c->Scratch + worker * c->Stride, vt = kt + hs * AttnBc;
         float* dkAcc = vt + hs * AttnBc, dvAcc = dkAcc + hs * AttnBc;
         float* pm = dvAcc + hs * AttnBc, dsm = pm + AttnBr * AttnBc, tmp = dsm + AttnBr * AttnBc;
-        float* kBlock = c->K + (((long)b * T + j0) * c->NKV + kh) * hs;
-        float* vBlock = c->V + (((long)b * T + j0) * c->NKV + kh) * hs;
+        float* kBlock = c->K + (((long)b * TK + j0) * c->NKV + kh) * hs;
+        float* vBlock = c->V + (((long)b * TK + j0) * c->NKV + kh) * hs;
         PackTransposed(kBlock, kvStride, nc, hs, kt);
         PackTransposed(vBlock, kvStride, nc, hs, vt);
         new Span<float>(dkAcc, AttnBc * hs).Clear();
@@ -325,14 +327,15 @@ public sealed unsafe partial class CpuBackend
             float* qBase = c->Q + ((long)b * T * c->NH + h) * hs;
             float* doBase = c->DO + ((long)b * T * c->NH + h) * hs;
             long rowBase = ((long)b * c->NH + h) * T;
-            for (int i0 = j0; i0 < T; i0 += AttnBr)
+            // the first query that sees key j0 sits at position j0: row j0 - prefix (every row sees a prefix key)
+            for (int i0 = Math.Max(0, j0 - prefix); i0 < T; i0 += AttnBr)
             {
                 int rows = Math.Min(AttnBr, T - i0);
                 for (int r = 0; r < rows; r++)
                 {
                     int i = i0 + r;
                     ProbsAndScoreGrads(c, qBase + i * qStride, doBase + i * qStride, c->Lse[rowBase + i], c->D[rowBase + i],
-                        Math.Min(nc, i - j0 + 1), kt, vt, tmp, pm + r * AttnBc, dsm + r * AttnBc);
+                        Math.Min(nc, prefix + i - j0 + 1), kt, vt, tmp, pm + r * AttnBc, dsm + r * AttnBc);
                 }
                 AccumulateTransposed(pm, rows, doBase + i0 * qStride, qStride, dvAcc, nc, hs);
                 AccumulateTransposed(dsm, rows, qBase + i0 * qStride, qStride, dkAcc, nc, hs);
@@ -340,7 +343,7 @@ public sealed unsafe partial class CpuBackend
         }
         for (int cc = 0; cc < nc; cc++)
         {
-            long ko = (((long)b * T + j0 + cc) * c->NKV + kh) * hs;
+            long ko = (((long)b * TK + j0 + cc) * c->NKV + kh) * hs;
             new ReadOnlySpan<float>(dkAcc + cc * hs, hs).CopyTo(new Span<float>(c->DK + ko, hs));
             new ReadOnlySpan<float>(dvAcc + cc * hs, hs).CopyTo(new Span<float>(c->DV + ko, hs));
         }

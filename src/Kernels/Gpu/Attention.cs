@@ -159,7 +159,9 @@ internal sealed class AttentionKernels
         int kvh = h / (a.NHeads / a.NKvHeads);
         int t = tile * Warps + warp;
         bool active = t < tLen;
-        int maxKey = IntrinsicMath.Min(tLen - 1, tile * Warps + Warps - 1);
+        int prefix = a.Tkv - a.Tq; // query t sits at position prefix + t
+        int pos = prefix + t;
+        int maxKey = prefix + IntrinsicMath.Min(tLen - 1, tile * Warps + Warps - 1);
         long qBase = (((long)b * tLen + t) * a.NHeads + h) * hs;
         int qs = warp * MaxHeadSize, ps = warp * BK;
 
@@ -185,7 +187,7 @@ internal sealed class AttentionKernels
                 float kk = 0f, vv = 0f;
                 if (key <= maxKey)
                 {
-                    long idx = (((long)b * tLen + key) * a.NKvHeads + kvh) * hs + d;
+                    long idx = (((long)b * a.Tkv + key) * a.NKvHeads + kvh) * hs + d;
                     kk = k[idx];
                     vv = v[idx];
                 }
@@ -193,12 +195,12 @@ internal sealed class AttentionKernels
                 sv[j * KS + d] = vv;
             }
             Group.Barrier();
-            if (active && kb <= t)
+            if (active && kb <= pos)
             {
                 for (int j = lane; j < BK; j += lanes)
                 {
                     float ds = 0f;
-                    if (kb + j <= t)
+                    if (kb + j <= pos)
                     {
                         float s = 0f, dp = 0f;
                         for (int d = 0; d < hs; d++)
@@ -244,16 +246,17 @@ internal sealed class AttentionKernels
         var sp = SharedMemory.Allocate<float>(Warps * BK);
         var sds = SharedMemory.Allocate<float>(Warps * BK);
         int lanes = Warp.WarpSize, warp = Warp.WarpIdx, lane = Warp.LaneIdx;
-        int hs = a.HeadSize, tLen = a.Tq;
-        int tilesK = (tLen + Warps - 1) / Warps;
+        int hs = a.HeadSize, tLen = a.Tq, kLen = a.Tkv;
+        int prefix = kLen - tLen; // query i sits at position prefix + i and sees key j iff j <= prefix + i
+        int tilesK = (kLen + Warps - 1) / Warps;
         int tile = Grid.IdxX % tilesK;
         int bg = Grid.IdxX / tilesK;
         int g = bg % a.NKvHeads, b = bg / a.NKvHeads;
         int heads = a.NHeads / a.NKvHeads;
         int jMin = tile * Warps;
         int j = jMin + warp;
-        bool active = j < tLen;
-        long kBase = (((long)b * tLen + j) * a.NKvHeads + g) * hs;
+        bool active = j < kLen;
+        long kBase = (((long)b * kLen + j) * a.NKvHeads + g) * hs;
         int rs = warp * MaxHeadSize, ps = warp * BK;
 
         for (int d = lane; d < hs; d += lanes)
@@ -267,7 +270,7 @@ internal sealed class AttentionKernels
         for (int hh = 0; hh < heads; hh++)
         {
             int h = g * heads + hh;
-            for (int i0 = jMin; i0 < tLen; i0 += BK)
+            for (int i0 = IntrinsicMath.Max(0, jMin - prefix); i0 < tLen; i0 += BK)
             {
                 Group.Barrier();
                 for (int e = Group.IdxX; e < tileElems; e += Group.DimX)
@@ -304,7 +307,7 @@ internal sealed class AttentionKernels
                     {
                         int i = i0 + ii;
                         float p = 0f, ds = 0f;
-                        if (i < tLen && i >= j)
+                        if (i < tLen && prefix + i >= j)
                         {
                             float s = 0f, dp = 0f;
                             for (int d = 0; d < hs; d++)
@@ -380,17 +383,19 @@ internal sealed class AttentionKernels
     }
 
     public void Backward(Tensor dq, Tensor dk, Tensor dv, Tensor dOut, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
-        int batch, int t, int nHeads, int nKvHeads, int headSize, float scale)
+        int batch, int tq, int tkv, int nHeads, int nKvHeads, int headSize, float scale)
     {
         const string op = "AttentionBackward";
-        IlgpuBackend.Positive(op, ("batch", batch), ("t", t));
+        IlgpuBackend.Positive(op, ("batch", batch), ("tq", tq), ("tkv", tkv));
         CheckHeads(op, nHeads, nKvHeads, headSize);
-        long qCount = (long)batch * t * nHeads * headSize, kvCount = (long)batch * t * nKvHeads * headSize;
-        IlgpuBackend.Need(q, qCount, "q", op);           // (B, T, NH, HS)
+        if (tq > tkv) throw new ArgumentException($"{op}: tq {tq} must be <= tkv {tkv} (the keys before the queries are a prefix every query sees)");
+        int t = tq;
+        long qCount = (long)batch * tq * nHeads * headSize, kvCount = (long)batch * tkv * nKvHeads * headSize;
+        IlgpuBackend.Need(q, qCount, "q", op);           // (B, Tq, NH, HS)
         IlgpuBackend.Need(dq, qCount, "dq", op);
         IlgpuBackend.Need(dOut, qCount, "dOut", op);
         IlgpuBackend.Need(output, qCount, "output", op);
-        IlgpuBackend.Need(k, kvCount, "k", op);          // (B, T, NKV, HS)
+        IlgpuBackend.Need(k, kvCount, "k", op);          // (B, Tkv, NKV, HS)
         IlgpuBackend.Need(v, kvCount, "v", op);
         IlgpuBackend.Need(dk, kvCount, "dk", op);
         IlgpuBackend.Need(dv, kvCount, "dv", op);
@@ -398,7 +403,7 @@ internal sealed class AttentionKernels
         if (batch == 0 || t == 0) return;
         var args = new AttentionArgs
         {
-            Batch = batch, Tq = t, Tkv = t, KvLen = t, NHeads = nHeads, NKvHeads = nKvHeads, HeadSize = headSize, HasLse = 1, Scale = scale,
+            Batch = batch, Tq = tq, Tkv = tkv, KvLen = tkv, NHeads = nHeads, NKvHeads = nKvHeads, HeadSize = headSize, HasLse = 1, Scale = scale,
         };
         var qv = _b.F32(q, "q");
         var kv = _b.F32(k, "k");
@@ -406,9 +411,9 @@ internal sealed class AttentionKernels
         var ov = _b.F32(output, "output");
         var gv = _b.F32(dOut, "dOut");
         var lv = _b.F32(lse, "lse");
-        int tiles = (t + Warps - 1) / Warps;
+        int tiles = (t + Warps - 1) / Warps, keyTiles = (tkv + Warps - 1) / Warps;
         _backwardQuery(new KernelConfig(IlgpuBackend.CheckedCount((long)batch * nHeads * tiles, op), GroupSize), qv, kv, vv, ov, gv, lv, _b.F32(dq, "dq"), args);
-        _backwardKeyValue(new KernelConfig(IlgpuBackend.CheckedCount((long)batch * nKvHeads * tiles, op), GroupSize), qv, kv, vv, ov, gv, lv,
+        _backwardKeyValue(new KernelConfig(IlgpuBackend.CheckedCount((long)batch * nKvHeads * keyTiles, op), GroupSize), qv, kv, vv, ov, gv, lv,
             _b.F32(dk, "dk"), _b.F32(dv, "dv"), args);
     }
 }

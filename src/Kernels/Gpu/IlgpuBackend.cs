@@ -411,9 +411,9 @@ public sealed class IlgpuBackend : IBackend
     }
 
     public void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOut, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
-        int batch, int t, int nHeads, int nKvHeads, int headSize, float scale)
+        int batch, int tq, int tkv, int nHeads, int nKvHeads, int headSize, float scale)
     {
-        lock (_gate) Attn.Backward(dq, dk, dv, dOut, output, lse, q, k, v, batch, t, nHeads, nKvHeads, headSize, scale);
+        lock (_gate) Attn.Backward(dq, dk, dv, dOut, output, lse, q, k, v, batch, tq, tkv, nHeads, nKvHeads, headSize, scale);
     }
 
     // ------------------------------------------------------------------ embedding, loss, optimizer

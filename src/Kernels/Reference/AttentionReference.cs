@@ -47,51 +47,56 @@ public static class AttentionReference
         return (o, lse);
     }
 
-    /// <summary>Gradients of Σ dOut ⊙ out for Tq == Tkv == kvLen == T: dq, dk, dv (fresh).</summary>
+    /// <summary>
+    /// Gradients of Σ dOut ⊙ out with every key row used (kvLen == Tkv, Tq &lt;= Tkv): query i sits at position
+    /// P + i with P = Tkv - Tq, so it sees the P prefix keys and the causal keys P..P+i. Tq == Tkv is plain causal
+    /// training; Tq &lt; Tkv is prefix tuning (P learned key/value rows before the sequence). dq, dk, dv are fresh.
+    /// </summary>
     public static (double[] DQ, double[] DK, double[] DV) Backward(double[] dOut, double[] q, double[] k, double[] v,
-        int batch, int t, int nHeads, int nKvHeads, int headSize, double scale)
+        int batch, int tq, int tkv, int nHeads, int nKvHeads, int headSize, double scale)
     {
-        Validate(t, t, t, nHeads, nKvHeads);
-        int group = nHeads / nKvHeads;
+        Validate(tq, tkv, tkv, nHeads, nKvHeads);
+        int group = nHeads / nKvHeads, prefix = tkv - tq;
         var dq = new double[q.LongLength];
         var dk = new double[k.LongLength];
         var dv = new double[v.LongLength];
-        var p = new double[t];
-        var dp = new double[t];
+        var p = new double[tkv];
+        var dp = new double[tkv];
         for (int b = 0; b < batch; b++)
             for (int h = 0; h < nHeads; h++)
             {
                 int kh = h / group;
-                for (int i = 0; i < t; i++)
+                for (int i = 0; i < tq; i++)
                 {
-                    long qo = (((long)b * t + i) * nHeads + h) * headSize;
+                    int pos = prefix + i;
+                    long qo = (((long)b * tq + i) * nHeads + h) * headSize;
                     double max = double.NegativeInfinity;
-                    for (int j = 0; j <= i; j++)
+                    for (int j = 0; j <= pos; j++)
                     {
-                        long ko = (((long)b * t + j) * nKvHeads + kh) * headSize;
+                        long ko = (((long)b * tkv + j) * nKvHeads + kh) * headSize;
                         double d = 0;
                         for (int c = 0; c < headSize; c++) d += q[qo + c] * k[ko + c];
                         p[j] = d * scale;
                         max = Math.Max(max, p[j]);
                     }
                     double sum = 0;
-                    for (int j = 0; j <= i; j++) { p[j] = Math.Exp(p[j] - max); sum += p[j]; }
-                    for (int j = 0; j <= i; j++) p[j] /= sum;
+                    for (int j = 0; j <= pos; j++) { p[j] = Math.Exp(p[j] - max); sum += p[j]; }
+                    for (int j = 0; j <= pos; j++) p[j] /= sum;
                     // out_i = Σ_j p_j v_j  →  dv_j += p_j dOut_i;  dp_j = dOut_i·v_j
                     double dsum = 0;
-                    for (int j = 0; j <= i; j++)
+                    for (int j = 0; j <= pos; j++)
                     {
-                        long vo = (((long)b * t + j) * nKvHeads + kh) * headSize;
+                        long vo = (((long)b * tkv + j) * nKvHeads + kh) * headSize;
                         double d = 0;
                         for (int c = 0; c < headSize; c++) { d += dOut[qo + c] * v[vo + c]; dv[vo + c] += p[j] * dOut[qo + c]; }
                         dp[j] = d;
                         dsum += p[j] * d;
                     }
                     // softmax backward: ds_j = p_j (dp_j - Σ p dp); score = scale·q·k
-                    for (int j = 0; j <= i; j++)
+                    for (int j = 0; j <= pos; j++)
                     {
                         double ds = p[j] * (dp[j] - dsum) * scale;
-                        long ko = (((long)b * t + j) * nKvHeads + kh) * headSize;
+                        long ko = (((long)b * tkv + j) * nKvHeads + kh) * headSize;
                         for (int c = 0; c < headSize; c++) { dq[qo + c] += ds * k[ko + c]; dk[ko + c] += ds * q[qo + c]; }
                     }
                 }

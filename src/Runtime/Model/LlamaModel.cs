@@ -421,7 +421,7 @@ public sealed class LlamaModel : IDisposable
             LinearBackward(ws, l, ModO, ws.DAtt, ws.DResid, s.Att, seed, accumulate: false);
             if (ws.Segments is null)
                 _b.AttentionBackward(ws.DQ, ws.DK, ws.DV, ws.DAtt, s.Att, s.Lse, s.Q, s.K, s.V,
-                    ws.Batch, ws.SeqLen, c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
+                    ws.Batch, ws.SeqLen, ws.SeqLen, c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
             else
                 foreach (var (o, n) in ws.Segments)
                 {
@@ -430,7 +430,7 @@ public sealed class LlamaModel : IDisposable
                         ws.DV.View(ko, 1, n, c.NumKvHeads, c.HeadDim), ws.DAtt.View(qo, 1, n, c.NumHeads, c.HeadDim),
                         s.Att.View(qo, 1, n, c.NumHeads, c.HeadDim), s.Lse.View((long)o * c.NumHeads, 1, c.NumHeads, n),
                         s.Q.View(qo, 1, n, c.NumHeads, c.HeadDim), s.K.View(ko, 1, n, c.NumKvHeads, c.HeadDim), s.V.View(ko, 1, n, c.NumKvHeads, c.HeadDim),
-                        1, n, c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
+                        1, n, n, c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
                 }
             // RoPE is a rotation: its backward is the inverse rotation of the gradient
             _b.Rope(ws.DQ, ws.Positions, m, c.NumHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: true);

@@ -509,7 +509,7 @@ public class IlgpuSimulatorTests
         using var tdq = Up(b, Rand(q.Length, 74), bsz, t, nh, hs); // pre-filled: must be overwritten
         using var tdk = Up(b, Rand(k.Length, 75), bsz, t, nkv, hs);
         using var tdv = Up(b, Rand(v.Length, 76), bsz, t, nkv, hs);
-        b.AttentionBackward(tdq, tdk, tdv, tdo, to, tl, tq_, tk, tv, bsz, t, nh, nkv, hs, (float)scale);
+        b.AttentionBackward(tdq, tdk, tdv, tdo, to, tl, tq_, tk, tv, bsz, t, t, nh, nkv, hs, (float)scale);
         NumericAssert.Close(e.Dq, tdq.ToArray(), F32.Atol, F32.Rtol, "dq");
         NumericAssert.Close(e.Dk, tdk.ToArray(), F32.Atol, F32.Rtol, "dk");
         NumericAssert.Close(e.Dv, tdv.ToArray(), F32.Atol, F32.Rtol, "dv");

@@ -256,22 +256,22 @@ internal sealed class PlainBackend : IBackend
     }
 
     public void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOut, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
-        int batch, int t, int nHeads, int nKvHeads, int headSize, float scale)
+        int batch, int tq, int tkv, int nHeads, int nKvHeads, int headSize, float scale)
     {
         var DQ = F(dq); var DK = F(dk); var DV = F(dv); var DO = F(dOut); var O = F(output); var L = F(lse);
         var Q = F(q); var K = F(k); var Vv = F(v);
         DQ.Clear(); DK.Clear(); DV.Clear();
-        int group = nHeads / nKvHeads;
-        int Qi(int b, int i, int h, int d) => ((b * t + i) * nHeads + h) * headSize + d;
-        int Ki(int b, int j, int h, int d) => ((b * t + j) * nKvHeads + h) * headSize + d;
+        int group = nHeads / nKvHeads, prefix = tkv - tq; // query i sits at position prefix + i
+        int Qi(int b, int i, int h, int d) => ((b * tq + i) * nHeads + h) * headSize + d;
+        int Ki(int b, int j, int h, int d) => ((b * tkv + j) * nKvHeads + h) * headSize + d;
         for (int b = 0; b < batch; b++)
             for (int h = 0; h < nHeads; h++)
-                for (int i = 0; i < t; i++)
+                for (int i = 0; i < tq; i++)
                 {
                     int kh = h / group;
                     double D = 0;
                     for (int d = 0; d < headSize; d++) D += (double)DO[Qi(b, i, h, d)] * O[Qi(b, i, h, d)];
-                    for (int j = 0; j <= i; j++)
+                    for (int j = 0; j <= prefix + i; j++)
                     {
                         double s = 0, dp = 0;
                         for (int d = 0; d < headSize; d++)
@@ -279,7 +279,7 @@ internal sealed class PlainBackend : IBackend
                             s += (double)Q[Qi(b, i, h, d)] * K[Ki(b, j, kh, d)];
                             dp += (double)DO[Qi(b, i, h, d)] * Vv[Ki(b, j, kh, d)];
                         }
-                        double p = Math.Exp(s * scale - L[(b * nHeads + h) * t + i]);
+                        double p = Math.Exp(s * scale - L[(b * nHeads + h) * tq + i]);
                         double ds = p * (dp - D);
                         for (int d = 0; d < headSize; d++)
                         {
