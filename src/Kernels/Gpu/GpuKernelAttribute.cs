@@ -25,10 +25,13 @@ public sealed class GpuKernelAttribute : Attribute
 
     public bool ExplicitlyGrouped { get; }
     public Type[] Instantiations { get; }
+
+    /// <summary>The kernel multiplies on tensor cores (inline mma.sync): its SASS must contain HMMA (PtxasTests).</summary>
+    public bool TensorCore { get; init; }
 }
 
 /// <summary>One compiled-to-be kernel: a closed method and how it is grouped.</summary>
-public sealed record GpuKernelInfo(string Name, MethodInfo Method, bool ExplicitlyGrouped)
+public sealed record GpuKernelInfo(string Name, MethodInfo Method, bool ExplicitlyGrouped, bool TensorCore = false)
 {
     public EntryPointDescription EntryPoint => ExplicitlyGrouped
         ? EntryPointDescription.FromExplicitlyGroupedKernel(Method)
@@ -52,9 +55,9 @@ public static class GpuKernelCatalog
                     if (attr.Instantiations.Length == 0)
                         throw new InvalidOperationException($"generic kernel {type.Name}.{m.Name} lists no instantiations");
                     foreach (var t in attr.Instantiations)
-                        list.Add(new GpuKernelInfo($"{type.Name}.{m.Name}<{t.Name}>", m.MakeGenericMethod(t), attr.ExplicitlyGrouped));
+                        list.Add(new GpuKernelInfo($"{type.Name}.{m.Name}<{t.Name}>", m.MakeGenericMethod(t), attr.ExplicitlyGrouped, attr.TensorCore));
                 }
-                else list.Add(new GpuKernelInfo($"{type.Name}.{m.Name}", m, attr.ExplicitlyGrouped));
+                else list.Add(new GpuKernelInfo($"{type.Name}.{m.Name}", m, attr.ExplicitlyGrouped, attr.TensorCore));
             }
         }
         list.Sort((a, b) => string.CompareOrdinal(a.Name, b.Name));

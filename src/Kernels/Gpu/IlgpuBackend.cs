@@ -46,6 +46,7 @@ public sealed class IlgpuBackend : IBackend
         _context = context;
         Accelerator = accelerator;
         Name = name;
+        TensorCores = accelerator is CudaAccelerator cuda && cuda.Architecture is { Major: >= 8 };
         if (accelerator.MaxNumThreadsPerGroup < MaxGroupSize)
             throw new NotSupportedException($"{name}: the accelerator allows {accelerator.MaxNumThreadsPerGroup} threads per group, kernels need {MaxGroupSize}");
         if (MaxGroupSize / accelerator.WarpSize > GroupReduce.MaxWarps)
@@ -117,6 +118,13 @@ public sealed class IlgpuBackend : IBackend
     internal Accelerator Accelerator { get; }
     internal AcceleratorStream Stream => Accelerator.DefaultStream;
     public int WarpSize => Accelerator.WarpSize;
+
+    /// <summary>
+    /// Whether matmuls against bf16/f16 weights run on tensor cores (<see cref="MatMulTensorCoreKernels"/>): CUDA on
+    /// compute capability 8.0+ (A100, H100). Elsewhere they stay f32 SIMT (the simulator tests the tensor-core
+    /// kernel's scalar path directly).
+    /// </summary>
+    internal bool TensorCores { get; }
 
     /// <summary>Threads per group for one-group-per-row kernels: a multiple of the warp size.</summary>
     internal int RowGroupSize => Accelerator.AcceleratorType == AcceleratorType.CPU

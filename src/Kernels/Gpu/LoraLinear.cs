@@ -76,6 +76,20 @@ internal sealed class LoraLinearKernels
         var p = MatMulKernels.Nt(m, n, k, 1f, false);
         p.HasBias = bias is null ? 0 : 1;
         var yv = _b.F32(y, "y");
+        var tc = _mm.TensorCoreFor(w.DType);
+        if (tc is not null)
+        {
+            // y = x·Wᵀ + bias + s·u·Bᵀ in one tensor-core launch: the rank-r term is added in the epilogue
+            // instead of a second pass reading and writing y.
+            var t = MatMulTensorCoreKernels.From(p);
+            t.LoraRank = r;
+            t.Slj = r;
+            t.Slq = 1;
+            t.LoraScale = lora.Scale;
+            tc.Launch(w.DType == DType.F16, _b.Floats(x, "x"), _b.Weight(w, "w"), yv, bias is null ? MatMulKernels.None : _b.Floats(bias, "bias"),
+                uv, _b.Floats(lora.B, "lora.B"), t);
+            return;
+        }
         _mm.Launch(xv, _b.Weight(w, "w"), yv, bias is null ? MatMulKernels.None : _b.Floats(bias, "bias"), p);
         _mm.Launch(uv, _b.Floats(lora.B, "lora.B"), yv, MatMulKernels.None, MatMulKernels.Nt(m, n, r, lora.Scale, true));
     }
@@ -110,16 +124,37 @@ internal sealed class LoraLinearKernels
         _mm.Launch(gv, new DeviceFloats(xin, ArrayView<ushort>.Empty, DeviceFloats.KindF32), _b.F32(dA, "dA"), MatMulKernels.None, MatMulKernels.Tn(r, k, m, s, true));
         // dx(M,K) (+)= dy·W, then += s·mask⊙(g·A)/(1-p)
         var dxv = _b.F32(dx, "dx");
-        _mm.Launch(dyv, _b.Weight(w, "w"), dxv, MatMulKernels.None, MatMulKernels.Nn(m, k, n, 1f, accumulate));
-        var p = MatMulKernels.Nn(m, k, r, s, true);
-        if (lora.Dropout > 0f)
+        var tc = _mm.TensorCoreFor(w.DType);
+        if (tc is not null)
         {
-            p.Dropout = 1;
-            p.DropP = lora.Dropout;
-            p.DropScale = 1f / (1f - lora.Dropout);
-            p.Seed = lora.Seed;
+            // dx (+)= dy·W + s·mask⊙(g·A)/(1-p) in one tensor-core launch (A(r, j) = a[r·K + j] in the epilogue).
+            var t = MatMulTensorCoreKernels.From(MatMulKernels.Nn(m, k, n, 1f, accumulate));
+            t.LoraRank = r;
+            t.Slj = 1;
+            t.Slq = k;
+            t.LoraScale = s;
+            if (lora.Dropout > 0f)
+            {
+                t.Dropout = 1;
+                t.DropP = lora.Dropout;
+                t.DropScale = 1f / (1f - lora.Dropout);
+                t.Seed = lora.Seed;
+            }
+            tc.Launch(w.DType == DType.F16, _b.Floats(dy, "dy"), _b.Weight(w, "w"), dxv, MatMulKernels.None, gv, a, t);
         }
-        _mm.Launch(gv, a, dxv, MatMulKernels.None, p);
+        else
+        {
+            _mm.Launch(dyv, _b.Weight(w, "w"), dxv, MatMulKernels.None, MatMulKernels.Nn(m, k, n, 1f, accumulate));
+            var p = MatMulKernels.Nn(m, k, r, s, true);
+            if (lora.Dropout > 0f)
+            {
+                p.Dropout = 1;
+                p.DropP = lora.Dropout;
+                p.DropScale = 1f / (1f - lora.Dropout);
+                p.Seed = lora.Seed;
+            }
+            _mm.Launch(gv, a, dxv, MatMulKernels.None, p);
+        }
         // base parameters, only when trained
         if (dW is not null)
             _mm.Launch(dyv, new DeviceFloats(xv, ArrayView<ushort>.Empty, DeviceFloats.KindF32), _b.F32(dW, "dW"), MatMulKernels.None, MatMulKernels.Tn(n, k, m, 1f, true));

@@ -28,7 +28,8 @@ public struct MatMulArgs
 /// One explicitly grouped kernel: a group of 256 threads computes a 64×64 output tile, each thread a 4×4
 /// register block; 64×16 slices of A and B are staged through shared memory (rows padded by one float so
 /// neither the transposing stores nor the reads conflict on banks). Loads are coalesced along whichever
-/// operand dimension is contiguous. Matches MatMulReference. Tensor-core (mma.sync) paths come later.
+/// operand dimension is contiguous. Matches MatMulReference. Against bf16/f16 weights on CUDA sm_80+ the forward
+/// and input-gradient matmuls run on tensor cores instead (<see cref="MatMulTensorCoreKernels"/>).
 /// </remarks>
 internal sealed class MatMulKernels
 {
@@ -38,6 +39,7 @@ internal sealed class MatMulKernels
     private readonly IlgpuBackend _b;
     private readonly Action<KernelConfig, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, MatMulArgs> _tiled;
     private readonly ColumnSumKernels _columnSum;
+    private MatMulTensorCoreKernels? _tensorCore;
 
     public MatMulKernels(IlgpuBackend b)
     {
@@ -120,6 +122,16 @@ internal sealed class MatMulKernels
         _tiled(new KernelConfig((int)groups, Threads), a, b, output, bias, p);
     }
 
+    /// <summary>
+    /// The tensor-core kernels when this backend multiplies a weight of dtype <paramref name="w"/> on tensor cores
+    /// (bf16/f16 weights on CUDA sm_80+: the activations are rounded to the weight's 16-bit type, f32 accumulation), else null.
+    /// </summary>
+    internal MatMulTensorCoreKernels? TensorCoreFor(DType w)
+    {
+        if (!_b.TensorCores || (w != DType.BF16 && w != DType.F16)) return null;
+        return _tensorCore ??= _b.Kernels(x => new MatMulTensorCoreKernels(x));
+    }
+
     internal static DeviceFloats None => new(ArrayView<float>.Empty, ArrayView<ushort>.Empty, DeviceFloats.KindF32);
 
     /// <summary>out(M,N) (+)= alpha · A(M,R)·B(N,R)ᵀ, both row-major (the nn.Linear forward layout).</summary>
@@ -150,7 +162,11 @@ internal sealed class MatMulKernels
         if (bias is not null) IlgpuBackend.Need(bias, n, "bias", op); // (N)
         var p = Nt(m, n, k, 1f, accumulate);
         p.HasBias = bias is null ? 0 : 1;
-        Launch(_b.F32(x, "x"), _b.Weight(w, "w"), _b.F32(y, "y"), bias is null ? None : _b.Floats(bias, "bias"), p);
+        var tc = TensorCoreFor(w.DType);
+        if (tc is not null)
+            tc.Launch(w.DType == DType.F16, _b.Floats(x, "x"), _b.Weight(w, "w"), _b.F32(y, "y"), bias is null ? None : _b.Floats(bias, "bias"),
+                ArrayView<float>.Empty, None, MatMulTensorCoreKernels.From(p));
+        else Launch(_b.F32(x, "x"), _b.Weight(w, "w"), _b.F32(y, "y"), bias is null ? None : _b.Floats(bias, "bias"), p);
     }
 
     public void BackwardInput(Tensor dx, Tensor dy, Tensor w, int m, int n, int k, bool accumulate)
@@ -160,7 +176,11 @@ internal sealed class MatMulKernels
         IlgpuBackend.Need(dx, (long)m * k, "dx", op); // (M, K)
         IlgpuBackend.Need(dy, (long)m * n, "dy", op); // (M, N)
         IlgpuBackend.Need(w, (long)n * k, "w", op);   // (N, K)
-        Launch(_b.F32(dy, "dy"), _b.Weight(w, "w"), _b.F32(dx, "dx"), None, Nn(m, k, n, 1f, accumulate));
+        var tc = TensorCoreFor(w.DType);
+        if (tc is not null)
+            tc.Launch(w.DType == DType.F16, _b.Floats(dy, "dy"), _b.Weight(w, "w"), _b.F32(dx, "dx"), None, ArrayView<float>.Empty, None,
+                MatMulTensorCoreKernels.From(Nn(m, k, n, 1f, accumulate)));
+        else Launch(_b.F32(dy, "dy"), _b.Weight(w, "w"), _b.F32(dx, "dx"), None, Nn(m, k, n, 1f, accumulate));
     }
 
     public void BackwardWeight(Tensor dw, Tensor? dBias, Tensor dy, Tensor x, int m, int n, int k)

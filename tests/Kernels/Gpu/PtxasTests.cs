@@ -28,7 +28,13 @@ public class PtxasTests
         ("sm_90", CudaArchitecture.SM_90, CudaInstructionSet.ISA_78),
     };
 
-    public sealed record PtxasReport(string Kernel, string Arch, int Registers, int SpillStores, int SpillLoads, int StackFrame, int SharedBytes);
+    public sealed record PtxasReport(string Kernel, string Arch, int Registers, int SpillStores, int SpillLoads, int StackFrame, int SharedBytes)
+    {
+        /// <summary>From cuobjdump -sass when available: HMMA instructions and local-memory accesses (LDL/STL).</summary>
+        public int? Hmma { get; set; }
+        public int? LocalAccesses { get; set; }
+        public bool TensorCore { get; set; }
+    }
 
     private static string? FindPtxas()
     {
@@ -40,6 +46,15 @@ public class PtxasTests
         candidates.Add("/usr/local/cuda/bin/ptxas");
         candidates.Add("/usr/bin/ptxas");
         return candidates.FirstOrDefault(File.Exists);
+    }
+
+    private static string? FindCuobjdump()
+    {
+        var ptxas = FindPtxas();
+        var dirs = (Environment.GetEnvironmentVariable("PATH") ?? "").Split(Path.PathSeparator, StringSplitOptions.RemoveEmptyEntries).ToList();
+        if (ptxas is not null) dirs.Insert(0, Path.GetDirectoryName(ptxas)!);
+        dirs.Add("/usr/local/cuda/bin");
+        return dirs.Select(d => Path.Combine(d, "cuobjdump")).FirstOrDefault(File.Exists);
     }
 
     private static bool InCi => string.Equals(Environment.GetEnvironmentVariable("CI"), "true", StringComparison.OrdinalIgnoreCase);
@@ -54,6 +69,7 @@ public class PtxasTests
                      "MatMulKernels.MatMulTiledKernel", "AttentionKernels.AttentionForwardKernel", "AttentionKernels.AttentionBackwardQueryKernel",
                      "AttentionKernels.AttentionBackwardKeyValueKernel", "CrossEntropyKernels.CrossEntropyKernel", "RmsNormKernels.RmsNormForwardKernel",
                      "EmbeddingKernels.EmbeddingBackwardKernel", "ElementwiseKernels.BinaryKernel<SwiGluOp>", "ReduceKernels.SumOfSquaresKernel",
+                     "MatMulTensorCoreKernels.MatMulTensorCoreKernel<Bf16Operand>", "MatMulTensorCoreKernels.MatMulTensorCoreKernel<F16Operand>",
                  })
             Assert.Contains(expected, names);
     }
@@ -133,6 +149,8 @@ public class PtxasTests
             Skip.If(true, "ptxas not found on PATH or in /usr/local/cuda/bin: the PTX proof is skipped (install nvidia-cuda-toolkit)");
         }
 
+        string? cuobjdump = FindCuobjdump();
+        if (cuobjdump is null && InCi) Assert.Fail("cuobjdump not found (CI=true): it comes with ptxas in nvidia-cuda-toolkit; the HMMA check needs it");
         var kernels = GpuKernelCatalog.All();
         var dir = Directory.CreateTempSubdirectory("ftn-ptx-");
         var reports = new List<PtxasReport>();
@@ -167,8 +185,24 @@ public class PtxasTests
                         continue;
                     }
                     var report = Parse(kernel.Name, arch, entry.Groups[1].Value, output);
-                    if (report is null) failures.AppendLine($"{kernel.Name} {arch}: could not read ptxas -v output\n{output}");
-                    else reports.Add(report);
+                    if (report is null)
+                    {
+                        failures.AppendLine($"{kernel.Name} {arch}: could not read ptxas -v output\n{output}");
+                        continue;
+                    }
+                    report.TensorCore = kernel.TensorCore;
+                    if (report.SpillStores != 0 || report.SpillLoads != 0)
+                        failures.AppendLine($"{kernel.Name} {arch}: {report.SpillStores} B spill stores, {report.SpillLoads} B spill loads (production kernels must not spill)");
+                    if (cuobjdump is not null)
+                    {
+                        var (sassCode, sass) = Run(cuobjdump, $"-sass \"{file}.cubin\"");
+                        if (sassCode != 0) failures.AppendLine($"{kernel.Name} {arch}: cuobjdump exit {sassCode}\n{sass}");
+                        report.Hmma = Regex.Matches(sass, @"\bHMMA\.").Count;
+                        report.LocalAccesses = Regex.Matches(sass, @"\b(LDL|STL)\b").Count;
+                        if (kernel.TensorCore && report.Hmma == 0)
+                            failures.AppendLine($"{kernel.Name} {arch}: a tensor-core kernel without HMMA in its SASS (the mma.sync path was lost)");
+                    }
+                    reports.Add(report);
                 }
             }
         }
@@ -178,7 +212,10 @@ public class PtxasTests
         }
         Assert.True(failures.Length == 0, failures.ToString());
         Assert.Equal(kernels.Count * Targets.Length, reports.Count);
+        Assert.Contains(reports, r => r.TensorCore);
         WriteTable(reports, ptxas);
+        // visible, not silent: without cuobjdump the HMMA check did not run
+        Skip.If(cuobjdump is null, "ptxas passed, but cuobjdump was not found: the SASS HMMA check of the tensor-core kernels was skipped (install nvidia-cuda-toolkit)");
     }
 
     private static string Sanitize(string s) => Regex.Replace(s, @"[^\w.]+", "_");
@@ -238,6 +275,20 @@ public class PtxasTests
         Assert.Null(Parse("Y", "sm_90", "Kernel_Y", sample));
     }
 
+    [Fact]
+    public void OccupancyArithmetic()
+    {
+        // 194 registers × 256 threads: 8 warps × 6400 registers = 51200 -> one group; 40 KiB smem would allow 5
+        Assert.Equal((1, 0.125, "registers"), KernelsDoc.Occupancy(194, 40960, 256));
+        // 32 registers, no smem: 8 warps × 1024 = 8192 -> 8 groups = 64 warps (all limits meet; registers reported first)
+        Assert.Equal(8, KernelsDoc.Occupancy(32, 0, 256).Groups);
+        Assert.Equal(1.0, KernelsDoc.Occupancy(32, 0, 256).Occupancy);
+    }
+
+    [Fact]
+    public void TensorCoreKernelsAreMarked()
+        => Assert.All(GpuKernelCatalog.All().Where(k => k.Name.Contains("TensorCore", StringComparison.Ordinal)), k => Assert.True(k.TensorCore, k.Name));
+
     private static void WriteTable(List<PtxasReport> reports, string ptxas)
     {
         var root = FindRepoRoot();
@@ -252,10 +303,13 @@ public class PtxasTests
         sb.AppendLine($"`ptxas -arch=<arch> -v` ({version}). Registers are per thread, shared memory per group (static).");
         sb.AppendLine("This proves the kernels assemble for A100/H100 and shows their resource use; it measures no speed.");
         sb.AppendLine();
-        sb.AppendLine("| kernel | arch | registers | spill stores (B) | spill loads (B) | stack frame (B) | smem (B) |");
-        sb.AppendLine("|---|---|---:|---:|---:|---:|---:|");
+        sb.AppendLine("HMMA and LDL+STL count those instructions in `cuobjdump -sass` of the cubin (static count, not executed).");
+        sb.AppendLine();
+        sb.AppendLine("| kernel | arch | registers | spill stores (B) | spill loads (B) | stack frame (B) | smem (B) | HMMA | LDL+STL |");
+        sb.AppendLine("|---|---|---:|---:|---:|---:|---:|---:|---:|");
         foreach (var r in reports.OrderBy(r => r.Kernel, StringComparer.Ordinal).ThenBy(r => r.Arch, StringComparer.Ordinal))
-            sb.AppendLine($"| {r.Kernel} | {r.Arch} | {r.Registers} | {r.SpillStores} | {r.SpillLoads} | {r.StackFrame} | {r.SharedBytes} |");
+            sb.AppendLine($"| {r.Kernel} | {r.Arch} | {r.Registers} | {r.SpillStores} | {r.SpillLoads} | {r.StackFrame} | {r.SharedBytes} | {r.Hmma?.ToString() ?? "-"} | {r.LocalAccesses?.ToString() ?? "-"} |");
+        sb.Append(KernelsDoc.Analysis(reports));
         string path = Path.Combine(root, "docs", "kernels.md");
         Directory.CreateDirectory(Path.GetDirectoryName(path)!);
         string text = sb.ToString();

@@ -1,0 +1,395 @@
+using System.Runtime.CompilerServices;
+using ILGPU;
+using ILGPU.Runtime;
+using ILGPU.Runtime.Cuda;
+
+namespace FineTuneNative.Kernels.Gpu;
+
+/// <summary>
+/// Shape and epilogue of one tensor-core matmul:
+/// out(i, j) = Alpha · Σ_r A(i, r)·B(j, r) [+ bias(j)] [+ LoraScale · drop(i, j) · Σ_q U(i, q)·L(j, q)] [+ out(i, j)].
+/// A(i, r) = a[i·Sai + r·Sar], B(j, r) = b[j·Sbj + r·Sbr] (the three training layouts without a transpose in
+/// memory); U(i, q) = u[i·LoraRank + q], L(j, q) = l[j·Slj + q·Slq]; out(i, j) = out[i·Ldo + j].
+/// A and B are rounded to the operand type of the kernel instantiation (bf16 or f16) and multiplied with f32 accumulation.
+/// </summary>
+public struct TensorCoreArgs
+{
+    public int M, N, R, Ldo;
+    public long Sai, Sar, Sbj, Sbr;
+    public float Alpha;
+    public int Accumulate, HasBias;
+    /// <summary>Rank of the low-rank term added in the epilogue (0: none).</summary>
+    public int LoraRank;
+    public long Slj, Slq;
+    public float LoraScale;
+    /// <summary>When Dropout != 0 the low-rank term of out(i, j) is multiplied by DropScale if DropoutHash.Keep(Seed, i·Ldo + j, DropP), else by 0.</summary>
+    public int Dropout;
+    public float DropP, DropScale;
+    public ulong Seed;
+}
+
+/// <summary>The 16-bit operand type of a tensor-core matmul instantiation (a compile-time constant to ILGPU).</summary>
+public interface IMmaOperand
+{
+    static abstract bool IsF16 { get; }
+}
+
+/// <summary>bf16 operands (8-bit exponent: the range of f32, so activations never overflow).</summary>
+public struct Bf16Operand : IMmaOperand
+{
+    public static bool IsF16 => false;
+}
+
+/// <summary>f16 operands (3 more mantissa bits than bf16; values beyond ±65504 overflow to infinity).</summary>
+public struct F16Operand : IMmaOperand
+{
+    public static bool IsF16 => true;
+}
+
+/// <summary>One m16n8 accumulator fragment of a lane (see <see cref="MmaLayout"/> for which elements).</summary>
+public struct MmaFrag
+{
+    public float C0, C1, C2, C3;
+}
+
+/// <summary>Four m16n8 accumulators side by side: one m16 × n32 strip of a warp tile.</summary>
+public struct MmaStrip
+{
+    public MmaFrag T0, T1, T2, T3;
+}
+
+/// <summary>Sixteen 16-bit operands of one thread's share of a 128×32 tile, packed in pairs, held while the previous tile is multiplied.</summary>
+public struct MmaStage
+{
+    public uint U0, U1, U2, U3, U4, U5, U6, U7;
+}
+
+/// <summary>
+/// Matmul on tensor cores: bf16 (or f16) operands, f32 accumulation, <c>mma.sync.aligned.m16n8k16</c> and
+/// <c>ldmatrix</c> emitted as inline PTX; a scalar path over the same shared-memory tiles where inline PTX is
+/// not available (ILGPU's CPU simulator).
+/// </summary>
+/// <remarks>
+/// A group of 256 threads (8 warps as 2 × 4) computes a 128×128 output tile; each warp a 64×32 tile as 4 × 4
+/// m16n8 fragments (64 f32 accumulators per thread). The reduction dimension advances 32 at a time through two
+/// shared-memory buffers, each holding the A and B tiles as [row][k] 16-bit values with rows padded to 40
+/// elements (80 bytes: the eight 16-byte rows one ldmatrix phase reads fall in distinct banks). While the
+/// warps multiply one buffer, every thread already holds its 16 + 16 elements of the next tile in registers
+/// (loaded, rounded and packed to 16 bits) and stores them into the other buffer afterwards: one barrier per
+/// step. Operands are f32 activations in this runtime, so they are converted on the way into shared memory
+/// and cp.async (a raw byte copy) cannot be used for them. Loads are coalesced along whichever operand
+/// dimension is contiguous; a transposed operand is transposed by the shared-memory store.
+/// The shared buffer must be the kernel's only shared allocation: the inline PTX addresses it by the name
+/// ILGPU gives the first one (<c>__shared_alloca0</c>); ptxas fails on the PTX if that ever changes.
+/// Matches MatMulReference within bf16/f16 operand rounding.
+/// </remarks>
+internal sealed class MatMulTensorCoreKernels
+{
+    public const int BM = 128, BN = 128, BK = 32, Ld = BK + 8, Threads = 256;
+    public const int TileElems = BM * Ld;            // one operand tile in 16-bit elements
+    public const int SharedElems = 2 * 2 * TileElems; // two buffers of (A, B)
+
+    private readonly Action<KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs> _bf16, _f16;
+
+    public MatMulTensorCoreKernels(IlgpuBackend b)
+    {
+        _bf16 = b.Accelerator.LoadStreamKernel<DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>(MatMulTensorCoreKernel<Bf16Operand>);
+        _f16 = b.Accelerator.LoadStreamKernel<DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>(MatMulTensorCoreKernel<F16Operand>);
+    }
+
+    [GpuKernel(true, typeof(Bf16Operand), typeof(F16Operand), TensorCore = true)]
+    public static void MatMulTensorCoreKernel<TOp>(DeviceFloats a, DeviceFloats b, ArrayView<float> output, DeviceFloats bias,
+        ArrayView<float> u, DeviceFloats loraB, TensorCoreArgs p) where TOp : struct, IMmaOperand
+    {
+        var sm = SharedMemory.Allocate<ushort>(SharedElems);
+        int tid = Group.IdxX;
+        int warp = tid / MmaLayout.WarpThreads, lane = tid % MmaLayout.WarpThreads; // the mma layout is defined on 32-lane warps
+        int wm = warp / 4 * 64, wn = warp % 4 * 32;
+        int tilesN = (p.N + BN - 1) / BN;
+        int bi = Grid.IdxX / tilesN * BM;
+        int bj = Grid.IdxX % tilesN * BN;
+
+        var acc0 = default(MmaStrip);
+        var acc1 = default(MmaStrip);
+        var acc2 = default(MmaStrip);
+        var acc3 = default(MmaStrip);
+
+        var stA = LoadTile<TOp>(a, p.Sai, p.Sar, bi, p.M, 0, p.R, tid);
+        var stB = LoadTile<TOp>(b, p.Sbj, p.Sbr, bj, p.N, 0, p.R, tid);
+        StoreTile(sm, 0, stA, p.Sar == 1, tid);
+        StoreTile(sm, TileElems, stB, p.Sbr == 1, tid);
+        Group.Barrier();
+
+        int steps = (p.R + BK - 1) / BK;
+        for (int s = 0; s < steps; s++)
+        {
+            int cur = (s & 1) * 2 * TileElems;
+            bool more = s + 1 < steps;
+            if (more)
+            {
+                stA = LoadTile<TOp>(a, p.Sai, p.Sar, bi, p.M, (s + 1) * BK, p.R, tid);
+                stB = LoadTile<TOp>(b, p.Sbj, p.Sbr, bj, p.N, (s + 1) * BK, p.R, tid);
+            }
+            for (int k16 = 0; k16 < BK; k16 += 16)
+            {
+                if (CudaAsm.IsSupported)
+                {
+                    Ldmatrix4(BFragElement(cur, wn, 0, k16, lane), out uint b00, out uint b01, out uint b10, out uint b11);
+                    Ldmatrix4(BFragElement(cur, wn, 1, k16, lane), out uint b20, out uint b21, out uint b30, out uint b31);
+                    MmaStripStep<TOp>(ref acc0, AFragElement(cur, wm, 0, k16, lane), b00, b01, b10, b11, b20, b21, b30, b31);
+                    MmaStripStep<TOp>(ref acc1, AFragElement(cur, wm, 1, k16, lane), b00, b01, b10, b11, b20, b21, b30, b31);
+                    MmaStripStep<TOp>(ref acc2, AFragElement(cur, wm, 2, k16, lane), b00, b01, b10, b11, b20, b21, b30, b31);
+                    MmaStripStep<TOp>(ref acc3, AFragElement(cur, wm, 3, k16, lane), b00, b01, b10, b11, b20, b21, b30, b31);
+                }
+                else
+                {
+                    ScalarStrip<TOp>(ref acc0, sm, cur, wm, wn, lane, k16);
+                    ScalarStrip<TOp>(ref acc1, sm, cur, wm + 16, wn, lane, k16);
+                    ScalarStrip<TOp>(ref acc2, sm, cur, wm + 32, wn, lane, k16);
+                    ScalarStrip<TOp>(ref acc3, sm, cur, wm + 48, wn, lane, k16);
+                }
+            }
+            if (more)
+            {
+                int next = cur ^ (2 * TileElems);
+                StoreTile(sm, next, stA, p.Sar == 1, tid);
+                StoreTile(sm, next + TileElems, stB, p.Sbr == 1, tid);
+            }
+            Group.Barrier();
+        }
+
+        StoreStrip(p, output, bias, u, loraB, acc0, bi + wm, bj + wn, lane);
+        StoreStrip(p, output, bias, u, loraB, acc1, bi + wm + 16, bj + wn, lane);
+        StoreStrip(p, output, bias, u, loraB, acc2, bi + wm + 32, bj + wn, lane);
+        StoreStrip(p, output, bias, u, loraB, acc3, bi + wm + 48, bj + wn, lane);
+    }
+
+    // ------------------------------------------------------------------ lane addressing (shared with the emulation test)
+
+    /// <summary>
+    /// The shared-memory element this lane hands to the A ldmatrix.x4 of m16 strip <paramref name="mt"/> (0..3) of the
+    /// warp whose tile starts at row <paramref name="wm"/>, for the k16 slice at <paramref name="k16"/> of the buffer at <paramref name="cur"/>.
+    /// </summary>
+    public static int AFragElement(int cur, int wm, int mt, int k16, int lane)
+        => cur + (wm + mt * 16 + MmaLayout.LdmatrixARow(lane)) * Ld + k16 + MmaLayout.LdmatrixAK(lane);
+
+    /// <summary>
+    /// The element this lane hands to the B ldmatrix.x4 of n16 half <paramref name="half"/> (0: n8 tiles 0 and 1,
+    /// 1: tiles 2 and 3) of the warp whose tile starts at column <paramref name="wn"/>.
+    /// </summary>
+    public static int BFragElement(int cur, int wn, int half, int k16, int lane)
+        => cur + TileElems + (wn + half * 16 + MmaLayout.LdmatrixBRow(lane)) * Ld + k16 + MmaLayout.LdmatrixBK(lane);
+
+    // ------------------------------------------------------------------ global -> registers -> shared
+
+    /// <summary>The 16-bit operand bits of element i: the stored bits when the tensor already has the operand type, else rounded from f32.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static uint Bits<TOp>(DeviceFloats v, long i) where TOp : struct, IMmaOperand
+    {
+        if (!TOp.IsF16 && v.Kind == DeviceFloats.KindBF16) return v.U16[i];
+        if (TOp.IsF16 && v.Kind == DeviceFloats.KindF16) return v.U16[i];
+        float x = v.Load(i);
+        return TOp.IsF16 ? HalfMath.F32ToF16(x) : HalfMath.F32ToBf16(x);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static uint Pair<TOp>(DeviceFloats v, long i0, long step, bool in0, bool in1) where TOp : struct, IMmaOperand
+        => (in0 ? Bits<TOp>(v, i0) : 0u) | ((in1 ? Bits<TOp>(v, i0 + step) : 0u) << 16);
+
+    /// <summary>
+    /// This thread's 16 elements of the 128-row × 32-k tile starting at (row0, k0), as four runs of 4 along the
+    /// contiguous dimension (k when sk == 1, else the row): consecutive threads read consecutive addresses.
+    /// </summary>
+    private static MmaStage LoadTile<TOp>(DeviceFloats v, long srow, long sk, int row0, int rows, int k0, int ks, int tid) where TOp : struct, IMmaOperand
+    {
+        var st = default(MmaStage);
+        for (int l = 0; l < 4; l++)
+        {
+            int idx = tid + l * Threads;
+            int row, k;
+            long step;
+            bool in0, in1, in2, in3;
+            if (sk == 1)
+            {
+                row = idx / (BK / 4);
+                k = idx % (BK / 4) * 4;
+                step = 1;
+                bool rowIn = row0 + row < rows;
+                in0 = rowIn && k0 + k < ks; in1 = rowIn && k0 + k + 1 < ks; in2 = rowIn && k0 + k + 2 < ks; in3 = rowIn && k0 + k + 3 < ks;
+            }
+            else
+            {
+                k = idx / (BM / 4);
+                row = idx % (BM / 4) * 4;
+                step = srow;
+                bool kIn = k0 + k < ks;
+                in0 = kIn && row0 + row < rows; in1 = kIn && row0 + row + 1 < rows; in2 = kIn && row0 + row + 2 < rows; in3 = kIn && row0 + row + 3 < rows;
+            }
+            long g = (long)(row0 + row) * srow + (long)(k0 + k) * sk;
+            uint lo = Pair<TOp>(v, g, step, in0, in1);
+            uint hi = Pair<TOp>(v, g + 2 * step, step, in2, in3);
+            if (l == 0) { st.U0 = lo; st.U1 = hi; }
+            else if (l == 1) { st.U2 = lo; st.U3 = hi; }
+            else if (l == 2) { st.U4 = lo; st.U5 = hi; }
+            else { st.U6 = lo; st.U7 = hi; }
+        }
+        return st;
+    }
+
+    /// <summary>Stores what <see cref="LoadTile"/> loaded as [row][k] at element offset <paramref name="at"/>.</summary>
+    private static void StoreTile(ArrayView<ushort> sm, int at, MmaStage st, bool kContiguous, int tid)
+    {
+        var sm32 = sm.Cast<uint>();
+        for (int l = 0; l < 4; l++)
+        {
+            uint lo = l == 0 ? st.U0 : l == 1 ? st.U2 : l == 2 ? st.U4 : st.U6;
+            uint hi = l == 0 ? st.U1 : l == 1 ? st.U3 : l == 2 ? st.U5 : st.U7;
+            int idx = tid + l * Threads;
+            if (kContiguous)
+            {
+                int e = at + idx / (BK / 4) * Ld + idx % (BK / 4) * 4; // even: two aligned 32-bit stores
+                sm32[e / 2] = lo;
+                sm32[e / 2 + 1] = hi;
+            }
+            else
+            {
+                int e = at + idx % (BM / 4) * 4 * Ld + idx / (BM / 4);
+                sm[e] = (ushort)lo;
+                sm[e + Ld] = (ushort)(lo >> 16);
+                sm[e + 2 * Ld] = (ushort)hi;
+                sm[e + 3 * Ld] = (ushort)(hi >> 16);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ tensor cores (inline PTX)
+
+    /// <summary>ldmatrix.x4 from the shared buffer at 16-bit element offset <paramref name="element"/> (this lane's row).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Ldmatrix4(int element, out uint r0, out uint r1, out uint r2, out uint r3)
+    {
+        Output<uint> o0 = default, o1 = default, o2 = default, o3 = default;
+        Input<long> offset = element * 2L;
+        CudaAsm.EmitRef("{ .reg .b64 t; mov.b64 t, __shared_alloca0; add.s64 t, t, %4; ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [t]; }",
+            ref o0, ref o1, ref o2, ref o3, ref offset);
+        r0 = o0.Value;
+        r1 = o1.Value;
+        r2 = o2.Value;
+        r3 = o3.Value;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Mma<TOp>(ref MmaFrag c, uint a0, uint a1, uint a2, uint a3, uint b0, uint b1) where TOp : struct, IMmaOperand
+    {
+        Output<float> d0 = default, d1 = default, d2 = default, d3 = default;
+        Input<uint> ia0 = a0, ia1 = a1, ia2 = a2, ia3 = a3, ib0 = b0, ib1 = b1;
+        Input<float> c0 = c.C0, c1 = c.C1, c2 = c.C2, c3 = c.C3;
+        if (TOp.IsF16)
+            CudaAsm.EmitRef("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};",
+                ref d0, ref d1, ref d2, ref d3, ref ia0, ref ia1, ref ia2, ref ia3, ref ib0, ref ib1, ref c0, ref c1, ref c2, ref c3);
+        else
+            CudaAsm.EmitRef("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};",
+                ref d0, ref d1, ref d2, ref d3, ref ia0, ref ia1, ref ia2, ref ia3, ref ib0, ref ib1, ref c0, ref c1, ref c2, ref c3);
+        c.C0 = d0.Value;
+        c.C1 = d1.Value;
+        c.C2 = d2.Value;
+        c.C3 = d3.Value;
+    }
+
+    /// <summary>One k16 step of an m16 × n32 strip: one ldmatrix.x4 for A, four mma against the B fragments.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void MmaStripStep<TOp>(ref MmaStrip acc, int aElement, uint b00, uint b01, uint b10, uint b11, uint b20, uint b21, uint b30, uint b31) where TOp : struct, IMmaOperand
+    {
+        Ldmatrix4(aElement, out uint a0, out uint a1, out uint a2, out uint a3);
+        Mma<TOp>(ref acc.T0, a0, a1, a2, a3, b00, b01);
+        Mma<TOp>(ref acc.T1, a0, a1, a2, a3, b10, b11);
+        Mma<TOp>(ref acc.T2, a0, a1, a2, a3, b20, b21);
+        Mma<TOp>(ref acc.T3, a0, a1, a2, a3, b30, b31);
+    }
+
+    // ------------------------------------------------------------------ scalar path (simulator)
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float Operand<TOp>(ushort bits) where TOp : struct, IMmaOperand => TOp.IsF16 ? HalfMath.F16ToF32(bits) : HalfMath.Bf16ToF32(bits);
+
+    /// <summary>What the four mma of one strip compute, element by element, for the elements this lane holds.</summary>
+    private static void ScalarStrip<TOp>(ref MmaStrip acc, ArrayView<ushort> sm, int cur, int row0, int col0, int lane, int k16) where TOp : struct, IMmaOperand
+    {
+        ScalarFrag<TOp>(ref acc.T0, sm, cur, row0, col0, lane, k16);
+        ScalarFrag<TOp>(ref acc.T1, sm, cur, row0, col0 + 8, lane, k16);
+        ScalarFrag<TOp>(ref acc.T2, sm, cur, row0, col0 + 16, lane, k16);
+        ScalarFrag<TOp>(ref acc.T3, sm, cur, row0, col0 + 24, lane, k16);
+    }
+
+    private static void ScalarFrag<TOp>(ref MmaFrag f, ArrayView<ushort> sm, int cur, int row0, int col0, int lane, int k16) where TOp : struct, IMmaOperand
+    {
+        f.C0 += ScalarDot<TOp>(sm, cur, row0 + MmaLayout.CRow(lane, 0), col0 + MmaLayout.CCol(lane, 0), k16);
+        f.C1 += ScalarDot<TOp>(sm, cur, row0 + MmaLayout.CRow(lane, 1), col0 + MmaLayout.CCol(lane, 1), k16);
+        f.C2 += ScalarDot<TOp>(sm, cur, row0 + MmaLayout.CRow(lane, 2), col0 + MmaLayout.CCol(lane, 2), k16);
+        f.C3 += ScalarDot<TOp>(sm, cur, row0 + MmaLayout.CRow(lane, 3), col0 + MmaLayout.CCol(lane, 3), k16);
+    }
+
+    private static float ScalarDot<TOp>(ArrayView<ushort> sm, int cur, int row, int col, int k16) where TOp : struct, IMmaOperand
+    {
+        float s = 0f;
+        int a = cur + row * Ld + k16, b = cur + TileElems + col * Ld + k16;
+        for (int k = 0; k < 16; k++) s += Operand<TOp>(sm[a + k]) * Operand<TOp>(sm[b + k]);
+        return s;
+    }
+
+    // ------------------------------------------------------------------ epilogue
+
+    private static void StoreStrip(TensorCoreArgs p, ArrayView<float> output, DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB,
+        MmaStrip acc, int row0, int col0, int lane)
+    {
+        StoreFrag(p, output, bias, u, loraB, acc.T0, row0, col0, lane);
+        StoreFrag(p, output, bias, u, loraB, acc.T1, row0, col0 + 8, lane);
+        StoreFrag(p, output, bias, u, loraB, acc.T2, row0, col0 + 16, lane);
+        StoreFrag(p, output, bias, u, loraB, acc.T3, row0, col0 + 24, lane);
+    }
+
+    private static void StoreFrag(TensorCoreArgs p, ArrayView<float> output, DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB,
+        MmaFrag f, int row0, int col0, int lane)
+    {
+        Store(p, output, bias, u, loraB, row0 + MmaLayout.CRow(lane, 0), col0 + MmaLayout.CCol(lane, 0), f.C0);
+        Store(p, output, bias, u, loraB, row0 + MmaLayout.CRow(lane, 1), col0 + MmaLayout.CCol(lane, 1), f.C1);
+        Store(p, output, bias, u, loraB, row0 + MmaLayout.CRow(lane, 2), col0 + MmaLayout.CCol(lane, 2), f.C2);
+        Store(p, output, bias, u, loraB, row0 + MmaLayout.CRow(lane, 3), col0 + MmaLayout.CCol(lane, 3), f.C3);
+    }
+
+    private static void Store(TensorCoreArgs p, ArrayView<float> output, DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB, int i, int j, float acc)
+    {
+        if (i >= p.M || j >= p.N) return;
+        long idx = (long)i * p.Ldo + j;
+        float v = p.Alpha * acc;
+        if (p.HasBias != 0) v += bias.Load(j);
+        if (p.LoraRank > 0)
+        {
+            float low = 0f;
+            long ui = (long)i * p.LoraRank, lj = j * p.Slj;
+            for (int q = 0; q < p.LoraRank; q++) low += u[ui + q] * loraB.Load(lj + q * p.Slq);
+            if (p.Dropout != 0) low = DropoutHash.Keep(p.Seed, idx, p.DropP) ? low * p.DropScale : 0f;
+            v += p.LoraScale * low;
+        }
+        if (p.Accumulate != 0) v += output[idx];
+        output[idx] = v;
+    }
+
+    // ------------------------------------------------------------------ launch
+
+    /// <summary>Launches the kernel (no validation: callers check shapes). An empty <paramref name="u"/> needs LoraRank = 0.</summary>
+    internal void Launch(bool f16, DeviceFloats a, DeviceFloats b, ArrayView<float> output, DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB, TensorCoreArgs p)
+    {
+        if (p.M == 0 || p.N == 0) return;
+        long groups = (long)((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN);
+        if (groups > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(p), $"matmul {p.M}×{p.N} needs too many groups");
+        (f16 ? _f16 : _bf16)(new KernelConfig((int)groups, Threads), a, b, output, bias, u, loraB, p);
+    }
+
+    /// <summary>The tensor-core arguments of a SIMT matmul's shape and layout (no LoRA term, no dropout).</summary>
+    internal static TensorCoreArgs From(MatMulArgs m) => new()
+    {
+        M = m.M, N = m.N, R = m.R, Ldo = m.Ldo, Sai = m.Sai, Sar = m.Sar, Sbj = m.Sbj, Sbr = m.Sbr, Alpha = m.Alpha,
+        Accumulate = m.Accumulate, HasBias = m.HasBias,
+    };
+}

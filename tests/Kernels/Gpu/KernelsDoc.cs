@@ -1,0 +1,117 @@
+using System.Globalization;
+using System.Text;
+
+namespace FineTuneNative.Tests.Kernels.Gpu;
+
+/// <summary>
+/// The analysis half of docs/kernels.md, generated with the ptxas table: per kernel the FLOPs and bytes it must
+/// move for the reference shapes, the H100 floor those give, and occupancy from ptxas' registers and shared
+/// memory. Predictions from arithmetic, not measurements.
+/// </summary>
+public static class KernelsDoc
+{
+    /// <summary>H100 SXM: dense bf16 tensor-core peak and HBM3 bandwidth (NVIDIA's datasheet).</summary>
+    public const double PeakFlops = 989e12, PeakBytes = 3.35e12;
+
+    // H100 (sm_90) per-SM limits: 65536 registers, 228 KiB shared memory (227 KiB per block), 64 warps, 32 groups.
+    private const int SmRegisters = 65536, SmShared = 228 * 1024, SmWarps = 64, SmGroups = 32;
+
+    public sealed record Model(string Name, int C, int F, int L, int NH, int NKV, int HS, int V);
+
+    public static readonly Model[] Models =
+    {
+        new("SmolLM2-135M", 576, 1536, 30, 9, 3, 64, 49152),
+        new("Llama-3.2-1B", 2048, 8192, 16, 32, 8, 64, 128256),
+        new("Qwen2.5-7B", 3584, 18944, 28, 28, 4, 128, 152064),
+    };
+
+    public const int Batch = 8, Seq = 2048, Tokens = Batch * Seq;
+
+    /// <summary>Resident warps per SM for a group of <paramref name="threads"/> threads (registers allocated per warp in units of 256).</summary>
+    public static (int Groups, double Occupancy, string Limit) Occupancy(int registers, int sharedBytes, int threads)
+    {
+        int warps = (threads + 31) / 32;
+        int regsPerWarp = (Math.Max(registers, 1) * 32 + 255) / 256 * 256;
+        int byRegs = SmRegisters / (regsPerWarp * warps);
+        int byShared = sharedBytes == 0 ? int.MaxValue : SmShared / (sharedBytes + 1024); // 1 KiB reserved per block
+        int byWarps = SmWarps / warps;
+        int groups = Math.Min(Math.Min(byRegs, byShared), Math.Min(byWarps, SmGroups));
+        string limit = groups == byRegs ? "registers" : groups == byShared ? "shared memory" : groups == byWarps ? "warps" : "groups";
+        return (groups, groups * warps / (double)SmWarps, limit);
+    }
+
+    private sealed record Op(string Kernel, string What, double Flops, double Bytes, string Stops);
+
+    private static IEnumerable<Op> Ops(Model m)
+    {
+        double M = Tokens;
+        double Mm(double n, double k) => 2 * M * n * k;
+        // activations f32 (4 B), weights bf16 (2 B): read x and W, write y
+        double MmBytes(double n, double k) => 4 * M * k + 2 * n * k + 4 * M * n;
+        double qkv = (m.NH + 2.0 * m.NKV) * m.HS;
+        const string tc = "tensor-core: ILGPU's inline PTX routes every mma/ldmatrix operand through a local variable (STL per output, see LDL+STL); f32 activations are converted on the way into shared memory (no cp.async); 1 group/SM";
+        yield return new("MatMulTensorCore (q,k,v)", "x·Wᵀ, N=(NH+2·NKV)·HS, K=C", Mm(qkv, m.C), MmBytes(qkv, m.C), tc);
+        yield return new("MatMulTensorCore (o)", "x·Wᵀ, N=K=C", Mm(m.C, m.C), MmBytes(m.C, m.C), tc);
+        yield return new("MatMulTensorCore (gate+up)", "x·Wᵀ, N=2F, K=C", Mm(2.0 * m.F, m.C), MmBytes(2.0 * m.F, m.C), tc);
+        yield return new("MatMulTensorCore (down)", "x·Wᵀ, N=C, K=F", Mm(m.C, m.F), MmBytes(m.C, m.F), tc);
+        yield return new("MatMulTensorCore (down, dx)", "dy·W, N=F, K=C", Mm(m.F, m.C), MmBytes(m.F, m.C), tc);
+        yield return new("MatMulTiled (LM head, f32 SIMT)", "x·Eᵀ, N=V, K=C", Mm(m.V, m.C), 4 * M * m.C + 4.0 * m.V * m.C + 4 * M * m.V,
+            "f32 FMA on CUDA cores (no tensor cores for f32 weights): 67 TFLOP/s f32 peak, 15x below the bf16 floor");
+        double T = Seq, pairs = Batch * m.NH * T * (T + 1) / 2;
+        yield return new("AttentionForward", "causal, 4·HS FLOPs per (query, key) pair", 4 * pairs * m.HS,
+            4 * M * (m.NH * 2.0 + m.NKV * 2.0) * m.HS, "f32 SIMT FMAs (no mma yet): the FLOP floor assumes tensor cores");
+        yield return new("AttentionBackward (q + kv)", "recomputes P: 10·HS FLOPs per pair", 10 * pairs * m.HS,
+            4 * M * (m.NH * 4.0 + m.NKV * 4.0) * m.HS, "f32 SIMT FMAs; two kernels (dq, dk/dv) each recompute P");
+        yield return new("RmsNormForward", "read x, write y", 4 * M * m.C, 8 * M * m.C, "bandwidth bound: one group per row, reaches the floor only with C >= ~1k");
+        yield return new("SwiGluForward", "read gate, up; write h", 6 * M * m.F, 12 * M * m.F, "bandwidth bound, scalar 4-byte loads");
+        yield return new("RopeKernel", "q and k in place", 6 * M * (m.NH + m.NKV) * m.HS, 8 * M * (m.NH + m.NKV) * m.HS, "bandwidth bound; recomputes sin/cos per element");
+        yield return new("CrossEntropyKernel", "read logits, write dlogits", 5 * M * m.V, 8 * M * m.V, "bandwidth bound; the logits pass is separate from the LM-head matmul");
+    }
+
+    private static string F(double v, string fmt = "0.00") => v.ToString(fmt, CultureInfo.InvariantCulture);
+
+    public static string Analysis(IReadOnlyList<PtxasTests.PtxasReport> reports)
+    {
+        var sb = new StringBuilder();
+        sb.AppendLine();
+        sb.AppendLine("## Occupancy on an H100 (from the table above)");
+        sb.AppendLine();
+        sb.AppendLine("Resident groups per SM at 256 threads per group (the explicitly grouped kernels' size on CUDA) from the sm_90");
+        sb.AppendLine("registers and static shared memory above: 65536 registers, 228 KiB shared memory, 64 warps per SM.");
+        sb.AppendLine();
+        sb.AppendLine("| kernel | registers | smem (B) | groups/SM | occupancy | limited by |");
+        sb.AppendLine("|---|---:|---:|---:|---:|---|");
+        foreach (var r in reports.Where(r => r.Arch == "sm_90").OrderBy(r => r.Kernel, StringComparer.Ordinal))
+        {
+            var (g, occ, limit) = Occupancy(r.Registers, r.SharedBytes, 256);
+            sb.AppendLine($"| {r.Kernel} | {r.Registers} | {r.SharedBytes} | {g} | {F(occ * 100, "0")}% | {limit} |");
+        }
+        sb.AppendLine();
+        sb.AppendLine("## FLOPs, bytes and the H100 floor for the reference shapes");
+        sb.AppendLine();
+        sb.AppendLine($"Batch × sequence {Batch} × {Seq} = {Tokens} tokens, one layer (×L for the model), activations f32 and weights bf16");
+        sb.AppendLine($"as this runtime stores them. Floor = max(FLOPs / {F(PeakFlops / 1e12, "0")} TFLOP/s, bytes / {F(PeakBytes / 1e12, "0.00")} TB/s) (H100 SXM dense bf16");
+        sb.AppendLine("and HBM3). These are predictions from arithmetic: no GPU was available where they were written, nothing here is measured.");
+        foreach (var m in Models)
+        {
+            sb.AppendLine();
+            sb.AppendLine($"### {m.Name} (C={m.C}, F={m.F}, L={m.L}, NH={m.NH}, NKV={m.NKV}, HS={m.HS}, V={m.V})");
+            sb.AppendLine();
+            sb.AppendLine("| kernel | what | GFLOP | MB | FLOP/B | floor (µs) | bound | what stops it reaching the floor |");
+            sb.AppendLine("|---|---|---:|---:|---:|---:|---|---|");
+            foreach (var op in Ops(m))
+            {
+                double tf = op.Flops / PeakFlops, tb = op.Bytes / PeakBytes;
+                sb.AppendLine($"| {op.Kernel} | {op.What} | {F(op.Flops / 1e9, "0.0")} | {F(op.Bytes / 1e6, "0.0")} | {F(op.Flops / op.Bytes, "0")} | " +
+                              $"{F(Math.Max(tf, tb) * 1e6, "0.0")} | {(tf >= tb ? "compute" : "memory")} | {op.Stops} |");
+            }
+        }
+        sb.AppendLine();
+        sb.AppendLine("## Measuring on a GPU");
+        sb.AppendLine();
+        sb.AppendLine("Not yet measured: no GPU was available to this project. The tensor-core path is proven by the fragment-layout");
+        sb.AppendLine("emulation (tests/Kernels/Gpu/MmaFragmentEmulationTests.cs), the simulator run of its scalar path");
+        sb.AppendLine("(TensorCoreSimulatorTests) and the HMMA count above; its speed is a prediction until a GPU run reports it.");
+        return sb.ToString();
+    }
+}
