@@ -16,7 +16,7 @@ namespace FineTuneNative.Runtime.Inference;
 ///   x += a·Woᵀ;  xn = rmsnorm(x) · ffn_norm;  x += (silu(xn·Wgateᵀ) ⊙ xn·Wupᵀ)·Wdownᵀ
 /// then logits = rmsnorm(x_last) · final_norm · Outputᵀ for the last position only.
 /// </remarks>
-public sealed class InferenceSession : IDisposable
+public sealed partial class InferenceSession : IDisposable
 {
     private readonly LlamaWeights _w;
     private readonly IBackend _b;
@@ -96,8 +96,8 @@ public sealed class InferenceSession : IDisposable
     public int Position { get; private set; }
     public int VocabSize => _c.VocabSize;
 
-    /// <summary>Forgets the sequence (the cache is overwritten from position 0 on).</summary>
-    public void Reset() => Position = 0;
+    /// <summary>Forgets the sequence (the cache is overwritten from position 0 on, or after a prompt/prefix adapter's rows).</summary>
+    public void Reset() => Position = _basePosition;
 
     /// <summary>
     /// Appends <paramref name="tokens"/> at the current position and returns the logits (V) of the last one.
@@ -130,7 +130,7 @@ public sealed class InferenceSession : IDisposable
     }
 
     /// <summary>Runs the T = tokens.Length new tokens through every layer, leaving the last row's hidden state in _xLast.</summary>
-    private void Forward(ReadOnlySpan<int> tokens)
+    private void Forward(ReadOnlySpan<int> tokens, Tensor? embeddings = null)
     {
         var b = _b;
         var c = _c;
@@ -147,7 +147,8 @@ public sealed class InferenceSession : IDisposable
         var (tok, pos, x, xn, q, att, gate, up, h, rstd) = (v.Tokens, v.Positions, v.X, v.Xn, v.Q, v.Att, v.Gate, v.Up, v.H, v.Rstd);
 
 
-        b.EmbeddingForward(x, tok, _w.Embedding, T, C);
+        if (embeddings is null) b.EmbeddingForward(x, tok, _w.Embedding, T, C);
+        else b.Copy(x, embeddings); // prompt tuning's virtual tokens (SetPrompt)
         for (int l = 0; l < c.NumLayers; l++)
         {
             var L = _w.Layers[l];
@@ -160,13 +161,13 @@ public sealed class InferenceSession : IDisposable
             b.Rope(q, pos, T, c.NumHeads, HS, c.RopeTheta, c.RopeLayout, inverse: false);
             b.Rope(kNew, pos, T, c.NumKvHeads, HS, c.RopeTheta, c.RopeLayout, inverse: false);
             b.AttentionForward(att, null, q, _kCache[l], _vCache[l], 1, T, MaxSeqLen, kvLen, c.NumHeads, c.NumKvHeads, HS, scale);
-            b.MatMul(x, att, L.Wo, null, T, C, Q, accumulate: true);
+            AddProjection(x, att, L.Wo, T, Q, l, BottleneckSite.Attention);
 
             b.RmsNormForward(xn, rstd, x, L.FfnNorm, T, C, c.RmsNormEps);
             b.MatMul(gate, xn, L.Wgate, null, T, F, C, accumulate: false);
             b.MatMul(up, xn, L.Wup, null, T, F, C, accumulate: false);
             b.SwiGluForward(h, gate, up, (long)T * F);
-            b.MatMul(x, h, L.Wdown, null, T, C, F, accumulate: true);
+            AddProjection(x, h, L.Wdown, T, F, l, BottleneckSite.Mlp);
         }
         b.Copy(_xLast, v.XLastRow);
         Position = kvLen;

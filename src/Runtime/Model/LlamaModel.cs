@@ -16,7 +16,7 @@ namespace FineTuneNative.Runtime.Model;
 /// (+=) the gradients of lossScale·Σloss into LoRA DA/DB and, when <see cref="TrainBase"/>, into the base
 /// gradients, so micro-batches add up (pass lossScale = 1 / total tokens of the whole batch).
 /// </remarks>
-public sealed class LlamaModel : IDisposable
+public sealed partial class LlamaModel : IDisposable
 {
     /// <summary>Targets equal to this are ignored by the loss (PyTorch's default).</summary>
     public const int IgnoreIndex = -100;
@@ -195,6 +195,7 @@ public sealed class LlamaModel : IDisposable
     public void ZeroGrad()
     {
         foreach (var (_, _, s) in LoraSlots()) { _b.Fill(s.DA, 0); _b.Fill(s.DB, 0); }
+        ZeroPeftGrads();
         if (_grads is not null) foreach (var (_, t) in _grads.Named()) _b.Fill(t, 0);
     }
 
@@ -214,6 +215,7 @@ public sealed class LlamaModel : IDisposable
     public (double LossSum, int Count) ForwardBackward(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen, float lossScale, ulong dropoutSeed,
         ReadOnlySpan<int> positions = default)
     {
+        ExpandForPrompt(ref tokens, ref targets, ref seqLen, batch, positions);
         var ws = Prepare(tokens, targets, batch, seqLen, out int count, train: true, positions);
         Forward(ws, train: true, dropoutSeed);
         double loss = HeadAndLoss(ws, computeGrad: true, lossScale);
@@ -224,6 +226,7 @@ public sealed class LlamaModel : IDisposable
     /// <summary>Evaluation loss (no dropout, no gradients): Σ per-token loss and the token count.</summary>
     public (double LossSum, int Count) Loss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen, ReadOnlySpan<int> positions = default)
     {
+        ExpandForPrompt(ref tokens, ref targets, ref seqLen, batch, positions);
         var ws = Prepare(tokens, targets, batch, seqLen, out int count, train: false, positions);
         Forward(ws, train: false, 0);
         return (HeadAndLoss(ws, computeGrad: false, 0f), count);
@@ -261,6 +264,7 @@ public sealed class LlamaModel : IDisposable
         _b.Upload(ws.Tokens, tokens);
         _b.Upload(ws.Targets, targets);
         ws.SetSegments(segments, positions);
+        PreparePeft(ws);
         for (int key = 0; key < _lora.Length; key++)
         {
             if (_lora[key] is not { } s) continue;
@@ -329,6 +333,8 @@ public sealed class LlamaModel : IDisposable
             _b.Upload(ws.Tmp, _noiseHost);
             _b.Add(ws.Resid[0], ws.Resid[0], ws.Tmp);
         }
+        PromptForward(ws);
+        var ropePos = RopePositions(ws);
         for (int l = 0; l < c.NumLayers; l++)
         {
             var lw = Weights.Layers[l];
@@ -338,9 +344,11 @@ public sealed class LlamaModel : IDisposable
             LinearForward(ws, l, ModQ, s.Q, ws.Xn, train, seed);
             LinearForward(ws, l, ModK, s.K, ws.Xn, train, seed);
             LinearForward(ws, l, ModV, s.V, ws.Xn, train, seed);
-            _b.Rope(s.Q, ws.Positions, m, c.NumHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
-            _b.Rope(s.K, ws.Positions, m, c.NumKvHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
-            if (ws.Segments is null)
+            _b.Rope(s.Q, ropePos, m, c.NumHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
+            _b.Rope(s.K, ropePos, m, c.NumKvHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
+            if (_prefix is not null)
+                PrefixAttentionForward(ws, l, attnScale);
+            else if (ws.Segments is null)
                 _b.AttentionForward(s.Att, s.Lse, s.Q, s.K, s.V, ws.Batch, ws.SeqLen, ws.SeqLen, ws.SeqLen,
                     c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
             else
@@ -351,6 +359,7 @@ public sealed class LlamaModel : IDisposable
                         s.Q.View((long)o * c.QDim, 1, n, c.NumHeads, c.HeadDim), s.K.View((long)o * c.KvDim, 1, n, c.NumKvHeads, c.HeadDim),
                         s.V.View((long)o * c.KvDim, 1, n, c.NumKvHeads, c.HeadDim), 1, n, n, n, c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
             LinearForward(ws, l, ModO, ws.Tmp, s.Att, train, seed);
+            BottleneckForward(ws, l, BottleneckSite.Attention, ws.Tmp);
             _b.Add(s.ResidMid, ws.Resid[l], ws.Tmp);
             // MLP block
             _b.RmsNormForward(ws.Xn, ws.Rstd, s.ResidMid, lw.FfnNorm, m, C, c.RmsNormEps);
@@ -358,6 +367,7 @@ public sealed class LlamaModel : IDisposable
             LinearForward(ws, l, ModUp, s.Up, ws.Xn, train, seed);
             _b.SwiGluForward(ws.H, s.Gate, s.Up, (long)m * F);
             LinearForward(ws, l, ModDown, ws.Tmp, ws.H, train, seed);
+            BottleneckForward(ws, l, BottleneckSite.Mlp, ws.Tmp);
             _b.Add(ws.Resid[l + 1], s.ResidMid, ws.Tmp);
         }
         _b.RmsNormForward(ws.XnF, ws.RstdF, ws.Resid[c.NumLayers], Weights.FinalNorm, m, C, c.RmsNormEps);
@@ -397,6 +407,7 @@ public sealed class LlamaModel : IDisposable
         var g = _grads;
         if (g is null) _b.Fill(ws.NormGradSink, 0); // keeps the never-read sink bounded
         Tensor NormGrad(Tensor? t) => t ?? ws.NormGradSink;
+        var ropePos = RopePositions(ws);
 
         // final norm: DXn holds d(final norm output) from the head
         _b.RmsNormBackward(ws.DResid, NormGrad(g?.FinalNorm), ws.DXn, ws.Resid[c.NumLayers], Weights.FinalNorm, ws.RstdF, m, C, accumulate: false);
@@ -410,7 +421,7 @@ public sealed class LlamaModel : IDisposable
             // MLP block: Resid[l+1] = ResidMid + down(silu(gate(xn)) ⊙ up(xn)), xn = RMSNorm(ResidMid)
             _b.RmsNormForward(ws.Xn, ws.Rstd, s.ResidMid, lw.FfnNorm, m, C, c.RmsNormEps); // recompute
             _b.SwiGluForward(ws.H, s.Gate, s.Up, (long)m * F);                             // recompute
-            LinearBackward(ws, l, ModDown, ws.DH, ws.DResid, ws.H, seed, accumulate: false);
+            LinearBackward(ws, l, ModDown, ws.DH, BottleneckBackward(ws, l, BottleneckSite.Mlp, ws.DResid), ws.H, seed, accumulate: false);
             var dGate = ws.H; // H is no longer read: reuse it for dGate
             _b.SwiGluBackward(dGate, ws.DUp, ws.DH, s.Gate, s.Up, (long)m * F);
             LinearBackward(ws, l, ModGate, ws.DXn, dGate, ws.Xn, seed, accumulate: false);
@@ -418,8 +429,10 @@ public sealed class LlamaModel : IDisposable
             _b.RmsNormBackward(ws.DResid, NormGrad(lg?.FfnNorm), ws.DXn, s.ResidMid, lw.FfnNorm, ws.Rstd, m, C, accumulate: true);
 
             // attention block: ResidMid = Resid[l] + o(attn(rope(q(xn)), rope(k(xn)), v(xn))), xn = RMSNorm(Resid[l])
-            LinearBackward(ws, l, ModO, ws.DAtt, ws.DResid, s.Att, seed, accumulate: false);
-            if (ws.Segments is null)
+            LinearBackward(ws, l, ModO, ws.DAtt, BottleneckBackward(ws, l, BottleneckSite.Attention, ws.DResid), s.Att, seed, accumulate: false);
+            if (_prefix is not null)
+                PrefixAttentionBackward(ws, l, attnScale);
+            else if (ws.Segments is null)
                 _b.AttentionBackward(ws.DQ, ws.DK, ws.DV, ws.DAtt, s.Att, s.Lse, s.Q, s.K, s.V,
                     ws.Batch, ws.SeqLen, ws.SeqLen, c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
             else
@@ -433,16 +446,18 @@ public sealed class LlamaModel : IDisposable
                         1, n, n, c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
                 }
             // RoPE is a rotation: its backward is the inverse rotation of the gradient
-            _b.Rope(ws.DQ, ws.Positions, m, c.NumHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: true);
-            _b.Rope(ws.DK, ws.Positions, m, c.NumKvHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: true);
+            _b.Rope(ws.DQ, ropePos, m, c.NumHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: true);
+            _b.Rope(ws.DK, ropePos, m, c.NumKvHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: true);
             _b.RmsNormForward(ws.Xn, ws.Rstd, ws.Resid[l], lw.AttnNorm, m, C, c.RmsNormEps); // recompute
             LinearBackward(ws, l, ModQ, ws.DXn, ws.DQ, ws.Xn, seed, accumulate: false);
             LinearBackward(ws, l, ModK, ws.DXn, ws.DK, ws.Xn, seed, accumulate: true);
             LinearBackward(ws, l, ModV, ws.DXn, ws.DV, ws.Xn, seed, accumulate: true);
-            // Below layer 0 only the (frozen) embedding waits: skip the last norm backward unless training the base.
-            if (l > 0 || g is not null)
+            // Below layer 0 only the (frozen) embedding waits: skip the last norm backward unless training the base
+            // or the prompt's virtual tokens.
+            if (l > 0 || g is not null || _prompt is not null)
                 _b.RmsNormBackward(ws.DResid, NormGrad(lg?.AttnNorm), ws.DXn, ws.Resid[l], lw.AttnNorm, ws.Rstd, m, C, accumulate: true);
         }
+        PromptBackward(ws);
         if (g is not null) _b.EmbeddingBackward(g.Embedding, ws.DResid, ws.Tokens, m, C);
     }
 

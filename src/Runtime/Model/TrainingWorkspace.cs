@@ -59,6 +59,9 @@ internal sealed class TrainingWorkspace : IDisposable
     public readonly record struct HeadChunk(int Start, int Rows, Tensor Logits, Tensor X, Tensor DX, Tensor Targets, Tensor Losses);
     public HeadChunk[] Chunks { get; }
 
+    /// <summary>Buffers of prompt/prefix tuning and bottleneck adapters when the model has such slots (owned: disposed with the workspace).</summary>
+    public PeftBuffers? Peft { get; set; }
+
     /// <summary>The LoRA buffers of one slot: u (M, R); drop(x) (M, K) when dropout is used; G, the (M, R) view of LoraG.</summary>
     public sealed record LoraBuffers(Tensor U, Tensor? XDrop, int R, int K)
     {
@@ -199,5 +202,7 @@ internal sealed class TrainingWorkspace : IDisposable
         foreach (var key in _lora.Keys.ToArray()) ForgetLora(key);
         LoraG?.Dispose();
         LoraG = null;
+        Peft?.Dispose();
+        Peft = null;
     }
 }
