@@ -45,6 +45,13 @@ public sealed class GenerateOptions : DeviceOptions
 
     [Option("seed", Default = 0UL, MetaValue = "S", HelpText = "Sampling seed (same seed, same text).")]
     public ulong Seed { get; set; }
+
+    [Option("chat-template", Default = "auto", MetaValue = "T",
+        HelpText = "Prompt format, as in ftn train: auto (the model's chat_template, else the alpaca format), none, a built-in name, a .jinja file or a tokenizer_config.json.")]
+    public string ChatTemplate { get; set; } = "auto";
+
+    [Option("system", Default = "", MetaValue = "TEXT", HelpText = "A system message (chat templates) or system text (alpaca format).")]
+    public string System { get; set; } = "";
 }
 
 /// <summary><c>ftn generate</c>: streams a completion to standard output; statistics go to standard error.</summary>
@@ -74,9 +81,20 @@ public static class GenerateCommand
         }
         var weights = merged ?? loaded.Weights;
 
-        int[] prompt = o.Raw
-            ? tok.Encode(o.Prompt, addBos: tok.BosId is not null)
-            : ExactMatch.PromptIds(tok, DatasetRecord.Alpaca(o.Prompt, o.Input, ""));
+        // the prompt is built exactly as training built it: the same chat template (or the same alpaca format)
+        ChatTemplate? template;
+        try { template = o.Raw ? null : ChatTemplate.Resolve(o.ChatTemplate, path, tok); }
+        catch (Exception e) when (e is ArgumentException or InvalidDataException or TemplateException) { throw new UserError(Program.OneLine(e.Message)); }
+        var record = DatasetRecord.Alpaca(o.Prompt, o.Input, "", o.System);
+        int[] prompt;
+        if (o.Raw) prompt = tok.Encode(o.Prompt, addBos: tok.BosId is not null);
+        else if (template is not null)
+        {
+            var messages = record.AsMessages().Where(m => m.Role != "assistant").ToList();
+            try { prompt = new SampleEncoder(tok, new EncodeOptions { Template = template }).EncodePrompt(messages); }
+            catch (TemplateException e) { throw new UserError(Program.OneLine(e.Message)); }
+        }
+        else prompt = ExactMatch.PromptIds(tok, record);
         int maxLen = Math.Min(weights.Config.MaxPositions, prompt.Length + o.MaxNewTokens);
         if (prompt.Length >= weights.Config.MaxPositions)
             throw new UserError($"the prompt has {prompt.Length} tokens; the model holds at most {weights.Config.MaxPositions} positions");

@@ -15,7 +15,7 @@ using PeftTrainOptions = FineTuneNative.Peft.Training.TrainOptions;
 namespace FineTuneNative.Cli;
 
 [Verb("train", HelpText = "LoRA fine-tune a model on a JSON/JSONL dataset and save a PEFT adapter. With no --model: the embedded models/ftn-tiny on data/count-plus-one.jsonl.")]
-public sealed class TrainOptions : DeviceOptions
+public sealed class TrainOptions : DataCliOptions
 {
     [Option("model", MetaValue = "PATH",
         HelpText = "Hugging Face model directory (config.json + safetensors) or llama2.c .bin checkpoint. Default: the embedded models/ftn-tiny, with the demo settings listed as 'demo'.")]
@@ -136,7 +136,11 @@ public static class TrainCommand
                          $"{CliCommon.Count(loaded.Weights.ParameterCount)} parameters; device {backend.Name}");
 
         // Data: read, encode, split (Peft), and the held-out records for exact match.
-        var data = FineTuneJob.Prepare(dataPaths, tok, opts);
+        var dataOptions = o.BuildDataOptions();
+        PreparedData data;
+        try { data = FineTuneJob.Prepare(dataPaths, tok, opts, 0, dataOptions, modelPath); }
+        catch (Exception e) when (e is InvalidDataException or ArgumentException or TemplateException or FileNotFoundException) { throw new UserError(Program.OneLine(e.Message)); }
+        foreach (var line in data.Report) stdout.WriteLine($"data     {line}");
         foreach (var issue in data.Issues.Take(5)) stdout.WriteLine($"skipped  {issue}");
         if (data.Issues.Count > 5) stdout.WriteLine($"skipped  ... and {data.Issues.Count - 5} more");
         if (data.Train.Count == 0) throw new UserError($"no usable training sample in {string.Join(", ", dataPaths)} ({data.Issues.Count} records skipped)");
@@ -153,7 +157,7 @@ public static class TrainCommand
             stdout.WriteLine($"before   exact match {emBefore.Correct}/{emBefore.Count} ({Pct(emBefore.Rate)}) on held-out prompts (greedy)");
         }
 
-        using var model = new LlamaModel(loaded.Weights, backend);
+        using var model = new LlamaModel(loaded.Weights, backend) { NeftuneAlpha = dataOptions.NeftuneAlpha };
         using var method = CreateMethod(o, model, lora, opts, stdout);
         using var trainer = new Trainer(model, method, opts);
         int total = Trainer.TotalSteps(opts, data.Train.Count);

@@ -26,7 +26,7 @@ public class DatasetReaderTests
 
         var r = DatasetReader.Read(path);
 
-        Assert.Equal(4, r.Records.Count);
+        Assert.Equal(5, r.Records.Count);
         Assert.Equal($"{path}:1", r.Records[0].Location);
         Assert.Equal(RecordFormat.Alpaca, r.Records[0].Format);
         Assert.Equal(("Add", "2 and 3", "5"), (r.Records[0].Instruction, r.Records[0].Input, r.Records[0].Output));
@@ -36,14 +36,15 @@ public class DatasetReaderTests
         Assert.Equal(new[] { new ChatMessage("user", "parts"), new ChatMessage("assistant", "ok") }, r.Records[3].Messages);
 
         var byLine = r.Issues.ToDictionary(i => i.Location, i => i.Message);
-        Assert.Equal(new[] { 3, 4, 6, 7, 8, 11, 12 }.Select(l => $"{path}:{l}"), r.Issues.Select(i => i.Location));
+        Assert.Equal(DatasetRecord.Raw("pretraining text", $"{path}:12").Text, r.Records[4].Text);
+        Assert.Equal(RecordFormat.Text, r.Records[4].Format);
+        Assert.Equal(new[] { 3, 4, 6, 7, 8, 11 }.Select(l => $"{path}:{l}"), r.Issues.Select(i => i.Location));
         Assert.Contains("invalid JSON", byLine[$"{path}:3"]);
         Assert.Contains("missing field \"output\"", byLine[$"{path}:4"]);
         Assert.Contains("\"output\" must be a string, found a number", byLine[$"{path}:6"]);
         Assert.Contains("\"wizard\" is not a known role", byLine[$"{path}:7"]);
         Assert.Contains("expected a JSON object, found an array", byLine[$"{path}:8"]);
         Assert.Contains("no assistant turn", byLine[$"{path}:11"]);
-        Assert.Contains("\"text\"", byLine[$"{path}:12"]);
     }
 
     [Fact]
@@ -135,12 +136,13 @@ public class DatasetReaderTests
     }
 
     [SkippableFact]
-    public void Pretraining_text_records_are_reported_not_crashed_on()
+    public void Pretraining_text_records_are_read_as_raw_text()
     {
         string path = PeftAssets.Require("datasets", "llama-factory", "c4_demo.jsonl");
         var r = DatasetReader.Read(path);
-        Assert.Empty(r.Records);
-        Assert.Equal(300, r.Issues.Count);
-        Assert.Equal($"{path}:1", r.Issues[0].Location);
+        Assert.Empty(r.Issues);
+        Assert.Equal(300, r.Records.Count);
+        Assert.All(r.Records, x => Assert.Equal(RecordFormat.Text, x.Format));
+        Assert.Equal($"{path}:1", r.Records[0].Location);
     }
 }

@@ -23,10 +23,62 @@ public sealed class DatasetReadResult
 /// </remarks>
 public static class DatasetReader
 {
+    /// <summary>Reads a dataset by its extension: .csv, .tsv, .parquet, .txt (one record per non-blank line),
+    /// otherwise JSON / JSON Lines.</summary>
     public static DatasetReadResult Read(string path)
     {
         if (!File.Exists(path)) throw new FileNotFoundException($"dataset '{path}' not found", path);
-        return Parse(File.ReadAllBytes(path), path);
+        string ext = Path.GetExtension(path).ToLowerInvariant();
+        return ext switch
+        {
+            ".csv" => TabularReader.ReadCsv(path, ','),
+            ".tsv" => TabularReader.ReadCsv(path, '\t'),
+            ".parquet" => TabularReader.ReadParquet(path),
+            ".txt" or ".text" => ParseText(File.ReadAllText(path), path),
+            _ => Parse(File.ReadAllBytes(path), path),
+        };
+    }
+
+    /// <summary>Plain text: every non-blank line is one raw-text record (as LLaMA-Factory reads a .txt dataset).</summary>
+    public static DatasetReadResult ParseText(string text, string name)
+    {
+        var result = new DatasetReadResult();
+        int line = 0;
+        foreach (var l in text.Split('\n'))
+        {
+            line++;
+            string t = l.TrimEnd('\r');
+            if (t.Trim().Length > 0) result.Records.Add(DatasetRecord.Raw(t, $"{name}:{line}"));
+        }
+        if (result.Records.Count == 0) result.Issues.Add(new DatasetIssue($"{name}:1", "the file has no text"));
+        return result;
+    }
+
+    /// <summary>One record from named string columns (CSV / Parquet rows); issues carry <paramref name="loc"/>.</summary>
+    internal static void AddColumns(IReadOnlyDictionary<string, string?> row, string loc, DatasetReadResult result)
+    {
+        try
+        {
+            string Get(string k) => row.TryGetValue(k, out var v) ? v ?? "" : "";
+            foreach (var key in new[] { "messages", "conversations" })
+                if (row.TryGetValue(key, out var json) && json is not null)
+                {
+                    // a JSON column: {"messages": "[...]"}, as when a chat dataset is saved to CSV / Parquet
+                    using var doc = JsonDocument.Parse($"{{\"{key}\": {json}}}");
+                    result.Records.Add(ToRecord(doc.RootElement, loc));
+                    return;
+                }
+            if (row.ContainsKey("instruction") || row.ContainsKey("output"))
+            {
+                if (!row.ContainsKey("instruction") || !row.ContainsKey("output")) throw new RecordError("alpaca rows need both \"instruction\" and \"output\" columns");
+                result.Records.Add(new DatasetRecord { Location = loc, Format = RecordFormat.Alpaca, Instruction = Get("instruction"), Input = Get("input"), Output = Get("output"), System = Get("system") });
+                return;
+            }
+            if (row.ContainsKey("text")) { result.Records.Add(DatasetRecord.Raw(Get("text"), loc)); return; }
+            throw new RecordError($"expected columns instruction/output, text, messages or conversations; found {string.Join(", ", row.Keys.Select(k => $"\"{k}\""))}");
+        }
+        catch (RecordError e) { result.Issues.Add(new DatasetIssue(loc, e.Message)); }
+        catch (JsonException e) { result.Issues.Add(new DatasetIssue(loc, $"invalid JSON in a messages/conversations column: {FirstSentence(e.Message)}")); }
     }
 
     /// <summary>Parses dataset bytes; <paramref name="name"/> is used in locations. A name ending in .jsonl/.ndjson is
@@ -142,7 +194,25 @@ public static class DatasetReader
 
     private static void AddRecord(JsonElement e, string loc, DatasetReadResult result)
     {
-        try { result.Records.Add(ToRecord(e, loc)); }
+        try
+        {
+            // Stanford Alpaca's seed tasks: {"instruction", "instances": [{"input", "output"}...]}, one record per instance
+            if (e.ValueKind == JsonValueKind.Object && e.TryGetProperty("instances", out var inst) && e.TryGetProperty("instruction", out _))
+            {
+                if (inst.ValueKind != JsonValueKind.Array || inst.GetArrayLength() == 0) throw new RecordError("\"instances\" must be a non-empty array of {\"input\", \"output\"}");
+                string instruction = RequiredString(e, "instruction");
+                int i = 0;
+                foreach (var x in inst.EnumerateArray())
+                {
+                    if (x.ValueKind != JsonValueKind.Object) throw new RecordError($"instances[{i}] must be an object, found {Kind(x)}");
+                    string where = i == 0 ? loc : $"{loc} (instance {i})";
+                    result.Records.Add(DatasetRecord.Alpaca(instruction, OptionalString(x, "input"), RequiredString(x, "output"), "", where));
+                    i++;
+                }
+                return;
+            }
+            result.Records.Add(ToRecord(e, loc));
+        }
         catch (RecordError err) { result.Issues.Add(new DatasetIssue(loc, err.Message)); }
     }
 
@@ -170,7 +240,14 @@ public static class DatasetReader
                 System = OptionalString(e, "system"),
             };
         }
-        throw new RecordError("expected alpaca fields (\"instruction\", \"output\"), \"messages\" or \"conversations\"; found " +
+        if (e.TryGetProperty("text", out var text))
+        {
+            if (text.ValueKind != JsonValueKind.String) throw new RecordError($"field \"text\" must be a string, found {Kind(text)}");
+            return DatasetRecord.Raw(text.GetString()!, loc);
+        }
+        if (e.TryGetProperty("chosen", out _) || e.TryGetProperty("chosen_messages", out _))
+            throw new RecordError("a preference record (chosen/rejected) is for DPO, not supervised fine-tuning");
+        throw new RecordError("expected alpaca fields (\"instruction\", \"output\"), \"messages\", \"conversations\" or \"text\"; found " +
             (e.EnumerateObject().Any() ? string.Join(", ", e.EnumerateObject().Select(p => $"\"{p.Name}\"")) : "an empty object"));
     }
 

@@ -16,6 +16,8 @@ public sealed class PreparedData
     public required List<DatasetIssue> Issues { get; init; }
     public required int PadId { get; init; }
     public int RecordsRead { get; init; }
+    /// <summary>What the data pipeline did (mixture, cleaning, lengths, truncation, EOS check, packing).</summary>
+    public List<string> Report { get; init; } = new();
 }
 
 /// <summary>
@@ -36,6 +38,8 @@ public sealed class FineTuneJob
     public TrainOptions Options { get; init; } = new();
     /// <summary>Use at most this many records (after reading, before the split; 0 = all).</summary>
     public int MaxRecords { get; init; }
+    /// <summary>Chat template, cleaning, mixture weights, test split, augmentation, packing, NEFTune.</summary>
+    public DataOptions Data { get; init; } = new();
 
     public Action<string>? Log { get; init; }
     /// <summary>Skipped records reported through <see cref="Log"/> (all of them go to OutputDir/data_issues.txt).</summary>
@@ -43,22 +47,13 @@ public sealed class FineTuneJob
     public Action<TrainProgress>? OnProgress { get; init; }
     public Action<EvalProgress>? OnEval { get; init; }
 
-    /// <summary>Reads, encodes and splits datasets. Never throws for malformed records (they become issues).</summary>
-    public static PreparedData Prepare(IReadOnlyList<string> paths, ITextTokenizer tokenizer, TrainOptions o, int maxRecords = 0)
+    /// <summary>Reads, cleans, splits and encodes datasets (see <see cref="DataPipeline"/>). Never throws for malformed
+    /// records (they become issues).</summary>
+    public static PreparedData Prepare(IReadOnlyList<string> paths, ITextTokenizer tokenizer, TrainOptions o, int maxRecords = 0,
+        DataOptions? data = null, string? modelPath = null)
     {
-        var issues = new List<DatasetIssue>();
-        var records = new List<DatasetRecord>();
-        foreach (var p in paths)
-        {
-            var r = DatasetReader.Read(p);
-            records.AddRange(r.Records);
-            issues.AddRange(r.Issues);
-        }
-        if (maxRecords > 0 && records.Count > maxRecords) records = records.Take(maxRecords).ToList();
-        var encoder = new SampleEncoder(tokenizer, new EncodeOptions { MaxLength = o.MaxLength, TrainOnPrompt = o.TrainOnPrompt });
-        var samples = encoder.EncodeAll(records, issues);
-        var (train, eval) = Batching.Split(samples, o.EvalFraction, o.Seed);
-        return new PreparedData { Train = train, Eval = eval, Issues = issues, PadId = encoder.PadId, RecordsRead = records.Count };
+        var d = DataPipeline.Prepare(paths, tokenizer, data ?? new DataOptions(), o.MaxLength, o.TrainOnPrompt, o.EvalFraction, o.Seed, maxRecords, modelPath);
+        return new PreparedData { Train = d.Train, Eval = d.Eval, Issues = d.Issues, PadId = d.PadId, RecordsRead = d.RecordsRead, Report = d.Report };
     }
 
     public TrainResult Run(CancellationToken cancel = default)
@@ -74,7 +69,8 @@ public sealed class FineTuneJob
             throw new ArgumentException($"tokenizer vocabulary ({tokenizer.VocabSize}) is larger than the model's ({loaded.Weights.Config.VocabSize})");
         Log?.Invoke($"model: {loaded.Path} ({loaded.Format}, {loaded.Weights.ParameterCount:N0} parameters); tokenizer: {tokenizer.Describe()}");
 
-        var data = Prepare(DatasetPaths, tokenizer, Options, MaxRecords);
+        var data = Prepare(DatasetPaths, tokenizer, Options, MaxRecords, Data, ModelPath);
+        foreach (var line in data.Report) Log?.Invoke(line);
         if (data.Issues.Count > 0)
         {
             Directory.CreateDirectory(OutputDir);
@@ -86,7 +82,7 @@ public sealed class FineTuneJob
         Log?.Invoke($"data: {data.RecordsRead} records, {data.Train.Count} train / {data.Eval.Count} eval samples, {data.Issues.Count} skipped");
         if (data.Train.Count == 0) throw new InvalidDataException("no usable training samples (see the skipped records above)");
 
-        using var model = new LlamaModel(loaded.Weights, backend);
+        using var model = new LlamaModel(loaded.Weights, backend) { NeftuneAlpha = Data.NeftuneAlpha };
         using var adapter = LoraAdapter.Create(model, Lora, Options.Seed);
         Log?.Invoke($"LoRA r={Lora.Rank} alpha={Lora.Alpha} on {string.Join(",", Lora.TargetModules)}: {adapter.ParameterCount:N0} trainable parameters");
         using var trainer = new Trainer(model, adapter, Options);

@@ -16,6 +16,8 @@ internal sealed class GgufVocab
     public string[] Merges = Array.Empty<string>();
     public string Pre = "";
     public string Model = "";
+    /// <summary>tokenizer.chat_template ("" when absent).</summary>
+    public string ChatTemplate = "";
 
     public static GgufVocab Read(string path)
     {
@@ -65,6 +67,7 @@ internal sealed class GgufVocab
                 case "tokenizer.ggml.merges": v.Merges = ((object[])val).Cast<string>().ToArray(); break;
                 case "tokenizer.ggml.pre": v.Pre = (string)val; break;
                 case "tokenizer.ggml.model": v.Model = (string)val; break;
+                case "tokenizer.chat_template": v.ChatTemplate = (string)val; break;
             }
         }
         return v;

@@ -1,0 +1,197 @@
+using System.Text.Json;
+using FineTuneNative.Peft.Data;
+using FineTuneNative.Runtime.Text;
+using FineTuneNative.Tests.Runtime.Text;
+using Xunit;
+
+namespace FineTuneNative.Tests.Peft;
+
+/// <summary>
+/// Our Jinja subset against Python jinja2 (tests/Fixtures/chat_templates.json, made by tests/reference/chat_templates.py
+/// in transformers' environment): every template × conversation × add_generation_prompt, byte for byte, including
+/// the cases where the template raises. Then the prompt/assistant split used for training.
+/// </summary>
+public class ChatTemplateTests
+{
+    private static readonly Lazy<JsonDocument> Fixture = new(() =>
+    {
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+        {
+            string p = Path.Combine(dir.FullName, "tests", "Fixtures", "chat_templates.json");
+            if (File.Exists(p)) return JsonDocument.Parse(File.ReadAllBytes(p));
+        }
+        throw new FileNotFoundException($"tests/Fixtures/chat_templates.json not found above {AppContext.BaseDirectory}");
+    });
+
+    private static JsonElement Root => Fixture.Value.RootElement;
+
+    private static List<ChatMessage> Conversation(int i) =>
+        Root.GetProperty("conversations")[i].EnumerateArray().Select(m => new ChatMessage(m.GetProperty("role").GetString()!, m.GetProperty("content").GetString()!)).ToList();
+
+    private static ChatTemplate Template(string name)
+    {
+        var t = Root.GetProperty("templates").GetProperty(name);
+        var extra = new Dictionary<string, object?> { ["pad_token"] = "<pad>", ["unk_token"] = "<unk>" };
+        return new ChatTemplate(t.GetProperty("text").GetString()!, name, t.GetProperty("bos").GetString()!, t.GetProperty("eos").GetString()!, extra);
+    }
+
+    public static IEnumerable<object[]> TemplateNames() =>
+        new[] { "chatml", "llama3", "mistral", "qwen2.5", "smollm2", "gemma", "llama2", "phi3" }.Select(n => new object[] { n });
+
+    [Theory]
+    [MemberData(nameof(TemplateNames))]
+    public void Renders_like_python_jinja2(string name)
+    {
+        var tpl = Template(name);
+        int n = 0;
+        foreach (var c in Root.GetProperty("cases").EnumerateArray().Where(c => c.GetProperty("template").GetString() == name))
+        {
+            var conv = Conversation(c.GetProperty("conversation").GetInt32());
+            bool gen = c.GetProperty("add_generation_prompt").GetBoolean();
+            string what = $"{name} conversation {c.GetProperty("conversation").GetInt32()} gen={gen}";
+            if (c.TryGetProperty("error", out var err))
+            {
+                var e = Assert.Throws<TemplateException>(() => tpl.Render(conv, gen));
+                Assert.Contains(err.GetString()!, e.Message);
+            }
+            else Assert.True(c.GetProperty("expected").GetString() == tpl.Render(conv, gen), $"{what}: expected {JsonSerializer.Serialize(c.GetProperty("expected").GetString())}, got {JsonSerializer.Serialize(tpl.Render(conv, gen))}");
+            n++;
+        }
+        Assert.Equal(12, n);
+    }
+
+    [Fact]
+    public void Builtin_templates_are_the_fixture_texts()
+    {
+        foreach (var name in ChatTemplate.BuiltinNames)
+            Assert.Equal(Root.GetProperty("templates").GetProperty(name).GetProperty("text").GetString(), ChatTemplate.BuiltinText(name));
+    }
+
+    [SkippableFact]
+    public void Real_llama2_and_phi3_templates_are_read_from_the_assets()
+    {
+        var llama2 = ChatTemplate.FromTokenizerConfig(PeftAssets.Require("llama2-tokenizer", "hf-tokenizer-json-genai", "tokenizer_config.json"))!;
+        Assert.Equal(Root.GetProperty("templates").GetProperty("llama2").GetProperty("text").GetString(), llama2.Text);
+        Assert.Equal("<s>", llama2.BosToken);
+        Assert.Equal("</s>", llama2.EosToken);
+        var phi3 = GgufVocab.Read(PeftAssets.Require("llama-cpp-vocab", "ggml-vocab-phi-3.gguf")).ChatTemplate;
+        Assert.Equal(Root.GetProperty("templates").GetProperty("phi3").GetProperty("text").GetString(), phi3);
+        Assert.Null(ChatTemplate.FromTokenizerConfig(PeftAssets.Require("llama2-tokenizer", "hf-tokenizer-json-ortx", "tokenizer_config.json")));
+    }
+
+    [Theory]
+    [InlineData("namespace_loop")]
+    [InlineData("loop_vars")]
+    [InlineData("whitespace")]
+    [InlineData("filters")]
+    [InlineData("strings")]
+    [InlineData("macro_set_block")]
+    [InlineData("dict_items")]
+    public void Jinja_features_render_like_python_jinja2(string name)
+    {
+        var f = Root.GetProperty("features").GetProperty(name);
+        var tpl = new ChatTemplate(f.GetProperty("text").GetString()!, name, "<s>", "</s>");
+        Assert.Equal(f.GetProperty("expected").GetString(), tpl.Render(Conversation(1), true));
+    }
+
+    [Theory]
+    [InlineData("{% if x %}", "missing {% endif %}")]
+    [InlineData("{{ 1 + }}", "unexpected")]
+    [InlineData("{% frobnicate %}", "unsupported statement 'frobnicate'")]
+    [InlineData("{{ x | nosuchfilter }}", "unsupported filter 'nosuchfilter'")]
+    [InlineData("a\n{{ 'unterminated }}", "t:2")]
+    public void Template_errors_name_the_line(string text, string expected)
+    {
+        var e = Assert.ThrowsAny<TemplateException>(() => new ChatTemplate(text, "t", "", "").Render(Conversation(0), false));
+        Assert.Contains(expected, e.Message);
+    }
+
+    /// <summary>The training split: the trained segments are each assistant turn's text up to its end-of-turn
+    /// token, nothing else; the segments concatenate to the full rendering.</summary>
+    [Theory]
+    [InlineData("chatml", "4<|im_end|>", " 6 \n<|im_end|>")]
+    [InlineData("qwen2.5", "4<|im_end|>", " 6 \n<|im_end|>")]
+    [InlineData("smollm2", "4<|im_end|>", " 6 \n<|im_end|>")]
+    [InlineData("llama3", "4<|eot_id|>", "6<|eot_id|>")]
+    [InlineData("llama2", " 4 </s>", " 6 </s>")]
+    public void Training_split_trains_assistant_turns_only(string name, string first, string second)
+    {
+        var tpl = Template(name);
+        var conv = Conversation(1);
+        var segs = tpl.RenderTraining(conv);
+        Assert.Equal(tpl.Render(conv, false), string.Concat(segs.Select(s => s.Text)));
+        Assert.Equal(new[] { first, second }, segs.Where(s => s.Trained).Select(s => s.Text));
+    }
+
+    [Fact]
+    public void Training_split_of_a_template_without_generation_prompt()
+    {
+        // phi-3 (real GGUF template) writes "<|assistant|>\n" after each user turn itself; mistral has no generation prompt
+        var phi = Template("phi3").RenderTraining(Conversation(0));
+        Assert.Equal(new[] { "Hi there.<|end|>" }, phi.Where(s => s.Trained).Select(s => s.Text));
+        var mistral = Template("mistral").RenderTraining(Conversation(0));
+        Assert.Equal(new[] { "<s>[INST] Hello! [/INST]", "Hi there.</s>" }, mistral.Select(s => s.Text));
+        Assert.Equal(new[] { false, true }, mistral.Select(s => s.Trained));
+        // gemma raises for a system turn: reported as an issue by the encoder, not a crash
+        var enc = new SampleEncoder(new ByteTokenizer(), new EncodeOptions { Template = Template("gemma") });
+        Assert.Null(enc.Encode(DatasetRecord.Chat(Conversation(1), "f.jsonl:7"), out var issue));
+        Assert.Equal("f.jsonl:7", issue!.Location);
+        Assert.Contains("System role not supported", issue.Message);
+    }
+
+    /// <summary>
+    /// Label masks with a real tokenizer and a real template: targets are exactly the assistant tokens and the
+    /// end-of-turn token; with --train-on-prompt every next token is a target; decoding the targets gives the
+    /// assistant texts.
+    /// </summary>
+    [SkippableFact]
+    public void Label_masks_with_the_real_llama2_tokenizer_and_template()
+    {
+        string dir = PeftAssets.Require("llama2-tokenizer", "hf-tokenizer-json-genai");
+        var tok = TokenizerLoader.Load(dir);
+        var tpl = ChatTemplate.Resolve("auto", dir, tok)!;
+        var conv = Conversation(1);
+        var enc = new SampleEncoder(tok, new EncodeOptions { Template = tpl, MaxLength = 512 });
+        var s = enc.Encode(DatasetRecord.Chat(conv, "x"), out var issue)!;
+        Assert.Null(issue);
+        var whole = tok.Encode(tpl.Render(conv, false));
+        Assert.Equal(whole[..^1], s.Tokens);                 // tokenized as one text, specials included
+        Assert.Equal(tok.BosId, s.Tokens[0]);                // "<s>" written by the template is the BOS id
+        Assert.Equal(2, s.Tokens.Count(t => t == tok.BosId));
+        // the targets, in order, decode to the two assistant answers each closed by EOS
+        var trained = s.Targets.Where(t => t != TokenizedSample.IgnoreIndex).ToArray();
+        Assert.Equal(2, trained.Count(t => t == tok.EosId));
+        Assert.Equal("46", string.Concat(tok.Decode(trained, skipSpecialTokens: true).Where(c => !char.IsWhiteSpace(c))));
+        var all = new SampleEncoder(tok, new EncodeOptions { Template = tpl, TrainOnPrompt = true }).Encode(DatasetRecord.Chat(conv, "x"), out _)!;
+        Assert.Equal(all.Tokens.Length, all.TargetCount);
+        Assert.Contains("EOS", SampleEncoder.CheckEosInTargets(new[] { s }, tok));
+    }
+
+    [Fact]
+    public void Eos_preflight_fails_when_no_target_has_the_eos()
+    {
+        var tok = new ByteTokenizer();
+        // chatml's <|im_end|> is plain text to this tokenizer, not its EOS (2): the model would never stop
+        var enc = new SampleEncoder(tok, new EncodeOptions { Template = ChatTemplate.Builtin("chatml", tok) });
+        var s = enc.Encode(DatasetRecord.Chat(Conversation(0), "x"), out _)!;
+        var e = Assert.Throws<InvalidDataException>(() => SampleEncoder.CheckEosInTargets(new[] { s }, tok));
+        Assert.Contains("never learn to stop", e.Message);
+        // the built-in format closes responses with the tokenizer's EOS
+        var builtin = new SampleEncoder(tok, new EncodeOptions()).Encode(DatasetRecord.Chat(Conversation(0), "x"), out _)!;
+        Assert.Contains("1 of 1", SampleEncoder.CheckEosInTargets(new[] { builtin }, tok));
+    }
+
+    [Fact]
+    public void Generation_prompt_is_the_training_prefix()
+    {
+        var tok = new ByteTokenizer();
+        var tpl = ChatTemplate.Builtin("llama3", tok);
+        var enc = new SampleEncoder(tok, new EncodeOptions { Template = tpl });
+        var conv = Conversation(0);
+        var prompt = enc.EncodePrompt(conv.Take(1).ToList());
+        var s = enc.Encode(DatasetRecord.Chat(conv, "x"), out _)!;
+        Assert.Equal(prompt, s.Tokens[..prompt.Length]);
+        int firstTarget = Array.FindIndex(s.Targets, t => t != TokenizedSample.IgnoreIndex);
+        Assert.Equal(prompt.Length - 1, firstTarget); // the first trained token is the first one generated
+    }
+}
