@@ -96,7 +96,7 @@ public sealed partial class InferenceSession
         int C = _c.HiddenSize;
         if (_adapters?[layer * 2 + (int)site] is not { } a)
         {
-            _b.MatMul(x, input, w, null, t, C, n, accumulate: true);
+            Linear(x, input, w, null, t, C, n, accumulate: true);
             return;
         }
         if (_adViews is not { } v || v.T != t)
@@ -105,7 +105,7 @@ public sealed partial class InferenceSession
             v = (t, _adY!.View(0, t, C), _adH.View(0, t, s), _adA!.View(0, t, s), _adOnes!.View(0, t, s));
             _adViews = v;
         }
-        _b.MatMul(v.Y, input, w, null, t, C, n, accumulate: false);
+        Linear(v.Y, input, w, null, t, C, n, accumulate: false);
         _b.MatMul(v.H, v.Y, a.Down, a.DownBias, t, a.Size, C, accumulate: false);
         _b.SwiGluForward(v.A, v.H, v.Ones, (long)t * a.Size);
         _b.MatMul(v.Y, v.A, a.Up, a.UpBias, t, C, a.Size, accumulate: true);

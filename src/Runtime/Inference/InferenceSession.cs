@@ -1,4 +1,8 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 using FineTuneNative.Kernels;
+using FineTuneNative.Kernels.Cpu;
+using FineTuneNative.Kernels.Quant;
 using FineTuneNative.Runtime.Model;
 
 namespace FineTuneNative.Runtime.Inference;
@@ -15,8 +19,12 @@ namespace FineTuneNative.Runtime.Inference;
 ///   rope(q), rope(K[p..p+T)) at their absolute positions;  a = attention(q, K[0..p+T), V[0..p+T)) causal
 ///   x += a·Woᵀ;  xn = rmsnorm(x) · ffn_norm;  x += (silu(xn·Wgateᵀ) ⊙ xn·Wupᵀ)·Wdownᵀ
 /// then logits = rmsnorm(x_last) · final_norm · Outputᵀ for the last position only.
+/// On the cpu backend a decode step (and a one-token prefill) runs as one fused pass (<see cref="CpuDecoder"/>),
+/// and linear weights may be block-quantized (Q8_0/Q4_0, see <see cref="WeightQuantizer"/>): decode uses integer
+/// dot products on 8-bit activations, a batched prefill dequantizes each weight matrix to f32 once per chunk and
+/// uses the f32 GEMM.
 /// </remarks>
-public sealed partial class InferenceSession : IDisposable
+public sealed unsafe partial class InferenceSession : IDisposable
 {
     private readonly LlamaWeights _w;
     private readonly IBackend _b;
@@ -29,13 +37,17 @@ public sealed partial class InferenceSession : IDisposable
     private readonly int[] _hostInts;
     private readonly float[] _hostLogits;
     private readonly List<Tensor> _owned = new();
+    private readonly CpuDecoder? _fused;
+    private Tensor? _wScratch;                     // f32 dequantized weight for a batched prefill with quantized weights
     private bool _disposed;
 
     /// <param name="w">The model (on <paramref name="backend"/>).</param>
     /// <param name="backend">The backend the weights live on.</param>
     /// <param name="maxSeqLen">Most positions a sequence may reach (prompt + generated); sizes the KV cache.</param>
     /// <param name="prefillChunk">Most prompt tokens processed in one pass (longer prompts go in several); default min(maxSeqLen, 512).</param>
-    public InferenceSession(LlamaWeights w, IBackend backend, int maxSeqLen, int prefillChunk = 0)
+    /// <param name="fusedCpuDecode">On the cpu backend, decode with the fused single-pass <see cref="CpuDecoder"/> (default);
+    /// false runs every step through the batched IBackend ops (f32/bf16 weights only), e.g. to compare the two.</param>
+    public InferenceSession(LlamaWeights w, IBackend backend, int maxSeqLen, int prefillChunk = 0, bool fusedCpuDecode = true)
     {
         ArgumentNullException.ThrowIfNull(w);
         ArgumentNullException.ThrowIfNull(backend);
@@ -71,6 +83,10 @@ public sealed partial class InferenceSession : IDisposable
             _logits = Own(DType.F32, "logits", 1, _c.VocabSize);
             _xnRow = _xn.View(0, 1, C);
             _rstdRow = _rstd.View(0, 1);
+            if (backend is CpuBackend cpu && fusedCpuDecode)
+                _fused = new CpuDecoder(w, cpu, _kCache, _vCache, maxSeqLen);
+            else if (w.Named().Any(p => p.Tensor.DType.IsBlockQuantized()))
+                throw new ArgumentException($"block-quantized weights need the cpu backend's fused decoder (backend '{backend.Name}')");
         }
         catch
         {
@@ -78,8 +94,14 @@ public sealed partial class InferenceSession : IDisposable
             throw;
         }
         _hostInts = new int[T];
-        _hostLogits = new float[_c.VocabSize];
+        // Pinned: the fused decoder writes the logits straight into it.
+        _hostLogits = GC.AllocateArray<float>(_c.VocabSize, pinned: true);
     }
+
+    /// <summary>The fused decoder knows no bottleneck adapters: with one attached, decode runs the batched ops.</summary>
+    private bool UseFused => _fused is not null && (_adapters is null || Array.TrueForAll(_adapters, a => a is null));
+
+    private float* LogitsPtr => (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_hostLogits));
 
     private Tensor Own(DType d, string name, params int[] shape)
     {
@@ -107,6 +129,7 @@ public sealed partial class InferenceSession : IDisposable
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         if (tokens.Length == 0) throw new ArgumentException("prefill needs at least one token (e.g. BOS)", nameof(tokens));
+        if (tokens.Length == 1 && UseFused) return Decode(tokens[0]);
         if (Position + tokens.Length > MaxSeqLen)
             throw new InvalidOperationException($"sequence of {Position + tokens.Length} positions exceeds this session's maxSeqLen {MaxSeqLen}");
         for (int i = 0; i < tokens.Length; i++)
@@ -119,14 +142,31 @@ public sealed partial class InferenceSession : IDisposable
             Forward(tokens.Slice(done, n));
             done += n;
         }
+        if (_fused is not null)
+        {
+            _fused.Head((float*)((CpuBackend)_b).Ptr(_xLast, "x_last"), LogitsPtr);
+            return _hostLogits;
+        }
         return Logits();
     }
 
     /// <summary>Appends one token and returns the logits (V) of the next position (the array is reused).</summary>
     public float[] Decode(int token)
     {
-        ReadOnlySpan<int> one = stackalloc int[1] { token };
-        return Prefill(one);
+        if (!UseFused)
+        {
+            ReadOnlySpan<int> one = stackalloc int[1] { token };
+            return Prefill(one);
+        }
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (Position + 1 > MaxSeqLen)
+            throw new InvalidOperationException($"sequence of {Position + 1} positions exceeds this session's maxSeqLen {MaxSeqLen}");
+        if ((uint)token >= (uint)_c.VocabSize)
+            throw new ArgumentOutOfRangeException(nameof(token), $"token {token} is outside the vocabulary [0, {_c.VocabSize})");
+        _fused!.Embed(token);
+        _fused.Step(Position, LogitsPtr);
+        Position++;
+        return _hostLogits;
     }
 
     /// <summary>Runs the T = tokens.Length new tokens through every layer, leaving the last row's hidden state in _xLast.</summary>
@@ -147,30 +187,59 @@ public sealed partial class InferenceSession : IDisposable
         var (tok, pos, x, xn, q, att, gate, up, h, rstd) = (v.Tokens, v.Positions, v.X, v.Xn, v.Q, v.Att, v.Gate, v.Up, v.H, v.Rstd);
 
 
-        if (embeddings is null) b.EmbeddingForward(x, tok, _w.Embedding, T, C);
-        else b.Copy(x, embeddings); // prompt tuning's virtual tokens (SetPrompt)
+        if (embeddings is not null) b.Copy(x, embeddings); // prompt tuning's virtual tokens (SetPrompt)
+        else if (_w.Embedding.DType.IsBlockQuantized())
+        {
+            var cpu = (CpuBackend)b;
+            byte* table = cpu.Ptr(_w.Embedding, "embedding");
+            float* px = (float*)cpu.Ptr(x, "x");
+            for (int i = 0; i < T; i++)
+                QuantBlocks.Dequantize(_w.Embedding.DType, table + _w.Embedding.DType.StorageBytes((long)tokens[i] * C), px + (long)i * C, C / 32);
+        }
+        else b.EmbeddingForward(x, tok, _w.Embedding, T, C);
         for (int l = 0; l < c.NumLayers; l++)
         {
             var L = _w.Layers[l];
             var kNew = _kCache[l].View((long)p * KV, T, KV);
             var vNew = _vCache[l].View((long)p * KV, T, KV);
             b.RmsNormForward(xn, rstd, x, L.AttnNorm, T, C, c.RmsNormEps);
-            b.MatMul(q, xn, L.Wq, L.Bq, T, Q, C, accumulate: false);
-            b.MatMul(kNew, xn, L.Wk, L.Bk, T, KV, C, accumulate: false);
-            b.MatMul(vNew, xn, L.Wv, L.Bv, T, KV, C, accumulate: false);
+            Linear(q, xn, L.Wq, L.Bq, T, Q, C, accumulate: false);
+            Linear(kNew, xn, L.Wk, L.Bk, T, KV, C, accumulate: false);
+            Linear(vNew, xn, L.Wv, L.Bv, T, KV, C, accumulate: false);
             b.Rope(q, pos, T, c.NumHeads, HS, c.RopeTheta, c.RopeLayout, inverse: false);
             b.Rope(kNew, pos, T, c.NumKvHeads, HS, c.RopeTheta, c.RopeLayout, inverse: false);
             b.AttentionForward(att, null, q, _kCache[l], _vCache[l], 1, T, MaxSeqLen, kvLen, c.NumHeads, c.NumKvHeads, HS, scale);
             AddProjection(x, att, L.Wo, T, Q, l, BottleneckSite.Attention);
 
             b.RmsNormForward(xn, rstd, x, L.FfnNorm, T, C, c.RmsNormEps);
-            b.MatMul(gate, xn, L.Wgate, null, T, F, C, accumulate: false);
-            b.MatMul(up, xn, L.Wup, null, T, F, C, accumulate: false);
+            Linear(gate, xn, L.Wgate, null, T, F, C, accumulate: false);
+            Linear(up, xn, L.Wup, null, T, F, C, accumulate: false);
             b.SwiGluForward(h, gate, up, (long)T * F);
             AddProjection(x, h, L.Wdown, T, F, l, BottleneckSite.Mlp);
         }
         b.Copy(_xLast, v.XLastRow);
         Position = kvLen;
+    }
+
+    /// <summary>y(T,N) (+)= x·wᵀ (+bias); a block-quantized w is dequantized to f32 first (once per prefill chunk).</summary>
+    private void Linear(Tensor y, Tensor x, Tensor w, Tensor? bias, int t, int n, int k, bool accumulate)
+    {
+        if (!w.DType.IsBlockQuantized())
+        {
+            _b.MatMul(y, x, w, bias, t, n, k, accumulate);
+            return;
+        }
+        var cpu = (CpuBackend)_b;
+        long need = (long)n * k;
+        if (_wScratch is null || _wScratch.Length < need)
+        {
+            long most = _w.Layers.SelectMany(l => new[] { l.Wq, l.Wk, l.Wv, l.Wo, l.Wgate, l.Wup, l.Wdown }).Max(m => m.Length);
+            _wScratch?.Dispose();
+            _wScratch = _b.Allocate(DType.F32, (int)Math.Max(most, need));
+            _wScratch.Name = "dequantized_weight";
+        }
+        QuantBlocks.Dequantize(w.DType, cpu.Ptr(w, w.Name ?? "w"), (float*)cpu.Ptr(_wScratch, "dequantized_weight"), need / 32);
+        _b.MatMul(y, x, _wScratch.View(0, n, k), bias, t, n, k, accumulate);
     }
 
     /// <summary>Views of the activation buffers for T rows: cached for the last T used, so decode (T = 1) reuses them.</summary>
@@ -201,6 +270,8 @@ public sealed partial class InferenceSession : IDisposable
     {
         if (_disposed) return;
         _disposed = true;
+        _fused?.Dispose();
+        _wScratch?.Dispose();
         foreach (var t in _owned) t.Dispose();
         _owned.Clear();
     }

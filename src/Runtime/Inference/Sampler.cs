@@ -105,7 +105,7 @@ public sealed class Sampler
             int m = 0;
             for (int j = 0; j < n; j++) if (_p[idx[j]] >= cutoff) idx[m++] = idx[j];
             if (m == 0) { m = 1; idx[0] = Argmax(logits); }
-            idx.AsSpan(0, m).Sort(new ByProbability(_p));
+            SortByProbability(idx.AsSpan(0, m), _p);
             double target = _o.TopP * sum, cum = 0;
             int last = m - 1;
             for (int j = 0; j < m; j++)
@@ -160,14 +160,32 @@ public sealed class Sampler
         return k;
     }
 
-    private readonly struct ByProbability : IComparer<int>
+    /// <summary>
+    /// Sorts ids by probability descending, lower id first on ties: an in-place heap sort, because Span.Sort with a
+    /// comparer allocates a delegate per call and a decode step must allocate nothing.
+    /// </summary>
+    private static void SortByProbability(Span<int> ids, double[] p)
     {
-        private readonly double[] _p;
-        public ByProbability(double[] p) => _p = p;
-        public int Compare(int a, int b)
+        // "Before(a, b)": a comes earlier in the sorted order. The heap keeps the element that comes LAST on top.
+        static bool Before(double[] p, int a, int b) => p[a] > p[b] || (p[a] == p[b] && a < b);
+        static void Sift(Span<int> h, double[] p, int i, int n)
         {
-            int c = _p[b].CompareTo(_p[a]);
-            return c != 0 ? c : a.CompareTo(b);
+            while (true)
+            {
+                int l = 2 * i + 1, r = l + 1, w = i;
+                if (l < n && Before(p, h[w], h[l])) w = l;
+                if (r < n && Before(p, h[w], h[r])) w = r;
+                if (w == i) return;
+                (h[i], h[w]) = (h[w], h[i]);
+                i = w;
+            }
+        }
+        int n = ids.Length;
+        for (int i = n / 2 - 1; i >= 0; i--) Sift(ids, p, i, n);
+        for (int end = n - 1; end > 0; end--)
+        {
+            (ids[0], ids[end]) = (ids[end], ids[0]);
+            Sift(ids, p, 0, end);
         }
     }
 }
