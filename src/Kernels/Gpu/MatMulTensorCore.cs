@@ -1,5 +1,8 @@
+using System.Reflection;
 using System.Runtime.CompilerServices;
 using ILGPU;
+using ILGPU.Backends.EntryPoints;
+using ILGPU.Backends.PTX;
 using ILGPU.Runtime;
 using ILGPU.Runtime.Cuda;
 
@@ -81,20 +84,58 @@ public struct MmaStage
 /// dimension is contiguous; a transposed operand is transposed by the shared-memory store.
 /// The shared buffer must be the kernel's only shared allocation: the inline PTX addresses it by the name
 /// ILGPU gives the first one (<c>__shared_alloca0</c>); ptxas fails on the PTX if that ever changes.
+/// On CUDA the kernel is loaded from its PTX after <see cref="PtxLocalForwarding"/> (ILGPU puts every inline-asm
+/// operand in a local variable: without the pass, 1040 bytes of stack and 428 LDL/STL in the SASS).
 /// Matches MatMulReference within bf16/f16 operand rounding.
 /// </remarks>
 internal sealed class MatMulTensorCoreKernels
 {
     public const int BM = 128, BN = 128, BK = 32, Ld = BK + 8, Threads = 256;
+    public const int MinGroupsPerSm = 2;
     public const int TileElems = BM * Ld;            // one operand tile in 16-bit elements
     public const int SharedElems = 2 * 2 * TileElems; // two buffers of (A, B)
 
     private readonly Action<KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs> _bf16, _f16;
 
+    private delegate void Launcher(AcceleratorStream stream, KernelConfig config, DeviceFloats a, DeviceFloats b, ArrayView<float> output,
+        DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB, TensorCoreArgs p);
+
     public MatMulTensorCoreKernels(IlgpuBackend b)
     {
-        _bf16 = b.Accelerator.LoadStreamKernel<DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>(MatMulTensorCoreKernel<Bf16Operand>);
-        _f16 = b.Accelerator.LoadStreamKernel<DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>(MatMulTensorCoreKernel<F16Operand>);
+        if (b.Accelerator is CudaAccelerator)
+        {
+            _bf16 = LoadForwarded(b, (Action<DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>)MatMulTensorCoreKernel<Bf16Operand>);
+            _f16 = LoadForwarded(b, (Action<DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>)MatMulTensorCoreKernel<F16Operand>);
+        }
+        else
+        {
+            _bf16 = b.Accelerator.LoadStreamKernel<DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>(MatMulTensorCoreKernel<Bf16Operand>);
+            _f16 = b.Accelerator.LoadStreamKernel<DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>(MatMulTensorCoreKernel<F16Operand>);
+        }
+    }
+
+    /// <summary>
+    /// The kernel's PTX as the CUDA path loads it: ILGPU's PTX with the inline-assembly local round trips forwarded
+    /// (<see cref="PtxLocalForwarding"/>). PtxasTests assemble exactly this.
+    /// </summary>
+    public static PTXCompiledKernel CompileForwarded(PTXBackend backend, MethodInfo kernel)
+    {
+        var compiled = (PTXCompiledKernel)backend.Compile(EntryPointDescription.FromExplicitlyGroupedKernel(kernel), new KernelSpecialization());
+        // ILGPU 1.5.3 offers no public way to build a compiled kernel from edited PTX: replace the text in place.
+        var text = typeof(PTXCompiledKernel).GetField("<PTXAssembly>k__BackingField", BindingFlags.Instance | BindingFlags.NonPublic)
+                   ?? throw new NotSupportedException("this ILGPU version stores PTXCompiledKernel.PTXAssembly differently; PtxLocalForwarding cannot be applied");
+        // two resident groups per SM (16 warps, 128 registers per thread) hide the ldmatrix/global latency one group cannot
+        text.SetValue(compiled, PtxLocalForwarding.AddLaunchBounds(PtxLocalForwarding.Rewrite(compiled.PTXAssembly), Threads, MinGroupsPerSm));
+        return compiled;
+    }
+
+    private static Action<KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs> LoadForwarded(
+        IlgpuBackend b, Delegate kernel)
+    {
+        var cuda = (CudaAccelerator)b.Accelerator;
+        using var backend = new PTXBackend(cuda.Context, cuda.Architecture, cuda.InstructionSet, null!); // the device's target, no NVVM (as ILGPU's own loader)
+        var launch = b.Accelerator.LoadKernel(CompileForwarded(backend, kernel.Method)).CreateLauncherDelegate<Launcher>();
+        return (config, x, w, output, bias, u, loraB, p) => launch(b.Stream, config, x, w, output, bias, u, loraB, p);
     }
 
     [GpuKernel(true, typeof(Bf16Operand), typeof(F16Operand), TensorCore = true)]
