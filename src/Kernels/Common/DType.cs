@@ -11,6 +11,11 @@ public enum DType
     Q8_0,
     /// <summary>GGUF Q4_0: blocks of 32 elements, 18 bytes each (f16 scale d, 16 bytes of nibbles); x = (q-8)·d.</summary>
     Q4_0,
+    /// <summary>
+    /// 4-bit NormalFloat (QLoRA), bitsandbytes layout: blocks of 64 elements with double-quantised absmax. A block
+    /// format: one tensor's storage holds codes and statistics together (see <see cref="Nf4"/>); no views.
+    /// </summary>
+    NF4,
 }
 
 public static class DTypeExtensions
@@ -41,11 +46,21 @@ public static class DTypeExtensions
     /// <summary>Bytes that <paramref name="elements"/> elements occupy (a multiple of the block size for quantized types).</summary>
     public static long StorageBytes(this DType d, long elements)
     {
+        if (d == DType.NF4) return Nf4.StorageBytes(elements);
         int be = d.BlockElements();
         if (elements % be != 0)
             throw new ArgumentException($"{d.Name()} stores whole blocks of {be} elements; {elements} is not a multiple");
         return elements / be * d.BlockBytes();
     }
+
+    /// <summary>
+    /// True for NF4, whose storage holds the whole tensor's codes and statistics in one layout (see <see cref="Nf4"/>):
+    /// no slices or views, no per-element offset.
+    /// </summary>
+    public static bool IsWholeTensorFormat(this DType d) => d == DType.NF4;
+
+    /// <summary>Every quantized dtype (GGUF blocks and NF4).</summary>
+    public static bool IsQuantized(this DType d) => d.IsBlockQuantized() || d.IsWholeTensorFormat();
 
     public static string Name(this DType d) => d switch
     {
@@ -55,6 +70,7 @@ public static class DTypeExtensions
         DType.I32 => "i32",
         DType.Q8_0 => "q8_0",
         DType.Q4_0 => "q4_0",
+        DType.NF4 => "nf4",
         _ => d.ToString(),
     };
 }

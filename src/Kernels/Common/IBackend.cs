@@ -28,7 +28,8 @@ public readonly record struct LoraParams(Tensor A, Tensor B, float Scale, float 
 /// - Activation gradients are overwritten (=) unless an <c>accumulate</c> flag says +=.
 ///   Parameter gradients (dW, dA, dB, dBias, dWeight of norms, dTable) are always accumulated (+=), so
 ///   micro-batches add up.
-/// - Weights W may be F32 or BF16 (then converted to f32 on the fly); every accumulation is in f32.
+/// - Weights W may be F32 or BF16 (then converted to f32 on the fly); every accumulation is in f32. The CPU and
+///   ILGPU backends also take NF4 W in MatMul, MatMulBackwardInput and the LoRA linear (dequantized per row panel).
 /// - Ops are asynchronous on GPU backends; <see cref="Download"/> and the reductions returning a value
 ///   synchronize.
 /// </remarks>
@@ -85,6 +86,26 @@ public interface IBackend : IDisposable
     /// </summary>
     void LoraLinearBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, LoraParams lora, Tensor u, Tensor? xDrop, Tensor g,
         Tensor dA, Tensor dB, Tensor? dW, Tensor? dBias, int m, int n, int k, int r, bool accumulate);
+
+    // ---------------------------------------------------------------- DoRA (weight-decomposed LoRA)
+    // y = z ⊙ m / ‖W + s·B·A‖ [+ bias] with z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (the LoRA linear without bias); the norm is a
+    // constant in the backward, as in PEFT (DoRA paper §4.3). The default bodies run on the host through
+    // Download/Upload (any backend, f32/bf16 W); the CPU and ILGPU backends override them (and accept nf4 W).
+
+    /// <summary>norm(N) = ‖W(j,:) + s·B(j,:)·A‖₂ for every output row j. W (N,K); A (R,K); B (N,R).</summary>
+    void DoraWeightNorm(Tensor norm, Tensor w, Tensor a, Tensor b, float scale, int n, int k, int r)
+        => DoraHost.WeightNorm(this, norm, w, a, b, scale, n, k, r);
+
+    /// <summary>y(M,N) = z ⊙ (magnitude / norm) [+ bias], per column j; y may alias z.</summary>
+    void DoraScale(Tensor y, Tensor z, Tensor magnitude, Tensor norm, Tensor? bias, int m, int n)
+        => DoraHost.Scale(this, y, z, magnitude, norm, bias, m, n);
+
+    /// <summary>
+    /// Backward of <see cref="DoraScale"/> with the norm constant: dMagnitude(N) += Σ_m dy ⊙ z / norm (accumulated);
+    /// dz(M,N) = dy ⊙ magnitude / norm (overwritten; dz may alias z).
+    /// </summary>
+    void DoraScaleBackward(Tensor dz, Tensor dMagnitude, Tensor dy, Tensor z, Tensor magnitude, Tensor norm, int m, int n)
+        => DoraHost.ScaleBackward(this, dz, dMagnitude, dy, z, magnitude, norm, m, n);
 
     // ---------------------------------------------------------------- normalization, position, activation
     /// <summary>y(M,C) = x / sqrt(mean(x²) + eps) ⊙ w(C). Saves rstd(M).</summary>

@@ -58,6 +58,7 @@ public sealed class Tensor : IDisposable
     public Tensor Slice(int start, int count)
     {
         if (Shape.Length == 0) throw new InvalidOperationException("cannot slice a scalar");
+        if (DType.IsWholeTensorFormat()) throw new InvalidOperationException($"cannot slice {Describe()}: an {DType.Name()} tensor has no views");
         if (start < 0 || count < 0 || start + count > Shape[0])
             throw new ArgumentOutOfRangeException(nameof(start), $"slice [{start}, {start + count}) of dimension {Shape[0]} ({Describe()})");
         long inner = Shape[0] == 0 ? 0 : Length / Shape[0];
@@ -83,6 +84,7 @@ public sealed class Tensor : IDisposable
     /// <summary>A view of a flat element range [start, start+count) with the given shape.</summary>
     public Tensor View(long start, params int[] shape)
     {
+        if (DType.IsWholeTensorFormat()) throw new InvalidOperationException($"cannot view {Describe()}: an {DType.Name()} tensor has no views");
         long n = 1;
         foreach (int d in shape) n *= d;
         if (start < 0 || start + n > Length) throw new ArgumentOutOfRangeException(nameof(start), $"view [{start}, {start + n}) of {Describe()}");

@@ -137,7 +137,7 @@ public sealed unsafe partial class CpuBackend : IBackend
         if (t.Storage is not CpuStorage s)
             throw new ArgumentException($"{name}: {t.Describe()} lives on backend '{t.Backend.Name}', not on the cpu backend", name);
         if (s.IsDisposed) throw new ObjectDisposedException(name, $"{name}: {t.Describe()} was disposed");
-        return s.Pointer + t.DType.StorageBytes(t.Offset);
+        return t.Offset == 0 ? s.Pointer : s.Pointer + t.DType.StorageBytes(t.Offset); // NF4 tensors have no offset (no views)
     }
 
     private static void CheckLength(Tensor t, long needed, string name, string op)

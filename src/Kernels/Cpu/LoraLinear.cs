@@ -18,7 +18,8 @@ public sealed unsafe partial class CpuBackend
         CheckDropout(lora, op);
         float* py = F32(y, (long)m * n, nameof(y), op);
         float* px = F32(x, (long)m * k, nameof(x), op);
-        void* pw = Weight(w, (long)n * k, nameof(w), op, out bool wBf16);
+        bool wNf4 = w.DType == DType.NF4, wBf16 = false;
+        void* pw = wNf4 ? Nf4Weight(w, (long)n * k, nameof(w), op) : Weight(w, (long)n * k, nameof(w), op, out wBf16);
         float* pbias = bias != null ? F32(bias, n, nameof(bias), op) : null;
         float* pa = F32(lora.A, (long)r * k, "lora.A", op);
         float* pb = F32(lora.B, (long)n * r, "lora.B", op);
@@ -31,7 +32,8 @@ public sealed unsafe partial class CpuBackend
             var ctx = new DropCtx { X = px, XDrop = pxd, M = m, K = k, P = lora.Dropout, Seed = lora.Seed };
             _pool.For(m, &DropRowBody, &ctx);
         }
-        Gemm.Run(this, m, n, k, px, k, false, pw, wBf16, k, true, py, n, 1f, false, pbias);
+        if (wNf4) Nf4Forward(w, op, m, n, k, px, py, 1f, false, pbias);
+        else Gemm.Run(this, m, n, k, px, k, false, pw, wBf16, k, true, py, n, 1f, false, pbias);
         Gemm.Run(this, m, r, k, pxd, k, false, pa, false, k, true, pu, r, 1f, false, null);
         Gemm.Run(this, m, n, r, pu, r, false, pb, false, r, true, py, n, lora.Scale, true, null);
     }
@@ -51,7 +53,8 @@ public sealed unsafe partial class CpuBackend
         float* pdx = F32(dx, (long)m * k, nameof(dx), op);
         float* pdy = F32(dy, (long)m * n, nameof(dy), op);
         float* px = F32(x, (long)m * k, nameof(x), op);
-        void* pw = Weight(w, (long)n * k, nameof(w), op, out bool wBf16);
+        bool wNf4 = w.DType == DType.NF4, wBf16 = false;
+        void* pw = wNf4 ? Nf4Weight(w, (long)n * k, nameof(w), op) : Weight(w, (long)n * k, nameof(w), op, out wBf16);
         float* pa = F32(lora.A, (long)r * k, "lora.A", op);
         float* pb = F32(lora.B, (long)n * r, "lora.B", op);
         float* pu = F32(u, (long)m * r, nameof(u), op);
@@ -70,7 +73,8 @@ public sealed unsafe partial class CpuBackend
         Gemm.Run(this, m, r, n, pdy, n, false, pb, false, r, false, pg, r, 1f, false, null);    // g = dy·B
         WeightGrad(pdB, null, pdy, pu, m, n, r, s);                                              // dB += s·dyᵀ·u
         WeightGrad(pdA, null, pg, pxd, m, r, k, s);                                              // dA += s·gᵀ·xd
-        Gemm.Run(this, m, k, n, pdy, n, false, pw, wBf16, k, false, pdx, k, 1f, accumulate, null); // dx (+)= dy·w
+        if (wNf4) Nf4BackwardInput(w, op, m, n, k, pdy, pdx, accumulate);                        // dx (+)= dy·w
+        else Gemm.Run(this, m, k, n, pdy, n, false, pw, wBf16, k, false, pdx, k, 1f, accumulate, null);
         if (lora.Dropout > 0)
         {
             EnsureScratch(k);

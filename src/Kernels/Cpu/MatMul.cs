@@ -3,7 +3,7 @@ namespace FineTuneNative.Kernels.Cpu;
 // The nn.Linear products, all through the packed GEMM (Gemm.cs); reference: MatMulReference.
 public sealed unsafe partial class CpuBackend
 {
-    /// <summary>y(M,N) (+)= x(M,K) · w(N,K)ᵀ [+ bias(N)]; w f32 or bf16. Matches MatMulReference.Forward.</summary>
+    /// <summary>y(M,N) (+)= x(M,K) · w(N,K)ᵀ [+ bias(N)]; w f32, bf16 or nf4 (Nf4MatMul.cs). Matches MatMulReference.Forward.</summary>
     public void MatMul(Tensor y, Tensor x, Tensor w, Tensor? bias, int m, int n, int k, bool accumulate)
     {
         using var opScope = _opLock.EnterScope();
@@ -11,8 +11,9 @@ public sealed unsafe partial class CpuBackend
         Dims(op, (nameof(m), m), (nameof(n), n), (nameof(k), k));
         float* py = F32(y, (long)m * n, nameof(y), op);
         float* px = F32(x, (long)m * k, nameof(x), op);
-        void* pw = Weight(w, (long)n * k, nameof(w), op, out bool bf16);
         float* pb = bias != null ? F32(bias, n, nameof(bias), op) : null;
+        if (w.DType == DType.NF4) { Nf4Forward(w, op, m, n, k, px, py, 1f, accumulate, pb); return; }
+        void* pw = Weight(w, (long)n * k, nameof(w), op, out bool bf16);
         Gemm.Run(this, m, n, k, px, k, false, pw, bf16, k, true, py, n, 1f, accumulate, pb);
     }
 
@@ -25,6 +26,7 @@ public sealed unsafe partial class CpuBackend
         Dims(op, (nameof(m), m), (nameof(n), n), (nameof(k), k));
         float* pdx = F32(dx, (long)m * k, nameof(dx), op);
         float* pdy = F32(dy, (long)m * n, nameof(dy), op);
+        if (w.DType == DType.NF4) { Nf4BackwardInput(w, op, m, n, k, pdy, pdx, accumulate); return; }
         void* pw = Weight(w, (long)n * k, nameof(w), op, out bool bf16);
         Gemm.Run(this, m, k, n, pdy, n, false, pw, bf16, k, false, pdx, k, 1f, accumulate, null);
     }

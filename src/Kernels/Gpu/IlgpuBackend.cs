@@ -151,6 +151,7 @@ public sealed class IlgpuBackend : IBackend
     internal ArrayView<byte> RawView(Tensor t, string name)
     {
         var s = StorageOf(t, name);
+        if (t.DType.IsQuantized()) return s.Buffer.View.AsContiguous().SubView(t.Offset == 0 ? 0 : t.DType.StorageBytes(t.Offset), t.Bytes);
         long size = t.DType.SizeOf();
         return s.Buffer.View.AsContiguous().SubView(t.Offset * size, t.Length * size);
     }
@@ -211,7 +212,7 @@ public sealed class IlgpuBackend : IBackend
                 if (d < 0) throw new ArgumentException($"negative dimension in shape [{string.Join(", ", shape)}]");
                 n *= d;
             }
-            long bytes = Math.Max(4, (n * dtype.SizeOf() + 3) / 4 * 4);
+            long bytes = Math.Max(4, (dtype.StorageBytes(n) + 3) / 4 * 4);
             var buffer = Accelerator.Allocate1D<byte>(bytes);
             buffer.View.AsContiguous().MemSetToZero(Stream);
             var storage = new GpuStorage(this, buffer);
@@ -377,6 +378,24 @@ public sealed class IlgpuBackend : IBackend
         Tensor dA, Tensor dB, Tensor? dW, Tensor? dBias, int m, int n, int k, int r, bool accumulate)
     {
         lock (_gate) Lora.Backward(dx, dy, x, w, lora, u, xDrop, g, dA, dB, dW, dBias, m, n, k, r, accumulate);
+    }
+
+    // ------------------------------------------------------------------ DoRA (Dora.cs)
+    private DoraKernels Dora => Kernels(b => new DoraKernels(b));
+
+    public void DoraWeightNorm(Tensor norm, Tensor w, Tensor a, Tensor b, float scale, int n, int k, int r)
+    {
+        lock (_gate) Dora.WeightNorm(norm, w, a, b, scale, n, k, r);
+    }
+
+    public void DoraScale(Tensor y, Tensor z, Tensor magnitude, Tensor norm, Tensor? bias, int m, int n)
+    {
+        lock (_gate) Dora.Scale(y, z, magnitude, norm, bias, m, n);
+    }
+
+    public void DoraScaleBackward(Tensor dz, Tensor dMagnitude, Tensor dy, Tensor z, Tensor magnitude, Tensor norm, int m, int n)
+    {
+        lock (_gate) Dora.ScaleBackward(dz, dMagnitude, dy, z, magnitude, norm, m, n);
     }
 
     // ------------------------------------------------------------------ norm, rope, activation

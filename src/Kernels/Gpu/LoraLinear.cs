@@ -90,7 +90,8 @@ internal sealed class LoraLinearKernels
                 uv, _b.Floats(lora.B, "lora.B"), t);
             return;
         }
-        _mm.Launch(xv, _b.Weight(w, "w"), yv, bias is null ? MatMulKernels.None : _b.Floats(bias, "bias"), p);
+        if (w.DType == DType.NF4) _b.Kernels(b => new Nf4Kernels(b)).Forward(w, xv, yv, bias, m, n, k, 1f, false, op);
+        else _mm.Launch(xv, _b.Weight(w, "w"), yv, bias is null ? MatMulKernels.None : _b.Floats(bias, "bias"), p);
         _mm.Launch(uv, _b.Floats(lora.B, "lora.B"), yv, MatMulKernels.None, MatMulKernels.Nt(m, n, r, lora.Scale, true));
     }
 
@@ -144,7 +145,8 @@ internal sealed class LoraLinearKernels
         }
         else
         {
-            _mm.Launch(dyv, _b.Weight(w, "w"), dxv, MatMulKernels.None, MatMulKernels.Nn(m, k, n, 1f, accumulate));
+            if (w.DType == DType.NF4) _b.Kernels(b => new Nf4Kernels(b)).BackwardInput(w, dyv, dxv, m, n, k, accumulate, op);
+            else _mm.Launch(dyv, _b.Weight(w, "w"), dxv, MatMulKernels.None, MatMulKernels.Nn(m, k, n, 1f, accumulate));
             var p = MatMulKernels.Nn(m, k, r, s, true);
             if (lora.Dropout > 0f)
             {

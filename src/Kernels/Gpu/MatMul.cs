@@ -160,6 +160,7 @@ internal sealed class MatMulKernels
         IlgpuBackend.Need(x, (long)m * k, "x", op);  // (M, K)
         IlgpuBackend.Need(w, (long)n * k, "w", op);  // (N, K)
         if (bias is not null) IlgpuBackend.Need(bias, n, "bias", op); // (N)
+        if (w.DType == DType.NF4) { _b.Kernels(b => new Nf4Kernels(b)).Forward(w, _b.F32(x, "x"), _b.F32(y, "y"), bias, m, n, k, 1f, accumulate, op); return; }
         var p = Nt(m, n, k, 1f, accumulate);
         p.HasBias = bias is null ? 0 : 1;
         var tc = TensorCoreFor(w.DType);
@@ -176,6 +177,7 @@ internal sealed class MatMulKernels
         IlgpuBackend.Need(dx, (long)m * k, "dx", op); // (M, K)
         IlgpuBackend.Need(dy, (long)m * n, "dy", op); // (M, N)
         IlgpuBackend.Need(w, (long)n * k, "w", op);   // (N, K)
+        if (w.DType == DType.NF4) { _b.Kernels(b => new Nf4Kernels(b)).BackwardInput(w, _b.F32(dy, "dy"), _b.F32(dx, "dx"), m, n, k, accumulate, op); return; }
         var tc = TensorCoreFor(w.DType);
         if (tc is not null)
             tc.Launch(w.DType == DType.F16, _b.Floats(dy, "dy"), _b.Weight(w, "w"), _b.F32(dx, "dx"), None, ArrayView<float>.Empty, None,

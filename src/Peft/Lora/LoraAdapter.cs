@@ -53,8 +53,8 @@ public sealed class LoraAdapter : ITrainableMethod
     public LoraConfig Config { get; }
     public IReadOnlyList<LoraModule> Modules => _modules;
 
-    /// <summary>Number of trainable parameters (Σ R·(in + out)).</summary>
-    public long ParameterCount => _modules.Sum(m => (long)m.Slot.A.Length + m.Slot.B.Length);
+    /// <summary>Number of trainable parameters (Σ R·(in + out), plus out per linear with DoRA).</summary>
+    public long ParameterCount => _modules.Sum(m => (long)m.Slot.A.Length + m.Slot.B.Length + (m.Slot.Magnitude?.Length ?? 0));
 
     public static string PeftPrefix(int layer, string module) => $"base_model.model.{LlamaWeights.LinearPath(layer, module)}";
 
@@ -65,8 +65,12 @@ public sealed class LoraAdapter : ITrainableMethod
         {
             yield return ($"{m.PeftPrefix}.lora_A.weight", m.Slot.A, m.Slot.DA);
             yield return ($"{m.PeftPrefix}.lora_B.weight", m.Slot.B, m.Slot.DB);
+            if (m.Slot.IsDora) yield return ($"{m.PeftPrefix}.{MagnitudeKey}", m.Slot.Magnitude!, m.Slot.DMagnitude!);
         }
     }
+
+    /// <summary>PEFT's state-dict suffix of a DoRA magnitude (PEFT drops the ".weight" of its DoraLinearLayer when saving).</summary>
+    public const string MagnitudeKey = "lora_magnitude_vector";
 
     /// <summary>Sets every adapter gradient to zero.</summary>
     public void ZeroGrad()
@@ -75,6 +79,7 @@ public sealed class LoraAdapter : ITrainableMethod
         {
             m.Slot.DA.Backend.Fill(m.Slot.DA, 0f);
             m.Slot.DB.Backend.Fill(m.Slot.DB, 0f);
+            if (m.Slot.DMagnitude is not null) m.Slot.DMagnitude.Backend.Fill(m.Slot.DMagnitude, 0f);
         }
     }
 
@@ -94,11 +99,15 @@ public sealed class LoraAdapter : ITrainableMethod
                 double u = (Batching.SplitMix64(ref state) >> 11) * (1.0 / (1UL << 53)); // [0, 1)
                 a[i] = (float)((2 * u - 1) * bound);
             }
-            return (a, new float[n * r]);
+            return (a, new float[n * r], null);
         });
     }
 
-    private static LoraAdapter Build(LlamaModel model, LoraConfig config, Func<int, string, int, int, (float[] A, float[] B)> init)
+    /// <summary>
+    /// Creates the slots from <paramref name="init"/> (A, B and, for DoRA, the magnitude; a null magnitude is
+    /// initialised as PEFT does, to ‖W + s·B·A‖ per row, i.e. ‖W‖ for a fresh adapter) and attaches them.
+    /// </summary>
+    private static LoraAdapter Build(LlamaModel model, LoraConfig config, Func<int, string, int, int, (float[] A, float[] B, float[]? Magnitude)> init)
     {
         var w = model.Weights;
         var backend = model.Backend;
@@ -115,10 +124,14 @@ public sealed class LoraAdapter : ITrainableMethod
                         throw new InvalidOperationException($"layer {layer} {module} already has a LoRA adapter; dispose it first");
                     var weight = w.Layers[layer].Linear(module);
                     int n = weight.Dim(0), k = weight.Dim(1);
-                    var (aData, bData) = init(layer, module, n, k);
+                    var (aData, bData, magData) = init(layer, module, n, k);
                     string p = PeftPrefix(layer, module);
+                    bool dora = config.UseDora;
                     var slot = new LoraSlot
                     {
+                        Magnitude = dora ? Named(backend.Allocate(DType.F32, n), $"{p}.{MagnitudeKey}") : null,
+                        DMagnitude = dora ? Named(backend.Allocate(DType.F32, n), $"{p}.{MagnitudeKey}.grad") : null,
+                        WeightNorm = dora ? Named(backend.Allocate(DType.F32, n), $"{p}.dora_weight_norm") : null,
                         A = Named(backend.Allocate(DType.F32, r, k), $"{p}.lora_A.weight"),
                         B = Named(backend.Allocate(DType.F32, n, r), $"{p}.lora_B.weight"),
                         DA = Named(backend.Allocate(DType.F32, r, k), $"{p}.lora_A.grad"),
@@ -129,6 +142,15 @@ public sealed class LoraAdapter : ITrainableMethod
                     backend.Upload(slot.A, aData);
                     backend.Upload(slot.B, bData);
                     modules.Add(new LoraModule(layer, module, n, k, slot));
+                    if (dora)
+                    {
+                        if (magData is not null) backend.Upload(slot.Magnitude!, magData);
+                        else
+                        {
+                            backend.DoraWeightNorm(slot.WeightNorm!, weight, slot.A, slot.B, config.Scale, n, k, r);
+                            backend.Copy(slot.Magnitude!, slot.WeightNorm!);
+                        }
+                    }
                 }
             }
             foreach (var m in modules) model.SetLora(m.Layer, m.Module, m.Slot);
@@ -218,7 +240,8 @@ public sealed class LoraAdapter : ITrainableMethod
             return Build(model, config, (layer, module, n, k) =>
             {
                 string p = PeftPrefix(layer, module);
-                return (weights.ReadF32($"{p}.lora_A.weight"), weights.ReadF32($"{p}.lora_B.weight"));
+                return (weights.ReadF32($"{p}.lora_A.weight"), weights.ReadF32($"{p}.lora_B.weight"),
+                    config.UseDora ? weights.ReadF32($"{p}.{MagnitudeKey}") : null);
             });
         }
     }
@@ -266,6 +289,11 @@ public sealed class LoraAdapter : ITrainableMethod
                     Check(st, wPath, $"{p}.lora_B.weight", new[] { n, r });
                     expected.Add($"{p}.lora_A.weight");
                     expected.Add($"{p}.lora_B.weight");
+                    if (config.UseDora)
+                    {
+                        Check(st, wPath, $"{p}.{MagnitudeKey}", new[] { n });
+                        expected.Add($"{p}.{MagnitudeKey}");
+                    }
                 }
             }
             foreach (var name in st.Names)
@@ -313,7 +341,7 @@ public sealed class LoraAdapter : ITrainableMethod
     public void MergeInto(LlamaWeights weights)
     {
         foreach (var m in _modules)
-            MergeOne(weights.Layers[m.Layer].Linear(m.Module), m.Slot.A.ToArray(), m.Slot.B.ToArray(), m.Out, m.In, Config.Rank, Config.Scale,
+            MergeOne(weights.Layers[m.Layer].Linear(m.Module), m.Slot.A.ToArray(), m.Slot.B.ToArray(), m.Slot.Magnitude?.ToArray(), m.Out, m.In, Config.Rank, Config.Scale,
                 $"layer {m.Layer} {m.Module}");
     }
 
@@ -329,15 +357,17 @@ public sealed class LoraAdapter : ITrainableMethod
                     var (n, k) = LinearShape(weights.Config, module);
                     string p = PeftPrefix(layer, module);
                     MergeOne(weights.Layers[layer].Linear(module), st.ReadF32($"{p}.lora_A.weight"), st.ReadF32($"{p}.lora_B.weight"),
-                        n, k, config.Rank, config.Scale, p);
+                        config.UseDora ? st.ReadF32($"{p}.{MagnitudeKey}") : null, n, k, config.Rank, config.Scale, p);
                 }
         }
         return config;
     }
 
-    private static void MergeOne(Tensor w, float[] a, float[] b, int n, int k, int r, float scale, string what)
+    /// <summary>W += s·B·A; with a DoRA magnitude m, W = m ⊙ (W + s·B·A) / ‖W + s·B·A‖_row (PEFT's merge).</summary>
+    private static void MergeOne(Tensor w, float[] a, float[] b, float[]? magnitude, int n, int k, int r, float scale, string what)
     {
         if (w.Length != (long)n * k) throw new InvalidOperationException($"{what}: weight {w.Describe()} is not ({n}, {k})");
+        if (w.DType.IsQuantized()) throw new InvalidOperationException($"{what}: cannot merge into a {w.DType.Name()} weight; load the base unquantized to merge");
         var data = w.ToArray();
         var row = new double[k];
         for (int i = 0; i < n; i++)
@@ -351,7 +381,15 @@ public sealed class LoraAdapter : ITrainableMethod
                 for (int c = 0; c < k; c++) row[c] += bij * a[off + c];
             }
             int o = i * k;
-            for (int c = 0; c < k; c++) data[o + c] = (float)(data[o + c] + scale * row[c]);
+            if (magnitude is null)
+            {
+                for (int c = 0; c < k; c++) data[o + c] = (float)(data[o + c] + scale * row[c]);
+                continue;
+            }
+            double ss = 0;
+            for (int c = 0; c < k; c++) { row[c] = data[o + c] + scale * row[c]; ss += row[c] * row[c]; }
+            double f = magnitude[i] / Math.Sqrt(ss);
+            for (int c = 0; c < k; c++) data[o + c] = (float)(row[c] * f);
         }
         w.Backend.Upload(w, data);
     }
@@ -376,5 +414,8 @@ public sealed class LoraAdapter : ITrainableMethod
         s.B.Dispose();
         s.DA.Dispose();
         s.DB.Dispose();
+        s.Magnitude?.Dispose();
+        s.DMagnitude?.Dispose();
+        s.WeightNorm?.Dispose();
     }
 }

@@ -18,6 +18,12 @@ public sealed class LoraConfig
     /// <summary>Rank-stabilised scaling alpha / sqrt(R) (Kalajdzievski 2023) instead of alpha / R.</summary>
     public bool UseRsLora { get; init; }
 
+    /// <summary>
+    /// DoRA (Liu et al. 2024, PEFT use_dora): each adapted linear also learns a per-output-row magnitude m and becomes
+    /// y = m ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) / ‖W + s·B·A‖_row (see DoraLinear). Needs lora_dropout = 0.
+    /// </summary>
+    public bool UseDora { get; init; }
+
     /// <summary>The multiplier s of the low-rank path.</summary>
     public float Scale => UseRsLora ? Alpha / MathF.Sqrt(Rank) : Alpha / Rank;
 
@@ -31,6 +37,8 @@ public sealed class LoraConfig
         foreach (var m in TargetModules)
             if (Array.IndexOf(LlamaWeights.LinearModules, m) < 0)
                 throw new ArgumentException($"{source}: unknown target module '{m}' (expected any of {string.Join(", ", LlamaWeights.LinearModules)})");
+        if (UseDora && Dropout != 0)
+            throw new ArgumentException($"{source}: DoRA (use_dora) with lora_dropout {Dropout} is not supported; set lora_dropout to 0");
         if (TargetModules.Distinct().Count() != TargetModules.Length)
             throw new ArgumentException($"{source}: target_modules lists a module twice ({string.Join(", ", TargetModules)})");
     }
@@ -68,7 +76,7 @@ public sealed class LoraConfig
             ["revision"] = null,
             ["target_modules"] = new JsonArray(TargetModules.Select(m => (JsonNode)m).ToArray()),
             ["task_type"] = "CAUSAL_LM",
-            ["use_dora"] = false,
+            ["use_dora"] = UseDora,
             ["use_rslora"] = UseRsLora,
         };
         return o.ToJsonString(new JsonSerializerOptions { WriteIndented = true });
@@ -76,7 +84,7 @@ public sealed class LoraConfig
 
     /// <summary>
     /// Reads a PEFT adapter_config.json. Refuses, naming the field, what this runtime cannot apply: another
-    /// peft_type, DoRA, per-module rank/alpha patterns, trained biases, fan_in_fan_out, layers_to_transform.
+    /// peft_type, DoRA with dropout, per-module rank/alpha patterns, trained biases, fan_in_fan_out, layers_to_transform.
     /// target_modules may be a list or a single string (PEFT's regex form is not supported).
     /// </summary>
     public static LoraConfig FromPeftJson(string path)
@@ -99,7 +107,6 @@ public sealed class LoraConfig
         string peftType = Get("peft_type", "");
         if (peftType != "LORA") throw new InvalidDataException($"{path}: peft_type is \"{peftType}\"; only \"LORA\" adapters are supported");
         if (obj["r"] is null) throw new InvalidDataException($"{path}: missing \"r\"");
-        Refuse(Get("use_dora", false), "use_dora = true (DoRA)");
         Refuse(Get("fan_in_fan_out", false), "fan_in_fan_out = true");
         Refuse(Get("bias", "none") != "none", $"bias = \"{Get("bias", "none")}\"");
         Refuse(Get("lora_bias", false), "lora_bias = true");
@@ -124,6 +131,7 @@ public sealed class LoraConfig
             Dropout = (float)Get("lora_dropout", 0.0),
             TargetModules = targets,
             UseRsLora = Get("use_rslora", false),
+            UseDora = Get("use_dora", false),
         };
         cfg.Validate(path);
         return cfg;

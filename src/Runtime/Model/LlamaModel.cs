@@ -115,6 +115,7 @@ public sealed partial class LlamaModel : IDisposable
                 if (t.Backend.Name != _b.Name) throw new ArgumentException($"{where}: {t.Describe()} lives on backend {t.Backend.Name}, the model on {_b.Name}");
             }
             if (!(slot.Dropout >= 0 && slot.Dropout < 1)) throw new ArgumentException($"{where}: dropout {slot.Dropout} must be in [0, 1)");
+            if (slot.IsDora) DoraLinear.Validate(slot, n, where, _b.Name);
         }
         _lora[key] = slot;
         foreach (var ws in _workspaces) ws.ForgetLora(key);
@@ -165,6 +166,8 @@ public sealed partial class LlamaModel : IDisposable
             if (value == TrainBase) return;
             if (value)
             {
+                foreach (var (name, t) in Weights.Named())
+                    if (t.DType.IsQuantized()) throw new InvalidOperationException($"TrainBase: {name} is {t.DType.Name()} (a frozen quantized base cannot be trained)");
                 var g = LlamaWeights.Allocate(Config, _b, DType.F32);
                 foreach (var (name, t) in g.Named()) t.Name = "grad " + name;
                 _grads = g;
@@ -194,7 +197,7 @@ public sealed partial class LlamaModel : IDisposable
     /// <summary>Zeroes the LoRA gradients of every attached slot and, when <see cref="TrainBase"/>, every base gradient.</summary>
     public void ZeroGrad()
     {
-        foreach (var (_, _, s) in LoraSlots()) { _b.Fill(s.DA, 0); _b.Fill(s.DB, 0); }
+        foreach (var (_, _, s) in LoraSlots()) { _b.Fill(s.DA, 0); _b.Fill(s.DB, 0); if (s.DMagnitude is not null) _b.Fill(s.DMagnitude, 0); }
         ZeroPeftGrads();
         if (_grads is not null) foreach (var (_, t) in _grads.Named()) _b.Fill(t, 0);
     }
@@ -269,7 +272,7 @@ public sealed partial class LlamaModel : IDisposable
         {
             if (_lora[key] is not { } s) continue;
             var w = LinearWeight(key / NumModules, key % NumModules);
-            ws.Lora(key, s.Rank, w.Dim(1), needXDrop: train && s.Dropout > 0);
+            ws.Lora(key, s.Rank, w.Dim(1), needXDrop: train && s.Dropout > 0, doraN: s.IsDora ? w.Dim(0) : 0);
         }
         return ws;
     }
@@ -482,6 +485,12 @@ public sealed partial class LlamaModel : IDisposable
             _b.MatMul(y, x, w, bias, ws.M, n, k, accumulate: false);
             return;
         }
+        if (s.IsDora)
+        {
+            var db = ws.Lora(key, s.Rank, k, needXDrop: false, doraN: n);
+            DoraLinear.Forward(_b, y, x, w, bias, s, db.U, db.Z!, ws.M, n, k);
+            return;
+        }
         var p = Params(s, train, seed, layer, module);
         var buf = ws.Lora(key, s.Rank, k, needXDrop: p.Dropout > 0);
         _b.LoraLinearForward(y, x, w, bias, p, buf.U, p.Dropout > 0 ? buf.XDrop : null, ws.M, n, k, s.Rank);
@@ -503,6 +512,13 @@ public sealed partial class LlamaModel : IDisposable
         {
             _b.MatMulBackwardInput(dx, dy, w, ws.M, n, k, accumulate);
             if (dW is not null) _b.MatMulBackwardWeight(dW, dBias, dy, x, ws.M, n, k);
+            return;
+        }
+        if (s.IsDora)
+        {
+            if (dW is not null) throw new InvalidOperationException($"layer {layer} {name}: DoRA with a trained base (TrainBase) is not supported");
+            var db = ws.Lora(key, s.Rank, k, needXDrop: false, doraN: n);
+            DoraLinear.Backward(_b, dx, dy, x, w, s, db.U, db.Z!, db.G, ws.M, n, k, accumulate);
             return;
         }
         var p = Params(s, train: true, seed, layer, module);
@@ -527,7 +543,9 @@ public sealed partial class LlamaModel : IDisposable
             if (actual[i].Name != name) throw new ArgumentException($"weights: found {actual[i].Name} where {name} was expected (config: {DescribeConfig(c)})");
             if (!t.Shape.SequenceEqual(shape)) throw new ArgumentException($"weights: {name} has shape [{string.Join(", ", t.Shape)}], expected [{string.Join(", ", shape)}]");
             if (t.Backend.Name != b.Name) throw new ArgumentException($"weights: {name} lives on backend {t.Backend.Name}, the model on {b.Name}");
-            if (t.DType is not (DType.F32 or DType.BF16)) throw new ArgumentException($"weights: {name} is {t.DType.Name()}, expected f32 or bf16");
+            bool quantizable = t.Rank == 2 && name != "model.embed_tokens.weight";
+            if (!(t.DType is DType.F32 or DType.BF16 || (quantizable && t.DType == DType.NF4)))
+                throw new ArgumentException($"weights: {name} is {t.DType.Name()}, expected f32 or bf16{(quantizable ? " (or nf4)" : "")}");
         }
     }
 

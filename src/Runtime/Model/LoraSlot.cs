@@ -34,6 +34,18 @@ public sealed class LoraSlot
     /// <summary>Drop probability on the LoRA input during training (0 disables; never applied by Loss).</summary>
     public float Dropout { get; set; }
 
+    /// <summary>
+    /// DoRA (PEFT use_dora) only: the (N) magnitude m, PEFT's lora_magnitude_vector. With it the linear becomes
+    /// y = m ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) / ‖W + s·B·A‖_row [+ b] (see <see cref="DoraLinear"/>); null for plain LoRA.
+    /// </summary>
+    public Tensor? Magnitude { get; init; }
+    /// <summary>(N) gradient of <see cref="Magnitude"/> (accumulated).</summary>
+    public Tensor? DMagnitude { get; init; }
+    /// <summary>(N) ‖W + s·B·A‖ per output row: written by each forward, read (as a constant) by its backward.</summary>
+    public Tensor? WeightNorm { get; init; }
+
+    public bool IsDora => Magnitude is not null;
+
     /// <summary>R.</summary>
     public int Rank => A.Dim(0);
 }

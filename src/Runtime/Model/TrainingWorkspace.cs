@@ -65,6 +65,8 @@ internal sealed class TrainingWorkspace : IDisposable
     /// <summary>The LoRA buffers of one slot: u (M, R); drop(x) (M, K) when dropout is used; G, the (M, R) view of LoraG.</summary>
     public sealed record LoraBuffers(Tensor U, Tensor? XDrop, int R, int K)
     {
+        /// <summary>DoRA slots: z (M, N), the LoRA linear's output before the magnitude scale (dz in the backward).</summary>
+        public Tensor? Z { get; init; }
         public Tensor G { get; set; } = null!;
     }
 
@@ -168,16 +170,18 @@ internal sealed class TrainingWorkspace : IDisposable
     /// The LoRA buffers of slot <paramref name="key"/>. Allocated on first use after the slot was attached or
     /// changed (or the first step with dropout); never inside a steady-state step.
     /// </summary>
-    public LoraBuffers Lora(int key, int r, int k, bool needXDrop)
+    public LoraBuffers Lora(int key, int r, int k, bool needXDrop, int doraN = 0)
     {
-        if (_lora.TryGetValue(key, out var e) && e.R == r && e.K == k && (e.XDrop is not null || !needXDrop))
+        if (_lora.TryGetValue(key, out var e) && e.R == r && e.K == k && (e.XDrop is not null || !needXDrop) && (doraN == 0 || e.Z?.Dim(1) == doraN))
             return e;
         ForgetLora(key);
         var u = _b.Allocate(DType.F32, M, r);
         u.Name = $"lora{key}.u";
         Tensor? xd = null;
         if (needXDrop) { xd = _b.Allocate(DType.F32, M, k); xd.Name = $"lora{key}.x_drop"; }
-        e = new LoraBuffers(u, xd, r, k);
+        Tensor? z = null;
+        if (doraN > 0) { z = _b.Allocate(DType.F32, M, doraN); z.Name = $"lora{key}.dora_z"; }
+        e = new LoraBuffers(u, xd, r, k) { Z = z };
         _lora[key] = e;
         if (LoraG is null || LoraG.Length < (long)M * r)
         {
@@ -192,7 +196,7 @@ internal sealed class TrainingWorkspace : IDisposable
 
     public void ForgetLora(int key)
     {
-        if (_lora.Remove(key, out var e)) { e.U.Dispose(); e.XDrop?.Dispose(); }
+        if (_lora.Remove(key, out var e)) { e.U.Dispose(); e.XDrop?.Dispose(); e.Z?.Dispose(); }
     }
 
     public void Dispose()

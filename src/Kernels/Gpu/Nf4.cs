@@ -1,0 +1,138 @@
+using ILGPU;
+using ILGPU.Runtime;
+
+namespace FineTuneNative.Kernels.Gpu;
+
+/// <summary>
+/// The nn.Linear products over an NF4 weight on ILGPU: a simple dequantization kernel (one thread per element)
+/// writes a block of W's rows into an f32 panel, and the tiled matmul (<see cref="MatMulKernels"/>) consumes the
+/// panel. The full f32 weight never exists (the panel holds at most <see cref="PanelFloats"/> floats).
+/// </summary>
+/// <remarks>
+/// Storage layout: <see cref="Nf4"/>. The f32 part of the storage (group absmaxes, offset, the 16 levels, the
+/// 256-entry dynamic map) is passed as one float view, so the kernel needs no constant tables.
+/// Matches Nf4Reference + MatMulReference. A tensor-core path that dequantizes inside the tile loads is left to
+/// the GPU matmul work.
+/// </remarks>
+internal sealed class Nf4Kernels : IDisposable
+{
+    internal static int PanelFloats = 1 << 20; // settable by tests (several panels at small shapes); results do not depend on it
+
+    private readonly IlgpuBackend _b;
+    private readonly MatMulKernels _mm;
+    private readonly Action<Index1D, ArrayView<byte>, ArrayView<float>, Nf4Args, ArrayView<float>> _dequant;
+    private MemoryBuffer1D<float, Stride1D.Dense>? _panel;
+
+    public Nf4Kernels(IlgpuBackend b)
+    {
+        _b = b;
+        _mm = b.Kernels(x => new MatMulKernels(x));
+        _dequant = b.Accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<byte>, ArrayView<float>, Nf4Args, ArrayView<float>>(DequantKernel);
+    }
+
+    public struct Nf4Args
+    {
+        /// <summary>First element dequantized (flat index into the tensor).</summary>
+        public long Start;
+        /// <summary>Byte offset of the absmax codes.</summary>
+        public long AbsmaxOffset;
+        /// <summary>Number of groups: stats[0, Groups) are the group absmaxes, then offset, levels, map.</summary>
+        public long Groups;
+    }
+
+    /// <summary>dst[i] = level[q(Start + i)] · (map[c(block)] · groupAbsmax + offset).</summary>
+    [GpuKernel(false)]
+    public static void DequantKernel(Index1D i, ArrayView<byte> s, ArrayView<float> stats, Nf4Args a, ArrayView<float> dst)
+    {
+        int ii = i;
+        long e = a.Start + ii;
+        int v = s[e >> 1];
+        int q = (e & 1) == 0 ? v >> 4 : v & 15;
+        long block = e / Nf4.BlockSize;
+        int code = s[a.AbsmaxOffset + block];
+        float absmax = stats[a.Groups + 17 + code] * stats[block / Nf4.GroupSize] + stats[a.Groups];
+        dst[i] = stats[a.Groups + 1 + q] * absmax;
+    }
+
+    private ArrayView<float> Panel(long floats)
+    {
+        if (_panel is null || _panel.Length < floats)
+        {
+            _b.Stream.Synchronize(); // earlier launches may still read the old panel
+            _panel?.Dispose();
+            _panel = _b.Accelerator.Allocate1D<float>(Math.Max(floats, 1));
+        }
+        return _panel.View;
+    }
+
+    /// <summary>panel(rows, K) = dequantized rows [row0, row0 + rows) of the NF4 weight w (N, K).</summary>
+    private ArrayView<float> DequantRows(Tensor w, long n, int k, long row0, int rows)
+    {
+        var raw = _b.RawView(w, "w");
+        long gOff = Nf4.GroupAbsmaxOffset(n);
+        var stats = raw.SubView(gOff, raw.Length - gOff).Cast<float>();
+        var panel = Panel((long)rows * k);
+        int count = IlgpuBackend.CheckedCount((long)rows * k, "NF4 dequantize");
+        if (count > 0) _dequant(count, raw, stats, new Nf4Args { Start = row0 * k, AbsmaxOffset = Nf4.AbsmaxOffset(n), Groups = Nf4.Groups(n) }, panel);
+        return panel;
+    }
+
+    private static int PanelRows(int n, int k) => Math.Clamp(PanelFloats / Math.Max(k, 1), 1, Math.Max(1, n));
+
+    private static void CheckWeight(Tensor w, long needed, string op)
+    {
+        if (w.DType != DType.NF4) throw new ArgumentException($"{op}: w ({w.Describe()}) must be nf4");
+        if (w.Length != needed) throw new ArgumentException($"{op}: w ({w.Describe()}) has {w.Length} elements, expected {needed}");
+    }
+
+    /// <summary>y(M,N) (+)= alpha·x(M,K)·Wᵀ [+ bias] for an NF4 W(N,K).</summary>
+    public void Forward(Tensor w, ArrayView<float> x, ArrayView<float> y, Tensor? bias, int m, int n, int k, float alpha, bool accumulate, string op)
+    {
+        CheckWeight(w, (long)n * k, op);
+        if (m == 0 || n == 0) return;
+        var biasView = bias is null ? ArrayView<float>.Empty : _b.F32(bias, "bias");
+        int rows = PanelRows(n, k);
+        for (int j0 = 0; j0 < n; j0 += rows)
+        {
+            int nb = Math.Min(rows, n - j0);
+            var panel = DequantRows(w, (long)n * k, k, j0, nb);
+            var p = MatMulKernels.Nt(m, nb, k, alpha, accumulate);
+            p.Ldo = n;
+            p.HasBias = bias is null ? 0 : 1;
+            var biasPart = bias is null ? MatMulKernels.None : new DeviceFloats(biasView.SubView(j0, nb), ArrayView<ushort>.Empty, DeviceFloats.KindF32);
+            _mm.Launch(x, new DeviceFloats(panel, ArrayView<ushort>.Empty, DeviceFloats.KindF32), y.SubView(j0, y.Length - j0), biasPart, p);
+        }
+    }
+
+    /// <summary>dx(M,K) (+)= dy(M,N)·W for an NF4 W(N,K), summed over row panels.</summary>
+    public void BackwardInput(Tensor w, ArrayView<float> dy, ArrayView<float> dx, int m, int n, int k, bool accumulate, string op)
+    {
+        CheckWeight(w, (long)n * k, op);
+        if (m == 0 || k == 0) return;
+        if (n == 0)
+        {
+            if (!accumulate) dx.SubView(0, (long)m * k).MemSetToZero(_b.Stream);
+            return;
+        }
+        int rows = PanelRows(n, k);
+        for (int j0 = 0; j0 < n; j0 += rows)
+        {
+            int nb = Math.Min(rows, n - j0);
+            var panel = DequantRows(w, (long)n * k, k, j0, nb);
+            var p = MatMulKernels.Nn(m, k, nb, 1f, accumulate || j0 > 0);
+            p.Sai = n; // A(i, r) = dy[i·N + j0 + r]
+            _mm.Launch(dy.SubView(j0, dy.Length - j0), new DeviceFloats(panel, ArrayView<ushort>.Empty, DeviceFloats.KindF32), dx, MatMulKernels.None, p);
+        }
+    }
+
+    /// <summary>Dequantized rows of an NF4 weight as an f32 panel view (valid until the next call), for the DoRA norm.</summary>
+    public ArrayView<float> Rows(Tensor w, int n, int k, int row0, int rows) => DequantRows(w, (long)n * k, k, row0, rows);
+
+    public static int RowsPerPanel(int n, int k) => PanelRows(n, k);
+
+    public void Dispose()
+    {
+        _panel?.Dispose();
+        _panel = null;
+    }
+}
