@@ -2,6 +2,7 @@ using System.Diagnostics;
 using CommandLine;
 using FineTuneNative.Peft.Data;
 using FineTuneNative.Peft.Lora;
+using FineTuneNative.Peft.Methods;
 using FineTuneNative.Runtime.Inference;
 using FineTuneNative.Runtime.Model;
 using FineTuneNative.Runtime.Text;
@@ -18,7 +19,7 @@ public sealed class GenerateOptions : DeviceOptions
     [Option("tokenizer", MetaValue = "PATH", HelpText = "Tokenizer file or directory (default: the one next to the model).")]
     public string? Tokenizer { get; set; }
 
-    [Option("adapter", MetaValue = "DIR", HelpText = "PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to merge before generating.")]
+    [Option("adapter", MetaValue = "DIR", HelpText = "Adapter directory (adapter_config.json + adapter_model.safetensors): PEFT LoRA (merged before generating), PEFT prompt or prefix tuning, or ftn bottleneck adapters (applied while generating).")]
     public string? Adapter { get; set; }
 
     [Option("prompt", Required = true, MetaValue = "TEXT",
@@ -55,7 +56,7 @@ public sealed class GenerateOptions : DeviceOptions
 }
 
 /// <summary><c>ftn generate</c>: streams a completion to standard output; statistics go to standard error.</summary>
-public static class GenerateCommand
+public static partial class GenerateCommand
 {
     public static int Run(GenerateOptions o, TextWriter stdout)
     {
@@ -70,7 +71,10 @@ public static class GenerateCommand
         using var backend = CliCommon.CreateBackend(o);
         using var loaded = ModelSource.Load(path, backend);
         var tok = ModelSource.LoadTokenizer(path, o.Tokenizer);
-        using var merged = adapter is null ? null : ModelSource.CloneWritable(loaded.Weights, backend);
+        // prompt/prefix/bottleneck adapters are applied by the session; LoRA is merged into a copy of the weights
+        bool sessionAdapter = adapter is not null && Wrap(adapter, () => AdapterFiles.IsSessionAdapter(adapter));
+        int adapterPositions = sessionAdapter ? Wrap(adapter!, () => AdapterFiles.VirtualTokens(adapter!)) : 0;
+        using var merged = adapter is null || sessionAdapter ? null : ModelSource.CloneWritable(loaded.Weights, backend);
         if (merged is not null)
         {
             try { LoraAdapter.MergeInto(adapter!, merged); }
@@ -95,13 +99,15 @@ public static class GenerateCommand
             catch (TemplateException e) { throw new UserError(Program.OneLine(e.Message)); }
         }
         else prompt = ExactMatch.PromptIds(tok, record);
-        int maxLen = Math.Min(weights.Config.MaxPositions, prompt.Length + o.MaxNewTokens);
-        if (prompt.Length >= weights.Config.MaxPositions)
-            throw new UserError($"the prompt has {prompt.Length} tokens; the model holds at most {weights.Config.MaxPositions} positions");
+        int maxLen = Math.Min(weights.Config.MaxPositions, adapterPositions + prompt.Length + o.MaxNewTokens);
+        if (adapterPositions + prompt.Length >= weights.Config.MaxPositions)
+            throw new UserError($"the prompt has {prompt.Length} tokens{(adapterPositions > 0 ? $" after the adapter's {adapterPositions} virtual tokens" : "")}; the model holds at most {weights.Config.MaxPositions} positions");
         using var session = new InferenceSession(weights, backend, maxLen);
+        var adapterTensors = sessionAdapter ? Wrap(adapter!, () => AdapterFiles.ApplyForInference(adapter!, session).Owned) : null;
+        using var releaseAdapter = new DisposeAll(adapterTensors);
         var options = new GenerationOptions
         {
-            MaxNewTokens = Math.Min(o.MaxNewTokens, maxLen - prompt.Length),
+            MaxNewTokens = Math.Min(o.MaxNewTokens, maxLen - adapterPositions - prompt.Length),
             Temperature = o.Temperature,
             TopK = o.TopK,
             TopP = o.TopP,

@@ -15,7 +15,7 @@ using PeftTrainOptions = FineTuneNative.Peft.Training.TrainOptions;
 namespace FineTuneNative.Cli;
 
 [Verb("train", HelpText = "LoRA fine-tune a model on a JSON/JSONL dataset and save a PEFT adapter. With no --model: the embedded models/ftn-tiny on data/count-plus-one.jsonl.")]
-public sealed class TrainOptions : DataCliOptions
+public sealed partial class TrainOptions : DataCliOptions
 {
     [Option("model", MetaValue = "PATH",
         HelpText = "Hugging Face model directory (config.json + safetensors) or llama2.c .bin checkpoint. Default: the embedded models/ftn-tiny, with the demo settings listed as 'demo'.")]
@@ -118,6 +118,7 @@ public static class TrainCommand
         bool demo = o.Model is null;
         string[] dataPaths = ResolveData(o, demo);
         string modelPath = ModelSource.Resolve(o.Model);
+        PeftxMethods.MethodName(o); // validates --method and its options before any work
         var lora = BuildLora(o);
         var opts = BuildOptions(o, demo ? Demo : new PeftTrainOptions());
         try { opts.Validate(); lora.Validate(); }
@@ -158,7 +159,7 @@ public static class TrainCommand
         }
 
         using var model = new LlamaModel(loaded.Weights, backend) { NeftuneAlpha = dataOptions.NeftuneAlpha };
-        using var method = CreateMethod(o, model, lora, opts, stdout);
+        using var method = PeftxMethods.Create(o, model, tok, opts.Seed, stdout) ?? CreateMethod(o, model, lora, opts, stdout);
         using var trainer = new Trainer(model, method, opts);
         int total = Trainer.TotalSteps(opts, data.Train.Count);
         int logEvery = o.LogEvery is int le && le > 0 ? le : Math.Max(1, total / 20);
@@ -184,7 +185,8 @@ public static class TrainCommand
             {
                 using var merged = ModelSource.CloneWritable(loaded.Weights, backend);
                 if (method is LoraAdapter adapter) adapter.MergeInto(merged);
-                using var session = new InferenceSession(merged, backend, SessionLength(cfg, tok, emRecords, o.MaxNewTokens));
+                using var session = new InferenceSession(merged, backend, SessionLength(cfg, tok, emRecords, o.MaxNewTokens) + PeftxMethods.ExtraPositions(method));
+                PeftxMethods.Apply(method, session); // prompt/prefix/bottleneck cannot be merged: the session applies them
                 emAfter = ExactMatch.Evaluate(session, tok, emRecords, o.MaxNewTokens);
                 WriteGenerations(Path.Combine(tmp, "eval_generations.jsonl"), emBefore!, emAfter);
             }

@@ -21,6 +21,18 @@ public static class AdapterFiles
     /// <summary>The "peft_type" of an adapter directory's adapter_config.json ("LORA", "PROMPT_TUNING", "PREFIX_TUNING", "BOTTLENECK").</summary>
     public static string PeftType(string dir) => Str(ReadConfig(dir), "peft_type", Path.Combine(dir, ConfigFile));
 
+    /// <summary>True for the adapter kinds a generation session applies (prompt, prefix, bottleneck) rather than merges into the weights.</summary>
+    public static bool IsSessionAdapter(string dir) =>
+        File.Exists(Path.Combine(dir, ConfigFile)) && PeftType(dir) is PromptTuning.PeftTypeName or PrefixTuning.PeftTypeName or BottleneckAdapters.PeftTypeName;
+
+    /// <summary>Positions a prompt/prefix adapter occupies in front of the sequence (num_virtual_tokens; 0 for other kinds).</summary>
+    public static int VirtualTokens(string dir)
+    {
+        var o = ReadConfig(dir);
+        string type = Str(o, "peft_type", Path.Combine(dir, ConfigFile));
+        return type is PromptTuning.PeftTypeName or PrefixTuning.PeftTypeName ? Int(o, "num_virtual_tokens", Path.Combine(dir, ConfigFile)) : 0;
+    }
+
     internal static JsonObject ReadConfig(string dir)
     {
         if (!Directory.Exists(dir)) throw new DirectoryNotFoundException($"adapter directory '{dir}' not found");

@@ -66,6 +66,8 @@ public sealed class BottleneckAdapters : ITrainableMethod
     }
 
     public BottleneckConfig Config { get; }
+    /// <summary>Every adapter with its place, layer by layer, attention before MLP.</summary>
+    public IReadOnlyList<(int Layer, BottleneckSite Site, BottleneckSlot Slot)> Slots => _slots;
     public string Kind => "bottleneck";
     public IReadOnlyList<TrainableTensor> Trainable => _trainable;
     public bool IsAttached { get; private set; }
