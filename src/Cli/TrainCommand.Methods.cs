@@ -46,6 +46,8 @@ internal static class PeftxMethods
             throw new UserError("--num-virtual-tokens/--prompt-init/--prompt-init-text belong to --method prompt or prefix");
         if (m != "bottleneck" && (o.BottleneckSize is not null || o.BottleneckSites is not null))
             throw new UserError("--bottleneck-size/--bottleneck-sites belong to --method bottleneck");
+        if (m is "prompt" or "prefix" && o.Pack)
+            throw new UserError($"--pack cannot be used with --method {m}: the virtual tokens belong to one sample per row");
         return m;
     }
 
