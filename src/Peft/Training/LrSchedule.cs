@@ -1,6 +1,6 @@
 namespace FineTuneNative.Peft.Training;
 
-/// <summary>Linear warmup, then cosine decay to a floor.</summary>
+/// <summary>Linear warmup, then cosine or linear decay to a floor, or a constant rate.</summary>
 public static class LrSchedule
 {
     /// <summary>
@@ -11,7 +11,14 @@ public static class LrSchedule
     /// a rate of exactly 0 (Hugging Face's cosine schedule is the same curve read one step earlier, which spends
     /// its first warmup step at 0).
     /// </summary>
-    public static double At(int step, int totalSteps, int warmupSteps, double peak, double minRatio = 0)
+    public static double At(int step, int totalSteps, int warmupSteps, double peak, double minRatio = 0) =>
+        At("cosine", step, totalSteps, warmupSteps, peak, minRatio);
+
+    /// <summary>
+    /// The rate of step <paramref name="step"/> under schedule <paramref name="kind"/>: the same linear warmup, then
+    /// "cosine" (above), "linear": min + (peak − min)·(1 − progress), or "constant": peak.
+    /// </summary>
+    public static double At(string kind, int step, int totalSteps, int warmupSteps, double peak, double minRatio = 0)
     {
         if (step < 1 || step > totalSteps) throw new ArgumentOutOfRangeException(nameof(step), $"step {step} outside 1..{totalSteps}");
         if (warmupSteps < 0 || warmupSteps > totalSteps) throw new ArgumentOutOfRangeException(nameof(warmupSteps), $"warmup {warmupSteps} outside 0..{totalSteps}");
@@ -19,6 +26,12 @@ public static class LrSchedule
         int decay = totalSteps - warmupSteps;
         double progress = (double)(step - warmupSteps - 1) / decay;
         double min = peak * minRatio;
-        return min + (peak - min) * 0.5 * (1 + Math.Cos(Math.PI * progress));
+        return kind switch
+        {
+            "cosine" => min + (peak - min) * 0.5 * (1 + Math.Cos(Math.PI * progress)),
+            "linear" => min + (peak - min) * (1 - progress),
+            "constant" => peak,
+            _ => throw new ArgumentException($"unknown lr schedule '{kind}' (expected cosine, linear or constant)"),
+        };
     }
 }

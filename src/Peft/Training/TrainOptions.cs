@@ -35,6 +35,23 @@ public sealed class TrainOptions
     public bool TrainOnPrompt { get; init; }
     /// <summary>Write a resumable checkpoint to OutputDir/checkpoint-{step} every N steps (0 = only the final adapter).</summary>
     public int SaveEvery { get; init; }
+    /// <summary>Keep at most this many checkpoint-{step} directories, deleting the oldest (0 = keep all).</summary>
+    public int SaveTotalLimit { get; init; }
+    /// <summary>Learning-rate schedule after warmup: "cosine" (to LearningRate·MinLrRatio), "linear" (to the same floor) or "constant".</summary>
+    public string LrScheduler { get; init; } = "cosine";
+    /// <summary>"adamw" (decoupled weight decay, f32 m and v) or "sgd" (heavy-ball momentum <see cref="Momentum"/>, decoupled weight decay).</summary>
+    public string Optimizer { get; init; } = "adamw";
+    /// <summary>SGD momentum (0 = plain SGD).</summary>
+    public double Momentum { get; init; } = 0.9;
+    /// <summary>Stop when the eval loss has not improved by more than <see cref="EarlyStoppingMinDelta"/> for this many evaluations (0 = never).</summary>
+    public int EarlyStoppingPatience { get; init; }
+    public double EarlyStoppingMinDelta { get; init; }
+    /// <summary>Save the method at its best evaluation to OutputDir/best and end the run with those values (the final eval and save are of the best).</summary>
+    public bool KeepBest { get; init; }
+    /// <summary>A step whose loss or gradient is NaN/Inf is skipped; this many skipped in a row stop the run (the last checkpoint stays intact).</summary>
+    public int MaxSkippedSteps { get; init; } = 5;
+    /// <summary>Recompute each layer's forward in the backward instead of keeping every layer's activations (<see cref="Runtime.Model.LlamaModel.ActivationCheckpointing"/>).</summary>
+    public bool ActivationCheckpointing { get; init; }
     /// <summary>Backend name for <see cref="Kernels.Backends.Create"/> ("cpu", "cpu:N", "cuda", ...), used by <see cref="FineTuneJob"/>.</summary>
     public string Device { get; init; } = "cpu";
 
@@ -58,5 +75,14 @@ public sealed class TrainOptions
         Req(EvalEvery >= 0, $"eval every must be >= 0 (got {EvalEvery})");
         Req(SaveEvery >= 0, $"save every must be >= 0 (got {SaveEvery})");
         Req(MaxEvalSamples >= 0, $"max eval samples must be >= 0 (got {MaxEvalSamples})");
+        Req(SaveTotalLimit >= 0, $"save total limit must be >= 0 (got {SaveTotalLimit})");
+        Req(LrScheduler is "cosine" or "linear" or "constant", $"lr scheduler must be cosine, linear or constant (got '{LrScheduler}')");
+        Req(Optimizer is "adamw" or "sgd", $"optimizer must be adamw or sgd (got '{Optimizer}')");
+        Req(Momentum >= 0 && Momentum < 1, $"momentum must be in [0, 1) (got {Momentum})");
+        Req(EarlyStoppingPatience >= 0, $"early stopping patience must be >= 0 (got {EarlyStoppingPatience})");
+        Req(EarlyStoppingMinDelta >= 0, $"early stopping min delta must be >= 0 (got {EarlyStoppingMinDelta})");
+        Req(EarlyStoppingPatience == 0 || EvalEvery > 0, "early stopping needs eval every N steps (> 0)");
+        Req(!KeepBest || EvalEvery > 0, "keep best needs eval every N steps (> 0)");
+        Req(MaxSkippedSteps >= 1, $"max skipped steps must be >= 1 (got {MaxSkippedSteps})");
     }
 }

@@ -9,9 +9,9 @@ using FineTuneNative.Runtime.Model;
 
 namespace FineTuneNative.Peft.Training;
 
-/// <summary>Reported after every optimizer step.</summary>
+/// <summary>Reported after every optimizer step (<paramref name="Skipped"/>: the loss or a gradient was NaN/Inf, nothing was updated).</summary>
 public sealed record TrainProgress(int Step, int TotalSteps, int Epoch, double Loss, double LearningRate, double GradNorm,
-    long Tokens, double TokensPerSecond, TimeSpan Elapsed, TimeSpan Eta);
+    long Tokens, double TokensPerSecond, TimeSpan Elapsed, TimeSpan Eta, bool Skipped = false);
 
 /// <summary>Where a run stands: optimizer steps taken, the epoch and the next sample of its shuffled order.</summary>
 public sealed record TrainerPosition(int Step, int Epoch, int Cursor, int TotalSteps, int TrainSamples);
@@ -22,6 +22,9 @@ public sealed record EvalProgress(int Step, double Loss, double Perplexity, int 
 /// <summary>Mean loss per target token over a sample set, and its perplexity exp(loss).</summary>
 public sealed record EvalResult(double Loss, double Perplexity, int Samples, int Targets);
 
+/// <summary>A training run stopped before its end: too many NaN/Inf steps in a row. The message says what to change.</summary>
+public sealed class TrainingStoppedException(string message) : Exception(message);
+
 /// <summary>What a training run achieved and where its files are.</summary>
 public sealed class TrainResult
 {
@@ -29,42 +32,80 @@ public sealed class TrainResult
     public double EvalPerplexityBefore { get; init; } = double.NaN;
     public double EvalLossAfter { get; init; } = double.NaN;
     public double EvalPerplexityAfter { get; init; } = double.NaN;
+    /// <summary>The last step taken (less than the planned steps when early stopping ended the run).</summary>
     public int Steps { get; init; }
+    public int PlannedSteps { get; init; }
+    public bool EarlyStopped { get; init; }
+    /// <summary>The step of the best evaluation (0 = before training) and its loss; NaN without evaluations during training.</summary>
+    public int BestStep { get; init; } = -1;
+    public double BestEvalLoss { get; init; } = double.NaN;
+    /// <summary>Steps skipped because their loss or gradient was not finite.</summary>
+    public int SkippedSteps { get; init; }
     public double FinalTrainLoss { get; init; } = double.NaN;
     public long TrainTokens { get; init; }
     public double TokensPerSecond { get; init; }
     public TimeSpan Elapsed { get; init; }
     public int TrainSamples { get; init; }
     public int EvalSamples { get; init; }
-    /// <summary>Training loss of every step, in order.</summary>
+    /// <summary>Training loss of every step of this call, in order (NaN where a step was skipped).</summary>
     public IReadOnlyList<double> StepLosses { get; init; } = Array.Empty<double>();
+    /// <summary>Every evaluation of this call (step, loss).</summary>
+    public IReadOnlyList<EvalProgress> Evals { get; init; } = Array.Empty<EvalProgress>();
     public string? MetricsPath { get; init; }
     public string? SummaryPath { get; init; }
     public string? AdapterDir { get; init; }
+    public string? TensorBoardDir { get; init; }
+    public string? PlotPath { get; init; }
 }
 
 /// <summary>
-/// Fine-tuning loop over any <see cref="ITrainableMethod"/> (LoRA, full fine-tuning, ...): AdamW on the method's
-/// trainable tensors, linear warmup then cosine decay, gradient accumulation, global-norm clipping, held-out
-/// evaluation before, during and after training.
+/// Fine-tuning loop over any <see cref="ITrainableMethod"/> (LoRA, full fine-tuning, ...): AdamW or SGD on the
+/// method's trainable tensors, warmup then cosine/linear/constant learning rate, gradient accumulation, global-norm
+/// clipping, held-out evaluation with early stopping and keep-best, NaN/Inf steps skipped, atomic rotating
+/// checkpoints that resume bit for bit, metrics as JSONL and TensorBoard events, and a loss-curve PNG.
 /// </summary>
 /// <remarks>
 /// Accumulation: an optimizer step covers GradAccum micro-batches; the loss of every micro-batch is scaled by
 /// 1/N where N is the number of target tokens in the whole window, so the gradient is that of the mean token
-/// loss over the window, exactly as if it were one batch. Clipping: the global norm ‖g‖ of all adapter
+/// loss over the window, exactly as if it were one batch. Clipping: the global norm ‖g‖ of all trainable
 /// gradients is measured (IBackend.SumOfSquares) and min(1, clip/‖g‖) is passed to AdamW as its gradScale, so
-/// gradients are never rewritten. Every batch has the same (B, T) shape (T = the longest sample, at most
-/// MaxLength; short rows and missing rows are padding with target -100), so the model's workspaces and the
-/// optimizer state are allocated once.
+/// gradients are never rewritten. Weight decay applies only to tensors the method flags (not norms or biases).
+/// Every batch has the same (B, T) shape (T = the longest sample, at most MaxLength; short rows and missing rows
+/// are padding with target -100), so the model's workspaces and the optimizer state are allocated once.
+/// A step whose loss or gradient norm is not finite updates nothing (AdamW's bias-correction count does not
+/// advance either); MaxSkippedSteps of them in a row stop the run with <see cref="TrainingStoppedException"/>.
 /// </remarks>
 public sealed class Trainer : IDisposable
 {
+    public const string StateFile = "trainer_state.json";
+    public const string OptimizerFile = "optimizer.safetensors";
+    public const string ConfigFile = "config.yaml";
+    public const string MetricsFile = "metrics.jsonl";
+    public const string SummaryFile = "train_results.json";
+    public const string PlotFile = "loss.png";
+    public const string TensorBoardDirName = "tensorboard";
+    public const string BestDirName = "best";
+    public const string CheckpointPrefix = "checkpoint-";
+
     private readonly LlamaModel _model;
     private readonly ITrainableMethod _method;
     private readonly TrainOptions _opt;
     private readonly IBackend _backend;
-    private readonly List<(string Name, Tensor Param, Tensor Grad, Tensor M, Tensor V, bool Decay)> _state = new();
+    private readonly List<(string Name, Tensor Param, Tensor Grad, Tensor M, Tensor? V, bool Decay)> _state = new();
+    private readonly Tensor? _scratch; // SGD: lr·update before it is added to the parameter
     private int _step;
+    private RunState _run = new();
+
+    /// <summary>Counters that a checkpoint carries besides the position, so a resumed run decides exactly as the original.</summary>
+    private sealed class RunState
+    {
+        public int Updates;            // optimizer updates taken (AdamW's t): steps minus skipped steps
+        public int SkippedInARow;
+        public int SkippedTotal;
+        public double BestLoss = double.PositiveInfinity;
+        public int BestStep = -1;
+        public int BadEvals;           // evaluations since the best without improvement
+    }
 
     /// <summary>A trainer of <paramref name="method"/>'s tensors, which must be attached to <paramref name="model"/>.</summary>
     public Trainer(LlamaModel model, ITrainableMethod method, TrainOptions options)
@@ -74,33 +115,59 @@ public sealed class Trainer : IDisposable
         _method = method;
         _opt = options;
         _backend = model.Backend;
+        if (options.ActivationCheckpointing) model.ActivationCheckpointing = true;
         if (!method.IsAttached) throw new InvalidOperationException($"the {method.Kind} method is detached from the model; attach it before training");
         var names = new HashSet<string>(StringComparer.Ordinal);
-        foreach (var t in method.Trainable)
+        bool adam = options.Optimizer == "adamw";
+        long largest = 0;
+        try
         {
-            if (!names.Add(t.Name)) throw new InvalidOperationException($"{method.Kind}: two trainable tensors are named '{t.Name}'");
-            if (t.Param.DType != DType.F32 || t.Grad.DType != DType.F32 || t.Param.Length != t.Grad.Length)
-                throw new InvalidOperationException($"{method.Kind}: trainable '{t.Name}' must be an f32 parameter with an f32 gradient of its size " +
-                    $"(param {t.Param.Describe()}, grad {t.Grad.Describe()})");
-            var m = _backend.Allocate(DType.F32, t.Param.Shape);
-            var v = _backend.Allocate(DType.F32, t.Param.Shape);
-            m.Name = t.Name + ".adam_m";
-            v.Name = t.Name + ".adam_v";
-            _backend.Fill(m, 0);
-            _backend.Fill(v, 0);
-            _state.Add((t.Name, t.Param, t.Grad, m, v, t.WeightDecay));
+            foreach (var t in method.Trainable)
+            {
+                if (!names.Add(t.Name)) throw new InvalidOperationException($"{method.Kind}: two trainable tensors are named '{t.Name}'");
+                if (t.Param.DType != DType.F32 || t.Grad.DType != DType.F32 || t.Param.Length != t.Grad.Length)
+                    throw new InvalidOperationException($"{method.Kind}: trainable '{t.Name}' must be an f32 parameter with an f32 gradient of its size " +
+                        $"(param {t.Param.Describe()}, grad {t.Grad.Describe()})");
+                var m = _backend.Allocate(DType.F32, t.Param.Shape);
+                m.Name = t.Name + (adam ? ".adam_m" : ".sgd_momentum");
+                _backend.Fill(m, 0);
+                Tensor? v = null;
+                if (adam)
+                {
+                    v = _backend.Allocate(DType.F32, t.Param.Shape);
+                    v.Name = t.Name + ".adam_v";
+                    _backend.Fill(v, 0);
+                }
+                _state.Add((t.Name, t.Param, t.Grad, m, v, t.WeightDecay));
+                largest = Math.Max(largest, t.Param.Length);
+            }
+            if (_state.Count == 0) throw new InvalidOperationException($"the {method.Kind} method has no trainable tensor");
+            if (!adam) { _scratch = _backend.Allocate(DType.F32, checked((int)largest)); _scratch.Name = "sgd_scratch"; }
         }
-        if (_state.Count == 0) throw new InvalidOperationException($"the {method.Kind} method has no trainable tensor");
+        catch
+        {
+            Dispose();
+            throw;
+        }
     }
-
-    /// <summary>What this trainer trains.</summary>
-    public ITrainableMethod Method => _method;
 
     public event Action<TrainProgress>? Progress;
     public event Action<EvalProgress>? Evaluated;
 
-    /// <summary>Optimizer steps taken so far.</summary>
+    /// <summary>What this trainer trains.</summary>
+    public ITrainableMethod Method => _method;
+
+    /// <summary>Optimizer steps taken so far (skipped steps included).</summary>
     public int StepCount => _step;
+
+    /// <summary>True when the last <see cref="Step"/> found a non-finite loss or gradient and updated nothing.</summary>
+    public bool LastStepSkipped { get; private set; }
+
+    /// <summary>The fully resolved run configuration (YAML), written as config.yaml into every checkpoint and the output.</summary>
+    public string? ResolvedConfig { get; set; }
+
+    /// <summary>Bytes of optimizer state (AdamW m and v, or SGD momentum and its scratch).</summary>
+    public long OptimizerStateBytes => _state.Sum(s => 4L * (s.M.Length + (s.V?.Length ?? 0))) + 4L * (_scratch?.Length ?? 0);
 
     /// <summary>The batch length T for a set of samples: the longest one, capped by MaxLength.</summary>
     public int SeqLenFor(params IEnumerable<TokenizedSample>[] sets)
@@ -128,7 +195,8 @@ public sealed class Trainer : IDisposable
 
     /// <summary>
     /// One optimizer step over the micro-batches of <paramref name="window"/> at learning rate
-    /// <paramref name="lr"/>. Returns the mean target-token loss of the window and the gradient norm before clipping.
+    /// <paramref name="lr"/>. Returns the mean target-token loss of the window (plus the method's penalty) and the
+    /// gradient norm before clipping. When either is not finite nothing is updated and <see cref="LastStepSkipped"/> is set.
     /// </summary>
     public (double Loss, double GradNorm) Step(IReadOnlyList<Batch> window, double lr)
     {
@@ -146,15 +214,40 @@ public sealed class Trainer : IDisposable
             lossSum += ls;
         }
         double loss = lossSum / n + _method.AddPenalty();
-        if (!double.IsFinite(loss)) throw new InvalidOperationException($"step {_step}: the training loss is {loss}; stopping (lower the learning rate?)");
         double sq = 0;
         foreach (var s in _state) sq += _backend.SumOfSquares(s.Grad);
         double norm = Math.Sqrt(sq);
-        if (!double.IsFinite(norm)) throw new InvalidOperationException($"step {_step}: the gradient norm is {norm}; stopping");
+        LastStepSkipped = !double.IsFinite(loss) || !double.IsFinite(norm);
+        if (LastStepSkipped) return (loss, norm);
+        _run.Updates++;
         float gradScale = _opt.ClipNorm > 0 && norm > _opt.ClipNorm ? (float)(_opt.ClipNorm / (norm + 1e-6)) : 1f;
-        foreach (var s in _state)
-            _backend.AdamW(s.Param, s.Grad, s.M, s.V, (float)lr, (float)_opt.Beta1, (float)_opt.Beta2, (float)_opt.AdamEps,
-                s.Decay ? (float)_opt.WeightDecay : 0f, _step, gradScale);
+        if (_opt.Optimizer == "adamw")
+        {
+            foreach (var s in _state)
+                _backend.AdamW(s.Param, s.Grad, s.M, s.V!, (float)lr, (float)_opt.Beta1, (float)_opt.Beta2, (float)_opt.AdamEps,
+                    s.Decay ? (float)_opt.WeightDecay : 0f, _run.Updates, gradScale);
+        }
+        else
+        {
+            // Heavy-ball SGD (PyTorch's, dampening 0): buf = μ·buf + ĝ (buf = ĝ on the first update); p = p·(1 − lr·wd) − lr·buf.
+            float mu = (float)_opt.Momentum;
+            foreach (var s in _state)
+            {
+                if (gradScale != 1f) _backend.Scale(s.Grad, gradScale);
+                Tensor update = s.Grad;
+                if (mu > 0)
+                {
+                    _backend.Scale(s.M, _run.Updates == 1 ? 0f : mu);
+                    _backend.Add(s.M, s.M, s.Grad);
+                    update = s.M;
+                }
+                if (s.Decay && _opt.WeightDecay > 0) _backend.Scale(s.Param, (float)(1 - lr * _opt.WeightDecay));
+                var tmp = _scratch!.View(0, s.Param.Shape);
+                _backend.Copy(tmp, update);
+                _backend.Scale(tmp, (float)-lr);
+                _backend.Add(s.Param, s.Param, tmp);
+            }
+        }
         _method.AfterStep();
         return (loss, norm);
     }
@@ -172,61 +265,97 @@ public sealed class Trainer : IDisposable
 
     /// <summary>
     /// Trains on <paramref name="train"/>, evaluating on <paramref name="eval"/> before, every EvalEvery steps and
-    /// after. When <paramref name="outputDir"/> is given, writes metrics.jsonl (one JSON object per step and per
-    /// evaluation) and train_results.json there, and saves the adapter there (PEFT format) at the end.
+    /// after. When <paramref name="outputDir"/> is given, writes there: metrics.jsonl (one JSON object per step and per
+    /// evaluation), TensorBoard event files (tensorboard/), train_results.json, loss.png, config.yaml
+    /// (<see cref="ResolvedConfig"/>) and the method's own files (<see cref="ITrainableMethod.Save"/>) at the end.
     /// </summary>
     /// <remarks>
     /// With SaveEvery &gt; 0 a checkpoint (<see cref="SaveCheckpoint"/>) is written to outputDir/checkpoint-{step}
-    /// every SaveEvery steps. <paramref name="resumeFrom"/> continues from such a checkpoint: load its adapter
-    /// into the model first (<see cref="LoraAdapter.Load"/>, or let LoadCheckpoint restore the values into the method),
-    /// pass the same data and options, and the remaining
-    /// steps reproduce the uninterrupted run bit for bit (same batches, dropout masks, learning rates and Adam
-    /// state). metrics.jsonl is then appended to.
+    /// every SaveEvery steps, atomically (a temporary directory renamed into place), keeping the newest
+    /// SaveTotalLimit. <paramref name="resumeFrom"/> continues from such a checkpoint (its values are loaded into the
+    /// method by <see cref="LoadCheckpoint"/>): with the same data and options the remaining steps reproduce the
+    /// uninterrupted run bit for bit (same batches, dropout masks, learning rates, optimizer state, early-stopping
+    /// counters). metrics.jsonl keeps the lines up to the checkpoint's step and is appended to.
     /// </remarks>
     public TrainResult Train(IReadOnlyList<TokenizedSample> train, IReadOnlyList<TokenizedSample> eval, int padId,
         string? outputDir = null, string? baseModelName = null, CancellationToken cancel = default, string? resumeFrom = null)
     {
         if (train.Count == 0) throw new ArgumentException("the training split is empty");
+        if (_opt.KeepBest && outputDir is null) throw new ArgumentException("keep best needs an output directory (the best values are saved there)");
         if (_opt.MaxEvalSamples > 0 && eval.Count > _opt.MaxEvalSamples) eval = eval.Take(_opt.MaxEvalSamples).ToList();
         int seqLen = SeqLenFor(train, eval);
         int total = TotalSteps(_opt, train.Count);
         int warmup = WarmupFor(_opt, total);
 
+        int epoch = 0, cursor = 0, first = 1;
+        if (resumeFrom is not null)
+        {
+            var pos = LoadCheckpoint(resumeFrom);
+            if (pos.TotalSteps != total || pos.TrainSamples != train.Count)
+                throw new InvalidDataException($"{resumeFrom}: the checkpoint is of a run with {pos.TotalSteps} steps over {pos.TrainSamples} samples; " +
+                    $"these options and data give {total} steps over {train.Count} samples");
+            (epoch, cursor, first) = (pos.Epoch, pos.Cursor, pos.Step + 1);
+        }
+        else if (_step != 0) throw new InvalidOperationException($"this trainer already took {_step} steps; use a new one (or resumeFrom)");
+
         StreamWriter? metrics = null;
+        TensorBoardWriter? tb = null;
         string? metricsPath = null;
         if (outputDir is not null)
         {
             Directory.CreateDirectory(outputDir);
-            metricsPath = Path.Combine(outputDir, "metrics.jsonl");
-            metrics = new StreamWriter(metricsPath, append: resumeFrom is not null) { AutoFlush = true };
+            metricsPath = Path.Combine(outputDir, MetricsFile);
+            if (resumeFrom is not null) TruncateMetrics(metricsPath, first - 1);
+            else if (File.Exists(metricsPath)) File.Delete(metricsPath);
+            metrics = new StreamWriter(metricsPath, append: true) { AutoFlush = true };
+            tb = new TensorBoardWriter(Path.Combine(outputDir, TensorBoardDirName));
         }
         try
         {
             void Log(JsonObject o) => metrics?.WriteLine(o.ToJsonString());
+            var evals = new List<EvalProgress>();
 
             EvalResult? RunEval(int step)
             {
                 if (eval.Count == 0) return null;
                 var r = Evaluate(eval, seqLen, padId);
-                Evaluated?.Invoke(new EvalProgress(step, r.Loss, r.Perplexity, r.Samples, r.Targets));
+                var e = new EvalProgress(step, r.Loss, r.Perplexity, r.Samples, r.Targets);
+                evals.Add(e);
+                Evaluated?.Invoke(e);
                 Log(new JsonObject { ["step"] = step, ["eval_loss"] = Num(r.Loss), ["eval_ppl"] = Num(r.Perplexity), ["eval_targets"] = r.Targets });
+                tb?.Scalars(step, ("eval/loss", r.Loss), ("eval/perplexity", r.Perplexity));
                 return r;
             }
 
-            int epoch = 0, cursor = 0, first = 1;
-            if (resumeFrom is not null)
+            // Early stopping and keep-best; returns true when patience ran out.
+            bool ConsiderBest(EvalResult? r, int step)
             {
-                var pos = LoadCheckpoint(resumeFrom);
-                if (pos.TotalSteps != total || pos.TrainSamples != train.Count)
-                    throw new InvalidDataException($"{resumeFrom}: the checkpoint is of a run with {pos.TotalSteps} steps over {pos.TrainSamples} samples; " +
-                        $"these options and data give {total} steps over {train.Count} samples");
-                (epoch, cursor, first) = (pos.Epoch, pos.Cursor, pos.Step + 1);
+                if (r is null || !double.IsFinite(r.Loss)) return false;
+                if (r.Loss < _run.BestLoss - _opt.EarlyStoppingMinDelta)
+                {
+                    _run.BestLoss = r.Loss;
+                    _run.BestStep = step;
+                    _run.BadEvals = 0;
+                    if (_opt.KeepBest) WriteDirectoryAtomic(Path.Combine(outputDir!, BestDirName), d =>
+                    {
+                        _method.Save(d, baseModelName);
+                        WriteConfig(d);
+                        WriteJsonAtomic(Path.Combine(d, "best.json"), new JsonObject { ["step"] = step, ["eval_loss"] = r.Loss, ["eval_ppl"] = r.Perplexity });
+                    });
+                    return false;
+                }
+                _run.BadEvals++;
+                return _opt.EarlyStoppingPatience > 0 && _run.BadEvals >= _opt.EarlyStoppingPatience;
             }
-            else if (_step != 0) throw new InvalidOperationException($"this trainer already took {_step} steps; use a new one (or resumeFrom)");
+
             var before = RunEval(first - 1);
+            if (resumeFrom is null) ConsiderBest(before, 0);
             var losses = new List<double>();
             var clock = Stopwatch.StartNew();
             long tokens = 0;
+            int lastStep = first - 1;
+            bool earlyStopped = false;
+            EvalResult? lastEval = null;
             int[] order = Batching.Permutation(train.Count, EpochSeed(epoch));
             for (int step = first; step <= total; step++)
             {
@@ -248,38 +377,83 @@ public sealed class Trainer : IDisposable
                     cursor += n;
                     window.Add(Batching.Pad(chunk, _opt.MicroBatch, seqLen, padId));
                 }
-                double lr = LrSchedule.At(step, total, warmup, _opt.LearningRate, _opt.MinLrRatio);
+                double lr = LrSchedule.At(_opt.LrScheduler, step, total, warmup, _opt.LearningRate, _opt.MinLrRatio);
                 var (loss, norm) = Step(window, lr);
-                losses.Add(loss);
+                bool skipped = LastStepSkipped;
+                losses.Add(skipped ? double.NaN : loss);
+                lastStep = step;
                 tokens += window.Sum(b => (long)b.TokenCount);
                 double secs = clock.Elapsed.TotalSeconds;
                 double tps = secs > 0 ? tokens / secs : 0;
                 var eta = TimeSpan.FromSeconds(secs / (step - first + 1) * (total - step));
-                Progress?.Invoke(new TrainProgress(step, total, epoch, loss, lr, norm, tokens, tps, clock.Elapsed, eta));
-                Log(new JsonObject
+                Progress?.Invoke(new TrainProgress(step, total, epoch, loss, lr, norm, tokens, tps, clock.Elapsed, eta, skipped));
+                var line = new JsonObject
                 {
                     ["step"] = step, ["epoch"] = epoch, ["loss"] = Num(loss), ["lr"] = lr, ["grad_norm"] = Num(norm),
                     ["tokens"] = tokens, ["tokens_per_s"] = Math.Round(tps, 1), ["elapsed_s"] = Math.Round(secs, 3),
-                });
-                if (_opt.EvalEvery > 0 && step % _opt.EvalEvery == 0 && step != total)
+                };
+                if (skipped)
                 {
-                    RunEval(step);
+                    line["skipped"] = true;
+                    line["skip_reason"] = !double.IsFinite(loss) ? $"loss is {loss}" : $"gradient norm is {norm}";
+                    _run.SkippedInARow++;
+                    _run.SkippedTotal++;
                 }
-                if (outputDir is not null && _opt.SaveEvery > 0 && step % _opt.SaveEvery == 0 && step != total)
-                    SaveCheckpoint(Path.Combine(outputDir, $"checkpoint-{step}"), new TrainerPosition(step, epoch, cursor, total, train.Count), baseModelName);
+                else
+                {
+                    _run.SkippedInARow = 0;
+                    tb?.Scalars(step, ("train/loss", loss), ("train/learning_rate", lr), ("train/grad_norm", norm), ("train/tokens_per_s", tps));
+                }
+                Log(line);
+                if (_run.SkippedInARow >= _opt.MaxSkippedSteps)
+                {
+                    string last = outputDir is null ? "" : LatestCheckpoint(outputDir) is { } c
+                        ? $"; the last good checkpoint is {c} (resume from it with a lower learning rate or a tighter clip)"
+                        : "; no checkpoint was written (set save every N steps)";
+                    throw new TrainingStoppedException($"step {step}: {_run.SkippedInARow} steps in a row had a NaN/Inf loss or gradient " +
+                        $"(last: {line["skip_reason"]}); stopping. Lower the learning rate (now {_opt.LearningRate:0.###e0}) or the clip norm, " +
+                        $"or check the data{last}");
+                }
+                if (_opt.EvalEvery > 0 && step % _opt.EvalEvery == 0)
+                {
+                    lastEval = RunEval(step);
+                    earlyStopped = ConsiderBest(lastEval, step) && step != total;
+                }
+                else lastEval = null;
+                if (outputDir is not null && _opt.SaveEvery > 0 && step % _opt.SaveEvery == 0 && step != total && !earlyStopped)
+                    SaveCheckpoint(Path.Combine(outputDir, $"{CheckpointPrefix}{step}"), new TrainerPosition(step, epoch, cursor, total, train.Count), baseModelName);
+                if (earlyStopped) break;
             }
             clock.Stop();
-            var after = RunEval(total);
+            var after = lastEval ?? RunEval(lastStep);
+            if (lastEval is null) ConsiderBest(after, lastStep);
+            if (_opt.KeepBest && _run.BestStep >= 0 && _run.BestStep != lastStep)
+            {
+                // End with the best values: the final files and eval are those of the best evaluation.
+                _method.LoadValues(Path.Combine(outputDir!, BestDirName));
+                after = RunEval(lastStep);
+            }
 
-            string? summaryPath = null;
             double secsTotal = clock.Elapsed.TotalSeconds;
+            string? plotPath = null;
+            if (outputDir is not null)
+            {
+                plotPath = Path.Combine(outputDir, PlotFile);
+                var (allLosses, allEvals) = ReadCurves(metricsPath!);
+                LossPlot.Write(plotPath, allLosses, allEvals, $"{_method.Kind} training");
+            }
             var result = new TrainResult
             {
                 EvalLossBefore = before?.Loss ?? double.NaN,
                 EvalPerplexityBefore = before?.Perplexity ?? double.NaN,
                 EvalLossAfter = after?.Loss ?? double.NaN,
                 EvalPerplexityAfter = after?.Perplexity ?? double.NaN,
-                Steps = total,
+                Steps = lastStep,
+                PlannedSteps = total,
+                EarlyStopped = earlyStopped,
+                BestStep = _run.BestStep,
+                BestEvalLoss = double.IsFinite(_run.BestLoss) ? _run.BestLoss : double.NaN,
+                SkippedSteps = _run.SkippedTotal,
                 FinalTrainLoss = losses.Count > 0 ? losses[^1] : double.NaN,
                 TrainTokens = tokens,
                 TokensPerSecond = secsTotal > 0 ? tokens / secsTotal : 0,
@@ -287,21 +461,29 @@ public sealed class Trainer : IDisposable
                 TrainSamples = train.Count,
                 EvalSamples = eval.Count,
                 StepLosses = losses,
+                Evals = evals,
                 MetricsPath = metricsPath,
                 AdapterDir = outputDir,
-                SummaryPath = outputDir is null ? null : Path.Combine(outputDir, "train_results.json"),
+                SummaryPath = outputDir is null ? null : Path.Combine(outputDir, SummaryFile),
+                TensorBoardDir = tb?.Directory,
+                PlotPath = plotPath,
             };
             if (outputDir is not null)
             {
                 _method.Save(outputDir, baseModelName);
-                summaryPath = result.SummaryPath!;
+                WriteConfig(outputDir);
                 var summary = new JsonObject
                 {
                     ["eval_loss_before"] = Num(result.EvalLossBefore),
                     ["eval_ppl_before"] = Num(result.EvalPerplexityBefore),
                     ["eval_loss_after"] = Num(result.EvalLossAfter),
                     ["eval_ppl_after"] = Num(result.EvalPerplexityAfter),
-                    ["steps"] = total,
+                    ["steps"] = lastStep,
+                    ["planned_steps"] = total,
+                    ["early_stopped"] = earlyStopped,
+                    ["best_step"] = _run.BestStep,
+                    ["best_eval_loss"] = Num(result.BestEvalLoss),
+                    ["skipped_steps"] = _run.SkippedTotal,
                     ["epochs_started"] = epoch + 1,
                     ["final_train_loss"] = Num(result.FinalTrainLoss),
                     ["train_samples"] = train.Count,
@@ -312,49 +494,63 @@ public sealed class Trainer : IDisposable
                     ["elapsed_s"] = Math.Round(secsTotal, 3),
                     ["trainable_parameters"] = _method.ParameterCount,
                     ["device"] = _backend.Name,
+                    ["method"] = _method.Kind,
                     [_method.Kind] = _method.DescribeConfig(),
                     ["options"] = JsonSerializer.SerializeToNode(_opt),
                 };
-                LoraAdapter.WriteAtomic(summaryPath, summary.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+                WriteJsonAtomic(result.SummaryPath!, summary);
             }
             return result;
         }
         finally
         {
             metrics?.Dispose();
+            tb?.Dispose();
         }
     }
 
     // ------------------------------------------------------------------------------------------ checkpoints
 
-    public const string StateFile = "trainer_state.json";
-    public const string OptimizerFile = "optimizer.safetensors";
-
     /// <summary>
-    /// Writes a resumable checkpoint into <paramref name="dir"/>: the adapter (PEFT format, usable on its own),
-    /// optimizer.safetensors (Adam m and v of every adapter tensor, "{PEFT name}.adam_m" / ".adam_v") and
-    /// trainer_state.json (the step, the data position and the run shape). Each file is written atomically.
+    /// Writes a resumable checkpoint into <paramref name="dir"/>: the method's files (<see cref="ITrainableMethod.Save"/>,
+    /// usable on their own), optimizer.safetensors (AdamW m and v, "{name}.adam_m" / ".adam_v", or SGD's
+    /// "{name}.sgd_momentum"), trainer_state.json (the step, the data position, the run shape, the update, skip and
+    /// early-stopping counters) and config.yaml (<see cref="ResolvedConfig"/>). The directory is assembled under a
+    /// temporary name and renamed into place, so a checkpoint-N directory is always complete; then the oldest
+    /// checkpoints beyond SaveTotalLimit are deleted.
     /// </summary>
     public void SaveCheckpoint(string dir, TrainerPosition position, string? baseModelName = null)
     {
         if (position.Step != _step) throw new ArgumentException($"position step {position.Step} differs from the trainer's {_step}");
-        _method.Save(dir, baseModelName);
-        var tensors = new List<(string, DType, int[], float[])>();
-        foreach (var s in _state)
+        WriteDirectoryAtomic(dir, tmp =>
         {
-            tensors.Add(($"{s.Name}.adam_m", DType.F32, (int[])s.M.Shape.Clone(), s.M.ToArray()));
-            tensors.Add(($"{s.Name}.adam_v", DType.F32, (int[])s.V.Shape.Clone(), s.V.ToArray()));
+            _method.Save(tmp, baseModelName);
+            var tensors = new List<(string, DType, int[], float[])>();
+            foreach (var s in _state)
+            {
+                tensors.Add((s.M.Name!, DType.F32, (int[])s.M.Shape.Clone(), s.M.ToArray()));
+                if (s.V is not null) tensors.Add((s.V.Name!, DType.F32, (int[])s.V.Shape.Clone(), s.V.ToArray()));
+            }
+            Runtime.IO.SafeTensors.Write(Path.Combine(tmp, OptimizerFile), tensors, new Dictionary<string, string> { ["format"] = "ftn-" + _opt.Optimizer });
+            var json = new JsonObject
+            {
+                ["step"] = position.Step, ["epoch"] = position.Epoch, ["cursor"] = position.Cursor,
+                ["total_steps"] = position.TotalSteps, ["train_samples"] = position.TrainSamples, ["seed"] = _opt.Seed,
+                ["optimizer"] = _opt.Optimizer, ["method"] = _method.Kind,
+                ["updates"] = _run.Updates, ["skipped_in_a_row"] = _run.SkippedInARow, ["skipped_total"] = _run.SkippedTotal,
+                ["best_eval_loss"] = Num(_run.BestLoss), ["best_step"] = _run.BestStep, ["bad_evals"] = _run.BadEvals,
+            };
+            WriteJsonAtomic(Path.Combine(tmp, StateFile), json);
+            WriteConfig(tmp);
+        });
+        if (_opt.SaveTotalLimit > 0)
+        {
+            string parent = Path.GetDirectoryName(Path.GetFullPath(dir))!;
+            foreach (var (_, old) in Checkpoints(parent).SkipLast(_opt.SaveTotalLimit)) Directory.Delete(old, recursive: true);
         }
-        Runtime.IO.SafeTensors.Write(Path.Combine(dir, OptimizerFile), tensors, new Dictionary<string, string> { ["format"] = "ftn-adamw" });
-        var json = new JsonObject
-        {
-            ["step"] = position.Step, ["epoch"] = position.Epoch, ["cursor"] = position.Cursor,
-            ["total_steps"] = position.TotalSteps, ["train_samples"] = position.TrainSamples, ["seed"] = _opt.Seed,
-        };
-        LoraAdapter.WriteAtomic(Path.Combine(dir, StateFile), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
     }
 
-    /// <summary>Restores the parameter values (<see cref="ITrainableMethod.LoadValues"/>), the Adam state and the step of a checkpoint.</summary>
+    /// <summary>Restores the parameter values (<see cref="ITrainableMethod.LoadValues"/>), the optimizer state and the step of a checkpoint.</summary>
     public TrainerPosition LoadCheckpoint(string dir)
     {
         string statePath = Path.Combine(dir, StateFile);
@@ -366,25 +562,132 @@ public sealed class Trainer : IDisposable
         var pos = new TrainerPosition(Int("step"), Int("epoch"), Int("cursor"), Int("total_steps"), Int("train_samples"));
         ulong seed = root["seed"]?.GetValue<ulong>() ?? throw new InvalidDataException($"{statePath}: missing \"seed\"");
         if (seed != _opt.Seed) throw new InvalidDataException($"{statePath}: the checkpoint was trained with seed {seed}, these options say {_opt.Seed}");
+        string optimizer = root["optimizer"]?.GetValue<string>() ?? "adamw";
+        if (optimizer != _opt.Optimizer) throw new InvalidDataException($"{statePath}: the checkpoint was trained with {optimizer}, these options say {_opt.Optimizer}");
+        string kind = root["method"]?.GetValue<string>() ?? "lora";
+        if (kind != _method.Kind) throw new InvalidDataException($"{statePath}: the checkpoint trained a {kind} method, this run a {_method.Kind} one");
         string optPath = Path.Combine(dir, OptimizerFile);
-        using var st = Runtime.IO.SafeTensors.Open(optPath);
-        foreach (var s in _state)
+        using (var st = Runtime.IO.SafeTensors.Open(optPath))
         {
-            foreach (var (suffix, t) in new[] { ("adam_m", s.M), ("adam_v", s.V) })
+            int expected = 0;
+            foreach (var s in _state)
             {
-                string name = $"{s.Name}.{suffix}";
-                if (!st.Contains(name)) throw new InvalidDataException($"{optPath}: missing tensor '{name}' (adapter and checkpoint differ)");
-                var info = st.Info(name);
-                if (!info.Shape.SequenceEqual(t.Shape))
-                    throw new InvalidDataException($"{optPath}: tensor '{name}' has shape {info.ShapeText}, expected [{string.Join(", ", t.Shape)}]");
-                _backend.Upload(t, st.ReadF32(name));
+                foreach (var t in new[] { s.M, s.V })
+                {
+                    if (t is null) continue;
+                    expected++;
+                    string name = t.Name!;
+                    if (!st.Contains(name)) throw new InvalidDataException($"{optPath}: missing tensor '{name}' (method and checkpoint differ)");
+                    var info = st.Info(name);
+                    if (!info.Shape.SequenceEqual(t.Shape))
+                        throw new InvalidDataException($"{optPath}: tensor '{name}' has shape {info.ShapeText}, expected [{string.Join(", ", t.Shape)}]");
+                    _backend.Upload(t, st.ReadF32(name));
+                }
             }
+            if (st.Names.Count != expected)
+                throw new InvalidDataException($"{optPath}: holds {st.Names.Count} tensors, the method needs {expected}");
         }
-        if (st.Names.Count != 2 * _state.Count)
-            throw new InvalidDataException($"{optPath}: holds {st.Names.Count} tensors, the adapter needs {2 * _state.Count}");
         _method.LoadValues(dir);
         _step = pos.Step;
+        _run = new RunState
+        {
+            Updates = root["updates"]?.GetValue<int>() ?? pos.Step,
+            SkippedInARow = root["skipped_in_a_row"]?.GetValue<int>() ?? 0,
+            SkippedTotal = root["skipped_total"]?.GetValue<int>() ?? 0,
+            BestLoss = root["best_eval_loss"]?.GetValue<double>() ?? double.PositiveInfinity,
+            BestStep = root["best_step"]?.GetValue<int>() ?? -1,
+            BadEvals = root["bad_evals"]?.GetValue<int>() ?? 0,
+        };
         return pos;
+    }
+
+    /// <summary>The checkpoint-{step} directories under <paramref name="outputDir"/>, oldest first.</summary>
+    public static IReadOnlyList<(int Step, string Path)> Checkpoints(string outputDir)
+    {
+        if (!Directory.Exists(outputDir)) return Array.Empty<(int, string)>();
+        var list = new List<(int, string)>();
+        foreach (var d in Directory.GetDirectories(outputDir, CheckpointPrefix + "*"))
+            if (int.TryParse(Path.GetFileName(d).AsSpan(CheckpointPrefix.Length), NumberStyles.None, CultureInfo.InvariantCulture, out int s))
+                list.Add((s, d));
+        list.Sort((a, b) => a.Item1.CompareTo(b.Item1));
+        return list;
+    }
+
+    /// <summary>The newest complete checkpoint under <paramref name="outputDir"/>, or null.</summary>
+    public static string? LatestCheckpoint(string outputDir) =>
+        Checkpoints(outputDir).Where(c => File.Exists(Path.Combine(c.Path, StateFile))).Select(c => c.Path).LastOrDefault();
+
+    // ------------------------------------------------------------------------------------------ files
+
+    private void WriteConfig(string dir)
+    {
+        if (ResolvedConfig is not null) LoraAdapter.WriteAtomic(Path.Combine(dir, ConfigFile), ResolvedConfig);
+    }
+
+    private static void WriteJsonAtomic(string path, JsonObject o) =>
+        LoraAdapter.WriteAtomic(path, o.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+
+    /// <summary>
+    /// Builds <paramref name="dir"/> under a temporary sibling name and renames it into place (replacing an existing
+    /// one), so a reader never sees a half-written directory: a crash leaves either the old or the new one, plus at
+    /// most a hidden ".*.tmp-*" directory that the next call removes.
+    /// </summary>
+    public static void WriteDirectoryAtomic(string dir, Action<string> write)
+    {
+        dir = Path.GetFullPath(dir.TrimEnd('/', '\\'));
+        string parent = Path.GetDirectoryName(dir)!;
+        string name = Path.GetFileName(dir);
+        Directory.CreateDirectory(parent);
+        foreach (var stale in Directory.GetDirectories(parent, $".{name}.tmp-*").Concat(Directory.GetDirectories(parent, $".{name}.old-*")))
+            Directory.Delete(stale, recursive: true);
+        string tmp = Path.Combine(parent, $".{name}.tmp-{Environment.ProcessId}");
+        string old = Path.Combine(parent, $".{name}.old-{Environment.ProcessId}");
+        Directory.CreateDirectory(tmp);
+        try
+        {
+            write(tmp);
+            if (Directory.Exists(dir)) Directory.Move(dir, old);
+            Directory.Move(tmp, dir);
+            if (Directory.Exists(old)) Directory.Delete(old, recursive: true);
+        }
+        catch
+        {
+            if (Directory.Exists(tmp)) Directory.Delete(tmp, recursive: true);
+            if (!Directory.Exists(dir) && Directory.Exists(old)) Directory.Move(old, dir);
+            throw;
+        }
+    }
+
+    /// <summary>Keeps the metrics lines of steps up to <paramref name="step"/> (a resumed run rewrites what came after).</summary>
+    private static void TruncateMetrics(string path, int step)
+    {
+        if (!File.Exists(path)) return;
+        var keep = new List<string>();
+        foreach (var line in File.ReadLines(path))
+        {
+            if (line.Length == 0) continue;
+            JsonNode? o;
+            try { o = JsonNode.Parse(line); }
+            catch (JsonException) { break; } // a line cut by the kill: everything after it is gone anyway
+            if (o?["step"]?.GetValue<int>() is int s && s <= step) keep.Add(line);
+        }
+        LoraAdapter.WriteAtomic(path, string.Concat(keep.Select(l => l + "\n")));
+    }
+
+    /// <summary>The (step, loss) and (step, eval loss) series of a metrics.jsonl (the whole run, resumed parts included).</summary>
+    public static (List<(int Step, double Loss)> Train, List<(int Step, double Loss)> Eval) ReadCurves(string metricsPath)
+    {
+        var train = new List<(int, double)>();
+        var ev = new List<(int, double)>();
+        foreach (var line in File.ReadLines(metricsPath))
+        {
+            if (line.Length == 0) continue;
+            var o = JsonNode.Parse(line)!.AsObject();
+            int step = o["step"]!.GetValue<int>();
+            if (o.ContainsKey("eval_loss")) { if (o["eval_loss"] is { } e) ev.Add((step, e.GetValue<double>())); }
+            else if (o["loss"] is { } l && o["skipped"] is null) train.Add((step, l.GetValue<double>()));
+        }
+        return (train, ev);
     }
 
     private ulong EpochSeed(int epoch) => _opt.Seed ^ (0xD1B54A32D192ED03UL * (ulong)(epoch + 1));
@@ -394,7 +697,8 @@ public sealed class Trainer : IDisposable
 
     public void Dispose()
     {
-        foreach (var s in _state) { s.M.Dispose(); s.V.Dispose(); }
+        foreach (var s in _state) { s.M.Dispose(); s.V?.Dispose(); }
         _state.Clear();
+        _scratch?.Dispose();
     }
 }

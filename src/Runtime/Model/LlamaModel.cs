@@ -235,6 +235,23 @@ public sealed partial class LlamaModel : IDisposable
         return (HeadAndLoss(ws, computeGrad: false, 0f), count);
     }
 
+    private bool _activationCheckpointing;
+
+    /// <summary>
+    /// Activation checkpointing: the forward keeps only each layer's input (Resid[l]) and one shared set of layer
+    /// activations; the backward recomputes layer l's forward just before its backward. Saves (L − 1) layers of
+    /// activations (C + 2·QD + 2·KVD + NH + 2·F floats per token each) for about one more forward per step.
+    /// Gradients and losses are identical. Changing it frees the cached workspaces.
+    /// </summary>
+    public bool ActivationCheckpointing
+    {
+        get => _activationCheckpointing;
+        set { if (value != _activationCheckpointing) { _activationCheckpointing = value; ReleaseWorkspaces(); } }
+    }
+
+    /// <summary>Bytes held by the cached activation workspaces (what a step of the last shapes allocated).</summary>
+    public long WorkspaceBytes => _workspaces.Sum(w => w.Bytes);
+
     /// <summary>Frees the cached activation workspaces (they are rebuilt on the next step).</summary>
     public void ReleaseWorkspaces()
     {
@@ -315,7 +332,7 @@ public sealed partial class LlamaModel : IDisposable
         // Keep the training shape and one evaluation shape; a third shape evicts the least recently used.
         if (_workspaces.Count >= 2) { _workspaces[^1].Dispose(); _workspaces.RemoveAt(_workspaces.Count - 1); }
         int rows = _logitsChunkRows > 0 ? _logitsChunkRows : Math.Max(1, DefaultLogitsChunkElements / Config.VocabSize);
-        var ws = new TrainingWorkspace(_b, Config, batch, seqLen, rows);
+        var ws = new TrainingWorkspace(_b, Config, batch, seqLen, rows, _activationCheckpointing);
         _workspaces.Insert(0, ws);
         return ws;
     }
@@ -338,7 +355,19 @@ public sealed partial class LlamaModel : IDisposable
         }
         PromptForward(ws);
         var ropePos = RopePositions(ws);
-        for (int l = 0; l < c.NumLayers; l++)
+        for (int l = 0; l < c.NumLayers; l++) ForwardLayer(ws, l, train, seed, ropePos, attnScale);
+        _b.RmsNormForward(ws.XnF, ws.RstdF, ws.Resid[c.NumLayers], Weights.FinalNorm, m, C, c.RmsNormEps);
+    }
+
+    /// <summary>
+    /// Layer l: Resid[l] → (saved activations of ws.Layers[l]) → Resid[l + 1]. Deterministic, so the backward can
+    /// run it again with <see cref="ActivationCheckpointing"/> and get the same activations bit for bit (dropout
+    /// masks derive from the seed, layer and module).
+    /// </summary>
+    private void ForwardLayer(TrainingWorkspace ws, int l, bool train, ulong seed, Tensor ropePos, float attnScale)
+    {
+        var c = Config;
+        int m = ws.M, C = c.HiddenSize, F = c.IntermediateSize;
         {
             var lw = Weights.Layers[l];
             var s = ws.Layers[l];
@@ -373,7 +402,6 @@ public sealed partial class LlamaModel : IDisposable
             BottleneckForward(ws, l, BottleneckSite.Mlp, ws.Tmp);
             _b.Add(ws.Resid[l + 1], s.ResidMid, ws.Tmp);
         }
-        _b.RmsNormForward(ws.XnF, ws.RstdF, ws.Resid[c.NumLayers], Weights.FinalNorm, m, C, c.RmsNormEps);
     }
 
     /// <summary>
@@ -420,6 +448,8 @@ public sealed partial class LlamaModel : IDisposable
             var lw = Weights.Layers[l];
             var lg = g?.Layers[l];
             var s = ws.Layers[l];
+            // activation checkpointing: every layer shares one set of activation buffers; rebuild layer l's from Resid[l]
+            if (ws.SharedLayers) ForwardLayer(ws, l, train: true, seed, ropePos, attnScale);
 
             // MLP block: Resid[l+1] = ResidMid + down(silu(gate(xn)) ⊙ up(xn)), xn = RMSNorm(ResidMid)
             _b.RmsNormForward(ws.Xn, ws.Rstd, s.ResidMid, lw.FfnNorm, m, C, c.RmsNormEps); // recompute

@@ -24,6 +24,10 @@ internal sealed class TrainingWorkspace : IDisposable
     public int SeqLen { get; }
     public int M { get; }
     public int ChunkRows { get; }
+    /// <summary>True with activation checkpointing: one set of layer activations, recomputed per layer in the backward.</summary>
+    public bool SharedLayers { get; }
+    /// <summary>Bytes of every buffer this workspace allocated (activations, scratch, LoRA buffers).</summary>
+    public long Bytes => _owned.Sum(t => t.Bytes) + _lora.Values.Sum(e => e.U.Bytes + (e.XDrop?.Bytes ?? 0)) + (LoraG?.Bytes ?? 0);
 
     public Tensor Tokens { get; }     // (M) I32
     public Tensor Targets { get; }    // (M) I32
@@ -82,8 +86,10 @@ internal sealed class TrainingWorkspace : IDisposable
         public required Tensor Up { get; init; }       // (M, F)
     }
 
-    public TrainingWorkspace(IBackend b, LlamaConfig c, int batch, int seqLen, int chunkRows)
+    /// <param name="shareLayerActivations">Activation checkpointing: every ws.Layers[l] is the same set of buffers.</param>
+    public TrainingWorkspace(IBackend b, LlamaConfig c, int batch, int seqLen, int chunkRows, bool shareLayerActivations = false)
     {
+        SharedLayers = shareLayerActivations;
         _b = b;
         Batch = batch;
         SeqLen = seqLen;
@@ -105,6 +111,7 @@ internal sealed class TrainingWorkspace : IDisposable
         Layers = new LayerActivations[c.NumLayers];
         for (int l = 0; l < c.NumLayers; l++)
         {
+            if (shareLayerActivations && l > 0) { Layers[l] = Layers[0]; continue; }
             Layers[l] = new LayerActivations
             {
                 ResidMid = New(DType.F32, $"layer{l}.resid_mid", m, C),
