@@ -8,6 +8,7 @@ public static class Program
     {
         if (args.Length > 0 && args[0] == "quick") { Quick.Run(args); return; }
         if (args.Length > 0 && args[0] == "generate") { GenerationThroughput.Run(args); return; }
+        if (args.Length > 0 && args[0] == "quick-gemm") { Variants.GemmVariants.Run(args); return; }
         if (args.Length > 0 && args[0] == "peers") { Environment.ExitCode = Peers.PeersCommand.Run(args); return; }
         BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);
     }

@@ -11,6 +11,14 @@ internal static class PeersCommand
         switch (what)
         {
             case "gemm": return GemmPeer.Run(args);
+            case "train": return TrainPeer.RunAll(args);
+            case "train-ftn": return TrainPeer.RunFtn(args);
+            case "all":
+                string threads = args.Length > 2 ? args[2] : "2";
+                int g = GemmPeer.Run(new[] { "peers", "gemm", threads });
+                Console.WriteLine();
+                int t = TrainPeer.RunAll(new[] { "peers", "train", threads });
+                return Math.Max(g == 2 ? 0 : g, t);
             default:
                 Console.Error.WriteLine($"peers: unknown mode '{what}' (expected gemm, train, train-ftn or all)");
                 return 1;

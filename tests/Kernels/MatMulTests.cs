@@ -102,6 +102,37 @@ public class MatMulTests
             }
     }
 
+    /// <summary>
+    /// The CPU GEMM's block boundaries (cpu only: the sizes are too big for the simulator): several K slices of at most
+    /// 256 (K=600 → 3 slices of 200), more rows than one packed A block (2040: B is packed once and reused by the
+    /// second row block), more columns than one packed B block (4096), f32 and bf16 weights, every layout.
+    /// </summary>
+    [Theory]
+    [InlineData(2100, 40, 600)]
+    [InlineData(13, 4200, 20)]
+    [InlineData(30, 70, 1030)]
+    public void Cpu_BlockBoundaries_MatchReference(int m, int n, int k)
+    {
+        var b = Backend("cpu");
+        var xd = Rand((long)m * k, 1); var wd = RoundBf16(Rand((long)n * k, 2)); var dyd = Rand((long)m * n, 3);
+        foreach (bool bf16 in new[] { false, true })
+        {
+            using var x = Up(b, xd, m, k);
+            using var w = bf16 ? UpBf16(b, GradCheck.ToFloat(wd), n, k) : Up(b, wd, n, k);
+            using var y = b.Allocate(DType.F32, m, n);
+            b.MatMul(y, x, w, null, m, n, k, false);
+            Close(MatMulReference.Forward(xd, wd, null, m, n, k), y, $"y M={m} N={n} K={k} bf16={bf16}");
+            using var dy = Up(b, dyd, m, n);
+            using var dx = b.Allocate(DType.F32, m, k);
+            b.MatMulBackwardInput(dx, dy, w, m, n, k, false);
+            Close(MatMulReference.BackwardInput(dyd, wd, m, n, k), dx, $"dx M={m} N={n} K={k} bf16={bf16}");
+        }
+        using var dyT = Up(b, dyd, m, n); using var xT = Up(b, xd, m, k);
+        using var dw = b.Allocate(DType.F32, n, k);
+        b.MatMulBackwardWeight(dw, null, dyT, xT, m, n, k);
+        Close(MatMulReference.BackwardWeight(dyd, xd, m, n, k), dw, $"dw M={m} N={n} K={k}");
+    }
+
     [Fact]
     public void ReferenceBackward_MatchesFiniteDifferences()
     {

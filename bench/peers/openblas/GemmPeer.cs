@@ -5,7 +5,7 @@ using FineTuneNative.Kernels.Cpu;
 namespace FineTuneNative.Bench.Peers;
 
 /// <summary>
-/// <c>peers gemm [threads]</c>: ftn's CPU GEMM against OpenBLAS cblas_sgemm on the same buffers, same process, same
+/// <c>peers gemm [threads] [fwd|bwdIn|bwdW|lora|head]</c>: ftn's CPU GEMM against OpenBLAS cblas_sgemm on the same buffers, same process, same
 /// thread count (default 2), interleaved rounds, best time of each. Prints GFLOP/s of both and ftn/OpenBLAS.
 /// </summary>
 /// <remarks>
@@ -30,8 +30,10 @@ internal static unsafe class GemmPeer
         var blas = OpenBlas.TryLoad(out string why);
         if (blas is null) { Console.WriteLine($"peers gemm: SKIPPED - {why}"); return 2; }
         blas.SetThreads(threads);
+        CpuThreads = threads;
         using var be = new CpuBackend(threads);
         Console.WriteLine($"peers gemm: threads={threads}  ftn Vector512={System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated}  OpenBLAS {blas.Path} [{blas.Config}]");
+        if (Environment.GetEnvironmentVariable("FTN_CPUTIME") == "1") Console.WriteLine("timing: process CPU time / threads (FTN_CPUTIME=1)");
         Console.WriteLine($"{"case",-44} {"ftn GF/s",9} {"OpenBLAS",9} {"ratio",6}");
         var rows = new List<Row>();
         void Print(Row r)
@@ -54,6 +56,7 @@ internal static unsafe class GemmPeer
             if (Want("lora")) { Print(LoraFwd(be, blas, m, n, k, r)); Print(LoraBwd(be, blas, m, n, k, r)); }
         foreach (var (m, v, c) in new[] { (512, 49152, 576), (1024, 32000, 288) })
             if (Want("head")) Print(HeadCe(be, blas, m, v, c));
+        if (rows.Count == 0) { Console.WriteLine($"no case matches '{filter}' (fwd, bwdIn, bwdW, lora, head)"); return 1; }
         double geo = Math.Exp(rows.Average(r => Math.Log(r.Ratio)));
         Console.WriteLine($"geometric mean ftn/OpenBLAS over {rows.Count} cases: {geo:F2}");
         return 0;
@@ -163,20 +166,38 @@ internal static unsafe class GemmPeer
     private static float* P(CpuBackend be, Tensor t) => (float*)be.Ptr(t, "t");
 
     /// <summary>
-    /// Alternates ftn and the peer (one warm-up each, then rounds until ~1.2 s each or 15 rounds) and returns the
-    /// best wall time of each. Interleaving keeps a burst of load on the shared machine from favouring one side;
-    /// a 20 ms pause after OpenBLAS lets its OpenMP threads stop spinning before ftn runs.
+    /// Alternates ftn and the peer (one warm-up each, then rounds until ~2.4 s or 15 rounds) and returns the best time
+    /// of each. Interleaving keeps a burst of load on the shared machine from favouring one side; a 20 ms pause after
+    /// OpenBLAS lets its OpenMP threads stop spinning before ftn runs. With FTN_CPUTIME=1 the time is the process CPU
+    /// time divided by the thread count (a per-core rate that survives a loaded machine; meaningful at 1 thread, where
+    /// no OpenMP thread spins).
     /// </summary>
     public static (double Ftn, double Peer) Race(Action ftn, Action peer, double flops)
     {
+        bool cpu = Environment.GetEnvironmentVariable("FTN_CPUTIME") == "1";
+        var proc = Process.GetCurrentProcess();
+        double Once(Action a)
+        {
+            proc.Refresh();
+            var c0 = proc.TotalProcessorTime;
+            var sw = Stopwatch.StartNew();
+            a();
+            double wall = sw.Elapsed.TotalSeconds;
+            if (!cpu) return wall;
+            proc.Refresh();
+            return (proc.TotalProcessorTime - c0).TotalSeconds / CpuThreads;
+        }
         ftn(); peer(); Thread.Sleep(20);
         double bf = double.MaxValue, bp = double.MaxValue, total = 0;
         for (int i = 0; i < 15 && total < 2.4; i++)
         {
-            var sw = Stopwatch.StartNew(); ftn(); double t = sw.Elapsed.TotalSeconds; bf = Math.Min(bf, t); total += t;
-            sw.Restart(); peer(); t = sw.Elapsed.TotalSeconds; bp = Math.Min(bp, t); total += t;
+            double t = Once(ftn); bf = Math.Min(bf, t); total += t;
+            t = Once(peer); bp = Math.Min(bp, t); total += t;
             Thread.Sleep(20);
         }
         return (bf, bp);
     }
+
+    /// <summary>Threads both sides run with (for the CPU-time mode).</summary>
+    public static int CpuThreads { get; private set; } = 1;
 }

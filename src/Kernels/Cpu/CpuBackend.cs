@@ -125,6 +125,7 @@ public sealed unsafe partial class CpuBackend : IBackend
         _scratch = null;
         if (_attnD != null) NativeMemory.AlignedFree(_attnD);
         _attnD = null;
+        FreeGemmBuffers();
     }
 
     // ---------------------------------------------------------------- validation and pointers

@@ -1,6 +1,7 @@
 using System.Numerics.Tensors;
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 
 namespace FineTuneNative.Kernels.Cpu;
 
@@ -12,21 +13,30 @@ namespace FineTuneNative.Kernels.Cpu;
 /// op(A)(i,p) = aTrans ? A[p·lda + i] : A[i·lda + p] (f32); op(B)(p,j) = bTrans ? B[j·ldb + p] : B[p·ldb + j]
 /// (f32 or bf16, converted while packing). The three nn.Linear products map onto it as
 /// forward y = x·Wᵀ (bTrans), input gradient dx = dy·W, weight gradient dW += dyᵀ·x (aTrans).
-/// Loop nest: tasks = (column block of NC) × (row chunk); per task, for each KC slice, B is packed once into
-/// NR-wide panels and reused by every MC block of A packed into MR-tall panels; the MR×NR micro-kernel keeps
-/// its tile of C in registers (12 Vector512 accumulators, or 12 Vector256 without AVX-512).
-/// KC = 128 keeps one B micro-panel (128·32·4 B = 16 KiB) in a 32 KiB L1 next to the A micro-panel.
+/// Loop nest (variant 2, see bench/Variants/README.md): for each column block (NBlock) and depth slice (K split
+/// evenly into slices of at most KCMax), B is packed ONCE into NR-wide panels shared by all threads; for each row
+/// block (MBlock) A is packed once into MR-tall panels (packing is one parallel pass, B and A panels as tasks);
+/// then the threads take (TileRows × TileCols) tiles of C. Inside a tile the A micro-panel (MR·kc floats) stays
+/// in L1 while the B micro-panels stream from L2; the 12×32 micro-kernel keeps its C tile in 24 Vector512
+/// registers (8 for A-broadcast/B loads left of the 32) and broadcasts A from memory.
+/// Without AVX-512 the micro-kernel is 6×16 on Vector256 (12 accumulators of the 16 ymm registers).
 /// </remarks>
 internal static unsafe class Gemm
 {
-    public const int MR = 6;
-    public static readonly int NR = Vector512.IsHardwareAccelerated ? 32 : 16;
-    public const int KC = 128;
-    public const int MC = 96;
-    public const int NCMax = 256;
+    public static readonly bool Wide = Vector512.IsHardwareAccelerated;
+    public static readonly int MR = Wide ? 12 : 6;
+    public static readonly int NR = Wide ? 32 : 16;
+    /// <summary>Deepest K slice: 256 keeps the A micro-panel (12·256·4 B = 12 KiB) in L1 with room for B lines.</summary>
+    public const int KCMax = 256;
+    /// <summary>Rows of A packed at once (2 MiB at KC 256).</summary>
+    public const int MBlock = 2040;
+    /// <summary>Columns of B packed at once (4 MiB at KC 256): the LM head's 49152 columns go in 12 blocks.</summary>
+    public const int NBlock = 4096;
+    /// <summary>Columns of a compute tile: its B (kc·256·4 B = 256 KiB) stays in the 1 MiB L2 across the tile's rows.</summary>
+    public const int TileCols = 256;
 
-    /// <summary>Floats of per-thread scratch one GEMM needs.</summary>
-    public static long ScratchFloats(int k) => (long)MC * KC + (long)KC * (NCMax + 32) + MR * 32 + Math.Max(k, 1) + 64;
+    /// <summary>Floats of per-thread scratch one GEMM needs (edge tile, small-M paths).</summary>
+    public static long ScratchFloats(int k) => 16 * 64 + Math.Max(k, 1) + 64;
 
     private struct Ctx
     {
@@ -35,6 +45,13 @@ internal static unsafe class Gemm
         public float* C; public long Ldc;
         public float Alpha; public bool Accumulate; public float* Bias;
         public int M, N, K;
+        // the block being worked on
+        public int Jc, Nc, Pc, Kc, Ic, Mc;
+        public bool Beta; public float* BiasNow;
+        public float* Ap, Bp;
+        public int APanels, BPanels, PanelsPerTask, APackTasks, BPackTasks;
+        public int TileRows, TileColsNow, TilesM, TilesN;
+        // small-M paths
         public int NC, NBlocks, ChunkRows;
         public float* Scratch; public long ScratchStride;
     }
@@ -74,17 +91,50 @@ internal static unsafe class Gemm
             be.Pool.For(ctx.NBlocks, &SmallMAxpyBody, &ctx);
             return;
         }
-        int nr = NR;
-        int nBlocks = (n + NCMax - 1) / NCMax;
-        int nc = RoundUp((n + nBlocks - 1) / nBlocks, nr);
-        nBlocks = (n + nc - 1) / nc;
-        int want = Math.Max(1, (4 * threads + nBlocks - 1) / nBlocks);
-        int mChunks = Math.Min(want, (m + MR - 1) / MR);
-        if (threads == 1) mChunks = 1;
-        int chunkRows = RoundUp((m + mChunks - 1) / mChunks, MR);
-        mChunks = (m + chunkRows - 1) / chunkRows;
-        ctx.NC = nc; ctx.NBlocks = nBlocks; ctx.ChunkRows = chunkRows;
-        be.Pool.For(nBlocks * mChunks, &TaskBody, &ctx);
+        int mr = MR, nr = NR;
+        int slices = (k + KCMax - 1) / KCMax;
+        int kcs = (k + slices - 1) / slices;
+        int ncMax = Math.Min(RoundUp(n, nr), NBlock);
+        int mcMax = Math.Min(RoundUp(m, mr), MBlock);
+        be.GemmBuffers((long)mcMax * kcs, (long)RoundUp(ncMax, nr) * kcs, out ctx.Ap, out ctx.Bp);
+        for (int jc = 0; jc < n; jc += NBlock)
+        {
+            int nc = Math.Min(NBlock, n - jc);
+            for (int pc = 0; pc < k; pc += kcs)
+            {
+                int kc = Math.Min(kcs, k - pc);
+                ctx.Jc = jc; ctx.Nc = nc; ctx.Pc = pc; ctx.Kc = kc;
+                ctx.Beta = pc > 0 || accumulate;
+                ctx.BiasNow = pc == 0 ? bias : null;
+                ctx.BPanels = (nc + nr - 1) / nr;
+                bool packB = true;
+                for (int ic = 0; ic < m; ic += MBlock)
+                {
+                    int mc = Math.Min(MBlock, m - ic);
+                    ctx.Ic = ic; ctx.Mc = mc;
+                    ctx.APanels = (mc + mr - 1) / mr;
+                    // packing: one pass, A panel groups then B panel groups (B only with the first row block)
+                    ctx.PanelsPerTask = 4;
+                    ctx.APackTasks = (ctx.APanels + 3) / 4;
+                    ctx.BPackTasks = packB ? (ctx.BPanels + 3) / 4 : 0;
+                    be.Pool.For(ctx.APackTasks + ctx.BPackTasks, &PackBody, &ctx);
+                    packB = false;
+                    // compute tiles: enough of them for the threads to balance, each at most TileCols wide
+                    int colsPad = ctx.BPanels * nr;
+                    int tn = Math.Min(TileCols, colsPad);
+                    int tilesN = (colsPad + tn - 1) / tn;
+                    int rowPanels = ctx.APanels;
+                    int wantM = Math.Max(1, (4 * threads + tilesN - 1) / tilesN);
+                    int tileRowPanels = Math.Max(1, Math.Min((rowPanels + wantM - 1) / wantM, 8));
+                    if (threads == 1) tileRowPanels = Math.Min(rowPanels, 8);
+                    ctx.TileRows = tileRowPanels * mr;
+                    ctx.TilesM = (rowPanels + tileRowPanels - 1) / tileRowPanels;
+                    ctx.TileColsNow = tn;
+                    ctx.TilesN = tilesN;
+                    be.Pool.For(ctx.TilesM * ctx.TilesN, &TileBody, &ctx);
+                }
+            }
+        }
     }
 
     private static int RoundUp(int x, int r) => (x + r - 1) / r * r;
@@ -144,162 +194,230 @@ internal static unsafe class Gemm
         }
     }
 
-    private static void TaskBody(void* p, int task, int worker)
+    private static void PackBody(void* p, int task, int worker)
     {
         var x = (Ctx*)p;
-        int nr = NR;
-        int jb = task % x->NBlocks, mb = task / x->NBlocks;
-        int jc = jb * x->NC, nc = Math.Min(x->NC, x->N - jc);
-        int i0 = mb * x->ChunkRows, i1 = Math.Min(x->M, i0 + x->ChunkRows);
-        float* ap = x->Scratch + worker * x->ScratchStride;
-        float* bp = ap + MC * KC;
-        float* tile = bp + KC * (NCMax + 32);
-        for (int pc = 0; pc < x->K; pc += KC)
+        int per = x->PanelsPerTask;
+        if (task < x->APackTasks)
         {
-            int kc = Math.Min(KC, x->K - pc);
-            PackB(x, bp, pc, kc, jc, nc, nr);
-            bool beta = pc > 0 || x->Accumulate;
-            float* bias = pc == 0 ? x->Bias : null;
-            for (int ic = i0; ic < i1; ic += MC)
-            {
-                int mc = Math.Min(MC, i1 - ic);
-                PackA(x, ap, ic, mc, pc, kc);
-                for (int jr = 0; jr < nc; jr += nr)
-                {
-                    int nv = Math.Min(nr, nc - jr);
-                    float* bPanel = bp + jr * kc;
-                    float* biasJ = bias != null ? bias + jc + jr : null;
-                    for (int ir = 0; ir < mc; ir += MR)
-                    {
-                        int mv = Math.Min(MR, mc - ir);
-                        float* cTile = x->C + (ic + ir) * x->Ldc + jc + jr;
-                        if (nr == 32) Kernel512(kc, ap + ir * kc, bPanel, cTile, x->Ldc, x->Alpha, beta, biasJ, mv, nv, tile);
-                        else Kernel256(kc, ap + ir * kc, bPanel, cTile, x->Ldc, x->Alpha, beta, biasJ, mv, nv, tile);
-                    }
-                }
-            }
+            int p0 = task * per, p1 = Math.Min(x->APanels, p0 + per);
+            for (int panel = p0; panel < p1; panel++) PackAPanel(x, panel);
+        }
+        else
+        {
+            int p0 = (task - x->APackTasks) * per, p1 = Math.Min(x->BPanels, p0 + per);
+            for (int panel = p0; panel < p1; panel++) PackBPanel(x, panel);
         }
     }
 
-    /// <summary>A[ic:ic+mc, pc:pc+kc] into MR-tall panels, p-major inside a panel, zero rows past the edge.</summary>
-    private static void PackA(Ctx* x, float* ap, int ic, int mc, int pc, int kc)
+    /// <summary>Rows [Ic + panel·MR, +MR) of op(A), depth [Pc, Pc+Kc), p-major inside the panel, zero rows past M.</summary>
+    private static void PackAPanel(Ctx* x, int panel)
     {
-        for (int ir = 0; ir < mc; ir += MR)
+        int mr = MR, kc = x->Kc;
+        int i0 = x->Ic + panel * mr;
+        int mv = Math.Min(mr, x->Ic + x->Mc - i0);
+        float* dst = x->Ap + (long)panel * mr * kc;
+        if (!x->ATrans)
         {
-            int mv = Math.Min(MR, mc - ir);
-            float* dst = ap + ir * kc;
-            if (!x->ATrans)
+            // A transpose. The MR source rows are read a 16-float line at a time, all MR lines of a block first (MR
+            // misses in flight instead of one row's stream at a time: the row-by-row loop was memory-latency bound,
+            // ~15% of a 4096×576×576 product), through a 16×MR tile on the stack that stays in L1.
+            float* t = stackalloc float[16 * 16];
+            int q0 = 0;
+            if (Vector512.IsHardwareAccelerated && mv == mr)
             {
-                for (int r = 0; r < mv; r++)
+                for (; q0 + 16 <= kc; q0 += 16)
                 {
-                    float* src = x->A + (ic + ir + r) * x->Lda + pc;
-                    for (int q = 0; q < kc; q++) dst[q * MR + r] = src[q];
+                    for (int r = 0; r < mr; r++) Vector512.Load(x->A + (i0 + r) * x->Lda + x->Pc + q0).Store(t + r * 16);
+                    float* d = dst + q0 * mr;
+                    for (int q = 0; q < 16; q++)
+                        for (int r = 0; r < mr; r++) d[q * mr + r] = t[r * 16 + q];
                 }
-                for (int r = mv; r < MR; r++)
-                    for (int q = 0; q < kc; q++) dst[q * MR + r] = 0f;
             }
-            else
+            for (int r = 0; r < mv; r++)
             {
-                for (int q = 0; q < kc; q++)
-                {
-                    float* src = x->A + (pc + q) * x->Lda + ic + ir;
-                    float* d = dst + q * MR;
-                    int r = 0;
-                    for (; r < mv; r++) d[r] = src[r];
-                    for (; r < MR; r++) d[r] = 0f;
-                }
+                float* src = x->A + (i0 + r) * x->Lda + x->Pc;
+                for (int q = q0; q < kc; q++) dst[q * mr + r] = src[q];
+            }
+            for (int r = mv; r < mr; r++)
+                for (int q = q0; q < kc; q++) dst[q * mr + r] = 0f;
+        }
+        else
+        {
+            for (int q = 0; q < kc; q++)
+            {
+                float* src = x->A + (x->Pc + q) * x->Lda + i0;
+                float* d = dst + q * mr;
+                int r = 0;
+                for (; r < mv; r++) d[r] = src[r];
+                for (; r < mr; r++) d[r] = 0f;
             }
         }
     }
 
-    /// <summary>B[pc:pc+kc, jc:jc+nc] into NR-wide panels, p-major inside a panel, zero columns past the edge.</summary>
-    private static void PackB(Ctx* x, float* bp, int pc, int kc, int jc, int nc, int nr)
+    /// <summary>Columns [Jc + panel·NR, +NR) of op(B), depth [Pc, Pc+Kc), p-major inside the panel, zero columns past N.</summary>
+    private static void PackBPanel(Ctx* x, int panel)
     {
-        for (int jr = 0; jr < nc; jr += nr)
+        int nr = NR, kc = x->Kc;
+        int j0 = x->Jc + panel * nr;
+        int nv = Math.Min(nr, x->Jc + x->Nc - j0);
+        float* dst = x->Bp + (long)panel * nr * kc;
+        if (!x->BTrans)
         {
-            int nv = Math.Min(nr, nc - jr);
-            float* dst = bp + jr * kc;
-            if (!x->BTrans)
+            for (int q = 0; q < kc; q++)
             {
-                for (int q = 0; q < kc; q++)
+                long off = (x->Pc + q) * x->Ldb + j0;
+                float* d = dst + q * nr;
+                if (x->BBf16) HalfConvert.Bf16ToF32((ushort*)x->B + off, d, nv);
+                else Buffer.MemoryCopy((float*)x->B + off, d, nv * 4, nv * 4);
+                for (int cc = nv; cc < nr; cc++) d[cc] = 0f;
+            }
+        }
+        else
+        {
+            // A transpose, q in blocks of 16: the NR source lines of a block are loaded first (NR misses in flight) into
+            // an NR×16 tile on the stack, then written transposed into the 16 rows of the panel, all in L1. Column by
+            // column over the whole depth (v2) revisited a kc·128 B panel NR times and was latency bound.
+            if (nv < nr) new Span<float>(dst, kc * nr).Clear();
+            float* t = stackalloc float[32 * 16];
+            int q0 = 0;
+            if (Vector512.IsHardwareAccelerated)
+            {
+                for (; q0 + 16 <= kc; q0 += 16)
                 {
-                    long off = (pc + q) * x->Ldb + jc + jr;
-                    float* d = dst + q * nr;
-                    if (x->BBf16) HalfConvert.Bf16ToF32((ushort*)x->B + off, d, nv);
-                    else Buffer.MemoryCopy((float*)x->B + off, d, nv * 4, nv * 4);
-                    for (int cc = nv; cc < nr; cc++) d[cc] = 0f;
+                    for (int cc = 0; cc < nv; cc++)
+                    {
+                        long off = (j0 + cc) * x->Ldb + x->Pc + q0;
+                        if (x->BBf16)
+                        {
+                            var (lo, hi) = Vector256.Widen(Vector256.Load((ushort*)x->B + off));
+                            Vector512.ShiftLeft(Vector512.Create(lo, hi), 16).AsSingle().Store(t + cc * 16);
+                        }
+                        else Vector512.Load((float*)x->B + off).Store(t + cc * 16);
+                    }
+                    float* d = dst + q0 * nr;
+                    for (int q = 0; q < 16; q++)
+                        for (int cc = 0; cc < nv; cc++) d[q * nr + cc] = t[cc * 16 + q];
                 }
             }
-            else
+            for (int cc = 0; cc < nv; cc++)
             {
-                if (nv < nr) new Span<float>(dst, kc * nr).Clear();
-                for (int cc = 0; cc < nv; cc++)
+                long off = (j0 + cc) * x->Ldb + x->Pc;
+                float* d = dst + cc;
+                if (x->BBf16)
                 {
-                    long off = (jc + jr + cc) * x->Ldb + pc;
-                    if (x->BBf16)
-                    {
-                        ushort* src = (ushort*)x->B + off;
-                        for (int q = 0; q < kc; q++) dst[q * nr + cc] = BitConverter.Int32BitsToSingle(src[q] << 16);
-                    }
-                    else
-                    {
-                        float* src = (float*)x->B + off;
-                        for (int q = 0; q < kc; q++) dst[q * nr + cc] = src[q];
-                    }
+                    ushort* src = (ushort*)x->B + off;
+                    for (int q = q0; q < kc; q++) d[q * nr] = BitConverter.Int32BitsToSingle(src[q] << 16);
+                }
+                else
+                {
+                    float* src = (float*)x->B + off;
+                    for (int q = q0; q < kc; q++) d[q * nr] = src[q];
                 }
             }
         }
     }
 
+    private static void TileBody(void* p, int task, int worker)
+    {
+        var x = (Ctx*)p;
+        int mr = MR, nr = NR, kc = x->Kc;
+        int tm = task / x->TilesN, tn = task % x->TilesN;
+        int r0 = tm * x->TileRows, r1 = Math.Min(x->Mc, r0 + x->TileRows);
+        int c0 = tn * x->TileColsNow, c1 = Math.Min(x->Nc, c0 + x->TileColsNow);
+        float* tile = x->Scratch + worker * x->ScratchStride;
+        float alpha = x->Alpha;
+        bool beta = x->Beta;
+        for (int ir = r0; ir < r1; ir += mr)
+        {
+            int mv = Math.Min(mr, r1 - ir);
+            float* aPanel = x->Ap + (long)(ir / mr) * mr * kc;
+            float* cRow = x->C + (x->Ic + ir) * x->Ldc + x->Jc;
+            for (int jr = c0; jr < c1; jr += nr)
+            {
+                int nv = Math.Min(nr, c1 - jr);
+                float* bPanel = x->Bp + (long)(jr / nr) * nr * kc;
+                float* biasJ = x->BiasNow != null ? x->BiasNow + x->Jc + jr : null;
+                if (Wide) Kernel512(kc, aPanel, bPanel, cRow + jr, x->Ldc, alpha, beta, biasJ, mv, nv, tile);
+                else Kernel256(kc, aPanel, bPanel, cRow + jr, x->Ldc, alpha, beta, biasJ, mv, nv, tile);
+            }
+        }
+    }
+
+    /// <summary>12×32 tile: C[0..12, 0..32] (+)= alpha·Σ_q a[q·12 + r]·b[q·32 + j] [+ bias].</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Kernel512(int kc, float* a, float* b, float* c, long ldc, float alpha, bool beta, float* bias, int mv, int nv, float* tile)
     {
         Vector512<float> c00 = default, c01 = default, c10 = default, c11 = default, c20 = default, c21 = default,
-            c30 = default, c31 = default, c40 = default, c41 = default, c50 = default, c51 = default;
+            c30 = default, c31 = default, c40 = default, c41 = default, c50 = default, c51 = default,
+            c60 = default, c61 = default, c70 = default, c71 = default, c80 = default, c81 = default,
+            c90 = default, c91 = default, ca0 = default, ca1 = default, cb0 = default, cb1 = default;
         for (int q = 0; q < kc; q++)
         {
             var b0 = Vector512.Load(b);
             var b1 = Vector512.Load(b + 16);
-            var a0 = Vector512.Create(a[0]);
-            c00 = Vector512.FusedMultiplyAdd(a0, b0, c00); c01 = Vector512.FusedMultiplyAdd(a0, b1, c01);
-            var a1 = Vector512.Create(a[1]);
-            c10 = Vector512.FusedMultiplyAdd(a1, b0, c10); c11 = Vector512.FusedMultiplyAdd(a1, b1, c11);
-            var a2 = Vector512.Create(a[2]);
-            c20 = Vector512.FusedMultiplyAdd(a2, b0, c20); c21 = Vector512.FusedMultiplyAdd(a2, b1, c21);
-            var a3 = Vector512.Create(a[3]);
-            c30 = Vector512.FusedMultiplyAdd(a3, b0, c30); c31 = Vector512.FusedMultiplyAdd(a3, b1, c31);
-            var a4 = Vector512.Create(a[4]);
-            c40 = Vector512.FusedMultiplyAdd(a4, b0, c40); c41 = Vector512.FusedMultiplyAdd(a4, b1, c41);
-            var a5 = Vector512.Create(a[5]);
-            c50 = Vector512.FusedMultiplyAdd(a5, b0, c50); c51 = Vector512.FusedMultiplyAdd(a5, b1, c51);
-            a += MR; b += 32;
+            var av = Vector512.Create(a[0]);
+            c00 = Vector512.FusedMultiplyAdd(av, b0, c00); c01 = Vector512.FusedMultiplyAdd(av, b1, c01);
+            av = Vector512.Create(a[1]);
+            c10 = Vector512.FusedMultiplyAdd(av, b0, c10); c11 = Vector512.FusedMultiplyAdd(av, b1, c11);
+            av = Vector512.Create(a[2]);
+            c20 = Vector512.FusedMultiplyAdd(av, b0, c20); c21 = Vector512.FusedMultiplyAdd(av, b1, c21);
+            av = Vector512.Create(a[3]);
+            c30 = Vector512.FusedMultiplyAdd(av, b0, c30); c31 = Vector512.FusedMultiplyAdd(av, b1, c31);
+            av = Vector512.Create(a[4]);
+            c40 = Vector512.FusedMultiplyAdd(av, b0, c40); c41 = Vector512.FusedMultiplyAdd(av, b1, c41);
+            av = Vector512.Create(a[5]);
+            c50 = Vector512.FusedMultiplyAdd(av, b0, c50); c51 = Vector512.FusedMultiplyAdd(av, b1, c51);
+            av = Vector512.Create(a[6]);
+            c60 = Vector512.FusedMultiplyAdd(av, b0, c60); c61 = Vector512.FusedMultiplyAdd(av, b1, c61);
+            av = Vector512.Create(a[7]);
+            c70 = Vector512.FusedMultiplyAdd(av, b0, c70); c71 = Vector512.FusedMultiplyAdd(av, b1, c71);
+            av = Vector512.Create(a[8]);
+            c80 = Vector512.FusedMultiplyAdd(av, b0, c80); c81 = Vector512.FusedMultiplyAdd(av, b1, c81);
+            av = Vector512.Create(a[9]);
+            c90 = Vector512.FusedMultiplyAdd(av, b0, c90); c91 = Vector512.FusedMultiplyAdd(av, b1, c91);
+            av = Vector512.Create(a[10]);
+            ca0 = Vector512.FusedMultiplyAdd(av, b0, ca0); ca1 = Vector512.FusedMultiplyAdd(av, b1, ca1);
+            av = Vector512.Create(a[11]);
+            cb0 = Vector512.FusedMultiplyAdd(av, b0, cb0); cb1 = Vector512.FusedMultiplyAdd(av, b1, cb1);
+            a += 12; b += 32;
         }
-        if (mv == MR && nv == 32)
+        if (mv == 12 && nv == 32)
         {
-            Store512(c, c00, c01, alpha, beta, bias);
-            Store512(c + ldc, c10, c11, alpha, beta, bias);
-            Store512(c + 2 * ldc, c20, c21, alpha, beta, bias);
-            Store512(c + 3 * ldc, c30, c31, alpha, beta, bias);
-            Store512(c + 4 * ldc, c40, c41, alpha, beta, bias);
-            Store512(c + 5 * ldc, c50, c51, alpha, beta, bias);
+            var al = Vector512.Create(alpha);
+            Store512(c, c00, c01, al, beta, bias);
+            Store512(c + ldc, c10, c11, al, beta, bias);
+            Store512(c + 2 * ldc, c20, c21, al, beta, bias);
+            Store512(c + 3 * ldc, c30, c31, al, beta, bias);
+            Store512(c + 4 * ldc, c40, c41, al, beta, bias);
+            Store512(c + 5 * ldc, c50, c51, al, beta, bias);
+            Store512(c + 6 * ldc, c60, c61, al, beta, bias);
+            Store512(c + 7 * ldc, c70, c71, al, beta, bias);
+            Store512(c + 8 * ldc, c80, c81, al, beta, bias);
+            Store512(c + 9 * ldc, c90, c91, al, beta, bias);
+            Store512(c + 10 * ldc, ca0, ca1, al, beta, bias);
+            Store512(c + 11 * ldc, cb0, cb1, al, beta, bias);
             return;
         }
         c00.Store(tile); c01.Store(tile + 16); c10.Store(tile + 32); c11.Store(tile + 48);
         c20.Store(tile + 64); c21.Store(tile + 80); c30.Store(tile + 96); c31.Store(tile + 112);
         c40.Store(tile + 128); c41.Store(tile + 144); c50.Store(tile + 160); c51.Store(tile + 176);
+        c60.Store(tile + 192); c61.Store(tile + 208); c70.Store(tile + 224); c71.Store(tile + 240);
+        c80.Store(tile + 256); c81.Store(tile + 272); c90.Store(tile + 288); c91.Store(tile + 304);
+        ca0.Store(tile + 320); ca1.Store(tile + 336); cb0.Store(tile + 352); cb1.Store(tile + 368);
         StoreEdge(tile, 32, c, ldc, alpha, beta, bias, mv, nv);
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Store512(float* c, Vector512<float> v0, Vector512<float> v1, float alpha, bool beta, float* bias)
+    private static void Store512(float* c, Vector512<float> v0, Vector512<float> v1, Vector512<float> al, bool beta, float* bias)
     {
-        var al = Vector512.Create(alpha);
         v0 *= al; v1 *= al;
         if (beta) { v0 += Vector512.Load(c); v1 += Vector512.Load(c + 16); }
         if (bias != null) { v0 += Vector512.Load(bias); v1 += Vector512.Load(bias + 16); }
         v0.Store(c); v1.Store(c + 16);
     }
 
+    /// <summary>6×16 tile on Vector256 (no AVX-512): 12 accumulators of the 16 ymm registers.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Kernel256(int kc, float* a, float* b, float* c, long ldc, float alpha, bool beta, float* bias, int mv, int nv, float* tile)
     {
@@ -321,7 +439,7 @@ internal static unsafe class Gemm
             c40 = Vector256.FusedMultiplyAdd(a4, b0, c40); c41 = Vector256.FusedMultiplyAdd(a4, b1, c41);
             var a5 = Vector256.Create(a[5]);
             c50 = Vector256.FusedMultiplyAdd(a5, b0, c50); c51 = Vector256.FusedMultiplyAdd(a5, b1, c51);
-            a += MR; b += 16;
+            a += 6; b += 16;
         }
         c00.Store(tile); c01.Store(tile + 8); c10.Store(tile + 16); c11.Store(tile + 24);
         c20.Store(tile + 32); c21.Store(tile + 40); c30.Store(tile + 48); c31.Store(tile + 56);

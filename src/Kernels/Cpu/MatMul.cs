@@ -77,3 +77,39 @@ public sealed unsafe partial class CpuBackend
         for (int j = 0; j < nj; j++) x->Dst[j0 + j] += x->Alpha * acc[j];
     }
 }
+
+// The packed-panel buffers of the GEMM, shared by the pool's threads (ops run one at a time per backend).
+public sealed unsafe partial class CpuBackend
+{
+    private float* _gemmA, _gemmB;
+    private long _gemmACap, _gemmBCap;
+
+    /// <summary>Packed A (aFloats) and packed B (bFloats) buffers; grow once, then reused by every GEMM.</summary>
+    internal void GemmBuffers(long aFloats, long bFloats, out float* a, out float* b)
+    {
+        if (aFloats > _gemmACap)
+        {
+            if (_gemmA != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_gemmA);
+            _gemmA = null;
+            _gemmA = (float*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)(aFloats * 4 + 256), 64);
+            _gemmACap = aFloats;
+        }
+        if (bFloats > _gemmBCap)
+        {
+            if (_gemmB != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_gemmB);
+            _gemmB = null;
+            _gemmB = (float*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)(bFloats * 4 + 256), 64);
+            _gemmBCap = bFloats;
+        }
+        a = _gemmA;
+        b = _gemmB;
+    }
+
+    private void FreeGemmBuffers()
+    {
+        if (_gemmA != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_gemmA);
+        if (_gemmB != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_gemmB);
+        _gemmA = _gemmB = null;
+        _gemmACap = _gemmBCap = 0;
+    }
+}
