@@ -61,7 +61,7 @@ public sealed class IlgpuBackend : IBackend
             throw new InvalidOperationException("device 'cuda': no CUDA device found (no NVIDIA GPU or no CUDA driver); use --device cpu");
         if (device < 0 || device >= count)
             throw new ArgumentOutOfRangeException(nameof(device), $"device 'cuda:{device}': there are {count} CUDA device(s) (0..{count - 1})");
-        var context = Context.Create(b => b.Cuda().Math(MathMode.Default).EnableAlgorithms());
+        var context = Context.Create(b => b.Cuda().Math(MathMode.Default).EnableAlgorithms().Profiling()); // profiling: device-event timing (bench gpu)
         try
         {
             var accelerator = context.GetCudaDevice(device).CreateCudaAccelerator(context);
@@ -125,6 +125,15 @@ public sealed class IlgpuBackend : IBackend
     /// kernel's scalar path directly).
     /// </summary>
     internal bool TensorCores { get; }
+
+    /// <summary>The accelerator's device name.</summary>
+    public string DeviceName => Accelerator.Name;
+
+    /// <summary>A device event on the stream (CUDA: cuEventRecord), for timing kernels without host synchronization.</summary>
+    internal ProfilingMarker Marker()
+    {
+        lock (_gate) return Stream.AddProfilingMarker();
+    }
 
     /// <summary>Threads per group for one-group-per-row kernels: a multiple of the warp size.</summary>
     internal int RowGroupSize => Accelerator.AcceleratorType == AcceleratorType.CPU

@@ -81,7 +81,7 @@ internal sealed class LoraLinearKernels
         {
             // y = x·Wᵀ + bias + s·u·Bᵀ in one tensor-core launch: the rank-r term is added in the epilogue
             // instead of a second pass reading and writing y.
-            var t = MatMulTensorCoreKernels.From(p);
+            var t = MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(p), x, w, w.DType == DType.F16);
             t.LoraRank = r;
             t.Slj = r;
             t.Slq = 1;
@@ -129,7 +129,7 @@ internal sealed class LoraLinearKernels
         if (tc is not null)
         {
             // dx (+)= dy·W + s·mask⊙(g·A)/(1-p) in one tensor-core launch (A(r, j) = a[r·K + j] in the epilogue).
-            var t = MatMulTensorCoreKernels.From(MatMulKernels.Nn(m, k, n, 1f, accumulate));
+            var t = MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(MatMulKernels.Nn(m, k, n, 1f, accumulate)), dy, w, w.DType == DType.F16);
             t.LoraRank = r;
             t.Slj = 1;
             t.Slq = k;

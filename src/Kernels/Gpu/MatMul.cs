@@ -166,7 +166,7 @@ internal sealed class MatMulKernels
         var tc = TensorCoreFor(w.DType);
         if (tc is not null)
             tc.Launch(w.DType == DType.F16, _b.Floats(x, "x"), _b.Weight(w, "w"), _b.F32(y, "y"), bias is null ? None : _b.Floats(bias, "bias"),
-                ArrayView<float>.Empty, None, MatMulTensorCoreKernels.From(p));
+                ArrayView<float>.Empty, None, MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(p), x, w, w.DType == DType.F16));
         else Launch(_b.F32(x, "x"), _b.Weight(w, "w"), _b.F32(y, "y"), bias is null ? None : _b.Floats(bias, "bias"), p);
     }
 
@@ -181,7 +181,7 @@ internal sealed class MatMulKernels
         var tc = TensorCoreFor(w.DType);
         if (tc is not null)
             tc.Launch(w.DType == DType.F16, _b.Floats(dy, "dy"), _b.Weight(w, "w"), _b.F32(dx, "dx"), None, ArrayView<float>.Empty, None,
-                MatMulTensorCoreKernels.From(Nn(m, k, n, 1f, accumulate)));
+                MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(Nn(m, k, n, 1f, accumulate)), dy, w, w.DType == DType.F16));
         else Launch(_b.F32(dy, "dy"), _b.Weight(w, "w"), _b.F32(dx, "dx"), None, Nn(m, k, n, 1f, accumulate));
     }
 

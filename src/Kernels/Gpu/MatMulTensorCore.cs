@@ -21,6 +21,8 @@ public struct TensorCoreArgs
     public long Sai, Sar, Sbj, Sbr;
     public float Alpha;
     public int Accumulate, HasBias;
+    /// <summary>1 when runs of 4 along k of A (of B) may be read with one 16-byte (f32) or 8-byte (16-bit) load: see <see cref="MatMulTensorCoreKernels.CanVectorize"/>.</summary>
+    public int VecA, VecB;
     /// <summary>Rank of the low-rank term added in the epilogue (0: none).</summary>
     public int LoraRank;
     public long Slj, Slq;
@@ -49,6 +51,12 @@ public struct F16Operand : IMmaOperand
     public static bool IsF16 => true;
 }
 
+/// <summary>Four f32 read as one 16-byte vector load.</summary>
+public struct Float4
+{
+    public float X, Y, Z, W;
+}
+
 /// <summary>One m16n8 accumulator fragment of a lane (see <see cref="MmaLayout"/> for which elements).</summary>
 public struct MmaFrag
 {
@@ -64,6 +72,7 @@ public struct MmaStrip
 /// <summary>Sixteen 16-bit operands of one thread's share of a 128×32 tile, packed in pairs, held while the previous tile is multiplied.</summary>
 public struct MmaStage
 {
+    // (one comment for the layout: U0/U1 hold run 0's four 16-bit values, U2/U3 run 1's, and so on)
     public uint U0, U1, U2, U3, U4, U5, U6, U7;
 }
 
@@ -155,8 +164,8 @@ internal sealed class MatMulTensorCoreKernels
         var acc2 = default(MmaStrip);
         var acc3 = default(MmaStrip);
 
-        var stA = LoadTile<TOp>(a, p.Sai, p.Sar, bi, p.M, 0, p.R, tid);
-        var stB = LoadTile<TOp>(b, p.Sbj, p.Sbr, bj, p.N, 0, p.R, tid);
+        var stA = LoadTile<TOp>(a, p.Sai, p.Sar, bi, p.M, 0, p.R, tid, p.VecA);
+        var stB = LoadTile<TOp>(b, p.Sbj, p.Sbr, bj, p.N, 0, p.R, tid, p.VecB);
         StoreTile(sm, 0, stA, p.Sar == 1, tid);
         StoreTile(sm, TileElems, stB, p.Sbr == 1, tid);
         Group.Barrier();
@@ -168,8 +177,8 @@ internal sealed class MatMulTensorCoreKernels
             bool more = s + 1 < steps;
             if (more)
             {
-                stA = LoadTile<TOp>(a, p.Sai, p.Sar, bi, p.M, (s + 1) * BK, p.R, tid);
-                stB = LoadTile<TOp>(b, p.Sbj, p.Sbr, bj, p.N, (s + 1) * BK, p.R, tid);
+                stA = LoadTile<TOp>(a, p.Sai, p.Sar, bi, p.M, (s + 1) * BK, p.R, tid, p.VecA);
+                stB = LoadTile<TOp>(b, p.Sbj, p.Sbr, bj, p.N, (s + 1) * BK, p.R, tid, p.VecB);
             }
             for (int k16 = 0; k16 < BK; k16 += 16)
             {
@@ -229,9 +238,11 @@ internal sealed class MatMulTensorCoreKernels
     {
         if (!TOp.IsF16 && v.Kind == DeviceFloats.KindBF16) return v.U16[i];
         if (TOp.IsF16 && v.Kind == DeviceFloats.KindF16) return v.U16[i];
-        float x = v.Load(i);
-        return TOp.IsF16 ? HalfMath.F32ToF16(x) : HalfMath.F32ToBf16(x);
+        return Round<TOp>(v.Load(i));
     }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static uint Round<TOp>(float x) where TOp : struct, IMmaOperand => TOp.IsF16 ? HalfMath.F32ToF16(x) : HalfMath.F32ToBf16(x);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static uint Pair<TOp>(DeviceFloats v, long i0, long step, bool in0, bool in1) where TOp : struct, IMmaOperand
@@ -241,7 +252,7 @@ internal sealed class MatMulTensorCoreKernels
     /// This thread's 16 elements of the 128-row × 32-k tile starting at (row0, k0), as four runs of 4 along the
     /// contiguous dimension (k when sk == 1, else the row): consecutive threads read consecutive addresses.
     /// </summary>
-    private static MmaStage LoadTile<TOp>(DeviceFloats v, long srow, long sk, int row0, int rows, int k0, int ks, int tid) where TOp : struct, IMmaOperand
+    private static MmaStage LoadTile<TOp>(DeviceFloats v, long srow, long sk, int row0, int rows, int k0, int ks, int tid, int vec) where TOp : struct, IMmaOperand
     {
         var st = default(MmaStage);
         for (int l = 0; l < 4; l++)
@@ -267,8 +278,28 @@ internal sealed class MatMulTensorCoreKernels
                 in0 = kIn && row0 + row < rows; in1 = kIn && row0 + row + 1 < rows; in2 = kIn && row0 + row + 2 < rows; in3 = kIn && row0 + row + 3 < rows;
             }
             long g = (long)(row0 + row) * srow + (long)(k0 + k) * sk;
-            uint lo = Pair<TOp>(v, g, step, in0, in1);
-            uint hi = Pair<TOp>(v, g + 2 * step, step, in2, in3);
+            uint lo, hi;
+            if (vec != 0 && sk == 1 && in3)
+            {
+                // g is a multiple of 4 and the view starts 16-byte aligned (CanVectorize): one vector load
+                if (v.Kind == DeviceFloats.KindF32)
+                {
+                    var f = v.F32.Cast<Float4>()[g >> 2];
+                    lo = Round<TOp>(f.X) | (Round<TOp>(f.Y) << 16);
+                    hi = Round<TOp>(f.Z) | (Round<TOp>(f.W) << 16);
+                }
+                else
+                {
+                    ulong d = v.U16.Cast<ulong>()[g >> 2];
+                    lo = (uint)d;
+                    hi = (uint)(d >> 32);
+                }
+            }
+            else
+            {
+                lo = Pair<TOp>(v, g, step, in0, in1);
+                hi = Pair<TOp>(v, g + 2 * step, step, in2, in3);
+            }
             if (l == 0) { st.U0 = lo; st.U1 = hi; }
             else if (l == 1) { st.U2 = lo; st.U3 = hi; }
             else if (l == 2) { st.U4 = lo; st.U5 = hi; }
@@ -425,6 +456,23 @@ internal sealed class MatMulTensorCoreKernels
         long groups = (long)((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN);
         if (groups > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(p), $"matmul {p.M}×{p.N} needs too many groups");
         (f16 ? _f16 : _bf16)(new KernelConfig((int)groups, Threads), a, b, output, bias, u, loraB, p);
+    }
+
+    /// <summary>
+    /// Whether an operand's runs of 4 along k can be read as one vector load: k contiguous, rows a multiple of 4
+    /// elements apart, the tensor starting 16-byte aligned in its (256-byte aligned) buffer, and stored as f32 or
+    /// already in the operand type (a 16-bit tensor of the other type is converted element by element).
+    /// </summary>
+    internal static bool CanVectorize(Tensor t, long rowStride, long kStride, bool f16)
+        => kStride == 1 && rowStride % 4 == 0 && t.Offset % 4 == 0 &&
+           (t.DType == DType.F32 || t.DType == (f16 ? DType.F16 : DType.BF16));
+
+    /// <summary>Sets <see cref="TensorCoreArgs.VecA"/>/<see cref="TensorCoreArgs.VecB"/> for operands <paramref name="a"/> and <paramref name="b"/>.</summary>
+    internal static TensorCoreArgs Vectorized(TensorCoreArgs p, Tensor a, Tensor b, bool f16)
+    {
+        p.VecA = CanVectorize(a, p.Sai, p.Sar, f16) ? 1 : 0;
+        p.VecB = CanVectorize(b, p.Sbj, p.Sbr, f16) ? 1 : 0;
+        return p;
     }
 
     /// <summary>The tensor-core arguments of a SIMT matmul's shape and layout (no LoRA term, no dropout).</summary>

@@ -109,9 +109,18 @@ public static class KernelsDoc
         sb.AppendLine();
         sb.AppendLine("## Measuring on a GPU");
         sb.AppendLine();
+        sb.AppendLine("One command on a machine with an NVIDIA GPU and the .NET SDK (no network, no Python): `bench/gpu.sh`. It runs");
+        sb.AppendLine("`dotnet bench/bin/Release/net10.0/FineTuneNative.Bench.dll gpu --shape smollm2|llama1b|qwen7b [--tokens 16384] [--iters 10]`");
+        sb.AppendLine("for the three shapes above (every op timed with device events: ILGPU profiling markers around the launches, after");
+        sb.AppendLine("two warm-up launches; it prints ms, achieved TFLOP/s and TB/s, the H100 floor and the fraction of it reached), then");
+        sb.AppendLine("`ftn train --device cuda` on a synthetic dataset and prints its tokens/s (models/ftn-tiny by default, f32 linears:");
+        sb.AppendLine("SIMT matmuls; `FTN_GPU_MODEL=<bf16 HF model dir>` exercises the tensor-core path). Without a GPU every part says");
+        sb.AppendLine("it is skipped and exits 0.");
+        sb.AppendLine();
         sb.AppendLine("Not yet measured: no GPU was available to this project. The tensor-core path is proven by the fragment-layout");
         sb.AppendLine("emulation (tests/Kernels/Gpu/MmaFragmentEmulationTests.cs), the simulator run of its scalar path");
-        sb.AppendLine("(TensorCoreSimulatorTests) and the HMMA count above; its speed is a prediction until a GPU run reports it.");
+        sb.AppendLine("(TensorCoreSimulatorTests), the HMMA count and the absence of local memory in its SASS above; its speed is a");
+        sb.AppendLine("prediction until a GPU run reports it.");
         return sb.ToString();
     }
 }

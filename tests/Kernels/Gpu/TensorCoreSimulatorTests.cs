@@ -34,7 +34,8 @@ public class TensorCoreSimulatorTests
     [InlineData(Layout.Nt, false, 20, 12, 40, true)]   // forward x·Wᵀ, bf16 weight, bias + LoRA + residual in the epilogue
     [InlineData(Layout.Nn, true, 20, 12, 40, true)]    // dx = dy·W, f16, LoRA term with dropout
     [InlineData(Layout.Tn, false, 20, 12, 40, false)]  // dW = dyᵀ·x
-    [InlineData(Layout.Nt, false, 130, 5, 7, false)]   // two row tiles, ragged everything, one partial k step
+    [InlineData(Layout.Nt, false, 130, 5, 7, false)]   // two row tiles, ragged everything, one partial k step (scalar loads)
+    [InlineData(Layout.Nt, true, 9, 20, 36, false)]    // f16 with vector loads and a k tail of 4
     public void MatchesRoundedReference(Layout layout, bool f16, int m, int n, int r, bool epilogue)
     {
         var b = Sim.Value;
@@ -72,6 +73,8 @@ public class TensorCoreSimulatorTests
         using var tbias = Up(b, DType.F32, bias);
         using var tu = Up(b, DType.F32, u);
         using var tlb = Up(b, DType.F32, lb);
+        args = MatMulTensorCoreKernels.Vectorized(args, ta, tw, f16);
+        Assert.Equal(r % 4 == 0 && layout != Layout.Tn ? 1 : 0, args.VecA); // the vector path is exercised where the layout allows it
         tc.Launch(f16, b.Floats(ta, "a"), b.Floats(tw, "w"), b.F32(to, "out"), b.Floats(tbias, "bias"),
             epilogue ? b.F32(tu, "u") : ArrayView<float>.Empty, b.Floats(tlb, "lb"), args);
         var got = new float[m * n];

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU measurement in one command, for a machine with an NVIDIA GPU and the .NET SDK (no network, no Python):
+#   bench/gpu.sh            kernel timings (device events) for the three reference shapes + `ftn train` tokens/s on --device cuda
+# Without a CUDA device every part says so and exits 0. FTN_GPU_MODEL=<HF model dir> trains that model instead of
+# models/ftn-tiny (ftn-tiny stores f32 linears, so its matmuls run on the f32 SIMT kernel; a bf16 checkpoint runs the
+# tensor-core kernel). Needs the NuGet packages restored once (offline afterwards).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dotnet build -c Release bench/FineTuneNative.Bench.csproj -v q -nologo
+dotnet build -c Release src/Cli/FineTuneNative.Cli.csproj -v q -nologo
+bench=bench/bin/Release/net10.0/FineTuneNative.Bench.dll
+ftn=src/Cli/bin/Release/net10.0/ftn.dll
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+for shape in smollm2 llama1b qwen7b; do
+  dotnet "$bench" gpu --shape "$shape" | tee -a "$work/kernels.txt"
+done
+if grep -q "skipped" "$work/kernels.txt"; then
+  echo "ftn train --device cuda: skipped (no CUDA device)"
+  exit 0
+fi
+dotnet "$ftn" synth --tasks heldout --count 4000 --out "$work/data.jsonl"
+model=${FTN_GPU_MODEL:-models/ftn-tiny}
+dotnet "$ftn" train --model "$model" --data "$work/data.jsonl" --out "$work/run" --device cuda \
+  --max-steps 200 --batch-size 8 --max-len 128 --eval-fraction 0.02 --exact-match 0 | tail -n 3
