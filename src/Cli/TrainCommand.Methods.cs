@@ -68,8 +68,8 @@ internal static class PeftxMethods
                     string init = (o.PromptInit ?? (o.PromptInitText is null ? "vocab" : "text")).Trim().ToLowerInvariant();
                     if (init is not ("vocab" or "text" or "random")) throw new UserError($"--prompt-init: '{o.PromptInit}' is not vocab, text or random");
                     if (init == "text" && string.IsNullOrEmpty(o.PromptInitText)) throw new UserError("--prompt-init text needs --prompt-init-text");
-                    // PEFT tokenizes the init text with the model's tokenizer (special tokens as its tokenizer adds them)
-                    int[]? ids = init == "text" ? tok.Encode(o.PromptInitText!, addBos: false) : null;
+                    // PEFT tokenizes the init text as tokenizer(text)["input_ids"]: with the BOS a Llama tokenizer adds by default
+                    int[]? ids = init == "text" ? tok.Encode(o.PromptInitText!, addBos: tok.BosId is not null) : null;
                     if (ids is { Length: 0 }) throw new UserError("--prompt-init-text encodes to no tokens");
                     ITrainableMethod method;
                     if (m == "prompt")
