@@ -19,8 +19,9 @@ public sealed class GenerateOptions : DeviceOptions
     [Option("tokenizer", MetaValue = "PATH", HelpText = "Tokenizer file or directory (default: the one next to the model).")]
     public string? Tokenizer { get; set; }
 
-    [Option("adapter", MetaValue = "DIR", HelpText = "Adapter directory (adapter_config.json + adapter_model.safetensors): PEFT LoRA (merged before generating), PEFT prompt or prefix tuning, or ftn bottleneck adapters (applied while generating).")]
-    public string? Adapter { get; set; }
+    [Option("adapter", MetaValue = "DIR", Separator = ',',
+        HelpText = "Adapter directory (adapter_config.json + adapter_model.safetensors): PEFT LoRA/DoRA (merged before generating), PEFT prompt or prefix tuning, or ftn bottleneck adapters (applied while generating). Repeat it (or give DIR,DIR) to stack LoRA adapters: their updates add up.")]
+    public IEnumerable<string> Adapters { get; set; } = Array.Empty<string>();
 
     [Option("prompt", Required = true, MetaValue = "TEXT",
         HelpText = "The instruction. It is wrapped in the alpaca template used for training (\"### Instruction:\\n...\\n\\n### Response:\\n\") unless --raw is given.")]
@@ -65,7 +66,9 @@ public static partial class GenerateCommand
         if (o.TopK < 0) throw new UserError($"--top-k must be >= 0 (got {o.TopK})");
         if (!(o.TopP > 0 && o.TopP <= 1)) throw new UserError($"--top-p must be in (0, 1] (got {o.TopP})");
         if (o.Raw && o.Input.Length > 0) throw new UserError("--input belongs to the instruction template; it cannot be used with --raw");
-        string? adapter = o.Adapter is null ? null : CliCommon.RequireDirectory(o.Adapter, "adapter");
+        var adapters = o.Adapters.Select(a => CliCommon.RequireDirectory(a, "adapter")).ToArray();
+        string? adapter = adapters.Length == 1 ? adapters[0] : null;                         // a session adapter needs its one directory
+        string? adapterLabel = adapters.Length == 0 ? null : string.Join(" + ", adapters);
         string path = ModelSource.Resolve(o.Model);
 
         using var backend = CliCommon.CreateBackend(o);
@@ -73,14 +76,17 @@ public static partial class GenerateCommand
         var tok = ModelSource.LoadTokenizer(path, o.Tokenizer);
         // prompt/prefix/bottleneck adapters are applied by the session; LoRA is merged into a copy of the weights
         bool sessionAdapter = adapter is not null && Wrap(adapter, () => AdapterFiles.IsSessionAdapter(adapter));
+        foreach (var a in adapters.Length > 1 ? adapters : Array.Empty<string>())
+            if (Wrap(a, () => AdapterFiles.IsSessionAdapter(a)))
+                throw new UserError($"adapter '{a}': only LoRA adapters can be stacked (prompt/prefix/bottleneck adapters are applied one at a time)");
         int adapterPositions = sessionAdapter ? Wrap(adapter!, () => AdapterFiles.VirtualTokens(adapter!)) : 0;
-        using var merged = adapter is null || sessionAdapter ? null : ModelSource.CloneWritable(loaded.Weights, backend);
+        using var merged = adapters.Length == 0 || sessionAdapter ? null : ModelSource.CloneWritable(loaded.Weights, backend);
         if (merged is not null)
         {
-            try { LoraAdapter.MergeInto(adapter!, merged); }
-            catch (Exception e) when (e is FileNotFoundException or InvalidDataException or ArgumentException)
+            try { FineTuneNative.Peft.Methods.AdapterSet.StackInto(merged, adapters); }
+            catch (Exception e) when (e is FileNotFoundException or InvalidDataException or ArgumentException or InvalidOperationException)
             {
-                throw new UserError($"adapter '{adapter}': {Program.OneLine(e.Message)}");
+                throw new UserError($"adapter '{adapterLabel}': {Program.OneLine(e.Message)}");
             }
         }
         var weights = merged ?? loaded.Weights;
@@ -120,7 +126,7 @@ public static partial class GenerateCommand
         stdout.WriteLine(decoder.Flush());
         double secs = sw.Elapsed.TotalSeconds;
         Console.Error.WriteLine($"ftn generate: {prompt.Length} prompt tokens, {generated.Length} new tokens in {CliCommon.F(secs, "0.00")} s " +
-                                $"({CliCommon.F(generated.Length / Math.Max(1e-9, secs), "0.0")} tok/s){(adapter is null ? "" : $", adapter {adapter}")}");
+                                $"({CliCommon.F(generated.Length / Math.Max(1e-9, secs), "0.0")} tok/s){(adapterLabel is null ? "" : $", adapter {adapterLabel}")}");
         return 0;
     }
 }

@@ -29,6 +29,7 @@ public static class Program
             s.AutoHelp = true;
             s.AutoVersion = true;
             s.IgnoreUnknownArguments = false;
+            s.AllowMultiInstance = true;  // ftn generate --adapter A --adapter B (stacked adapters)
         });
         ParserResult<object> result = parser.ParseArguments(args, Verbs);
         if (result is NotParsed<object> notParsed)

@@ -33,7 +33,7 @@ public sealed partial class TrainOptions : DataCliOptions
     public string Out { get; set; } = "runs/ftn-train";
 
     [Option("targets", MetaValue = "LIST",
-        HelpText = "LoRA target modules, comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (short names q,k,v,o,gate,up,down work), or 'all'. Default: all.")]
+        HelpText = "LoRA target modules, comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (short names q,k,v,o,gate,up,down work), or 'all' / 'all-linear'. Default: all.")]
     public string Targets { get; set; } = "all";
 
     [Option("rank", MetaValue = "R", HelpText = "LoRA rank r. Default 8.")]
@@ -47,6 +47,30 @@ public sealed partial class TrainOptions : DataCliOptions
 
     [Option("rslora", Default = false, HelpText = "Scale by alpha/sqrt(r) (rank-stabilized LoRA) instead of alpha/r.")]
     public bool RsLora { get; set; }
+
+    [Option("use-rslora", Default = false, HelpText = "Same as --rslora (PEFT's name, use_rslora).")]
+    public bool UseRsLora { get; set; }
+
+    [Option("use-dora", Default = false, HelpText = "DoRA (PEFT use_dora): also learn a per-row magnitude; W' = m * (W + s*B*A) / ||W + s*B*A||. LoRA dropout defaults to 0 (DoRA needs it).")]
+    public bool UseDora { get; set; }
+
+    [Option("qlora", Default = false, HelpText = "QLoRA: store the frozen base's linear weights in NF4 (same as --base-quant nf4).")]
+    public bool QLora { get; set; }
+
+    [Option("base-quant", MetaValue = "TYPE", HelpText = "Frozen base linear weights: nf4 (bitsandbytes layout, dequantized inside the matmul) or none. Default none.")]
+    public string? BaseQuant { get; set; }
+
+    [Option("adapter", MetaValue = "DIR", HelpText = "Continue training this saved PEFT adapter (its own r, alpha, targets) on the new data: staged training.")]
+    public string? Adapter { get; set; }
+
+    [Option("ewc-lambda", MetaValue = "L", HelpText = "EWC strength: penalty L/2 * sum F*(theta - theta*)^2 keeping --adapter close to its values where the previous data's Fisher F is large. Default 0 (off).")]
+    public double? EwcLambda { get; set; }
+
+    [Option("ewc-data", MetaValue = "FILE[,FILE]", HelpText = "The previous stage's dataset(s), on which the EWC Fisher is estimated (needed with --ewc-lambda unless --adapter holds ewc_state.safetensors).")]
+    public string? EwcData { get; set; }
+
+    [Option("ewc-samples", MetaValue = "N", HelpText = "Previous-stage samples used for the Fisher estimate (0 = all). Default 64.")]
+    public int EwcSamples { get; set; } = 64;
 
     [Option("lr", MetaValue = "LR", HelpText = "Peak learning rate (AdamW; linear warmup then cosine decay). Default 2e-4; demo 2e-3.")]
     public double? LearningRate { get; set; }
@@ -158,8 +182,17 @@ public static class TrainCommand
             stdout.WriteLine($"before   exact match {emBefore.Correct}/{emBefore.Count} ({Pct(emBefore.Rate)}) on held-out prompts (greedy)");
         }
 
-        using var model = new LlamaModel(loaded.Weights, backend) { NeftuneAlpha = dataOptions.NeftuneAlpha };
-        using var method = PeftxMethods.Create(o, model, tok, opts.Seed, stdout) ?? CreateMethod(o, model, lora, opts, stdout);
+        // QLoRA: the frozen base's projections in NF4 from here on (the exact match above ran on the loaded base).
+        var baseWeights = loaded.Weights;
+        bool nf4 = (o.QLora ? "nf4" : o.BaseQuant) is string bq && ParseBaseQuant(bq);
+        if (nf4)
+        {
+            var q = FineTuneNative.Peft.Methods.QLora.QuantizeBase(loaded.Weights);
+            baseWeights = q.Weights;
+            stdout.WriteLine($"qlora    {q.Describe()}");
+        }
+        using var model = new LlamaModel(baseWeights, backend) { NeftuneAlpha = dataOptions.NeftuneAlpha };
+        using var method = PeftxMethods.Create(o, model, tok, opts.Seed, stdout) ?? CreateMethod(o, model, lora, opts, stdout, tok, dataOptions, modelPath);
         using var trainer = new Trainer(model, method, opts);
         int total = Trainer.TotalSteps(opts, data.Train.Count);
         int logEvery = o.LogEvery is int le && le > 0 ? le : Math.Max(1, total / 20);
@@ -183,8 +216,9 @@ public static class TrainCommand
             // After: the adapter merged into a writable copy of the base weights.
             if (emRecords.Count > 0)
             {
-                using var merged = ModelSource.CloneWritable(loaded.Weights, backend);
+                using var merged = nf4 ? FineTuneNative.Peft.Methods.QLora.DequantizedCopy(baseWeights) : ModelSource.CloneWritable(loaded.Weights, backend);
                 if (method is LoraAdapter adapter) adapter.MergeInto(merged);
+                else if (method is FineTuneNative.Peft.Methods.EwcMethod { Inner: LoraAdapter inner }) inner.MergeInto(merged);
                 using var session = new InferenceSession(merged, backend, SessionLength(cfg, tok, emRecords, o.MaxNewTokens) + PeftxMethods.ExtraPositions(method));
                 PeftxMethods.Apply(method, session); // prompt/prefix/bottleneck cannot be merged: the session applies them
                 emAfter = ExactMatch.Evaluate(session, tok, emRecords, o.MaxNewTokens);
@@ -221,12 +255,56 @@ public static class TrainCommand
     /// Creates and attaches the trainable method the options ask for, and prints one line about it. New methods add a
     /// case here (and their options to <see cref="TrainOptions"/>).
     /// </summary>
-    internal static ITrainableMethod CreateMethod(TrainOptions o, LlamaModel model, LoraConfig lora, PeftTrainOptions opts, TextWriter stdout)
+    internal static ITrainableMethod CreateMethod(TrainOptions o, LlamaModel model, LoraConfig lora, PeftTrainOptions opts, TextWriter stdout,
+        ITextTokenizer? tok = null, DataOptions? dataOptions = null, string? modelPath = null)
     {
-        var adapter = LoraAdapter.Create(model, lora, opts.Seed);
-        stdout.WriteLine($"lora     r={lora.Rank} alpha={CliCommon.F(lora.Alpha, "0.###")} dropout={CliCommon.F(lora.Dropout, "0.###")} on {string.Join(",", lora.TargetModules)}: " +
+        LoraAdapter adapter;
+        if (o.Adapter is not null)
+        {
+            string dir = CliCommon.RequireDirectory(o.Adapter, "adapter");
+            try { adapter = LoraAdapter.Load(dir, model); }
+            catch (Exception e) when (e is FileNotFoundException or InvalidDataException or ArgumentException)
+            { throw new UserError($"--adapter '{dir}': {Program.OneLine(e.Message)}"); }
+            lora = adapter.Config;
+            stdout.WriteLine($"stage    continuing {dir}");
+        }
+        else adapter = LoraAdapter.Create(model, lora, opts.Seed);
+        stdout.WriteLine($"{(lora.UseDora ? "dora " : "lora ")}    r={lora.Rank} alpha={CliCommon.F(lora.Alpha, "0.###")}{(lora.UseRsLora ? " (rsLoRA)" : "")} dropout={CliCommon.F(lora.Dropout, "0.###")} on {string.Join(",", lora.TargetModules)}: " +
                          $"{CliCommon.Count(adapter.ParameterCount)} trainable parameters");
-        return adapter;
+        double lambda = o.EwcLambda ?? 0;
+        if (lambda < 0 || !double.IsFinite(lambda)) { adapter.Dispose(); throw new UserError($"--ewc-lambda must be >= 0 (got {lambda})"); }
+        if (lambda == 0)
+        {
+            if (o.EwcData is not null) { adapter.Dispose(); throw new UserError("--ewc-data needs --ewc-lambda > 0"); }
+            return adapter;
+        }
+        try
+        {
+            FineTuneNative.Peft.Methods.EwcState state;
+            if (o.EwcData is not null)
+            {
+                if (tok is null) throw new UserError("--ewc-data: no tokenizer");
+                var paths = o.EwcData.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(p => CliCommon.RequireFile(p, "EWC dataset")).ToArray();
+                var prev = FineTuneJob.Prepare(paths, tok, opts, 0, dataOptions, modelPath);
+                state = FineTuneNative.Peft.Methods.EwcState.Estimate(model, adapter, prev.Train.Concat(prev.Eval).ToList(), opts.MaxLength, prev.PadId, o.EwcSamples, opts.Seed);
+            }
+            else if (o.Adapter is not null) state = FineTuneNative.Peft.Methods.EwcState.Load(o.Adapter, adapter);
+            else throw new UserError("--ewc-lambda needs the previous stage's data (--ewc-data) or an --adapter holding ewc_state.safetensors");
+            stdout.WriteLine($"ewc      lambda {lambda}, Fisher from {state.Samples} previous-stage samples");
+            return new FineTuneNative.Peft.Methods.EwcMethod(adapter, state, lambda);
+        }
+        catch (Exception e) when (e is FileNotFoundException or InvalidDataException or ArgumentException)
+        {
+            adapter.Dispose();
+            throw new UserError($"EWC: {Program.OneLine(e.Message)}");
+        }
+        catch { adapter.Dispose(); throw; }
+    }
+
+    private static bool ParseBaseQuant(string name)
+    {
+        try { return FineTuneNative.Peft.Methods.QLora.ParseBaseQuant(name) is not null; }
+        catch (ArgumentException e) { throw new UserError($"--base-quant: {e.Message}"); }
     }
 
     private static string Pct(double rate) => double.IsNaN(rate) ? "n/a" : (100 * rate).ToString("0.0", CultureInfo.InvariantCulture) + "%";
@@ -244,7 +322,7 @@ public static class TrainCommand
 
     internal static string[] ParseTargets(string spec)
     {
-        if (spec.Trim() == "all") return (string[])LlamaWeights.LinearModules.Clone();
+        if (spec.Trim() is "all" or "all-linear") return (string[])LlamaWeights.LinearModules.Clone();
         var result = new List<string>();
         foreach (var raw in spec.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
         {
@@ -269,9 +347,10 @@ public static class TrainCommand
         {
             Rank = o.Rank ?? d.Rank,
             Alpha = o.Alpha ?? d.Alpha,
-            Dropout = o.Dropout ?? d.Dropout,
+            Dropout = o.Dropout ?? (o.UseDora ? 0f : d.Dropout),
             TargetModules = ParseTargets(o.Targets),
-            UseRsLora = o.RsLora,
+            UseRsLora = o.RsLora || o.UseRsLora,
+            UseDora = o.UseDora,
         };
     }
 

@@ -9,8 +9,8 @@ namespace FineTuneNative.Kernels.Gpu;
 /// panel. The full f32 weight never exists (the panel holds at most <see cref="PanelFloats"/> floats).
 /// </summary>
 /// <remarks>
-/// Storage layout: <see cref="Nf4"/>. The f32 part of the storage (group absmaxes, offset, the 16 levels, the
-/// 256-entry dynamic map) is passed as one float view, so the kernel needs no constant tables.
+/// Storage layout: <see cref="Nf4"/>. The f32 tail of the storage (group absmaxes, then the offset) is passed as one
+/// float view; the 16 levels and the 256-entry dynamic map are uploaded once per backend into a 272-float table.
 /// Matches Nf4Reference + MatMulReference. A tensor-core path that dequantizes inside the tile loads is left to
 /// the GPU matmul work.
 /// </remarks>
@@ -20,14 +20,19 @@ internal sealed class Nf4Kernels : IDisposable
 
     private readonly IlgpuBackend _b;
     private readonly MatMulKernels _mm;
-    private readonly Action<Index1D, ArrayView<byte>, ArrayView<float>, Nf4Args, ArrayView<float>> _dequant;
+    private readonly Action<Index1D, ArrayView<byte>, ArrayView<float>, ArrayView<float>, Nf4Args, ArrayView<float>> _dequant;
+    private readonly MemoryBuffer1D<float, Stride1D.Dense> _tables;
     private MemoryBuffer1D<float, Stride1D.Dense>? _panel;
 
     public Nf4Kernels(IlgpuBackend b)
     {
         _b = b;
         _mm = b.Kernels(x => new MatMulKernels(x));
-        _dequant = b.Accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<byte>, ArrayView<float>, Nf4Args, ArrayView<float>>(DequantKernel);
+        _dequant = b.Accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<byte>, ArrayView<float>, ArrayView<float>, Nf4Args, ArrayView<float>>(DequantKernel);
+        var tables = new float[16 + 256];
+        Nf4.Levels.CopyTo(tables, 0);
+        Nf4.DynamicMap.CopyTo(tables, 16);
+        _tables = b.Accelerator.Allocate1D(tables);
     }
 
     public struct Nf4Args
@@ -36,13 +41,13 @@ internal sealed class Nf4Kernels : IDisposable
         public long Start;
         /// <summary>Byte offset of the absmax codes.</summary>
         public long AbsmaxOffset;
-        /// <summary>Number of groups: stats[0, Groups) are the group absmaxes, then offset, levels, map.</summary>
+        /// <summary>Number of groups: stats[0, Groups) are the group absmaxes, stats[Groups] the offset.</summary>
         public long Groups;
     }
 
-    /// <summary>dst[i] = level[q(Start + i)] · (map[c(block)] · groupAbsmax + offset).</summary>
+    /// <summary>dst[i] = level[q(Start + i)] · (map[c(block)] · groupAbsmax + offset); tables = 16 levels then the 256-entry map.</summary>
     [GpuKernel(false)]
-    public static void DequantKernel(Index1D i, ArrayView<byte> s, ArrayView<float> stats, Nf4Args a, ArrayView<float> dst)
+    public static void DequantKernel(Index1D i, ArrayView<byte> s, ArrayView<float> stats, ArrayView<float> tables, Nf4Args a, ArrayView<float> dst)
     {
         int ii = i;
         long e = a.Start + ii;
@@ -50,8 +55,8 @@ internal sealed class Nf4Kernels : IDisposable
         int q = (e & 1) == 0 ? v >> 4 : v & 15;
         long block = e / Nf4.BlockSize;
         int code = s[a.AbsmaxOffset + block];
-        float absmax = stats[a.Groups + 17 + code] * stats[block / Nf4.GroupSize] + stats[a.Groups];
-        dst[i] = stats[a.Groups + 1 + q] * absmax;
+        float absmax = tables[16 + code] * stats[block / Nf4.GroupSize] + stats[a.Groups];
+        dst[i] = tables[q] * absmax;
     }
 
     private ArrayView<float> Panel(long floats)
@@ -73,7 +78,7 @@ internal sealed class Nf4Kernels : IDisposable
         var stats = raw.SubView(gOff, raw.Length - gOff).Cast<float>();
         var panel = Panel((long)rows * k);
         int count = IlgpuBackend.CheckedCount((long)rows * k, "NF4 dequantize");
-        if (count > 0) _dequant(count, raw, stats, new Nf4Args { Start = row0 * k, AbsmaxOffset = Nf4.AbsmaxOffset(n), Groups = Nf4.Groups(n) }, panel);
+        if (count > 0) _dequant(count, raw, stats, _tables.View, new Nf4Args { Start = row0 * k, AbsmaxOffset = Nf4.AbsmaxOffset(n), Groups = Nf4.Groups(n) }, panel);
         return panel;
     }
 
@@ -134,5 +139,6 @@ internal sealed class Nf4Kernels : IDisposable
     {
         _panel?.Dispose();
         _panel = null;
+        _tables.Dispose();
     }
 }

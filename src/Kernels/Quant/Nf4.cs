@@ -11,17 +11,16 @@ namespace FineTuneNative.Kernels;
 /// scaled by the group's f32 absmax. w = Levels[q] · (DynamicMap[c] · groupAbsmax + offset).
 /// </summary>
 /// <remarks>
-/// One tensor's storage holds every part of bitsandbytes' QuantState (the names are those of its saved state):
+/// One tensor's storage holds the per-tensor parts of bitsandbytes' QuantState (the names of its saved state):
 /// <code>
 /// [0, ceil(n/2))        weight             two codes per byte, element 2i in the high nibble (bitsandbytes order)
 /// aligned to 4          absmax             nBlocks u8 codes into nested_quant_map
 /// aligned to 4          nested_absmax      nGroups f32
 ///                       offset             1 f32 (mean of the block absmaxes)
-///                       quant_map          16 f32 (the NF4 levels)
-///                       nested_quant_map   256 f32 (create_dynamic_map(signed=True))
 /// </code>
-/// A kernel needs only the storage pointer and n. 4.5 bits per weight plus 1 KiB per tensor:
-/// 0.5 + 1/64 + 4/(64·256) bytes per element.
+/// The two constant tables, quant_map (<see cref="Levels"/>) and nested_quant_map (<see cref="DynamicMap"/>), are
+/// the same for every tensor and live once per process (a GPU backend uploads them once). About 4.13 bits per
+/// weight: 0.5 + 1/64 + 4/(64·256) bytes per element, plus at most 11 bytes per tensor.
 /// </remarks>
 public static class Nf4
 {
@@ -77,11 +76,9 @@ public static class Nf4
     public static long AbsmaxOffset(long n) => Align4((n + 1) / 2);
     /// <summary>Byte offset of the f32 group absmaxes (nested_absmax).</summary>
     public static long GroupAbsmaxOffset(long n) => Align4(AbsmaxOffset(n) + Blocks(n));
-    /// <summary>Byte offset of the f32 offset (followed by the 16 levels and the 256-entry dynamic map).</summary>
+    /// <summary>Byte offset of the f32 offset (the mean of the block absmaxes), the last field.</summary>
     public static long OffsetOffset(long n) => GroupAbsmaxOffset(n) + 4 * Groups(n);
-    public static long LevelsOffset(long n) => OffsetOffset(n) + 4;
-    public static long DynamicMapOffset(long n) => LevelsOffset(n) + 4 * 16;
-    public static long StorageBytes(long n) => DynamicMapOffset(n) + 4 * 256;
+    public static long StorageBytes(long n) => OffsetOffset(n) + 4;
 
     /// <summary>Index of the NF4 level nearest to v (v in [-1, 1]); ties go up, as bitsandbytes' decision tree (v &gt; midpoint).</summary>
     public static int NearestLevel(float v)
@@ -152,8 +149,6 @@ public static class Nf4
             BinaryPrimitives.WriteSingleLittleEndian(dst.AsSpan((int)(gOff + 4 * g)), m);
         }
         BinaryPrimitives.WriteSingleLittleEndian(dst.AsSpan((int)OffsetOffset(n)), offset);
-        for (int i = 0; i < 16; i++) BinaryPrimitives.WriteSingleLittleEndian(dst.AsSpan((int)(LevelsOffset(n) + 4 * i)), Levels[i]);
-        for (int i = 0; i < 256; i++) BinaryPrimitives.WriteSingleLittleEndian(dst.AsSpan((int)(DynamicMapOffset(n) + 4 * i)), DynamicMap[i]);
         return dst;
     }
 
@@ -164,15 +159,19 @@ public static class Nf4
         byte code = storage[AbsmaxOffset(n) + block];
         float groupMax = *(float*)(storage + GroupAbsmaxOffset(n) + 4 * (block / GroupSize));
         float offset = *(float*)(storage + OffsetOffset(n));
-        float* map = (float*)(storage + DynamicMapOffset(n));
-        return map[code] * groupMax + offset;
+        return DynamicMap[code] * groupMax + offset;
     }
 
     /// <summary>dst[0, count) = the dequantized elements [start, start + count) of an NF4 storage of n elements.</summary>
     public static unsafe void Dequantize(byte* storage, long n, long start, long count, float* dst)
     {
         if (start < 0 || count < 0 || start + count > n) throw new ArgumentOutOfRangeException(nameof(start), $"NF4: range [{start}, {start + count}) of {n} elements");
-        float* levels = (float*)(storage + LevelsOffset(n));
+        fixed (float* levels = Levels)
+            DequantizeCore(storage, n, start, count, dst, levels);
+    }
+
+    private static unsafe void DequantizeCore(byte* storage, long n, long start, long count, float* dst, float* levels)
+    {
         long i = start, end = start + count;
         while (i < end)
         {
@@ -190,6 +189,15 @@ public static class Nf4
             }
             if (i < blockEnd) { *dst++ = levels[storage[i >> 1] >> 4] * absmax; i++; }
         }
+    }
+
+    /// <summary>Every element of an NF4 tensor of the cpu backend, dequantized to host floats.</summary>
+    public static unsafe float[] ToFloats(Tensor t)
+    {
+        if (t.Backend is not Cpu.CpuBackend cpu) throw new NotSupportedException($"{t.Describe()}: reading an nf4 tensor back to the host needs the cpu backend (it lives on {t.Backend.Name})");
+        var y = new float[t.Length];
+        fixed (float* d = y) Dequantize(cpu.Nf4Weight(t, t.Length, "t", "Nf4.ToFloats"), t.Length, 0, t.Length, d);
+        return y;
     }
 
     /// <summary>Host helper: every element of an NF4 storage image as f32.</summary>

@@ -18,16 +18,14 @@ public static class Nf4Reference
         0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
     };
 
-    /// <summary>The byte layout, recomputed independently: (codes, absmax codes, group absmax, offset, levels, map).</summary>
-    public static (long Codes, long Absmax, long Groups, long Offset, long LevelTable, long Map, long Total) Layout(long n)
+    /// <summary>The byte layout, recomputed independently: (codes, absmax codes, group absmax, offset, total bytes).</summary>
+    public static (long Codes, long Absmax, long Groups, long Offset, long Total) Layout(long n)
     {
         long blocks = (n + 63) / 64, groups = (blocks + 255) / 256;
         long absmax = ((n + 1) / 2 + 3) / 4 * 4;
         long grp = (absmax + blocks + 3) / 4 * 4;
         long offset = grp + 4 * groups;
-        long levels = offset + 4;
-        long map = levels + 64;
-        return (0, absmax, grp, offset, levels, map, map + 1024);
+        return (0, absmax, grp, offset, offset + 4);
     }
 
     /// <summary>The 4-bit code of element i (high nibble first).</summary>
@@ -43,7 +41,7 @@ public static class Nf4Reference
         for (long b = 0; b < blocks; b++)
         {
             int c = s[l.Absmax + b];
-            double map = BinaryPrimitives.ReadSingleLittleEndian(s.AsSpan((int)(l.Map + 4 * c)));
+            double map = Nf4.DynamicMap[c]; // the constant table (checked against bitsandbytes' construction by the tests)
             double g = BinaryPrimitives.ReadSingleLittleEndian(s.AsSpan((int)(l.Groups + 4 * (b / 256))));
             a[b] = map * g + offset;
         }

@@ -42,7 +42,8 @@ public sealed class LoraAdapter : ITrainableMethod
         _model = model;
         Config = config;
         _modules = modules;
-        _trainable = Parameters().Select(p => new TrainableTensor(p.Name, p.Param, p.Grad, WeightDecay: true)).ToArray();
+        // The DoRA magnitude is a per-row scale like a norm weight: no weight decay toward 0 (1-D, as for norms).
+        _trainable = Parameters().Select(p => new TrainableTensor(p.Name, p.Param, p.Grad, WeightDecay: !p.Name.EndsWith(MagnitudeKey, StringComparison.Ordinal))).ToArray();
         IsAttached = true;
     }
 
@@ -192,6 +193,7 @@ public sealed class LoraAdapter : ITrainableMethod
         ["r"] = Config.Rank, ["lora_alpha"] = Config.Alpha, ["lora_dropout"] = Config.Dropout,
         ["target_modules"] = new JsonArray(Config.TargetModules.Select(m => (JsonNode)m).ToArray()),
         ["use_rslora"] = Config.UseRsLora,
+        ["use_dora"] = Config.UseDora,
     };
 
     // ------------------------------------------------------------------------------------------ save / load
@@ -255,9 +257,9 @@ public sealed class LoraAdapter : ITrainableMethod
         var (config, st) = ReadChecked(dir, _model.Weights.Config);
         using (st)
         {
-            if (config.Rank != Config.Rank || !config.TargetModules.OrderBy(x => x, StringComparer.Ordinal).SequenceEqual(Config.TargetModules.OrderBy(x => x, StringComparer.Ordinal)))
-                throw new InvalidDataException($"{Path.Combine(dir, ConfigFile)}: r = {config.Rank} on {string.Join(",", config.TargetModules)}; " +
-                    $"this adapter has r = {Config.Rank} on {string.Join(",", Config.TargetModules)}");
+            if (config.Rank != Config.Rank || config.UseDora != Config.UseDora || !config.TargetModules.OrderBy(x => x, StringComparer.Ordinal).SequenceEqual(Config.TargetModules.OrderBy(x => x, StringComparer.Ordinal)))
+                throw new InvalidDataException($"{Path.Combine(dir, ConfigFile)}: r = {config.Rank} on {string.Join(",", config.TargetModules)} (use_dora {config.UseDora}); " +
+                    $"this adapter has r = {Config.Rank} on {string.Join(",", Config.TargetModules)} (use_dora {Config.UseDora})");
             foreach (var (name, param, _) in Parameters()) param.Backend.Upload(param, st.ReadF32(name));
         }
     }

@@ -41,6 +41,19 @@ public sealed class FineTuneJob
     /// <summary>Chat template, cleaning, mixture weights, test split, augmentation, packing, NEFTune.</summary>
     public DataOptions Data { get; init; } = new();
 
+    /// <summary>QLoRA: "nf4" stores the frozen base's linear projections in NF4 (null/"none": as loaded).</summary>
+    public string? BaseQuant { get; init; }
+    /// <summary>Staged training: continue this saved PEFT adapter (its own config) instead of creating a fresh one.</summary>
+    public string? ContinueAdapter { get; init; }
+    /// <summary>EWC strength λ (0 = off); needs <see cref="EwcDataPaths"/> or an ewc_state.safetensors in <see cref="ContinueAdapter"/>.</summary>
+    public double EwcLambda { get; init; }
+    /// <summary>The previous stage's datasets, on which the EWC Fisher is estimated (with the continued adapter).</summary>
+    public IReadOnlyList<string>? EwcDataPaths { get; init; }
+    /// <summary>Previous-stage samples used for the Fisher estimate (0 = all). Default 64.</summary>
+    public int EwcSamples { get; init; } = 64;
+    /// <summary>Set by <see cref="Run"/> with QLoRA: the base's memory before and after quantization.</summary>
+    public Methods.QuantizedBase? Quantization { get; private set; }
+
     public Action<string>? Log { get; init; }
     /// <summary>Skipped records reported through <see cref="Log"/> (all of them go to OutputDir/data_issues.txt).</summary>
     public int MaxIssuesLogged { get; init; } = 10;
@@ -82,10 +95,35 @@ public sealed class FineTuneJob
         Log?.Invoke($"data: {data.RecordsRead} records, {data.Train.Count} train / {data.Eval.Count} eval samples, {data.Issues.Count} skipped");
         if (data.Train.Count == 0) throw new InvalidDataException("no usable training samples (see the skipped records above)");
 
-        using var model = new LlamaModel(loaded.Weights, backend) { NeftuneAlpha = Data.NeftuneAlpha };
-        using var adapter = LoraAdapter.Create(model, Lora, Options.Seed);
-        Log?.Invoke($"LoRA r={Lora.Rank} alpha={Lora.Alpha} on {string.Join(",", Lora.TargetModules)}: {adapter.ParameterCount:N0} trainable parameters");
-        using var trainer = new Trainer(model, adapter, Options);
+        var baseWeights = loaded.Weights;
+        if (Methods.QLora.ParseBaseQuant(BaseQuant) is not null)
+        {
+            var q = Methods.QLora.QuantizeBase(loaded.Weights);
+            baseWeights = q.Weights;
+            Quantization = q;
+            Log?.Invoke(q.Describe());
+        }
+        using var model = new LlamaModel(baseWeights, backend) { NeftuneAlpha = Data.NeftuneAlpha };
+        using var adapter = ContinueAdapter is null ? LoraAdapter.Create(model, Lora, Options.Seed) : LoraAdapter.Load(ContinueAdapter, model);
+        var ac = adapter.Config;
+        Log?.Invoke($"{(ContinueAdapter is null ? "" : $"continuing {ContinueAdapter}: ")}{(ac.UseDora ? "DoRA" : "LoRA")} r={ac.Rank} alpha={ac.Alpha}" +
+            $"{(ac.UseRsLora ? " (rsLoRA)" : "")} on {string.Join(",", ac.TargetModules)}: {adapter.ParameterCount:N0} trainable parameters");
+        ITrainableMethod method = adapter;
+        if (EwcLambda > 0)
+        {
+            Methods.EwcState state;
+            if (EwcDataPaths is { Count: > 0 })
+            {
+                var prev = Prepare(EwcDataPaths, tokenizer, Options, MaxRecords, Data, ModelPath);
+                var all = prev.Train.Concat(prev.Eval).ToList();
+                state = Methods.EwcState.Estimate(model, adapter, all, Options.MaxLength, prev.PadId, EwcSamples, Options.Seed);
+            }
+            else if (ContinueAdapter is not null) state = Methods.EwcState.Load(ContinueAdapter, adapter);
+            else throw new ArgumentException("EWC needs the previous stage's data (--ewc-data) or an adapter with ewc_state.safetensors (--adapter)");
+            method = new Methods.EwcMethod(adapter, state, EwcLambda);
+            Log?.Invoke($"EWC: lambda {EwcLambda}, Fisher from {state.Samples} previous-stage samples");
+        }
+        using var trainer = new Trainer(model, method, Options);
         if (OnProgress is not null) trainer.Progress += OnProgress;
         if (OnEval is not null) trainer.Evaluated += OnEval;
         return trainer.Train(data.Train, data.Eval, data.PadId, OutputDir, ModelPath, cancel);
