@@ -10,6 +10,12 @@ public readonly struct DeviceFloats
 {
     public const int KindF32 = 0, KindBF16 = 1, KindF16 = 2;
 
+    /// <summary>
+    /// GGUF Q8_0 / Q4_0 blocks in <see cref="U16"/> (the raw bytes viewed as 16-bit words): only the tensor-core
+    /// matmul reads these kinds (<see cref="QuantLoad"/>); <see cref="Load"/> and <see cref="Store"/> do not.
+    /// </summary>
+    public const int KindQ8_0 = 3, KindQ4_0 = 4;
+
     public readonly ArrayView<float> F32;
     public readonly ArrayView<ushort> U16;
     public readonly int Kind;
@@ -27,6 +33,30 @@ public readonly struct DeviceFloats
         if (Kind == KindBF16) return HalfMath.Bf16ToF32(U16[i]);
         return HalfMath.F16ToF32(U16[i]);
     }
+
+    /// <summary>Element i of a Q8_0 (q·d) or Q4_0 ((q - 8)·d) tensor, d the block's f16 scale; exact in f32.</summary>
+    public float QuantLoad(long i)
+    {
+        long block = i >> 5;
+        int within = (int)(i & 31);
+        if (Kind == KindQ8_0)
+        {
+            long w = block * 17; // 34 bytes = 17 words: scale in word 0, q[j] in byte 2 + j
+            float d = HalfMath.F16ToF32(U16[w]);
+            int q = (sbyte)Byte(w * 2 + 2 + within);
+            return q * d;
+        }
+        else
+        {
+            long w = block * 9; // 18 bytes = 9 words: scale, then q[j] | q[j + 16] << 4 in byte 2 + j
+            float d = HalfMath.F16ToF32(U16[w]);
+            int b = Byte(w * 2 + 2 + (within & 15));
+            int q = within < 16 ? b & 15 : b >> 4;
+            return (q - 8) * d;
+        }
+    }
+
+    private int Byte(long offset) => (U16[offset >> 1] >> (int)((offset & 1) * 8)) & 0xFF;
 
     public void Store(long i, float v)
     {

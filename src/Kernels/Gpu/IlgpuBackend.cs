@@ -186,6 +186,14 @@ public sealed class IlgpuBackend : IBackend
         _ => throw new ArgumentException($"{name} ({t.Describe()}) must be a float tensor (f32, bf16 or f16)"),
     };
 
+    /// <summary>A GGUF Q8_0/Q4_0 weight as the tensor-core matmul reads it (whole blocks, no partial-block views).</summary>
+    internal DeviceFloats QuantWeight(Tensor t, string name)
+    {
+        if (!t.DType.IsBlockQuantized()) throw new ArgumentException($"{name} ({t.Describe()}) must be q8_0 or q4_0");
+        if (t.Offset % 32 != 0) throw new ArgumentException($"{name} ({t.Describe()}) starts inside a block");
+        return new DeviceFloats(ArrayView<float>.Empty, RawView(t, name).Cast<ushort>(), t.DType == DType.Q8_0 ? DeviceFloats.KindQ8_0 : DeviceFloats.KindQ4_0);
+    }
+
     /// <summary>A weight: f32 or bf16 (f16 also accepted).</summary>
     internal DeviceFloats Weight(Tensor t, string name) => Floats(t, name);
 

@@ -132,6 +132,9 @@ internal sealed class MatMulKernels
         return _tensorCore ??= _b.Kernels(x => new MatMulTensorCoreKernels(x));
     }
 
+    /// <summary>The kernels for GGUF Q8_0/Q4_0 weights: the tensor-core kernel on every accelerator (bf16 operands).</summary>
+    private MatMulTensorCoreKernels Quantized => _tensorCore ??= _b.Kernels(x => new MatMulTensorCoreKernels(x));
+
     internal static DeviceFloats None => new(ArrayView<float>.Empty, ArrayView<ushort>.Empty, DeviceFloats.KindF32);
 
     /// <summary>out(M,N) (+)= alpha · A(M,R)·B(N,R)ᵀ, both row-major (the nn.Linear forward layout).</summary>
@@ -163,6 +166,13 @@ internal sealed class MatMulKernels
         if (w.DType == DType.NF4) { _b.Kernels(b => new Nf4Kernels(b)).Forward(w, _b.F32(x, "x"), _b.F32(y, "y"), bias, m, n, k, 1f, accumulate, op); return; }
         var p = Nt(m, n, k, 1f, accumulate);
         p.HasBias = bias is null ? 0 : 1;
+        if (w.DType.IsBlockQuantized())
+        {
+            // Q8_0/Q4_0: dequantized inside the tensor-core kernel's tile loads (its scalar path off CUDA)
+            Quantized.Launch(false, _b.Floats(x, "x"), _b.QuantWeight(w, "w"), _b.F32(y, "y"), bias is null ? None : _b.Floats(bias, "bias"),
+                ArrayView<float>.Empty, None, MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(p), x, w, false));
+            return;
+        }
         var tc = TensorCoreFor(w.DType);
         if (tc is not null)
             tc.Launch(w.DType == DType.F16, _b.Floats(x, "x"), _b.Weight(w, "w"), _b.F32(y, "y"), bias is null ? None : _b.Floats(bias, "bias"),
@@ -178,6 +188,12 @@ internal sealed class MatMulKernels
         IlgpuBackend.Need(dy, (long)m * n, "dy", op); // (M, N)
         IlgpuBackend.Need(w, (long)n * k, "w", op);   // (N, K)
         if (w.DType == DType.NF4) { _b.Kernels(b => new Nf4Kernels(b)).BackwardInput(w, _b.F32(dy, "dy"), _b.F32(dx, "dx"), m, n, k, accumulate, op); return; }
+        if (w.DType.IsBlockQuantized())
+        {
+            Quantized.Launch(false, _b.Floats(dy, "dy"), _b.QuantWeight(w, "w"), _b.F32(dx, "dx"), None, ArrayView<float>.Empty, None,
+                MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(Nn(m, k, n, 1f, accumulate)), dy, w, false));
+            return;
+        }
         var tc = TensorCoreFor(w.DType);
         if (tc is not null)
             tc.Launch(w.DType == DType.F16, _b.Floats(dy, "dy"), _b.Weight(w, "w"), _b.F32(dx, "dx"), None, ArrayView<float>.Empty, None,

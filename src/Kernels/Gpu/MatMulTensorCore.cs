@@ -236,6 +236,7 @@ internal sealed class MatMulTensorCoreKernels
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static uint Bits<TOp>(DeviceFloats v, long i) where TOp : struct, IMmaOperand
     {
+        if (v.Kind >= DeviceFloats.KindQ8_0) return Round<TOp>(v.QuantLoad(i)); // dequantized in the tile load
         if (!TOp.IsF16 && v.Kind == DeviceFloats.KindBF16) return v.U16[i];
         if (TOp.IsF16 && v.Kind == DeviceFloats.KindF16) return v.U16[i];
         return Round<TOp>(v.Load(i));
@@ -279,7 +280,7 @@ internal sealed class MatMulTensorCoreKernels
             }
             long g = (long)(row0 + row) * srow + (long)(k0 + k) * sk;
             uint lo, hi;
-            if (vec != 0 && sk == 1 && in3)
+            if (vec != 0 && sk == 1 && in3 && v.Kind < DeviceFloats.KindQ8_0)
             {
                 // g is a multiple of 4 and the view starts 16-byte aligned (CanVectorize): one vector load
                 if (v.Kind == DeviceFloats.KindF32)
@@ -464,7 +465,7 @@ internal sealed class MatMulTensorCoreKernels
     /// already in the operand type (a 16-bit tensor of the other type is converted element by element).
     /// </summary>
     internal static bool CanVectorize(Tensor t, long rowStride, long kStride, bool f16)
-        => kStride == 1 && rowStride % 4 == 0 && t.Offset % 4 == 0 &&
+        => !t.DType.IsQuantized() && kStride == 1 && rowStride % 4 == 0 && t.Offset % 4 == 0 &&
            (t.DType == DType.F32 || t.DType == (f16 ? DType.F16 : DType.BF16));
 
     /// <summary>Sets <see cref="TensorCoreArgs.VecA"/>/<see cref="TensorCoreArgs.VecB"/> for operands <paramref name="a"/> and <paramref name="b"/>.</summary>

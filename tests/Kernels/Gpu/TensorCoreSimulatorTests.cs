@@ -1,5 +1,6 @@
 using FineTuneNative.Kernels;
 using FineTuneNative.Kernels.Gpu;
+using FineTuneNative.Kernels.Quant;
 using FineTuneNative.Tests.Numerics;
 using ILGPU;
 
@@ -105,5 +106,48 @@ public class TensorCoreSimulatorTests
         }
         // f32 accumulation of exactly representable products: f32 tolerance
         NumericAssert.Close(expected, got, Tolerance.F32.Atol, Tolerance.F32.Rtol, $"{layout} f16={f16} {m}x{n}x{r}");
+    }
+
+    /// <summary>
+    /// GGUF Q8_0/Q4_0 weights through the backend's MatMul and MatMulBackwardInput on the simulator: the blocks are
+    /// dequantized inside the tensor-core kernel's tile loads (q·d, then rounded to bf16 like the activations).
+    /// Reference: QuantBlocks.Dequantize (the CPU's) then the same rounding, double accumulation.
+    /// </summary>
+    [Theory]
+    [InlineData(DType.Q8_0, false)]
+    [InlineData(DType.Q4_0, false)]
+    [InlineData(DType.Q4_0, true)]
+    public void QuantizedWeightsAreDequantizedInTheTileLoads(DType type, bool backwardInput)
+    {
+        var b = (IlgpuBackend)TestBackends.Get("ilgpu-sim:32");
+        const int m = 5, n = 6, k = 64; // two blocks per weight row; Nn walks the blocks across rows
+        float[] wf = Rand(n * k, 7);
+        var raw = new byte[type.StorageBytes(n * k)];
+        QuantBlocks.Quantize(type, wf, raw);
+        var deq = new float[n * k];
+        QuantBlocks.Dequantize(type, raw, deq);
+        using var w = b.Allocate(type, n, k);
+        b.UploadRaw(w, raw);
+        int rows = m, inner = backwardInput ? n : k, outer = backwardInput ? k : n;
+        float[] x = Rand(rows * inner, 8), prior = Rand(rows * outer, 9);
+        using var tx = Up(b, DType.F32, x);
+        using var ty = Up(b, DType.F32, prior);
+        if (backwardInput) b.MatMulBackwardInput(ty, tx, w, m, n, k, accumulate: true);
+        else b.MatMul(ty, tx, w, null, m, n, k, accumulate: true);
+        var got = new float[rows * outer];
+        b.Download(ty, got);
+        var expected = new double[rows * outer];
+        for (int i = 0; i < rows; i++)
+        for (int j = 0; j < outer; j++)
+        {
+            double s = prior[i * outer + j];
+            for (int q = 0; q < inner; q++)
+            {
+                float wv = backwardInput ? deq[q * k + j] : deq[j * k + q];
+                s += (double)Round(x[i * inner + q], false) * Round(wv, false);
+            }
+            expected[i * outer + j] = s;
+        }
+        NumericAssert.Close(expected, got, Tolerance.F32.Atol, Tolerance.F32.Rtol, $"{type} backwardInput={backwardInput}");
     }
 }
