@@ -67,6 +67,7 @@ internal static class TrainPeer
             be.Upload(t, data);
         }
         using var model = new LlamaModel(weights, be);
+        if (int.TryParse(Environment.GetEnvironmentVariable("FTN_LOGITS_ROWS"), out int headRows)) model.LogitsChunkRows = headRows;
         using var adapter = LoraAdapter.Create(model, new LoraConfig { Rank = 16, Alpha = 32, Dropout = 0 }, 1);
         var opt = new TrainOptions { MicroBatch = shape.Batch, MaxLength = shape.Seq, ClipNorm = 1.0, LearningRate = 2e-4 };
         using var trainer = new Trainer(model, adapter, opt);
@@ -77,14 +78,20 @@ internal static class TrainPeer
         var batch = new Batch(tokens[..m], tokens[1..], shape.Batch, shape.Seq, shape.Batch, m, m);
         var window = new[] { batch };
         trainer.Step(window, 2e-4); // warm-up: JIT, workspaces, scratch
+        var proc = Process.GetCurrentProcess();
+        proc.Refresh();
+        var cpu0 = proc.TotalProcessorTime;
         var sw = Stopwatch.StartNew();
         double loss = 0;
         for (int s = 0; s < steps; s++) loss = trainer.Step(window, 2e-4).Loss;
         double dt = sw.Elapsed.TotalSeconds;
+        proc.Refresh();
+        double cpuS = (proc.TotalProcessorTime - cpu0).TotalSeconds;
         var line = new Dictionary<string, object>
         {
             ["peer"] = "ftn", ["shape"] = shape.Name, ["mode"] = dtype == DType.BF16 ? "bf16-weights" : "fp32", ["threads"] = threads,
             ["batch"] = shape.Batch, ["seq"] = shape.Seq, ["steps"] = steps, ["tokens_per_s"] = (double)m * steps / dt,
+            ["tokens_per_cpu_s"] = (double)m * steps / cpuS, ["logits_chunk_rows"] = model.LogitsChunkRows,
             ["peak_rss_mb"] = PeakRssMb(), ["loss"] = loss, ["lora_params"] = adapter.ParameterCount,
         };
         Console.WriteLine(JsonSerializer.Serialize(line));

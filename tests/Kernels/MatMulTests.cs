@@ -7,10 +7,12 @@ namespace FineTuneNative.Tests.Kernels;
 
 public class MatMulTests
 {
-    // (M, N, K): M=1, sizes off the vector width, K across the GEMM depth block (128), M across the row block (96).
+    // (M, N, K): M=1, sizes off the vector width, K across the GEMM depth block (128), M across the row block (96),
+    // N <= 16 with M > 4 (the CPU GEMM's unpacked LoRA-rank path, ragged 12-row edge).
     public static readonly (int M, int N, int K)[] Shapes =
     {
         (1, 1, 1), (1, 37, 19), (3, 5, 7), (2, 3, 4), (7, 33, 17), (13, 65, 40), (6, 32, 16), (20, 70, 130), (97, 40, 21),
+        (29, 16, 45), (14, 5, 33),
     };
 
     [SkippableTheory]

@@ -41,7 +41,7 @@ internal static unsafe class GemmPeer
             rows.Add(r);
             Console.WriteLine($"{r.Name,-44} {r.FtnGflops,9:F1} {r.PeerGflops,9:F1} {r.Ratio,6:F2}");
         }
-        bool Want(string name) => filter.Length == 0 || name.Contains(filter, StringComparison.OrdinalIgnoreCase);
+        bool Want(string name) => filter.Length == 0 ? name != "lora-base" : filter.Contains(name, StringComparison.OrdinalIgnoreCase);
 
         // the shapes, forward layout (what the targets name)
         foreach (var (m, n, k) in new[] { (1024, 1024, 1024), (4096, 576, 576), (4096, 1536, 576), (4096, 576, 1536), (512, 49152, 576) })
@@ -53,7 +53,13 @@ internal static unsafe class GemmPeer
             if (Want("bwdW")) Print(Layout(be, blas, "bwdW dW+=dyᵀ·x", m, n, k, 2));
         }
         foreach (var (m, n, k, r) in new[] { (512, 1536, 576, 16), (512, 576, 576, 16), (1024, 768, 288, 16), (4096, 576, 576, 16) })
-            if (Want("lora")) { Print(LoraFwd(be, blas, m, n, k, r)); Print(LoraBwd(be, blas, m, n, k, r)); }
+            if (Want("lora"))
+            {
+                Print(LoraFwd(be, blas, m, n, k, r));
+                if (Want("lora-base")) Print(Layout(be, blas, "(base of lora fwd)", m, n, k, 0));
+                Print(LoraBwd(be, blas, m, n, k, r));
+                if (Want("lora-base")) Print(Layout(be, blas, "(base of lora bwd: dx)", m, k, n, 1));
+            }
         foreach (var (m, v, c) in new[] { (512, 49152, 576), (1024, 32000, 288) })
             if (Want("head")) Print(HeadCe(be, blas, m, v, c));
         if (rows.Count == 0) { Console.WriteLine($"no case matches '{filter}' (fwd, bwdIn, bwdW, lora, head)"); return 1; }

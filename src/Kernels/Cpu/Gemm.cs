@@ -91,6 +91,16 @@ internal static unsafe class Gemm
             be.Pool.For(ctx.NBlocks, &SmallMAxpyBody, &ctx);
             return;
         }
+        // At most 16 columns (the LoRA products u = x·Aᵀ and g = dy·B): no packing of the tall A, whose rows are read
+        // in place; B (k × 16) packed once by the caller; 12 rows × 16 columns per kernel call over the whole depth.
+        if (Wide && !aTrans && n <= 16)
+        {
+            be.GemmBuffers(0, (long)k * 16, out _, out ctx.Bp);
+            PackSkinnyB(&ctx);
+            ctx.ChunkRows = 96;
+            be.Pool.For((m + 95) / 96, &SkinnyBody, &ctx);
+            return;
+        }
         int mr = MR, nr = NR;
         int slices = (k + KCMax - 1) / KCMax;
         int kcs = (k + slices - 1) / slices;
@@ -192,6 +202,66 @@ internal static unsafe class Gemm
             for (int j = 0; j < nj; j++)
                 c[j] = x->Alpha * acc[i * 256 + j] + (x->Accumulate ? c[j] : 0f) + (x->Bias != null ? x->Bias[j0 + j] : 0f);
         }
+    }
+
+    /// <summary>op(B) (k × n ≤ 16) into 16-wide rows, zero columns past n.</summary>
+    private static void PackSkinnyB(Ctx* x)
+    {
+        int k = x->K, n = x->N;
+        float* dst = x->Bp;
+        new Span<float>(dst, k * 16).Clear();
+        for (int j = 0; j < n; j++)
+            for (int q = 0; q < k; q++)
+            {
+                long off = x->BTrans ? j * x->Ldb + q : q * x->Ldb + j;
+                dst[q * 16 + j] = x->BBf16 ? BitConverter.Int32BitsToSingle(((ushort*)x->B)[off] << 16) : ((float*)x->B)[off];
+            }
+    }
+
+    private static void SkinnyBody(void* p, int task, int worker)
+    {
+        var x = (Ctx*)p;
+        float* tile = x->Scratch + worker * x->ScratchStride;
+        int r0 = task * x->ChunkRows, r1 = Math.Min(x->M, r0 + x->ChunkRows);
+        for (int i = r0; i < r1; i += 12)
+        {
+            int mv = Math.Min(12, r1 - i);
+            SkinnyKernel(x->K, x->A + i * x->Lda, x->Lda, mv, x->Bp, x->C + i * x->Ldc, x->Ldc, x->Alpha, x->Accumulate, x->Bias, x->N, tile);
+        }
+    }
+
+    /// <summary>
+    /// C[0..mv, 0..nv] (+)= alpha·A[0..mv, 0..k]·B(k × 16) [+ bias], A row-major read in place (rows past mv alias
+    /// the last row and are not stored), 12 Vector512 accumulators, one B row load per depth step.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void SkinnyKernel(int k, float* a, long lda, int mv, float* b, float* c, long ldc, float alpha, bool beta, float* bias, int nv, float* tile)
+    {
+        float* a0 = a, a1 = a + Math.Min(1, mv - 1) * lda, a2 = a + Math.Min(2, mv - 1) * lda, a3 = a + Math.Min(3, mv - 1) * lda,
+            a4 = a + Math.Min(4, mv - 1) * lda, a5 = a + Math.Min(5, mv - 1) * lda, a6 = a + Math.Min(6, mv - 1) * lda,
+            a7 = a + Math.Min(7, mv - 1) * lda, a8 = a + Math.Min(8, mv - 1) * lda, a9 = a + Math.Min(9, mv - 1) * lda,
+            a10 = a + Math.Min(10, mv - 1) * lda, a11 = a + Math.Min(11, mv - 1) * lda;
+        Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default,
+            c6 = default, c7 = default, c8 = default, c9 = default, c10 = default, c11 = default;
+        for (int q = 0; q < k; q++)
+        {
+            var bv = Vector512.Load(b + q * 16);
+            c0 = Vector512.FusedMultiplyAdd(Vector512.Create(a0[q]), bv, c0);
+            c1 = Vector512.FusedMultiplyAdd(Vector512.Create(a1[q]), bv, c1);
+            c2 = Vector512.FusedMultiplyAdd(Vector512.Create(a2[q]), bv, c2);
+            c3 = Vector512.FusedMultiplyAdd(Vector512.Create(a3[q]), bv, c3);
+            c4 = Vector512.FusedMultiplyAdd(Vector512.Create(a4[q]), bv, c4);
+            c5 = Vector512.FusedMultiplyAdd(Vector512.Create(a5[q]), bv, c5);
+            c6 = Vector512.FusedMultiplyAdd(Vector512.Create(a6[q]), bv, c6);
+            c7 = Vector512.FusedMultiplyAdd(Vector512.Create(a7[q]), bv, c7);
+            c8 = Vector512.FusedMultiplyAdd(Vector512.Create(a8[q]), bv, c8);
+            c9 = Vector512.FusedMultiplyAdd(Vector512.Create(a9[q]), bv, c9);
+            c10 = Vector512.FusedMultiplyAdd(Vector512.Create(a10[q]), bv, c10);
+            c11 = Vector512.FusedMultiplyAdd(Vector512.Create(a11[q]), bv, c11);
+        }
+        c0.Store(tile); c1.Store(tile + 16); c2.Store(tile + 32); c3.Store(tile + 48); c4.Store(tile + 64); c5.Store(tile + 80);
+        c6.Store(tile + 96); c7.Store(tile + 112); c8.Store(tile + 128); c9.Store(tile + 144); c10.Store(tile + 160); c11.Store(tile + 176);
+        StoreEdge(tile, 16, c, ldc, alpha, beta, bias, mv, nv);
     }
 
     private static void PackBody(void* p, int task, int worker)
