@@ -54,6 +54,7 @@ internal static unsafe class Gemm
         // small-M paths
         public int NC, NBlocks, ChunkRows;
         public float* Scratch; public long ScratchStride;
+        public bool CTrans;
     }
 
     public static void Run(CpuBackend be, int m, int n, int k,
@@ -93,7 +94,7 @@ internal static unsafe class Gemm
         }
         // At most 16 columns (the LoRA products u = x·Aᵀ and g = dy·B): no packing of the tall A, whose rows are read
         // in place; B (k × 16) packed once by the caller; 12 rows × 16 columns per kernel call over the whole depth.
-        if (Wide && !aTrans && n <= 16)
+        if (Wide && n <= 16 && m > 4 && (!aTrans || m >= 12))
         {
             be.GemmBuffers(0, (long)k * 16, out _, out ctx.Bp);
             PackSkinnyB(&ctx);
@@ -145,6 +146,26 @@ internal static unsafe class Gemm
                 }
             }
         }
+    }
+
+    /// <summary>
+    /// dw(N,K) += alpha·dy(M,N)ᵀ·x(M,K) for N ≤ 16 (the LoRA dA = s·gᵀ·x) computed as dwᵀ = xᵀ·dy on the unpacked
+    /// path, x read in place and dw written transposed; false (nothing done) where that path does not apply.
+    /// </summary>
+    public static bool TryWeightGradFewRows(CpuBackend be, float* dw, float* dy, float* x, int m, int n, int k, float alpha)
+    {
+        if (!Wide || n > 16 || n == 0 || k < 12 || m == 0) return false;
+        be.EnsureScratch(ScratchFloats(m));
+        var ctx = new Ctx
+        {
+            A = x, Lda = k, ATrans = true, B = dy, Ldb = n, BTrans = false, C = dw, Ldc = k, Alpha = alpha, Accumulate = true,
+            M = k, N = n, K = m, CTrans = true, Scratch = be.ScratchBase, ScratchStride = be.ScratchStride,
+        };
+        be.GemmBuffers(0, (long)m * 16, out _, out ctx.Bp);
+        PackSkinnyB(&ctx);
+        ctx.ChunkRows = 96;
+        be.Pool.For((k + 95) / 96, &SkinnyBody, &ctx);
+        return true;
     }
 
     private static int RoundUp(int x, int r) => (x + r - 1) / r * r;
@@ -226,7 +247,17 @@ internal static unsafe class Gemm
         for (int i = r0; i < r1; i += 12)
         {
             int mv = Math.Min(12, r1 - i);
-            SkinnyKernel(x->K, x->A + i * x->Lda, x->Lda, mv, x->Bp, x->C + i * x->Ldc, x->Ldc, x->Alpha, x->Accumulate, x->Bias, x->N, tile);
+            float* t = tile;
+            if (x->ATrans)
+            {
+                // a ragged last block computes the 12 rows ending at M (M >= 12) so that no read passes row M
+                int i0 = Math.Min(i, x->M - 12);
+                SkinnyKernelT(x->K, x->A + i0, x->Lda, x->Bp, tile);
+                t = tile + (i - i0) * 16;
+            }
+            else SkinnyKernel(x->K, x->A + i * x->Lda, x->Lda, mv, x->Bp, tile);
+            if (x->CTrans) StoreEdgeT(t, x->C + i, x->Ldc, x->Alpha, x->Accumulate, mv, x->N);
+            else StoreEdge(t, 16, x->C + i * x->Ldc, x->Ldc, x->Alpha, x->Accumulate, x->Bias, mv, x->N);
         }
     }
 
@@ -235,7 +266,7 @@ internal static unsafe class Gemm
     /// the last row and are not stored), 12 Vector512 accumulators, one B row load per depth step.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void SkinnyKernel(int k, float* a, long lda, int mv, float* b, float* c, long ldc, float alpha, bool beta, float* bias, int nv, float* tile)
+    private static void SkinnyKernel(int k, float* a, long lda, int mv, float* b, float* tile)
     {
         float* a0 = a, a1 = a + Math.Min(1, mv - 1) * lda, a2 = a + Math.Min(2, mv - 1) * lda, a3 = a + Math.Min(3, mv - 1) * lda,
             a4 = a + Math.Min(4, mv - 1) * lda, a5 = a + Math.Min(5, mv - 1) * lda, a6 = a + Math.Min(6, mv - 1) * lda,
@@ -261,7 +292,47 @@ internal static unsafe class Gemm
         }
         c0.Store(tile); c1.Store(tile + 16); c2.Store(tile + 32); c3.Store(tile + 48); c4.Store(tile + 64); c5.Store(tile + 80);
         c6.Store(tile + 96); c7.Store(tile + 112); c8.Store(tile + 128); c9.Store(tile + 144); c10.Store(tile + 160); c11.Store(tile + 176);
-        StoreEdge(tile, 16, c, ldc, alpha, beta, bias, mv, nv);
+    }
+
+    /// <summary>
+    /// tile(12 × 16) = Σ_q A(·, q)·B(q, ·) with A transposed in memory: A(r, q) = a[q·lda + r], the 12 values of a depth
+    /// step contiguous (dy rows for dB = dyᵀ·u; x rows for dAᵀ = xᵀ·g). Reads 12 values per step: the caller shifts
+    /// a ragged last block back so that they all exist.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void SkinnyKernelT(int k, float* a, long lda, float* b, float* tile)
+    {
+        Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default,
+            c6 = default, c7 = default, c8 = default, c9 = default, c10 = default, c11 = default;
+        for (int q = 0; q < k; q++)
+        {
+            var bv = Vector512.Load(b + q * 16);
+            float* ap = a + q * lda;
+            c0 = Vector512.FusedMultiplyAdd(Vector512.Create(ap[0]), bv, c0);
+            c1 = Vector512.FusedMultiplyAdd(Vector512.Create(ap[1]), bv, c1);
+            c2 = Vector512.FusedMultiplyAdd(Vector512.Create(ap[2]), bv, c2);
+            c3 = Vector512.FusedMultiplyAdd(Vector512.Create(ap[3]), bv, c3);
+            c4 = Vector512.FusedMultiplyAdd(Vector512.Create(ap[4]), bv, c4);
+            c5 = Vector512.FusedMultiplyAdd(Vector512.Create(ap[5]), bv, c5);
+            c6 = Vector512.FusedMultiplyAdd(Vector512.Create(ap[6]), bv, c6);
+            c7 = Vector512.FusedMultiplyAdd(Vector512.Create(ap[7]), bv, c7);
+            c8 = Vector512.FusedMultiplyAdd(Vector512.Create(ap[8]), bv, c8);
+            c9 = Vector512.FusedMultiplyAdd(Vector512.Create(ap[9]), bv, c9);
+            c10 = Vector512.FusedMultiplyAdd(Vector512.Create(ap[10]), bv, c10);
+            c11 = Vector512.FusedMultiplyAdd(Vector512.Create(ap[11]), bv, c11);
+        }
+        c0.Store(tile); c1.Store(tile + 16); c2.Store(tile + 32); c3.Store(tile + 48); c4.Store(tile + 64); c5.Store(tile + 80);
+        c6.Store(tile + 96); c7.Store(tile + 112); c8.Store(tile + 128); c9.Store(tile + 144); c10.Store(tile + 160); c11.Store(tile + 176);
+    }
+
+    /// <summary>C stored transposed: C[j·ldc + r] (+)= alpha·tile[r·16 + j] (dA from dAᵀ = xᵀ·g).</summary>
+    private static void StoreEdgeT(float* tile, float* c, long ldc, float alpha, bool beta, int mv, int nv)
+    {
+        for (int j = 0; j < nv; j++)
+        {
+            float* col = c + j * ldc;
+            for (int r = 0; r < mv; r++) col[r] = alpha * tile[r * 16 + j] + (beta ? col[r] : 0f);
+        }
     }
 
     private static void PackBody(void* p, int task, int worker)

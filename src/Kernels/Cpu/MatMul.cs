@@ -48,7 +48,8 @@ public sealed unsafe partial class CpuBackend
     /// <summary>dw(N,K) += alpha·dy(M,N)ᵀ·x(M,K); dBias(N) += alpha·Σ_m dy (when not null).</summary>
     internal void WeightGrad(float* dw, float* dBias, float* dy, float* x, int m, int n, int k, float alpha)
     {
-        Gemm.Run(this, n, k, m, dy, n, true, x, false, k, false, dw, k, alpha, true, null);
+        if (!Gemm.TryWeightGradFewRows(this, dw, dy, x, m, n, k, alpha))
+            Gemm.Run(this, n, k, m, dy, n, true, x, false, k, false, dw, k, alpha, true, null);
         if (dBias != null) ColumnSum(dBias, dy, m, n, alpha);
     }
 
