@@ -177,8 +177,8 @@ public static class TrainCommand
         ExactMatchResult? emBefore = null;
         if (emRecords.Count > 0)
         {
-            using var session = new InferenceSession(loaded.Weights, backend, SessionLength(cfg, tok, emRecords, o.MaxNewTokens));
-            emBefore = ExactMatch.Evaluate(session, tok, emRecords, o.MaxNewTokens);
+            using var session = new InferenceSession(loaded.Weights, backend, SessionLength(cfg, tok, emRecords, o.MaxNewTokens, data.Template));
+            emBefore = ExactMatch.Evaluate(session, tok, emRecords, o.MaxNewTokens, data.Template);
             stdout.WriteLine($"before   exact match {emBefore.Correct}/{emBefore.Count} ({Pct(emBefore.Rate)}) on held-out prompts (greedy)");
         }
 
@@ -219,9 +219,9 @@ public static class TrainCommand
                 using var merged = nf4 ? FineTuneNative.Peft.Methods.QLora.DequantizedCopy(baseWeights) : ModelSource.CloneWritable(loaded.Weights, backend);
                 if (method is LoraAdapter adapter) adapter.MergeInto(merged);
                 else if (method is FineTuneNative.Peft.Methods.EwcMethod { Inner: LoraAdapter inner }) inner.MergeInto(merged);
-                using var session = new InferenceSession(merged, backend, SessionLength(cfg, tok, emRecords, o.MaxNewTokens) + PeftxMethods.ExtraPositions(method));
+                using var session = new InferenceSession(merged, backend, SessionLength(cfg, tok, emRecords, o.MaxNewTokens, data.Template) + PeftxMethods.ExtraPositions(method));
                 PeftxMethods.Apply(method, session); // prompt/prefix/bottleneck cannot be merged: the session applies them
-                emAfter = ExactMatch.Evaluate(session, tok, emRecords, o.MaxNewTokens);
+                emAfter = ExactMatch.Evaluate(session, tok, emRecords, o.MaxNewTokens, data.Template);
                 WriteGenerations(Path.Combine(tmp, "eval_generations.jsonl"), emBefore!, emAfter);
             }
         });
@@ -391,9 +391,9 @@ public static class TrainCommand
             .Where(rec => rec.Format == RecordFormat.Alpaca).Take(max).ToList();
     }
 
-    private static int SessionLength(LlamaConfig c, ITextTokenizer tok, List<DatasetRecord> records, int maxNew)
+    private static int SessionLength(LlamaConfig c, ITextTokenizer tok, List<DatasetRecord> records, int maxNew, ChatTemplate? template)
     {
-        int longest = records.Max(r => ExactMatch.PromptIds(tok, r).Length);
+        int longest = records.Max(r => ExactMatch.PromptIds(tok, r, template).Length);
         return Math.Min(c.MaxPositions, longest + maxNew);
     }
 

@@ -112,6 +112,10 @@ public class DataPipelineTests
         var s = enc.Encode(withTool, out var issue);
         Assert.Null(issue);
         Assert.Contains("<tool_response>", string.Concat(s!.Tokens.Select(t => (char)(t - ByteTokenizer.Offset))));
+        var reason = DatasetReader.Read(PeftAssets.Require("datasets", "llama-factory", "reason_tool_use_demo_50.jsonl"));
+        var turn = reason.Records.SelectMany(x => x.Messages).First(m => m.Content.Contains("<tool_call>", StringComparison.Ordinal));
+        Assert.Equal("assistant", turn.Role);
+        Assert.Contains(reason.Records.SelectMany(x => x.Messages), m => m.Content.StartsWith("<think>\n", StringComparison.Ordinal));
         var dpo = DatasetReader.Read(PeftAssets.Require("datasets", "llama-factory", "v1_dpo_demo.jsonl"));
         Assert.Empty(dpo.Records);
         Assert.All(dpo.Issues, i => Assert.Contains("DPO", i.Message));

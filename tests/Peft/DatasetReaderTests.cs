@@ -126,6 +126,10 @@ public class DatasetReaderTests
     [InlineData("glaive_toolcall_en_demo.json", 300, RecordFormat.Chat)]
     [InlineData("kto_en_demo.json", 300, RecordFormat.Chat)]
     [InlineData("v1_sft_demo.jsonl", 500, RecordFormat.Chat)]
+    [InlineData("reason_tool_use_demo_50.jsonl", 50, RecordFormat.Chat)]
+    [InlineData("alpaca_zh_demo.json", 1000, RecordFormat.Alpaca)]
+    [InlineData("glaive_toolcall_zh_demo.json", 300, RecordFormat.Chat)]
+    [InlineData("wiki_demo.txt", 30, RecordFormat.Text)]
     public void Reads_the_real_llama_factory_demo_datasets(string file, int records, RecordFormat format)
     {
         string path = PeftAssets.Require("datasets", "llama-factory", file);

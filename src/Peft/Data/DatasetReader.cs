@@ -273,7 +273,8 @@ public static class DatasetReader
         return new DatasetRecord { Location = loc, Format = RecordFormat.Chat, Messages = list };
     }
 
-    /// <summary>A string, or an array of content parts {"type": "text", "text"|"value": "..."} joined.</summary>
+    /// <summary>A string, or an array of content parts {"type": "text"|"reasoning"|"tool_call", "text"|"value": "..."} joined
+    /// (reasoning as "&lt;think&gt;\n…\n&lt;/think&gt;\n\n", tool calls as "&lt;tool_call&gt;\n{json}\n&lt;/tool_call&gt;").</summary>
     private static string Content(JsonElement c, string where)
     {
         if (c.ValueKind == JsonValueKind.String) return c.GetString()!;
@@ -284,10 +285,14 @@ public static class DatasetReader
         {
             if (part.ValueKind != JsonValueKind.Object) throw new RecordError($"{where}[{i}] must be an object, found {Kind(part)}");
             string type = part.TryGetProperty("type", out var ty) && ty.ValueKind == JsonValueKind.String ? ty.GetString()! : "text";
-            if (type != "text") throw new RecordError($"{where}[{i}] has type \"{type}\"; only text parts are supported");
+            if (type is not ("text" or "reasoning" or "tool_call"))
+                throw new RecordError($"{where}[{i}] has type \"{type}\"; only text, reasoning and tool_call parts are supported");
             JsonElement v = part.TryGetProperty("text", out var tx) ? tx : part.TryGetProperty("value", out var va) ? va : default;
             if (v.ValueKind != JsonValueKind.String) throw new RecordError($"{where}[{i}] needs a string \"text\" (or \"value\")");
-            sb.Append(v.GetString());
+            // reasoning and tool calls become text in the Qwen / Hermes conventions most chat templates expect
+            if (type == "reasoning") sb.Append("<think>\n").Append(v.GetString()).Append("\n</think>\n\n");
+            else if (type == "tool_call") sb.Append(sb.Length > 0 ? "\n" : "").Append("<tool_call>\n").Append(v.GetString()).Append("\n</tool_call>");
+            else sb.Append(v.GetString());
             i++;
         }
         return sb.ToString();

@@ -18,6 +18,8 @@ public sealed class PreparedData
     public int RecordsRead { get; init; }
     /// <summary>What the data pipeline did (mixture, cleaning, lengths, truncation, EOS check, packing).</summary>
     public List<string> Report { get; init; } = new();
+    /// <summary>The chat template the samples were rendered with (null = the built-in format); generation uses it too.</summary>
+    public ChatTemplate? Template { get; init; }
 }
 
 /// <summary>
@@ -66,7 +68,7 @@ public sealed class FineTuneJob
         DataOptions? data = null, string? modelPath = null)
     {
         var d = DataPipeline.Prepare(paths, tokenizer, data ?? new DataOptions(), o.MaxLength, o.TrainOnPrompt, o.EvalFraction, o.Seed, maxRecords, modelPath);
-        return new PreparedData { Train = d.Train, Eval = d.Eval, Issues = d.Issues, PadId = d.PadId, RecordsRead = d.RecordsRead, Report = d.Report };
+        return new PreparedData { Train = d.Train, Eval = d.Eval, Issues = d.Issues, PadId = d.PadId, RecordsRead = d.RecordsRead, Report = d.Report, Template = d.Template };
     }
 
     public TrainResult Run(CancellationToken cancel = default)
