@@ -21,6 +21,8 @@ public static class Program
     /// <summary>Runs one command line with the given output streams (used by tests).</summary>
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
     {
+        try { args = TrainRun.ExpandConfig(args); } // ftn train --config FILE: the file's keys become flags
+        catch (Exception e) when (IsUserError(e)) { stderr.WriteLine($"ftn: error: {OneLine(e.Message)}"); return 2; }
         using var parser = new Parser(s =>
         {
             s.HelpWriter = null;          // errors are reported as one line, help is printed by us

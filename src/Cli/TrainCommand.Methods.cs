@@ -38,8 +38,8 @@ internal static class PeftxMethods
     public static string MethodName(TrainOptions o)
     {
         string m = (o.Method ?? "lora").Trim().ToLowerInvariant();
-        if (m is not ("lora" or "prompt" or "prefix" or "bottleneck"))
-            throw new UserError($"--method: unknown method '{o.Method}' (expected lora, prompt, prefix or bottleneck)");
+        if (m is not ("lora" or "prompt" or "prefix" or "bottleneck" or "full"))
+            throw new UserError($"--method: unknown method '{o.Method}' (expected lora, prompt, prefix, bottleneck or full)");
         if (m != "lora" && (o.Rank is not null || o.Alpha is not null || o.Dropout is not null || o.RsLora))
             throw new UserError($"--rank/--alpha/--dropout/--rslora are LoRA options; --method {m} does not use them");
         if (m is not ("prompt" or "prefix") && (o.NumVirtualTokens is not null || o.PromptInit is not null || o.PromptInitText is not null))
@@ -55,7 +55,7 @@ internal static class PeftxMethods
     public static ITrainableMethod? Create(TrainOptions o, LlamaModel model, ITextTokenizer tok, ulong seed, TextWriter stdout)
     {
         string m = MethodName(o);
-        if (m == "lora") return null;
+        if (m is "lora" or "full") return null; // LoRA and full fine-tuning: TrainCommand.CreateMethod
         var c = model.Config;
         try
         {

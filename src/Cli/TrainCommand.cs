@@ -142,7 +142,9 @@ public static class TrainCommand
         bool demo = o.Model is null;
         string[] dataPaths = ResolveData(o, demo);
         string modelPath = ModelSource.Resolve(o.Model);
-        PeftxMethods.MethodName(o); // validates --method and its options before any work
+        string methodName = PeftxMethods.MethodName(o); // validates --method and its options before any work
+        if (methodName != "full" && (o.TopLayers is not null || o.TrainableLayers is not null))
+            throw new UserError("--top-layers/--trainable-layers belong to --method full");
         var lora = BuildLora(o);
         var opts = BuildOptions(o, demo ? Demo : new PeftTrainOptions());
         try { opts.Validate(); lora.Validate(); }
@@ -185,38 +187,65 @@ public static class TrainCommand
         // QLoRA: the frozen base's projections in NF4 from here on (the exact match above ran on the loaded base).
         var baseWeights = loaded.Weights;
         bool nf4 = (o.QLora ? "nf4" : o.BaseQuant) is string bq && ParseBaseQuant(bq);
+        if (nf4 && methodName == "full") throw new UserError("--method full trains the base weights: it cannot use an NF4 base (--qlora/--base-quant)");
         if (nf4)
         {
             var q = FineTuneNative.Peft.Methods.QLora.QuantizeBase(loaded.Weights);
             baseWeights = q.Weights;
             stdout.WriteLine($"qlora    {q.Describe()}");
         }
-        using var model = new LlamaModel(baseWeights, backend) { NeftuneAlpha = dataOptions.NeftuneAlpha };
+        // Full fine-tuning writes the weights: train a writable copy (loaded weights may be views of a mapped file).
+        using var trainWeights = methodName == "full" ? FullFineTune.CloneWritable(loaded.Weights, backend) : null;
+        using var model = new LlamaModel(trainWeights ?? baseWeights, backend) { NeftuneAlpha = dataOptions.NeftuneAlpha };
         using var method = PeftxMethods.Create(o, model, tok, opts.Seed, stdout) ?? CreateMethod(o, model, lora, opts, stdout, tok, dataOptions, modelPath);
-        using var trainer = new Trainer(model, method, opts);
+        model.ActivationCheckpointing = opts.ActivationCheckpointing;
+        int seqLen = Math.Min(opts.MaxLength, Math.Max(1, data.Train.Concat(data.Eval).Max(s => s.Length)));
+        TrainRun.CheckMemory(MemoryPlan.Estimate(model, method, opts, seqLen), o, backend, stdout);
+        using var trainer = new Trainer(model, method, opts)
+        {
+            ResolvedConfig = TrainRun.ResolvedYaml(o, opts, lora, modelPath, dataPaths, methodName),
+        };
         int total = Trainer.TotalSteps(opts, data.Train.Count);
         int logEvery = o.LogEvery is int le && le > 0 ? le : Math.Max(1, total / 20);
         stdout.WriteLine($"train    {total} steps x {opts.MicroBatch * opts.GradAccum} sequences (batch {opts.MicroBatch} x accum {opts.GradAccum}), lr {opts.LearningRate:0.###e0}, max len {opts.MaxLength}");
         trainer.Evaluated += e => stdout.WriteLine(
             $"eval     step {e.Step,5}  loss {CliCommon.F(e.Loss)}  ppl {CliCommon.F(e.Perplexity, "0.000")}  ({e.Samples} samples, {e.Targets} target tokens)");
+        // Live display on a terminal (one line rewritten every step); a log line every logEvery steps otherwise.
+        bool live = ReferenceEquals(stdout, Console.Out) && !Console.IsOutputRedirected;
         trainer.Progress += p =>
         {
-            if (p.Step % logEvery != 0 && p.Step != p.TotalSteps && p.Step != 1) return;
-            stdout.WriteLine(string.Create(CultureInfo.InvariantCulture,
+            string line = string.Create(CultureInfo.InvariantCulture,
                 $"step {p.Step,5}/{p.TotalSteps}  epoch {p.Epoch + 1}  loss {p.Loss:0.0000}  lr {p.LearningRate:0.000e0}  |g| {p.GradNorm:0.000}  " +
-                $"{p.TokensPerSecond,6:0} tok/s  elapsed {CliCommon.Duration(p.Elapsed)}  ETA {CliCommon.Duration(p.Eta)}"));
+                $"{p.TokensPerSecond,6:0} tok/s  elapsed {CliCommon.Duration(p.Elapsed)}  ETA {CliCommon.Duration(p.Eta)}");
+            if (p.Skipped) line += "  SKIPPED (NaN/Inf: nothing updated)";
+            bool logged = p.Step % logEvery == 0 || p.Step == p.TotalSteps || p.Step == 1 || p.Skipped;
+            if (live) { stdout.Write("\r" + line.PadRight(Console.WindowWidth > 0 ? Math.Min(Console.WindowWidth - 1, 160) : 0)); if (logged) stdout.WriteLine(); }
+            else if (logged) stdout.WriteLine(line);
         };
 
         TrainResult? result = null;
         ExactMatchResult? emAfter = null;
         string outDir = Path.GetFullPath(o.Out);
-        CliCommon.WriteDirectoryAtomic(outDir, tmp =>
+        string? resumeFrom = TrainRun.ResumeDir(o, outDir);
+        // With checkpoints (or a resume) the run writes into --out itself, each file and checkpoint atomically, so a
+        // killed run leaves its checkpoints; otherwise the whole directory is built aside and renamed into place.
+        bool inPlace = opts.SaveEvery > 0 || resumeFrom is not null;
+        if (inPlace && resumeFrom is null && Trainer.Checkpoints(outDir).Count > 0)
+            throw new UserError($"{outDir} holds checkpoints of an earlier run: continue it with --resume latest, or choose another --out");
+        void Write(Action<string> write)
         {
-            result = trainer.Train(data.Train, data.Eval, data.PadId, tmp, modelPath);
+            if (inPlace) { Directory.CreateDirectory(outDir); write(outDir); }
+            else CliCommon.WriteDirectoryAtomic(outDir, write);
+        }
+        Write(tmp =>
+        {
+            try { result = trainer.Train(data.Train, data.Eval, data.PadId, tmp, modelPath, resumeFrom: resumeFrom); }
+            catch (TrainingStoppedException e) { if (live) stdout.WriteLine(); throw new UserError(e.Message); }
+            catch (InvalidDataException e) when (resumeFrom is not null) { throw new UserError($"--resume: {Program.OneLine(e.Message)}"); }
             // After: the adapter merged into a writable copy of the base weights.
             if (emRecords.Count > 0)
             {
-                using var merged = nf4 ? FineTuneNative.Peft.Methods.QLora.DequantizedCopy(baseWeights) : ModelSource.CloneWritable(loaded.Weights, backend);
+                using var merged = nf4 ? FineTuneNative.Peft.Methods.QLora.DequantizedCopy(baseWeights) : ModelSource.CloneWritable(trainWeights ?? loaded.Weights, backend);
                 if (method is LoraAdapter adapter) adapter.MergeInto(merged);
                 else if (method is FineTuneNative.Peft.Methods.EwcMethod { Inner: LoraAdapter inner }) inner.MergeInto(merged);
                 using var session = new InferenceSession(merged, backend, SessionLength(cfg, tok, emRecords, o.MaxNewTokens, data.Template) + PeftxMethods.ExtraPositions(method));
@@ -246,8 +275,11 @@ public static class TrainCommand
             stdout.WriteLine($"         after:       {Program.OneLine(after.Generated)}");
         }
         stdout.WriteLine();
+        SummaryTable(r, stdout);
+        stdout.WriteLine();
         stdout.WriteLine($"trained {r.Steps} steps, {CliCommon.Count(r.TrainTokens)} tokens, {r.TokensPerSecond:0} tok/s in {CliCommon.Duration(r.Elapsed)}; total {CliCommon.Duration(wall.Elapsed)}");
-        stdout.WriteLine($"adapter  {outDir}  (try: ftn generate{(demo ? "" : $" --model {modelPath}")} --adapter {o.Out} --prompt \"...\"{(emRecords.Count > 0 && emRecords[0].Input.Length > 0 ? " --input \"...\"" : "")})");
+        if (methodName == "full") stdout.WriteLine($"model    {outDir}  (Hugging Face safetensors; try: ftn generate --model {o.Out} --prompt \"...\")");
+        else stdout.WriteLine($"adapter  {outDir}  (try: ftn generate{(demo ? "" : $" --model {modelPath}")} --adapter {o.Out} --prompt \"...\"{(emRecords.Count > 0 && emRecords[0].Input.Length > 0 ? " --input \"...\"" : "")})");
         return 0;
     }
 
@@ -258,6 +290,16 @@ public static class TrainCommand
     internal static ITrainableMethod CreateMethod(TrainOptions o, LlamaModel model, LoraConfig lora, PeftTrainOptions opts, TextWriter stdout,
         ITextTokenizer? tok = null, DataOptions? dataOptions = null, string? modelPath = null)
     {
+        if (PeftxMethods.MethodName(o) == "full")
+        {
+            FullFineTune full;
+            try { full = new FullFineTune(model, TrainRun.FullConfig(o)) { CopyFilesFrom = ModelSource.Resolve(o.Model) is var mp && Directory.Exists(mp) ? mp : null }; }
+            catch (ArgumentException e) { throw new UserError("--method full: " + e.Message); }
+            stdout.WriteLine($"full     {CliCommon.Count(full.ParameterCount)} trainable parameters, {CliCommon.Count(full.FrozenCount)} frozen" +
+                             (full.MasterBytes > 0 ? $"; f32 master weights over bf16 ({MemoryPlan.FormatBytes(full.MasterBytes)})" : "") +
+                             (full.Config.TrainsEverything ? "" : $" (top {full.Config.TopLayers} layers; {string.Join(",", full.Config.Trainable)})"));
+            return full;
+        }
         LoraAdapter adapter;
         if (o.Adapter is not null)
         {
@@ -305,6 +347,29 @@ public static class TrainCommand
     {
         try { return FineTuneNative.Peft.Methods.QLora.ParseBaseQuant(name) is not null; }
         catch (ArgumentException e) { throw new UserError($"--base-quant: {e.Message}"); }
+    }
+
+    /// <summary>The end-of-run table: every evaluation, the best, skipped steps, early stopping, and the files written.</summary>
+    private static void SummaryTable(TrainResult r, TextWriter stdout)
+    {
+        stdout.WriteLine("summary");
+        if (r.Evals.Count > 0)
+        {
+            stdout.WriteLine("  step    eval loss   perplexity");
+            foreach (var e in r.Evals)
+                stdout.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  {e.Step,5}  {e.Loss,10:0.0000}  {e.Perplexity,11:0.000}{(e.Step == r.BestStep ? "  <- best" : "")}"));
+        }
+        var losses = r.StepLosses.Where(double.IsFinite).ToList();
+        if (losses.Count > 0)
+            stdout.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  train loss  first {losses[0]:0.0000}  last {losses[^1]:0.0000}  min {losses.Min():0.0000}"));
+        stdout.WriteLine($"  steps       {r.Steps}/{r.PlannedSteps}{(r.EarlyStopped ? " (early stopped: no eval improvement for the patience)" : "")}" +
+                         (r.SkippedSteps > 0 ? $"; {r.SkippedSteps} skipped (NaN/Inf)" : ""));
+        if (r.MetricsPath is not null)
+        {
+            string dir = Path.GetDirectoryName(r.MetricsPath)!;
+            stdout.WriteLine($"  files       {Path.GetFileName(r.MetricsPath)}, {Trainer.SummaryFile}, {Trainer.ConfigFile}, {Path.GetFileName(r.PlotPath)}, " +
+                             $"{Trainer.TensorBoardDirName}/ (tensorboard --logdir {Path.Combine(dir, Trainer.TensorBoardDirName)})");
+        }
     }
 
     private static string Pct(double rate) => double.IsNaN(rate) ? "n/a" : (100 * rate).ToString("0.0", CultureInfo.InvariantCulture) + "%";
@@ -363,7 +428,7 @@ public static class TrainCommand
         GradAccum = o.GradAccum ?? b.GradAccum,
         LearningRate = o.LearningRate ?? b.LearningRate,
         WarmupSteps = o.Warmup ?? b.WarmupSteps,
-        WarmupRatio = b.WarmupRatio,
+        WarmupRatio = o.WarmupRatio ?? b.WarmupRatio,
         MinLrRatio = o.MinLrRatio ?? b.MinLrRatio,
         WeightDecay = o.WeightDecay ?? b.WeightDecay,
         ClipNorm = o.Clip ?? b.ClipNorm,
@@ -377,6 +442,16 @@ public static class TrainCommand
         MaxEvalSamples = b.MaxEvalSamples,
         TrainOnPrompt = o.TrainOnPrompt,
         Device = o.Device,
+        Optimizer = (o.Optimizer ?? b.Optimizer).Trim().ToLowerInvariant(),
+        Momentum = o.Momentum ?? b.Momentum,
+        LrScheduler = (o.LrScheduler ?? b.LrScheduler).Trim().ToLowerInvariant(),
+        SaveEvery = o.SaveEvery ?? b.SaveEvery,
+        SaveTotalLimit = o.SaveTotalLimit ?? b.SaveTotalLimit,
+        EarlyStoppingPatience = o.EarlyStoppingPatience ?? b.EarlyStoppingPatience,
+        EarlyStoppingMinDelta = o.EarlyStoppingMinDelta ?? b.EarlyStoppingMinDelta,
+        KeepBest = o.KeepBest,
+        MaxSkippedSteps = o.MaxSkippedSteps ?? b.MaxSkippedSteps,
+        ActivationCheckpointing = o.ActivationCheckpointing,
     };
 
     /// <summary>The held-out records (alpaca only) behind the first <paramref name="max"/> eval samples, matched by file:line.</summary>

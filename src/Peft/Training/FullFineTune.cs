@@ -105,6 +105,17 @@ public sealed class FullFineTune : ITrainableMethod
     }
 
     public FullFineTuneConfig Config { get; }
+
+    /// <summary>
+    /// A Hugging Face model directory whose tokenizer and generation files (tokenizer.json, tokenizer.model,
+    /// tokenizer_config.json, special_tokens_map.json, generation_config.json) <see cref="Save"/> copies, so that the
+    /// output is a complete model directory. Null: weights and config only.
+    /// </summary>
+    public string? CopyFilesFrom { get; init; }
+
+    /// <summary>The files <see cref="CopyFilesFrom"/> contributes.</summary>
+    public static readonly string[] CompanionFiles =
+        { "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json" };
     public string Kind => "full";
     public IReadOnlyList<TrainableTensor> Trainable => _trainable;
     public long ParameterCount => _trainable.Sum(t => t.Param.Length);
@@ -153,6 +164,15 @@ public sealed class FullFineTune : ITrainableMethod
                 new Dictionary<string, string> { ["format"] = "ftn-master-weights" });
         }
         else if (File.Exists(masters)) File.Delete(masters);
+        if (CopyFilesFrom is not null && Directory.Exists(CopyFilesFrom))
+            foreach (var f in CompanionFiles)
+            {
+                string src = Path.Combine(CopyFilesFrom, f), dst = Path.Combine(dir, f);
+                if (!File.Exists(src) || Path.GetFullPath(src) == Path.GetFullPath(dst)) continue;
+                string tmp = dst + $".{Environment.ProcessId}.tmp";
+                File.Copy(src, tmp, overwrite: true);
+                File.Move(tmp, dst, overwrite: true);
+            }
     }
 
     /// <summary>

@@ -315,13 +315,15 @@ public sealed class Trainer : IDisposable
             void Log(JsonObject o) => metrics?.WriteLine(o.ToJsonString());
             var evals = new List<EvalProgress>();
 
-            EvalResult? RunEval(int step)
+            // record = false: the resume point's evaluation, reported but not logged (the uninterrupted run has no such line)
+            EvalResult? RunEval(int step, bool record = true)
             {
                 if (eval.Count == 0) return null;
                 var r = Evaluate(eval, seqLen, padId);
                 var e = new EvalProgress(step, r.Loss, r.Perplexity, r.Samples, r.Targets);
-                evals.Add(e);
                 Evaluated?.Invoke(e);
+                if (!record) return r;
+                evals.Add(e);
                 Log(new JsonObject { ["step"] = step, ["eval_loss"] = Num(r.Loss), ["eval_ppl"] = Num(r.Perplexity), ["eval_targets"] = r.Targets });
                 tb?.Scalars(step, ("eval/loss", r.Loss), ("eval/perplexity", r.Perplexity));
                 return r;
@@ -348,7 +350,7 @@ public sealed class Trainer : IDisposable
                 return _opt.EarlyStoppingPatience > 0 && _run.BadEvals >= _opt.EarlyStoppingPatience;
             }
 
-            var before = RunEval(first - 1);
+            var before = RunEval(first - 1, record: resumeFrom is null);
             if (resumeFrom is null) ConsiderBest(before, 0);
             var losses = new List<double>();
             var clock = Stopwatch.StartNew();
