@@ -16,6 +16,13 @@ public readonly struct DeviceFloats
     /// </summary>
     public const int KindQ8_0 = 3, KindQ4_0 = 4;
 
+    /// <summary>
+    /// NF4 (bitsandbytes layout, see <see cref="Nf4"/>): <see cref="U16"/> views the tensor's bytes (codes, then
+    /// the absmax codes), <see cref="F32"/> a table of the 16 levels, the 256-entry dynamic map, then the tensor's
+    /// group absmaxes and offset. Read only by the tensor-core matmul (<see cref="QuantLoad"/>).
+    /// </summary>
+    public const int KindNF4 = 5, Nf4TableFloats = 16 + 256;
+
     public readonly ArrayView<float> F32;
     public readonly ArrayView<ushort> U16;
     public readonly int Kind;
@@ -34,9 +41,21 @@ public readonly struct DeviceFloats
         return HalfMath.F16ToF32(U16[i]);
     }
 
-    /// <summary>Element i of a Q8_0 (q·d) or Q4_0 ((q - 8)·d) tensor, d the block's f16 scale; exact in f32.</summary>
-    public float QuantLoad(long i)
+    /// <summary>
+    /// Element i of a Q8_0 (q·d) or Q4_0 ((q - 8)·d) tensor, d the block's f16 scale (exact in f32), or of an NF4
+    /// tensor of <paramref name="count"/> elements (level[q] · (map[c] · groupAbsmax + offset), as Nf4Reference).
+    /// </summary>
+    public float QuantLoad(long i, long count)
     {
+        if (Kind == KindNF4)
+        {
+            int v = Byte(i >> 1);
+            int q = (i & 1) == 0 ? v >> 4 : v & 15;
+            long nf4Block = i / Nf4.BlockSize;
+            int code = Byte(Nf4.AbsmaxOffset(count) + nf4Block);
+            float absmax = F32[16 + code] * F32[Nf4TableFloats + nf4Block / Nf4.GroupSize] + F32[Nf4TableFloats + Nf4.Groups(count)];
+            return F32[q] * absmax;
+        }
         long block = i >> 5;
         int within = (int)(i & 31);
         if (Kind == KindQ8_0)

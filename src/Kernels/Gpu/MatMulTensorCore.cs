@@ -234,9 +234,9 @@ internal sealed class MatMulTensorCoreKernels
 
     /// <summary>The 16-bit operand bits of element i: the stored bits when the tensor already has the operand type, else rounded from f32.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static uint Bits<TOp>(DeviceFloats v, long i) where TOp : struct, IMmaOperand
+    private static uint Bits<TOp>(DeviceFloats v, long i, long count) where TOp : struct, IMmaOperand
     {
-        if (v.Kind >= DeviceFloats.KindQ8_0) return Round<TOp>(v.QuantLoad(i)); // dequantized in the tile load
+        if (v.Kind >= DeviceFloats.KindQ8_0) return Round<TOp>(v.QuantLoad(i, count)); // dequantized in the tile load
         if (!TOp.IsF16 && v.Kind == DeviceFloats.KindBF16) return v.U16[i];
         if (TOp.IsF16 && v.Kind == DeviceFloats.KindF16) return v.U16[i];
         return Round<TOp>(v.Load(i));
@@ -246,8 +246,8 @@ internal sealed class MatMulTensorCoreKernels
     private static uint Round<TOp>(float x) where TOp : struct, IMmaOperand => TOp.IsF16 ? HalfMath.F32ToF16(x) : HalfMath.F32ToBf16(x);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static uint Pair<TOp>(DeviceFloats v, long i0, long step, bool in0, bool in1) where TOp : struct, IMmaOperand
-        => (in0 ? Bits<TOp>(v, i0) : 0u) | ((in1 ? Bits<TOp>(v, i0 + step) : 0u) << 16);
+    private static uint Pair<TOp>(DeviceFloats v, long i0, long step, bool in0, bool in1, long count) where TOp : struct, IMmaOperand
+        => (in0 ? Bits<TOp>(v, i0, count) : 0u) | ((in1 ? Bits<TOp>(v, i0 + step, count) : 0u) << 16);
 
     /// <summary>
     /// This thread's 16 elements of the 128-row × 32-k tile starting at (row0, k0), as four runs of 4 along the
@@ -298,8 +298,9 @@ internal sealed class MatMulTensorCoreKernels
             }
             else
             {
-                lo = Pair<TOp>(v, g, step, in0, in1);
-                hi = Pair<TOp>(v, g + 2 * step, step, in2, in3);
+                long count = (long)rows * ks; // the operand's element count (NF4 locates its statistics from it)
+                lo = Pair<TOp>(v, g, step, in0, in1, count);
+                hi = Pair<TOp>(v, g + 2 * step, step, in2, in3, count);
             }
             if (l == 0) { st.U0 = lo; st.U1 = hi; }
             else if (l == 1) { st.U2 = lo; st.U3 = hi; }

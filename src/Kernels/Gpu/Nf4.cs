@@ -11,8 +11,8 @@ namespace FineTuneNative.Kernels.Gpu;
 /// <remarks>
 /// Storage layout: <see cref="Nf4"/>. The f32 tail of the storage (group absmaxes, then the offset) is passed as one
 /// float view; the 16 levels and the 256-entry dynamic map are uploaded once per backend into a 272-float table.
-/// Matches Nf4Reference + MatMulReference. A tensor-core path that dequantizes inside the tile loads is left to
-/// the GPU matmul work.
+/// Matches Nf4Reference + MatMulReference. On CUDA sm_80+ the products instead run on the tensor-core kernel,
+/// which dequantizes NF4 inside its tile loads (<see cref="Fused"/>; tested on the simulator in TensorCoreSimulatorTests).
 /// </remarks>
 internal sealed class Nf4Kernels : IDisposable
 {
@@ -23,6 +23,7 @@ internal sealed class Nf4Kernels : IDisposable
     private readonly Action<Index1D, ArrayView<byte>, ArrayView<float>, ArrayView<float>, Nf4Args, ArrayView<float>> _dequant;
     private readonly MemoryBuffer1D<float, Stride1D.Dense> _tables;
     private MemoryBuffer1D<float, Stride1D.Dense>? _panel;
+    private MemoryBuffer1D<float, Stride1D.Dense>? _fused;
 
     public Nf4Kernels(IlgpuBackend b)
     {
@@ -65,6 +66,7 @@ internal sealed class Nf4Kernels : IDisposable
         {
             _b.Stream.Synchronize(); // earlier launches may still read the old panel
             _panel?.Dispose();
+        _fused?.Dispose();
             _panel = _b.Accelerator.Allocate1D<float>(Math.Max(floats, 1));
         }
         return _panel.View;
@@ -90,11 +92,42 @@ internal sealed class Nf4Kernels : IDisposable
         if (w.Length != needed) throw new ArgumentException($"{op}: w ({w.Describe()}) has {w.Length} elements, expected {needed}");
     }
 
+    /// <summary>
+    /// W as the tensor-core matmul reads NF4 (<see cref="DeviceFloats.KindNF4"/>): its bytes, and a float table of the
+    /// 16 levels, the dynamic map and a copy of W's group absmaxes and offset (copied on the stream, device to device).
+    /// </summary>
+    internal DeviceFloats Fused(Tensor w)
+    {
+        long n = w.Length;
+        var raw = _b.RawView(w, "w");
+        long gOff = Nf4.GroupAbsmaxOffset(n);
+        var stats = raw.SubView(gOff, raw.Length - gOff).Cast<float>(); // groups + offset
+        long need = DeviceFloats.Nf4TableFloats + stats.Length;
+        if (_fused is null || _fused.Length < need)
+        {
+            _b.Stream.Synchronize(); // earlier launches may still read the old table
+            _fused?.Dispose();
+            _fused = _b.Accelerator.Allocate1D<float>(need);
+            _tables.View.CopyTo(_b.Stream, _fused.View.SubView(0, DeviceFloats.Nf4TableFloats));
+        }
+        ((ArrayView1D<float, Stride1D.Dense>)stats).CopyTo(_b.Stream, _fused.View.SubView(DeviceFloats.Nf4TableFloats, stats.Length));
+        return new DeviceFloats(_fused.View, raw.Cast<ushort>(), DeviceFloats.KindNF4);
+    }
+
     /// <summary>y(M,N) (+)= alpha·x(M,K)·Wᵀ [+ bias] for an NF4 W(N,K).</summary>
     public void Forward(Tensor w, ArrayView<float> x, ArrayView<float> y, Tensor? bias, int m, int n, int k, float alpha, bool accumulate, string op)
     {
         CheckWeight(w, (long)n * k, op);
         if (m == 0 || n == 0) return;
+        if (_b.TensorCores)
+        {
+            // CUDA: dequantized inside the tensor-core kernel's tile loads, no panel
+            var p = MatMulTensorCoreKernels.From(MatMulKernels.Nt(m, n, k, alpha, accumulate));
+            p.HasBias = bias is null ? 0 : 1;
+            TensorCore.Launch(false, new DeviceFloats(x, ArrayView<ushort>.Empty, DeviceFloats.KindF32), Fused(w), y,
+                bias is null ? MatMulKernels.None : _b.Floats(bias, "bias"), ArrayView<float>.Empty, MatMulKernels.None, p);
+            return;
+        }
         var biasView = bias is null ? ArrayView<float>.Empty : _b.F32(bias, "bias");
         int rows = PanelRows(n, k);
         for (int j0 = 0; j0 < n; j0 += rows)
@@ -119,6 +152,12 @@ internal sealed class Nf4Kernels : IDisposable
             if (!accumulate) dx.SubView(0, (long)m * k).MemSetToZero(_b.Stream);
             return;
         }
+        if (_b.TensorCores)
+        {
+            TensorCore.Launch(false, new DeviceFloats(dy, ArrayView<ushort>.Empty, DeviceFloats.KindF32), Fused(w), dx, MatMulKernels.None,
+                ArrayView<float>.Empty, MatMulKernels.None, MatMulTensorCoreKernels.From(MatMulKernels.Nn(m, k, n, 1f, accumulate)));
+            return;
+        }
         int rows = PanelRows(n, k);
         for (int j0 = 0; j0 < n; j0 += rows)
         {
@@ -134,6 +173,8 @@ internal sealed class Nf4Kernels : IDisposable
     public ArrayView<float> Rows(Tensor w, int n, int k, int row0, int rows) => DequantRows(w, (long)n * k, k, row0, rows);
 
     public static int RowsPerPanel(int n, int k) => PanelRows(n, k);
+
+    private MatMulTensorCoreKernels TensorCore => _b.Kernels(x => new MatMulTensorCoreKernels(x));
 
     public void Dispose()
     {

@@ -1,6 +1,7 @@
 using FineTuneNative.Kernels;
 using FineTuneNative.Kernels.Gpu;
 using FineTuneNative.Kernels.Quant;
+using FineTuneNative.Kernels.Reference;
 using FineTuneNative.Tests.Numerics;
 using ILGPU;
 
@@ -149,5 +150,48 @@ public class TensorCoreSimulatorTests
             expected[i * outer + j] = s;
         }
         NumericAssert.Close(expected, got, Tolerance.F32.Atol, Tolerance.F32.Rtol, $"{type} backwardInput={backwardInput}");
+    }
+
+    /// <summary>
+    /// NF4 dequantized inside the tensor-core kernel's tile loads (the CUDA path of Nf4Kernels, whose simulator path
+    /// stays the f32 panel): forward and input-gradient layouts over a weight of 1.5 groups of blocks (the group
+    /// absmax index and the element count that locates the statistics are exercised), against Nf4Reference.
+    /// </summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Nf4IsDequantizedInTheTileLoads(bool backwardInput)
+    {
+        var b = Sim.Value;
+        var tc = b.Kernels(x => new MatMulTensorCoreKernels(x));
+        var nf4 = b.Kernels(x => new Nf4Kernels(x));
+        const int m = 3, n = 96, k = 256; // 384 blocks of 64: 1.5 groups of 256 blocks
+        var rng = new Random(11);
+        var wf = new float[n * k];
+        for (int i = 0; i < wf.Length; i++) wf[i] = (float)(rng.NextDouble() * 2 - 1) * (1 + i / 4096);
+        var bytes = Nf4.Quantize(wf);
+        var deq = Nf4Reference.Dequantize(bytes, (long)n * k);
+        using var w = b.Allocate(DType.NF4, n, k);
+        b.UploadRaw(w, bytes);
+        int inner = backwardInput ? n : k, outer = backwardInput ? k : n;
+        float[] x = Rand(m * inner, 12);
+        using var tx = Up(b, DType.F32, x);
+        using var ty = b.Allocate(DType.F32, m * outer);
+        var args = backwardInput
+            ? MatMulTensorCoreKernels.From(MatMulKernels.Nn(m, k, n, 1f, false))
+            : MatMulTensorCoreKernels.From(MatMulKernels.Nt(m, n, k, 1f, false));
+        tc.Launch(false, b.Floats(tx, "x"), nf4.Fused(w), b.F32(ty, "y"), MatMulKernels.None, ArrayView<float>.Empty, MatMulKernels.None, args);
+        var got = new float[m * outer];
+        b.Download(ty, got);
+        var expected = new double[m * outer];
+        for (int i = 0; i < m; i++)
+        for (int j = 0; j < outer; j++)
+        {
+            double s = 0;
+            for (int q = 0; q < inner; q++)
+                s += (double)Round(x[i * inner + q], false) * Round((float)(backwardInput ? deq[q * k + j] : deq[j * k + q]), false);
+            expected[i * outer + j] = s;
+        }
+        NumericAssert.Close(expected, got, Tolerance.F32.Atol, Tolerance.F32.Rtol, $"nf4 backwardInput={backwardInput}");
     }
 }
