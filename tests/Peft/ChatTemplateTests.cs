@@ -167,6 +167,29 @@ public class ChatTemplateTests
         Assert.Contains("EOS", SampleEncoder.CheckEosInTargets(new[] { s }, tok));
     }
 
+    /// <summary>Llama 3 (real tiktoken tokenizer, the published template): header tokens are the special ids, the
+    /// targets are exactly each answer plus &lt;|eot_id|&gt; (128009, an EOS the model emits), the generation prompt
+    /// is the training prefix.</summary>
+    [SkippableFact]
+    public void Label_masks_with_the_real_llama3_tokenizer_and_template()
+    {
+        var tok = TokenizerLoader.Load(PeftAssets.Require("llama3-tokenizer", "tokenizer.model"));
+        var tpl = ChatTemplate.Builtin("llama3", tok);
+        Assert.Equal("<|begin_of_text|>", tpl.BosToken);
+        var conv = Conversation(1);
+        var enc = new SampleEncoder(tok, new EncodeOptions { Template = tpl, MaxLength = 512 });
+        var s = enc.Encode(DatasetRecord.Chat(conv, "x"), out var issue)!;
+        Assert.Null(issue);
+        Assert.Equal(128000, s.Tokens[0]);
+        Assert.Equal(5, s.Tokens.Count(t => t == 128006)); // <|start_header_id|>: system, user, assistant, user, assistant
+        var trained = s.Targets.Where(t => t != TokenizedSample.IgnoreIndex).ToArray();
+        Assert.Equal(tok.Encode("4").Append(128009).Concat(tok.Encode("6")).Append(128009), trained);
+        Assert.Contains("128009", SampleEncoder.CheckEosInTargets(new[] { s }, tok));
+        var prompt = enc.EncodePrompt(conv.Take(2).ToList());
+        Assert.Equal(prompt, s.Tokens[..prompt.Length]);
+        Assert.Equal(tok.Encode("4")[0], s.Targets[prompt.Length - 1]);
+    }
+
     [Fact]
     public void Eos_preflight_fails_when_no_target_has_the_eos()
     {
