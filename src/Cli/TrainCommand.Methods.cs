@@ -11,7 +11,7 @@ namespace FineTuneNative.Cli;
 public sealed partial class TrainOptions
 {
     [Option("method", MetaValue = "M",
-        HelpText = "What to train: lora (default), prompt (PEFT prompt tuning), prefix (PEFT prefix tuning) or bottleneck (bottleneck adapters after attention and MLP).")]
+        HelpText = "What to train: lora (default), prompt (PEFT prompt tuning), prefix (PEFT prefix tuning), bottleneck (bottleneck adapters after attention and MLP) or full (every parameter).")]
     public string? Method { get; set; }
 
     [Option("num-virtual-tokens", MetaValue = "P", HelpText = "prompt/prefix: number of learned virtual tokens. Default 16.")]
@@ -40,8 +40,10 @@ internal static class PeftxMethods
         string m = (o.Method ?? "lora").Trim().ToLowerInvariant();
         if (m is not ("lora" or "prompt" or "prefix" or "bottleneck" or "full"))
             throw new UserError($"--method: unknown method '{o.Method}' (expected lora, prompt, prefix, bottleneck or full)");
-        if (m != "lora" && (o.Rank is not null || o.Alpha is not null || o.Dropout is not null || o.RsLora))
-            throw new UserError($"--rank/--alpha/--dropout/--rslora are LoRA options; --method {m} does not use them");
+        if (m != "lora" && (o.Rank is not null || o.Alpha is not null || o.Dropout is not null || o.RsLora || o.UseRsLora || o.UseDora))
+            throw new UserError($"--rank/--alpha/--dropout/--rslora/--use-rslora/--use-dora are LoRA options; --method {m} does not use them");
+        if (m is "prompt" or "prefix" or "bottleneck" && (o.EwcLambda is not null || o.EwcData is not null))
+            throw new UserError($"--ewc-lambda/--ewc-data apply to LoRA stages; --method {m} does not support them");
         if (m is not ("prompt" or "prefix") && (o.NumVirtualTokens is not null || o.PromptInit is not null || o.PromptInitText is not null))
             throw new UserError("--num-virtual-tokens/--prompt-init/--prompt-init-text belong to --method prompt or prefix");
         if (m != "bottleneck" && (o.BottleneckSize is not null || o.BottleneckSites is not null))
@@ -59,6 +61,7 @@ internal static class PeftxMethods
         var c = model.Config;
         try
         {
+            if (o.Adapter is not null) return Continue(m, CliCommon.RequireDirectory(o.Adapter, "adapter"), model, stdout);
             switch (m)
             {
                 case "prompt":
@@ -101,6 +104,29 @@ internal static class PeftxMethods
         catch (ArgumentException e)
         {
             throw new UserError(e.Message);
+        }
+    }
+
+    /// <summary>Staged training: the saved prompt/prefix/bottleneck adapter in <paramref name="dir"/> continues training.</summary>
+    private static ITrainableMethod Continue(string m, string dir, LlamaModel model, TextWriter stdout)
+    {
+        string want = m switch { "prompt" => PromptTuning.PeftTypeName, "prefix" => PrefixTuning.PeftTypeName, _ => BottleneckAdapters.PeftTypeName };
+        try
+        {
+            string type = AdapterFiles.PeftType(dir);
+            if (type != want) throw new UserError($"--adapter '{dir}': its peft_type is {type}, not {want} (--method {m})");
+            ITrainableMethod method = m switch
+            {
+                "prompt" => PromptTuning.Load(dir, model),
+                "prefix" => PrefixTuning.Load(dir, model),
+                _ => BottleneckAdapters.Load(dir, model),
+            };
+            stdout.WriteLine($"stage    continuing {dir} ({m}): {CliCommon.Count(method.ParameterCount)} trainable parameters");
+            return method;
+        }
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException or InvalidDataException)
+        {
+            throw new UserError($"--adapter '{dir}': {Program.OneLine(e.Message)}");
         }
     }
 

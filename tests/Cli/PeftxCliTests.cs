@@ -35,6 +35,16 @@ public class PeftxCliTests
             var g = CliHarness.Run("generate", "--adapter", outDir, "--raw", "--prompt", prompt, "--max-new-tokens", "12");
             Assert.True(g.ExitCode == 0, g.ToString());
             Assert.Equal(after, g.Stdout.Trim());
+
+            // staged training: --adapter continues the saved adapter (its eval loss before = the saved one's after)
+            string stage2 = Path.Combine(dir, "stage2");
+            var t2 = CliHarness.Run("train", "--method", method, "--adapter", outDir, "--max-steps", "1", "--exact-match", "0",
+                "--batch-size", "4", "--lr", "1e-2", "--out", stage2);
+            Assert.True(t2.ExitCode == 0, t2.ToString());
+            Assert.Contains("stage    continuing", t2.Stdout);
+            double after1 = JsonDocument.Parse(File.ReadAllText(Path.Combine(outDir, "train_results.json"))).RootElement.GetProperty("eval_loss_after").GetDouble();
+            double before2 = JsonDocument.Parse(File.ReadAllText(Path.Combine(stage2, "train_results.json"))).RootElement.GetProperty("eval_loss_before").GetDouble();
+            Assert.Equal(after1, before2, 6);
         }
         finally { Directory.Delete(dir, true); }
     }
@@ -45,6 +55,8 @@ public class PeftxCliTests
     [InlineData("--method", "lora", "--num-virtual-tokens", "4")]
     [InlineData("--method", "prompt", "--pack")]
     [InlineData("--method", "bottleneck", "--bottleneck-sites", "middle")]
+    [InlineData("--method", "prefix", "--use-dora")]
+    [InlineData("--method", "prompt", "--ewc-lambda", "1")]
     public void BadMethodOptions_AreOneLineErrors(params string[] args)
     {
         var r = CliHarness.Run(["train", "--max-steps", "1", "--exact-match", "0", .. args]);
