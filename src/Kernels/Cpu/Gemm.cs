@@ -55,6 +55,8 @@ internal static unsafe class Gemm
         public int NC, NBlocks, ChunkRows;
         public float* Scratch; public long ScratchStride;
         public bool CTrans;
+        /// <summary>op(B) is row-major f32: full NR-wide panels are read in place (row stride Ldb), only a ragged edge panel is packed.</summary>
+        public bool BDirect;
     }
 
     public static void Run(CpuBackend be, int m, int n, int k,
@@ -103,6 +105,7 @@ internal static unsafe class Gemm
             return;
         }
         int mr = MR, nr = NR;
+        ctx.BDirect = Wide && !bTrans && !bBf16;
         int slices = (k + KCMax - 1) / KCMax;
         int kcs = (k + slices - 1) / slices;
         int ncMax = Math.Min(RoundUp(n, nr), NBlock);
@@ -347,7 +350,8 @@ internal static unsafe class Gemm
         else
         {
             int p0 = (task - x->APackTasks) * per, p1 = Math.Min(x->BPanels, p0 + per);
-            for (int panel = p0; panel < p1; panel++) PackBPanel(x, panel);
+            for (int panel = p0; panel < p1; panel++)
+                if (!x->BDirect || (panel + 1) * NR > x->Nc) PackBPanel(x, panel);
         }
     }
 
@@ -479,15 +483,20 @@ internal static unsafe class Gemm
                 int nv = Math.Min(nr, c1 - jr);
                 float* bPanel = x->Bp + (long)(jr / nr) * nr * kc;
                 float* biasJ = x->BiasNow != null ? x->BiasNow + x->Jc + jr : null;
-                if (Wide) Kernel512(kc, aPanel, bPanel, cRow + jr, x->Ldc, alpha, beta, biasJ, mv, nv, tile);
+                if (Wide)
+                {
+                    long bStride = 32;
+                    if (x->BDirect && nv == 32) { bPanel = (float*)x->B + x->Pc * x->Ldb + x->Jc + jr; bStride = x->Ldb; }
+                    Kernel512(kc, aPanel, bPanel, bStride, cRow + jr, x->Ldc, alpha, beta, biasJ, mv, nv, tile);
+                }
                 else Kernel256(kc, aPanel, bPanel, cRow + jr, x->Ldc, alpha, beta, biasJ, mv, nv, tile);
             }
         }
     }
 
-    /// <summary>12×32 tile: C[0..12, 0..32] (+)= alpha·Σ_q a[q·12 + r]·b[q·32 + j] [+ bias].</summary>
+    /// <summary>12×32 tile: C[0..12, 0..32] (+)= alpha·Σ_q a[q·12 + r]·b[q·bStride + j] [+ bias] (bStride 32 for a packed panel).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Kernel512(int kc, float* a, float* b, float* c, long ldc, float alpha, bool beta, float* bias, int mv, int nv, float* tile)
+    private static void Kernel512(int kc, float* a, float* b, long bStride, float* c, long ldc, float alpha, bool beta, float* bias, int mv, int nv, float* tile)
     {
         Vector512<float> c00 = default, c01 = default, c10 = default, c11 = default, c20 = default, c21 = default,
             c30 = default, c31 = default, c40 = default, c41 = default, c50 = default, c51 = default,
@@ -521,7 +530,7 @@ internal static unsafe class Gemm
             ca0 = Vector512.FusedMultiplyAdd(av, b0, ca0); ca1 = Vector512.FusedMultiplyAdd(av, b1, ca1);
             av = Vector512.Create(a[11]);
             cb0 = Vector512.FusedMultiplyAdd(av, b0, cb0); cb1 = Vector512.FusedMultiplyAdd(av, b1, cb1);
-            a += 12; b += 32;
+            a += 12; b += bStride;
         }
         if (mv == 12 && nv == 32)
         {
