@@ -144,8 +144,7 @@ public class Nf4Tests
     public void MatMul_with_an_nf4_weight_matches_the_reference_on_the_dequantized_weight(string backend)
     {
         var b = Backend(backend);
-        int saveCpu = CpuBackend.Nf4PanelFloats, saveGpu = Nf4Kernels.PanelFloats;
-        CpuBackend.Nf4PanelFloats = Nf4Kernels.PanelFloats = 256; // several row panels even at these shapes
+        CpuBackend.Nf4PanelFloatsOverride = Nf4Kernels.PanelFloatsOverride = 256; // several row panels even at these shapes (this thread only)
         try
         {
             int seed = 40;
@@ -177,8 +176,7 @@ public class Nf4Tests
         }
         finally
         {
-            CpuBackend.Nf4PanelFloats = saveCpu;
-            Nf4Kernels.PanelFloats = saveGpu;
+            CpuBackend.Nf4PanelFloatsOverride = Nf4Kernels.PanelFloatsOverride = 0;
         }
     }
 

@@ -6,11 +6,14 @@ namespace FineTuneNative.Kernels.Cpu;
 public sealed unsafe partial class CpuBackend
 {
     /// <summary>Floats of the dequantized row panel (1 MiB: stays in L2 next to the GEMM's own packing).</summary>
-    internal static int Nf4PanelFloats = 1 << 18; // settable by tests (several panels at small shapes); results do not depend on it
+    private const int Nf4PanelFloats = 1 << 18;
+    /// <summary>Tests set this (per calling thread) to force several panels at small shapes; results do not depend on it.</summary>
+    [ThreadStatic] internal static int Nf4PanelFloatsOverride;
     private float[]? _nf4Panel;
 
     /// <summary>Rows of W dequantized at once: a multiple of the GEMM's column block where K allows.</summary>
-    private static int Nf4PanelRows(int n, int k) => Math.Clamp(Nf4PanelFloats / Math.Max(k, 1), 1, Math.Max(1, n));
+    private static int Nf4PanelRows(int n, int k) =>
+        Math.Clamp((Nf4PanelFloatsOverride > 0 ? Nf4PanelFloatsOverride : Nf4PanelFloats) / Math.Max(k, 1), 1, Math.Max(1, n));
 
     /// <summary>The storage of an NF4 weight of n·k elements, after checking it.</summary>
     internal byte* Nf4Weight(Tensor w, long needed, string name, string op)

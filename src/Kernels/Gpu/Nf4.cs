@@ -16,7 +16,9 @@ namespace FineTuneNative.Kernels.Gpu;
 /// </remarks>
 internal sealed class Nf4Kernels : IDisposable
 {
-    internal static int PanelFloats = 1 << 20; // settable by tests (several panels at small shapes); results do not depend on it
+    public const int PanelFloats = 1 << 20;
+    /// <summary>Tests set this (per calling thread) to force several panels at small shapes; results do not depend on it.</summary>
+    [ThreadStatic] internal static int PanelFloatsOverride;
 
     private readonly IlgpuBackend _b;
     private readonly MatMulKernels _mm;
@@ -84,7 +86,8 @@ internal sealed class Nf4Kernels : IDisposable
         return panel;
     }
 
-    private static int PanelRows(int n, int k) => Math.Clamp(PanelFloats / Math.Max(k, 1), 1, Math.Max(1, n));
+    private static int PanelRows(int n, int k) =>
+        Math.Clamp((PanelFloatsOverride > 0 ? PanelFloatsOverride : PanelFloats) / Math.Max(k, 1), 1, Math.Max(1, n));
 
     private static void CheckWeight(Tensor w, long needed, string op)
     {

@@ -1,5 +1,7 @@
 using System.Buffers.Binary;
 using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 
 namespace FineTuneNative.Kernels;
 
@@ -180,6 +182,15 @@ public static class Nf4
             float absmax = BlockAbsmax(storage, n, block);
             // odd head element, then pairs from whole bytes, then an even tail element
             if ((i & 1) != 0 && i < blockEnd) { *dst++ = levels[storage[i >> 1] & 15] * absmax; i++; }
+            if (Avx512F.IsSupported && i + 32 <= blockEnd)
+            {
+                var lut = Avx512F.LoadVector512(levels);
+                var scale = Avx512F.BroadcastScalarToVector512(Sse.LoadScalarVector128(&absmax));
+                var mask15 = Avx512F.BroadcastScalarToVector512(Sse2.ConvertScalarToVector128Int32(15));
+                Vector512<int> ilo, ihi;
+                fixed (int* ix = Interleave) { ilo = Avx512F.LoadVector512(ix); ihi = Avx512F.LoadVector512(ix + 16); }
+                for (; i + 32 <= blockEnd; i += 32, dst += 32) Dequantize32(storage + (i >> 1), lut, scale, mask15, ilo, ihi, dst);
+            }
             for (; i + 1 < blockEnd; i += 2)
             {
                 byte v = storage[i >> 1];
@@ -189,6 +200,27 @@ public static class Nf4
             }
             if (i < blockEnd) { *dst++ = levels[storage[i >> 1] >> 4] * absmax; i++; }
         }
+    }
+
+    // vpermt2ps indices interleaving the high-nibble levels (even elements, from a) with the low-nibble ones (odd, from b)
+    private static readonly int[] Interleave =
+    {
+        0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31,
+    };
+
+    /// <summary>32 elements from 16 code bytes: zero-extend the bytes, split the nibbles, look both up in the 16-level
+    /// table with one permute each, interleave them back into element order, scale. Explicit AVX-512F intrinsics (the
+    /// generic Vector512 operators fall back to software where the runtime prefers 256-bit vectors).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static unsafe void Dequantize32(byte* codes, Vector512<float> lut, Vector512<float> scale, Vector512<int> mask15,
+        Vector512<int> ilo, Vector512<int> ihi, float* dst)
+    {
+        var bytes = Avx512F.ConvertToVector512Int32(Sse2.LoadVector128(codes));
+        var hi = Avx512F.PermuteVar16x32(lut, Avx512F.ShiftRightLogical(bytes, 4));
+        var lo = Avx512F.PermuteVar16x32(lut, Avx512F.And(bytes, mask15));
+        Avx512F.Store(dst, Avx512F.Multiply(Avx512F.PermuteVar16x32x2(hi, ilo, lo), scale));
+        Avx512F.Store(dst + 16, Avx512F.Multiply(Avx512F.PermuteVar16x32x2(hi, ihi, lo), scale));
     }
 
     /// <summary>Every element of an NF4 tensor of the cpu backend, dequantized to host floats.</summary>
