@@ -55,6 +55,10 @@ public static class KernelsDoc
         yield return new("MatMulTensorCore (gate+up)", "x·Wᵀ, N=2F, K=C", Mm(2.0 * m.F, m.C), MmBytes(2.0 * m.F, m.C), tc);
         yield return new("MatMulTensorCore (down)", "x·Wᵀ, N=C, K=F", Mm(m.C, m.F), MmBytes(m.C, m.F), tc);
         yield return new("MatMulTensorCore (down, dx)", "dy·W, N=F, K=C", Mm(m.F, m.C), MmBytes(m.F, m.C), tc);
+        yield return new("MatMulTensorCore, Q8_0 weight (gate+up)", "x·Wᵀ, W 34 B per 32 elements", Mm(2.0 * m.F, m.C), 4.0 * M * m.C + 2.0 * m.F * m.C * 34 / 32 + 8.0 * M * m.F,
+            "dequantized per element in the tile load (byte loads, no vector loads), then as bf16");
+        yield return new("MatMulTensorCore, NF4 weight (gate+up)", "x·Wᵀ, W 0.5 B per element + stats", Mm(2.0 * m.F, m.C), 4.0 * M * m.C + 2.0 * m.F * m.C * 0.5 + 8.0 * M * m.F,
+            "per element: a code nibble, an absmax code and two table lookups in the tile load; then as bf16");
         yield return new("MatMulTiled (LM head, f32 SIMT)", "x·Eᵀ, N=V, K=C", Mm(m.V, m.C), 4 * M * m.C + 4.0 * m.V * m.C + 4 * M * m.V,
             "f32 FMA on CUDA cores (no tensor cores for f32 weights): 67 TFLOP/s f32 peak, 15x below the bf16 floor");
         double T = Seq, pairs = Batch * m.NH * T * (T + 1) / 2;

@@ -206,6 +206,10 @@ public class PtxasTests
                         report.LocalAccesses = Regex.Matches(sass, @"\b(LDL|STL)\b").Count;
                         if (kernel.TensorCore && report.Hmma == 0)
                             failures.AppendLine($"{kernel.Name} {arch}: a tensor-core kernel without HMMA in its SASS (the mma.sync path was lost)");
+                        // the m16n8k16 shape and operand type the kernel asks for: HMMA.16816.F32.BF16 (bf16) or HMMA.16816.F32 (f16)
+                        string expectedHmma = kernel.Name.Contains("Bf16", StringComparison.Ordinal) ? @"HMMA\.16816\.F32\.BF16\b" : @"HMMA\.16816\.F32 ";
+                        if (kernel.TensorCore && !Regex.IsMatch(sass, expectedHmma))
+                            failures.AppendLine($"{kernel.Name} {arch}: no {expectedHmma.Replace(@"\", "")} in the SASS");
                         if (kernel.TensorCore && report.LocalAccesses != 0)
                             failures.AppendLine($"{kernel.Name} {arch}: {report.LocalAccesses} LDL/STL in the SASS (PtxLocalForwarding no longer removes ILGPU's inline-asm locals)");
                     }
