@@ -151,6 +151,27 @@ public class DataPipelineTests
         Assert.Equal(1, shortEnc.Truncated);
     }
 
+    /// <summary>LLaMA-Factory v1 "loss_weight": an assistant turn with weight 0 stays as context but is not trained,
+    /// with the model's template and with the built-in format (whose EOS after that turn is then input only).</summary>
+    [Fact]
+    public void Loss_weight_zero_keeps_an_assistant_turn_as_untrained_context()
+    {
+        var r = DatasetReader.Parse(System.Text.Encoding.UTF8.GetBytes("""{"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "loss_weight": 0.0}, """ +
+            """{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2", "loss_weight": 1.0}]}""" + "\n" +
+            """{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss_weight": "x"}]}""" + "\n"), "w.jsonl");
+        Assert.Contains("loss_weight must be a number", Assert.Single(r.Issues).Message);
+        var rec = Assert.Single(r.Records);
+        Assert.Equal(new[] { true, false, true, true }, rec.Messages.Select(m => m.Trained));
+        var tok = new ByteTokenizer();
+        var tpl = new SampleEncoder(tok, new EncodeOptions { Template = ChatTemplate.Builtin("chatml", tok) }).Encode(rec, out _)!;
+        string Targets(TokenizedSample s) => string.Concat(s.Targets.Where(t => t >= ByteTokenizer.Offset).Select(t => (char)(t - ByteTokenizer.Offset)));
+        Assert.Equal("a2<|im_end|>", Targets(tpl));
+        var builtin = new SampleEncoder(tok, new EncodeOptions()).Encode(rec, out _)!;
+        Assert.Equal("a2", Targets(builtin));
+        Assert.Equal(1, builtin.Targets.Count(t => t == ByteTokenizer.Eos));
+        Assert.Equal(2, builtin.Tokens.Count(t => t == ByteTokenizer.Eos) + (builtin.Targets[^1] == ByteTokenizer.Eos ? 1 : 0));
+    }
+
     [Fact]
     public void Cleaning_normalises_whitespace_drops_empty_and_duplicates_with_locations()
     {

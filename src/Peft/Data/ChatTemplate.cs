@@ -145,7 +145,7 @@ public sealed class ChatTemplate
             int end = upTo.Length;
             while (end > prompt.Length && char.IsWhiteSpace(upTo[end - 1])) end--;
             if (prompt.Length > pos) segs.Add(new PromptSegment(full[pos..prompt.Length], false));
-            if (end > prompt.Length) segs.Add(new PromptSegment(full[prompt.Length..end], true));
+            if (end > prompt.Length) segs.Add(new PromptSegment(full[prompt.Length..end], messages[i].Trained));
             pos = Math.Max(pos, end);
         }
         if (pos < full.Length) segs.Add(new PromptSegment(full[pos..], false));

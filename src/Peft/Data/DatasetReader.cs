@@ -266,7 +266,14 @@ public static class DatasetReader
             string role = NormaliseRole(r.GetString()!) ?? throw new RecordError(
                 $"{where}.{roleKey} \"{r.GetString()}\" is not a known role (system, user, assistant, tool; human, gpt, function_call, observation)");
             if (!t.TryGetProperty(contentKey, out var c)) throw new RecordError($"{where} has no \"{contentKey}\"");
-            list.Add(new ChatMessage(role, Content(c, $"{where}.{contentKey}")));
+            bool trained = true;
+            if (t.TryGetProperty("loss_weight", out var lw))
+            {
+                if (lw.ValueKind != JsonValueKind.Number || !lw.TryGetDouble(out double w) || w < 0)
+                    throw new RecordError($"{where}.loss_weight must be a number >= 0, found {Kind(lw)}");
+                trained = w > 0;
+            }
+            list.Add(new ChatMessage(role, Content(c, $"{where}.{contentKey}")) { Trained = trained });
             i++;
         }
         if (!list.Any(m => m.Role == "assistant")) throw new RecordError($"\"{field}\" has no assistant turn to train on");

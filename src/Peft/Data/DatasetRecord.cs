@@ -12,7 +12,11 @@ public enum RecordFormat
 }
 
 /// <summary>One turn of a conversation. Roles are normalised to system, user, assistant, tool.</summary>
-public sealed record ChatMessage(string Role, string Content);
+public sealed record ChatMessage(string Role, string Content)
+{
+    /// <summary>False for an assistant turn given "loss_weight": 0 (LLaMA-Factory's v1 format): kept as context, not trained.</summary>
+    public bool Trained { get; init; } = true;
+}
 
 /// <summary>A problem found in a dataset: where (file:line, and the record index for JSON arrays) and what.</summary>
 public sealed record DatasetIssue(string Location, string Message)

@@ -2,7 +2,8 @@ using System.Text;
 
 namespace FineTuneNative.Peft.Data;
 
-/// <summary>A piece of rendered text; <see cref="Trained"/> pieces are response text the loss is computed on,
+/// <summary>A piece of rendered text; <see cref="Trained"/> pieces are response text the loss is computed on
+/// (an EOS after a piece is trained with it: a context-only assistant turn keeps its EOS as untrained input),
 /// and <see cref="EosAfter"/> closes a response with the tokenizer's end-of-sequence token (also trained).</summary>
 public readonly record struct PromptSegment(string Text, bool Trained, bool EosAfter = false);
 
@@ -55,7 +56,7 @@ public static class PromptTemplate
             {
                 segs.Add(new PromptSegment(prompt.ToString(), false));
                 prompt.Clear();
-                segs.Add(new PromptSegment(m.Content, true, EosAfter: true));
+                segs.Add(new PromptSegment(m.Content, m.Trained, EosAfter: true));
             }
             else prompt.Append(m.Content).Append("\n\n");
         }

@@ -59,7 +59,7 @@ public sealed class SampleEncoder
         {
             if (s.Text.Length > 0)
                 foreach (int id in _tok.Encode(s.Text)) { ids.Add(id); trained.Add(s.Trained || _opt.TrainOnPrompt); }
-            if (s.EosAfter && Eos is int eos) { ids.Add(eos); trained.Add(true); }
+            if (s.EosAfter && Eos is int eos) { ids.Add(eos); trained.Add(s.Trained || _opt.TrainOnPrompt); }
         }
         return (ids, trained);
     }
