@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using FineTuneNative.Kernels;
+using FineTuneNative.Peft.Data;
 using FineTuneNative.Peft.Methods;
 using FineTuneNative.Peft.Training;
 using FineTuneNative.Runtime.Inference;
@@ -276,5 +277,23 @@ public class PeftxMethodsTests(ITestOutputHelper output)
         var resumed = trainer2.Train(samples, eval, 0, Path.Combine(tmp.Path, "resumed"), resumeFrom: ckpt);
         Assert.Equal(full.StepLosses.Skip(3), resumed.StepLosses);
         Assert.Equal(full.EvalLossAfter, resumed.EvalLossAfter);
+    }
+
+    /// <summary>The memory plan counts what a step of each method really allocates (prompt's extra rows, prefix and bottleneck buffers).</summary>
+    [Theory]
+    [InlineData("prompt")]
+    [InlineData("prefix")]
+    [InlineData("bottleneck")]
+    public void MemoryPlan_MatchesTheWorkspace(string method)
+    {
+        var samples = TinyModel.Samples(6, 4, 12, seed: 40);
+        using var w = TinyModel.Weights(Cpu);
+        using var model = new LlamaModel(w, Cpu);
+        using var m = Create(method, model, 2);
+        var opts = new TrainOptions { MicroBatch = 3, MaxSteps = 1, LearningRate = 1e-2, Seed = 3 };
+        using var trainer = new Trainer(model, m, opts);
+        trainer.Train(samples, Array.Empty<TokenizedSample>(), 0);
+        var plan = MemoryPlan.Estimate(model, m, opts, trainer.SeqLenFor(samples));
+        Assert.Equal(model.WorkspaceBytes, plan.ActivationBytes);
     }
 }

@@ -15,7 +15,8 @@ namespace FineTuneNative.Peft.Training;
 /// gradients when TrainBase, else the method's). Optimizer: AdamW m and v (8 bytes per trainable value), or SGD's
 /// momentum (4) plus one scratch tensor. Activations: the model's training workspace for (MicroBatch, T), the same
 /// buffers TrainingWorkspace allocates (saved activations of every layer, or of one with activation
-/// checkpointing; gradient scratch; one logits chunk; LoRA buffers); prefix/bottleneck buffers are not counted.
+/// checkpointing; gradient scratch; one logits chunk; LoRA buffers; prompt tuning's P extra rows per sequence and the
+/// prefix/bottleneck buffers).
 /// </remarks>
 public sealed record MemoryPlan(long WeightBytes, long TrainableBytes, long GradientBytes, long OptimizerBytes, long ActivationBytes,
     long ActivationBytesCheckpointed, bool ActivationCheckpointing)
@@ -44,6 +45,7 @@ public sealed record MemoryPlan(long WeightBytes, long TrainableBytes, long Grad
     public static long Activations(LlamaModel model, int batch, int seqLen, bool shared)
     {
         var c = model.Config;
+        seqLen += model.PromptLength;                                 // prompt tuning runs P + T rows per sequence
         long m = (long)batch * seqLen;
         long C = c.HiddenSize, F = c.IntermediateSize, QD = c.QDim, KVD = c.KvDim, NH = c.NumHeads, L = c.NumLayers;
         long perLayer = C + 2 * QD + 2 * KVD + NH + 2 * F;            // ResidMid, Q, Att, K, V, Lse, Gate, Up
@@ -63,6 +65,7 @@ public sealed record MemoryPlan(long WeightBytes, long TrainableBytes, long Grad
             maxR = Math.Max(maxR, slot.Rank);
         }
         floats += m * maxR;                                           // shared g scratch
+        floats += model.PeftWorkspaceFloats(batch, seqLen);           // prefix / bottleneck buffers
         return 4 * floats;
     }
 

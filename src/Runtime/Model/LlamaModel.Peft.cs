@@ -85,6 +85,28 @@ public sealed partial class LlamaModel
         }
     }
 
+    /// <summary>Rows prompt tuning adds in front of every sequence (0 without a prompt slot): a step of T tokens runs P + T.</summary>
+    public int PromptLength => _prompt?.Length ?? 0;
+
+    /// <summary>
+    /// Floats of the prompt/prefix/bottleneck buffers a step of (batch, seqLen) allocates (PeftBuffers), for memory
+    /// plans; seqLen is the length the workspace runs (P + T with a prompt).
+    /// </summary>
+    public long PeftWorkspaceFloats(int batch, int seqLen)
+    {
+        var c = Config;
+        long m = (long)batch * seqLen, L = c.NumLayers;
+        long floats = 0;
+        if (_prefix is not null)
+        {
+            long rows = (long)batch * (_prefix.Length + seqLen);
+            floats += m + (2 * L + 2) * rows * c.KvDim;              // positions, per-layer K/V with prefix, their gradients
+        }
+        int n = BottleneckSize();
+        if (n > 0) floats += 2 * L * m * (c.HiddenSize + n) + 5 * m * n + m * c.HiddenSize; // saved y, h; a, ones, da, dh, d-scratch; dy
+        return floats;
+    }
+
     private int BottleneckSize()
     {
         if (_bottleneck is null) return 0;

@@ -123,6 +123,9 @@ internal sealed class PeftBuffers : IDisposable
     private readonly List<Tensor> _owned = new();
     private readonly IBackend _b;
 
+    /// <summary>Bytes allocated here (views excluded).</summary>
+    public long Bytes => _owned.Sum(t => t.Bytes);
+
     public int PrefixLength { get; }
     public int BottleneckSize { get; }
     public int PromptLength { get; }

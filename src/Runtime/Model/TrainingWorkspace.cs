@@ -27,7 +27,7 @@ internal sealed class TrainingWorkspace : IDisposable
     /// <summary>True with activation checkpointing: one set of layer activations, recomputed per layer in the backward.</summary>
     public bool SharedLayers { get; }
     /// <summary>Bytes of every buffer this workspace allocated (activations, scratch, LoRA buffers).</summary>
-    public long Bytes => _owned.Sum(t => t.Bytes) + _lora.Values.Sum(e => e.U.Bytes + (e.XDrop?.Bytes ?? 0)) + (LoraG?.Bytes ?? 0);
+    public long Bytes => _owned.Sum(t => t.Bytes) + _lora.Values.Sum(e => e.U.Bytes + (e.XDrop?.Bytes ?? 0)) + (LoraG?.Bytes ?? 0) + (Peft?.Bytes ?? 0);
 
     public Tensor Tokens { get; }     // (M) I32
     public Tensor Targets { get; }    // (M) I32
