@@ -148,7 +148,8 @@ public class Nf4Tests
         try
         {
             int seed = 40;
-            foreach (var (m, n, k) in Shapes)
+            // the simulator pays per launch (each panel is two launches): two shapes there, still several panels and ragged blocks
+            foreach (var (m, n, k) in TestBackends.IsSimulator(backend) ? Shapes[1..2].Concat(Shapes[3..]).ToArray() : Shapes)
             {
                 string what = $"M={m} N={n} K={k}";
                 using var w = UpNf4(b, Weights(n * k, seed++), n, k, out var wd);
