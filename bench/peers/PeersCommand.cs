@@ -19,8 +19,10 @@ internal static class PeersCommand
                 Console.WriteLine();
                 int t = TrainPeer.RunAll(new[] { "peers", "train", threads });
                 return Math.Max(g == 2 ? 0 : g, t);
+            case "generate": return GenerationPeer.Run(args);
+            case "generate-check": return GenerationPeer.Check(args);
             default:
-                Console.Error.WriteLine($"peers: unknown mode '{what}' (expected gemm, train, train-ftn or all)");
+                Console.Error.WriteLine($"peers: unknown mode '{what}' (expected gemm, train, train-ftn, all, generate or generate-check)");
                 return 1;
         }
     }
