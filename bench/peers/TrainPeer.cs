@@ -121,7 +121,7 @@ internal static class TrainPeer
         bool haveTorch = File.Exists(TorchPython) && RunJson(TorchPython, "-c \"import torch, json; print(json.dumps({'v': torch.__version__}))\"", null) is not null;
         if (!haveTorch) Console.WriteLine("peers train: PyTorch SKIPPED - /usr/bin/python3 cannot import torch; install it with: apt-get install -y python3-torch libopenblas0-openmp");
         Console.WriteLine($"peers train: threads={threads}, LoRA r=16 alpha=32 on q,k,v,o,gate,up,down, AdamW, clip 1.0, random frozen weights; torch with LD_LIBRARY_PATH={OpenMpBlasDir}");
-        var rows = new List<(string Shape, string Who, double Tps, double Rss)>();
+        var rows = new List<(string Shape, string Who, double Tps, double Rss, double Cps)>();
         foreach (var shape in Shapes)
         {
             int steps = shape.Name == "stories15m" ? 6 : 3;
@@ -129,25 +129,26 @@ internal static class TrainPeer
                 foreach (var mode in new[] { "fp32", "bf16" })
                 {
                     var j = RunJson(TorchPython, $"\"{script}\" --shape {shape.Name} --dtype {mode} --threads {threads} --steps {steps}", OpenMpBlasDir);
-                    if (j is not null) rows.Add((shape.Name, "torch " + mode, j.Value.GetProperty("tokens_per_s").GetDouble(), j.Value.GetProperty("peak_rss_mb").GetDouble()));
+                    if (j is not null) rows.Add((shape.Name, "torch " + mode, j.Value.GetProperty("tokens_per_s").GetDouble(), j.Value.GetProperty("peak_rss_mb").GetDouble(), j.Value.GetProperty("tokens_per_cpu_s").GetDouble()));
                 }
             foreach (var mode in new[] { "f32", "bf16" })
             {
                 string argsFtn = (self.EndsWith("dotnet", StringComparison.Ordinal) ? $"\"{dll}\" " : "") + $"peers train-ftn {shape.Name} {mode} {threads} {steps}";
                 var j = RunJson(self, argsFtn, null);
-                if (j is not null) rows.Add((shape.Name, mode == "f32" ? "ftn fp32" : "ftn bf16-weights", j.Value.GetProperty("tokens_per_s").GetDouble(), j.Value.GetProperty("peak_rss_mb").GetDouble()));
+                if (j is not null) rows.Add((shape.Name, mode == "f32" ? "ftn fp32" : "ftn bf16-weights", j.Value.GetProperty("tokens_per_s").GetDouble(), j.Value.GetProperty("peak_rss_mb").GetDouble(), j.Value.GetProperty("tokens_per_cpu_s").GetDouble()));
             }
         }
         Console.WriteLine();
-        Console.WriteLine($"{"shape",-14} {"run",-18} {"tokens/s",9} {"peak RSS MB",12} {"vs torch fp32",14} {"vs torch bf16",14} {"RSS/torch fp32",15}");
+        Console.WriteLine($"{"shape",-14} {"run",-18} {"tokens/s",9} {"peak RSS MB",12} {"vs torch fp32",14} {"vs torch bf16",14} {"RSS/torch fp32",15} {"tok/CPU-s",10} {"CPU vs fp32",12} {"CPU vs bf16",12}");
         foreach (var r in rows)
         {
             var tf = rows.FirstOrDefault(x => x.Shape == r.Shape && x.Who == "torch fp32");
             var tb = rows.FirstOrDefault(x => x.Shape == r.Shape && x.Who == "torch bf16");
             string R(double a, double b) => b > 0 ? (a / b).ToString("F2", CultureInfo.InvariantCulture) + "x" : "-";
-            Console.WriteLine($"{r.Shape,-14} {r.Who,-18} {r.Tps,9:F1} {r.Rss,12:F0} {R(r.Tps, tf.Tps),14} {R(r.Tps, tb.Tps),14} {(tf.Rss > 0 ? (r.Rss / tf.Rss).ToString("F2", CultureInfo.InvariantCulture) : "-"),15}");
+            Console.WriteLine($"{r.Shape,-14} {r.Who,-18} {r.Tps,9:F1} {r.Rss,12:F0} {R(r.Tps, tf.Tps),14} {R(r.Tps, tb.Tps),14} {(tf.Rss > 0 ? (r.Rss / tf.Rss).ToString("F2", CultureInfo.InvariantCulture) : "-"),15} {r.Cps,10:F1} {R(r.Cps, tf.Cps),12} {R(r.Cps, tb.Cps),12}");
         }
         Console.WriteLine("targets: ftn >= 1.5x torch fp32 and >= 1.0x torch bf16 tokens/s; ftn peak RSS <= 0.5x torch fp32");
+        Console.WriteLine("tok/CPU-s: tokens per second of process CPU time (all threads): the per-core rate, robust when the machine is shared");
         return 0;
     }
 

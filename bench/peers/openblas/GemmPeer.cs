@@ -132,8 +132,8 @@ internal static unsafe class GemmPeer
     }
 
     /// <summary>
-    /// LM head + cross-entropy + input gradient. ftn: the chunked sequence of LlamaModel (logits of 4 Mi floats at a
-    /// time). Peer: one sgemm for all logits, the same softmax-cross-entropy pass, one sgemm for dX.
+    /// LM head + cross-entropy + input gradient. ftn: the chunked sequence of LlamaModel (logits of
+    /// LlamaModel.DefaultLogitsChunkElements floats at a time). Peer: one sgemm for all logits, the same softmax-cross-entropy pass, one sgemm for dX.
     /// </summary>
     public static Row HeadCe(CpuBackend be, OpenBlas blas, int m, int v, int c)
     {
@@ -141,7 +141,7 @@ internal static unsafe class GemmPeer
         using var logits = be.Allocate(DType.F32, m, v); using var targets = be.Allocate(DType.I32, m); using var losses = be.Allocate(DType.F32, m);
         var tg = new int[m]; var rng = new Random(5); for (int i = 0; i < m; i++) tg[i] = rng.Next(v);
         be.Upload(targets, tg);
-        int chunk = Math.Max(1, (1 << 22) / v);
+        int chunk = Math.Max(1, FineTuneNative.Runtime.Model.LlamaModel.DefaultLogitsChunkElements / v);
         var chunks = new List<(Tensor X, Tensor L, Tensor T, Tensor Ls, Tensor Dx, int Rows)>();
         for (int r0 = 0; r0 < m; r0 += chunk)
         {

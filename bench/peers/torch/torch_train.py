@@ -140,14 +140,14 @@ def main():
 
     for _ in range(a.warmup):
         step()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(a.steps):
         loss = step()
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     ntok = c["batch"] * c["seq"] * a.steps
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(json.dumps(dict(peer="torch " + torch.__version__, shape=a.shape, mode=a.dtype, threads=torch.get_num_threads(),
-                          batch=c["batch"], seq=c["seq"], steps=a.steps, tokens_per_s=ntok / dt, peak_rss_mb=rss_mb,
+                          batch=c["batch"], seq=c["seq"], steps=a.steps, tokens_per_s=ntok / dt, tokens_per_cpu_s=ntok / cpu, peak_rss_mb=rss_mb,
                           loss=loss, lora_params=sum(p.numel() for p in params))))
 
 
