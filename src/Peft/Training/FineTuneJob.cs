@@ -71,6 +71,9 @@ public sealed class FineTuneJob
         return new PreparedData { Train = d.Train, Eval = d.Eval, Issues = d.Issues, PadId = d.PadId, RecordsRead = d.RecordsRead, Report = d.Report, Template = d.Template };
     }
 
+    /// <summary>Full fine-tuning (every parameter, or a layer selection) instead of LoRA; the output is a Hugging Face model directory.</summary>
+    public FullFineTuneConfig? Full { get; init; }
+
     public TrainResult Run(CancellationToken cancel = default)
     {
         Options.Validate();
@@ -96,6 +99,19 @@ public sealed class FineTuneJob
         }
         Log?.Invoke($"data: {data.RecordsRead} records, {data.Train.Count} train / {data.Eval.Count} eval samples, {data.Issues.Count} skipped");
         if (data.Train.Count == 0) throw new InvalidDataException("no usable training samples (see the skipped records above)");
+
+        if (Full is not null)
+        {
+            // Full fine-tuning trains a writable copy of the weights (loaded ones may be views of a mapped file).
+            using var writable = FullFineTune.CloneWritable(loaded.Weights, backend);
+            using var fullModel = new LlamaModel(writable, backend) { NeftuneAlpha = Data.NeftuneAlpha };
+            using var full = new FullFineTune(fullModel, Full) { CopyFilesFrom = Directory.Exists(ModelPath) ? ModelPath : null };
+            Log?.Invoke($"full fine-tuning: {full.ParameterCount:N0} trainable parameters, {full.FrozenCount:N0} frozen");
+            using var fullTrainer = new Trainer(fullModel, full, Options);
+            if (OnProgress is not null) fullTrainer.Progress += OnProgress;
+            if (OnEval is not null) fullTrainer.Evaluated += OnEval;
+            return fullTrainer.Train(data.Train, data.Eval, data.PadId, OutputDir, ModelPath, cancel);
+        }
 
         var baseWeights = loaded.Weights;
         if (Methods.QLora.ParseBaseQuant(BaseQuant) is not null)
