@@ -106,9 +106,6 @@ internal sealed class MatMulTensorCoreKernels
 
     private readonly Action<KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs> _bf16, _f16;
 
-    private delegate void Launcher(AcceleratorStream stream, KernelConfig config, DeviceFloats a, DeviceFloats b, ArrayView<float> output,
-        DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB, TensorCoreArgs p);
-
     public MatMulTensorCoreKernels(IlgpuBackend b)
     {
         if (b.Accelerator is CudaAccelerator)
@@ -143,7 +140,14 @@ internal sealed class MatMulTensorCoreKernels
     {
         var cuda = (CudaAccelerator)b.Accelerator;
         using var backend = new PTXBackend(cuda.Context, cuda.Architecture, cuda.InstructionSet, null!); // the device's target, no NVVM (as ILGPU's own loader)
-        var launch = b.Accelerator.LoadKernel(CompileForwarded(backend, kernel.Method)).CreateLauncherDelegate<Launcher>();
+        return Bind(b, b.Accelerator.LoadKernel(CompileForwarded(backend, kernel.Method)));
+    }
+
+    /// <summary>A launcher on the backend's stream for a loaded tensor-core kernel (the way ILGPU's LoadStreamKernel binds one; tested on the simulator).</summary>
+    internal static Action<KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs> Bind(
+        IlgpuBackend b, Kernel kernel)
+    {
+        var launch = kernel.CreateLauncherDelegate<Action<AcceleratorStream, KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>>();
         return (config, x, w, output, bias, u, loraB, p) => launch(b.Stream, config, x, w, output, bias, u, loraB, p);
     }
 

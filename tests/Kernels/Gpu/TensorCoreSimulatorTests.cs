@@ -4,6 +4,7 @@ using FineTuneNative.Kernels.Quant;
 using FineTuneNative.Kernels.Reference;
 using FineTuneNative.Tests.Numerics;
 using ILGPU;
+using ILGPU.Runtime;
 
 namespace FineTuneNative.Tests.Kernels.Gpu;
 
@@ -193,5 +194,27 @@ public class TensorCoreSimulatorTests
             expected[i * outer + j] = s;
         }
         NumericAssert.Close(expected, got, Tolerance.F32.Atol, Tolerance.F32.Rtol, $"nf4 backwardInput={backwardInput}");
+    }
+
+    /// <summary>
+    /// The CUDA path loads the kernel itself (LoadKernel + CreateLauncherDelegate, after the PTX pass) instead of
+    /// LoadStreamKernel: the same binding, on a kernel the simulator loads, launches and computes the product.
+    /// </summary>
+    [Fact]
+    public void TheSelfLoadedLauncherBindsAndRuns()
+    {
+        var b = Sim.Value;
+        var method = typeof(MatMulTensorCoreKernels).GetMethod(nameof(MatMulTensorCoreKernels.MatMulTensorCoreKernel))!.MakeGenericMethod(typeof(Bf16Operand));
+        var launch = MatMulTensorCoreKernels.Bind(b, b.Accelerator.LoadKernel(method));
+        const int m = 2, n = 3, r = 4;
+        float[] a = { 1, 2, 3, 4, 5, 6, 7, 8 }, w = { 1, 0, 0, 0, 0, 1, 0, 0, 1, 1, 1, 1 };
+        using var ta = Up(b, DType.F32, a);
+        using var tw = Up(b, DType.BF16, w);
+        using var ty = b.Allocate(DType.F32, m * n);
+        launch(new KernelConfig(1, MatMulTensorCoreKernels.Threads), b.Floats(ta, "a"), b.Floats(tw, "w"), b.F32(ty, "y"), MatMulKernels.None,
+            ArrayView<float>.Empty, MatMulKernels.None, MatMulTensorCoreKernels.From(MatMulKernels.Nt(m, n, r, 1f, false)));
+        var got = new float[m * n];
+        b.Download(ty, got);
+        Assert.Equal(new float[] { 1, 2, 10, 5, 6, 26 }, got); // hand-checked: rows of A against e0, e1, ones
     }
 }
