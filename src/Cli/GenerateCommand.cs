@@ -54,6 +54,10 @@ public sealed class GenerateOptions : DeviceOptions
 
     [Option("system", Default = "", MetaValue = "TEXT", HelpText = "A system message (chat templates) or system text (alpaca format).")]
     public string System { get; set; } = "";
+
+    [Option("quant", Default = "f32", MetaValue = "TYPE",
+        HelpText = "Weight precision for generation on the cpu device: f32, bf16, q8_0 or q4_0 (GGUF block layouts, quantized in memory after adapters are merged).")]
+    public string Quant { get; set; } = "f32";
 }
 
 /// <summary><c>ftn generate</c>: streams a completion to standard output; statistics go to standard error.</summary>
@@ -90,6 +94,12 @@ public static partial class GenerateCommand
             }
         }
         var weights = merged ?? loaded.Weights;
+        FineTuneNative.Kernels.DType quant;
+        try { quant = WeightQuantizer.Parse(o.Quant); }
+        catch (ArgumentException e) { throw new UserError(Program.OneLine(e.Message)); }
+        if (FineTuneNative.Kernels.DTypeExtensions.IsBlockQuantized(quant) && backend.Name != "cpu") throw new UserError($"--quant {o.Quant} runs on the cpu device only (got '{backend.Name}')");
+        using var quantized = quant == FineTuneNative.Kernels.DType.F32 ? null : WeightQuantizer.Quantize(weights, quant);
+        weights = quantized ?? weights;
 
         // the prompt is built exactly as training built it: the same chat template (or the same alpaca format)
         ChatTemplate? template;
