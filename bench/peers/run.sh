@@ -15,7 +15,7 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "installing peers: ${need[*]}"
   if [ "$(id -u)" = 0 ]; then apt-get install -y "${need[@]}"; else sudo apt-get install -y "${need[@]}"; fi
 fi
-dotnet build bench -c Release -v q -nologo | grep -E "error|Error" || true
+dotnet build bench -c Release -v q -nologo | grep -E " error |[1-9][0-9]* Error" || true
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cpus, $(grep -o -w -E 'avx512f|avx512bw|avx512_bf16|avx512_vnni|avx2|fma' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 dotnet bench/bin/Release/net10.0/FineTuneNative.Bench.dll peers all "$threads"

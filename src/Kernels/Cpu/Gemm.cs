@@ -389,6 +389,18 @@ internal static unsafe class Gemm
         }
         else
         {
+            if (mv == 12)
+            {
+                // one 12-float row of the panel per depth step: an 8-wide and a 4-wide vector copy (v2c)
+                for (int q = 0; q < kc; q++)
+                {
+                    float* src = x->A + (x->Pc + q) * x->Lda + i0;
+                    float* d = dst + q * 12;
+                    Vector256.Load(src).Store(d);
+                    Vector128.Load(src + 8).Store(d + 8);
+                }
+                return;
+            }
             for (int q = 0; q < kc; q++)
             {
                 float* src = x->A + (x->Pc + q) * x->Lda + i0;
