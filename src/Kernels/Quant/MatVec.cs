@@ -225,7 +225,21 @@ public static unsafe class MatVec
         {
             float* w0 = w + (long)r * k, w1 = w0 + k, w2 = w1 + k, w3 = w2 + k;
             Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+            Vector512<float> b0 = default, b1 = default, b2 = default, b3 = default;   // 8 FMA chains hide the 4-cycle latency
             int j = 0;
+            for (; j + 32 <= kv; j += 32)
+            {
+                var vx = Vector512.Load(x + j);
+                var vy = Vector512.Load(x + j + 16);
+                a0 = Vector512.FusedMultiplyAdd(Vector512.Load(w0 + j), vx, a0);
+                a1 = Vector512.FusedMultiplyAdd(Vector512.Load(w1 + j), vx, a1);
+                a2 = Vector512.FusedMultiplyAdd(Vector512.Load(w2 + j), vx, a2);
+                a3 = Vector512.FusedMultiplyAdd(Vector512.Load(w3 + j), vx, a3);
+                b0 = Vector512.FusedMultiplyAdd(Vector512.Load(w0 + j + 16), vy, b0);
+                b1 = Vector512.FusedMultiplyAdd(Vector512.Load(w1 + j + 16), vy, b1);
+                b2 = Vector512.FusedMultiplyAdd(Vector512.Load(w2 + j + 16), vy, b2);
+                b3 = Vector512.FusedMultiplyAdd(Vector512.Load(w3 + j + 16), vy, b3);
+            }
             for (; j < kv; j += 16)
             {
                 var vx = Vector512.Load(x + j);
@@ -234,7 +248,7 @@ public static unsafe class MatVec
                 a2 = Vector512.FusedMultiplyAdd(Vector512.Load(w2 + j), vx, a2);
                 a3 = Vector512.FusedMultiplyAdd(Vector512.Load(w3 + j), vx, a3);
             }
-            float s0 = Vector512.Sum(a0), s1 = Vector512.Sum(a1), s2 = Vector512.Sum(a2), s3 = Vector512.Sum(a3);
+            float s0 = Vector512.Sum(a0 + b0), s1 = Vector512.Sum(a1 + b1), s2 = Vector512.Sum(a2 + b2), s3 = Vector512.Sum(a3 + b3);
             for (; j < k; j++) { s0 += w0[j] * x[j]; s1 += w1[j] * x[j]; s2 += w2[j] * x[j]; s3 += w3[j] * x[j]; }
             Store(y, r, s0, bias, accumulate);
             Store(y, r + 1, s1, bias, accumulate);

@@ -238,7 +238,15 @@ public sealed unsafe partial class InferenceSession : IDisposable
             _wScratch = _b.Allocate(DType.F32, (int)Math.Max(most, need));
             _wScratch.Name = "dequantized_weight";
         }
-        QuantBlocks.Dequantize(w.DType, cpu.Ptr(w, w.Name ?? "w"), (float*)cpu.Ptr(_wScratch, "dequantized_weight"), need / 32);
+        // Split over the cores (a single thread spent a large share of a 128-token Q4_0 prefill here).
+        nint src = (nint)cpu.Ptr(w, w.Name ?? "w"), dst = (nint)cpu.Ptr(_wScratch, "dequantized_weight");
+        var type = w.DType;
+        long blocks = need / 32, per = Math.Max(1024, (blocks + 15) / 16);
+        Parallel.For(0, (int)((blocks + per - 1) / per), i =>
+        {
+            long b0 = i * per, nb = Math.Min(per, blocks - b0);
+            QuantBlocks.Dequantize(type, (byte*)src + type.StorageBytes(b0 * 32), (float*)dst + b0 * 32, nb);
+        });
         _b.MatMul(y, x, _wScratch.View(0, n, k), bias, t, n, k, accumulate);
     }
 
