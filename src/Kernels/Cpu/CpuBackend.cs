@@ -174,7 +174,7 @@ public sealed unsafe partial class CpuBackend : IBackend
         return p;
     }
 
-    internal static void Dims(string op, params (string Name, long Value)[] dims)
+    internal static void Dims(string op, params ReadOnlySpan<(string Name, long Value)> dims)
     {
         foreach (var (n, v) in dims)
             if (v < 0) throw new ArgumentOutOfRangeException(n, v, $"{op}: {n} must be >= 0");

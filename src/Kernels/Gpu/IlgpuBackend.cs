@@ -203,7 +203,7 @@ public sealed class IlgpuBackend : IBackend
             throw new ArgumentException($"{op}: {name} ({t.Describe()}) has {t.Length} elements, expected {count}");
     }
 
-    internal static void Positive(string op, params (string Name, long Value)[] sizes)
+    internal static void Positive(string op, params ReadOnlySpan<(string Name, long Value)> sizes)
     {
         foreach (var (n, v) in sizes)
             if (v < 0) throw new ArgumentOutOfRangeException(n, $"{op}: {n} = {v} must not be negative");
