@@ -147,6 +147,45 @@ public class TrainerOutputTests
         return (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
     }
 
+    [Theory]
+    [InlineData(1, null)]
+    [InlineData(0, "0,lm_head")]
+    [InlineData(0, "mlp")]
+    public void Frozen_parameters_get_no_gradient_and_trained_ones_are_unchanged(int topLayers, string? trainable)
+    {
+        using var src = TinyModel.Weights(Cpu);
+        const int B = 2, T = 9;
+        var tokens = new int[B * T];
+        var targets = new int[B * T];
+        for (int i = 0; i < tokens.Length; i++) { tokens[i] = (i * 5 + 3) % 40; targets[i] = i % 4 == 0 ? -100 : (i * 13) % 40; }
+
+        using var wAll = FullFineTune.CloneWritable(src, Cpu);
+        using var all = new LlamaModel(wAll, Cpu) { TrainBase = true };
+        all.ForwardBackward(tokens, targets, B, T, 1f / tokens.Length, 1);
+        var reference = all.BaseParameters().ToDictionary(p => p.Name, p => p.Grad.ToArray());
+
+        using var w = FullFineTune.CloneWritable(src, Cpu);
+        using var model = new LlamaModel(w, Cpu);
+        var cfg = trainable is null ? new FullFineTuneConfig { TopLayers = topLayers } : new FullFineTuneConfig { Trainable = trainable.Split(',') };
+        using var method = new FullFineTune(model, cfg);
+        method.ZeroGrad();
+        model.ForwardBackward(tokens, targets, B, T, 1f / tokens.Length, 1);
+        int frozen = 0;
+        foreach (var (name, _, grad) in model.BaseParameters())
+        {
+            var g = grad.ToArray();
+            if (method.Trainable.Any(x => x.Name == name))
+                Assert.True(reference[name].SequenceEqual(g), $"{name}: trained gradient differs from the unfrozen model's");
+            else
+            {
+                frozen++;
+                Assert.True(reference[name].Any(v => v != 0), $"{name}: the unfrozen gradient is zero, the check would prove nothing");
+                Assert.True(g.All(v => v == 0), $"{name}: a frozen parameter's gradient was computed");
+            }
+        }
+        Assert.True(frozen > 0);
+    }
+
     [Fact]
     public void Layer_freezing_trains_only_the_selected_layers()
     {

@@ -65,8 +65,9 @@ public sealed class FullFineTuneConfig
 /// Save writes a Hugging Face model directory (config.json + model.safetensors in the weights' own dtypes); with
 /// bf16 masters it also writes <see cref="MasterFile"/> (f32 masters) so that a checkpoint resumes bit for bit.
 /// The weights must be writable (not a memory-mapped file's views): see <see cref="CloneWritable"/>.
-/// Frozen parameters still get gradients from the model's backward (TrainBase computes all of them); they are
-/// zeroed every step and never updated.
+/// Frozen parameters get no gradient: their gradient tensors are handed to
+/// <see cref="LlamaModel.SetFrozenBaseGradients"/>, so the backward skips their weight-gradient products (they are
+/// still zeroed every step and never updated).
 /// </remarks>
 public sealed class FullFineTune : ITrainableMethod
 {
@@ -101,6 +102,8 @@ public sealed class FullFineTune : ITrainableMethod
         }
         if (_trainable.Count == 0)
             throw new ArgumentException($"no parameter matches the trainable selection (top {Config.TopLayers} layers; {string.Join(",", Config.Trainable)})");
+        var trained = new HashSet<Tensor>(_trainable.Select(t => t.Grad), ReferenceEqualityComparer.Instance);
+        model.SetFrozenBaseGradients(_allGrads.Where(g => !trained.Contains(g)));
         IsAttached = true;
     }
 

@@ -178,9 +178,29 @@ public sealed partial class LlamaModel : IDisposable
             {
                 _grads!.Dispose();
                 _grads = null;
+                _frozenGrads = null;
             }
         }
     }
+
+    private HashSet<Tensor>? _frozenGrads;    // base gradients the backward skips (parameters kept frozen)
+
+    /// <summary>
+    /// Base gradients (tensors from <see cref="BaseParameters"/>) whose parameters stay frozen: the backward does not
+    /// compute them (no weight-gradient product for a frozen linear, no norm/embedding/head gradient), and they stay
+    /// as they are. Null or empty: every base gradient is computed. Activation gradients still flow through frozen
+    /// layers to the trained ones below.
+    /// </summary>
+    public void SetFrozenBaseGradients(IEnumerable<Tensor>? grads)
+    {
+        _frozenGrads = grads is null ? null : new HashSet<Tensor>(grads, ReferenceEqualityComparer.Instance);
+        if (_frozenGrads is { Count: 0 }) _frozenGrads = null;
+    }
+
+    private bool IsFrozen(Tensor? grad) => grad is not null && _frozenGrads is not null && _frozenGrads.Contains(grad);
+
+    /// <summary>The gradient to accumulate into, or null when there is none or its parameter is frozen.</summary>
+    private Tensor? Trained(Tensor? grad) => IsFrozen(grad) ? null : grad;
 
     /// <summary>Every base parameter with its HF name and its f32 gradient (the tied embedding once).</summary>
     public IEnumerable<(string Name, Tensor Param, Tensor Grad)> BaseParameters()
@@ -415,7 +435,7 @@ public sealed partial class LlamaModel : IDisposable
     {
         int C = Config.HiddenSize, V = Config.VocabSize;
         var head = Weights.Output;
-        var dHead = _grads?.Output;
+        var dHead = Trained(_grads?.Output);
         foreach (var ch in ws.Chunks)
         {
             _b.MatMul(ch.Logits, ch.X, head, null, ch.Rows, V, C, accumulate: false);
@@ -438,8 +458,8 @@ public sealed partial class LlamaModel : IDisposable
         int m = ws.M, C = c.HiddenSize, F = c.IntermediateSize;
         float attnScale = 1f / MathF.Sqrt(c.HeadDim);
         var g = _grads;
-        if (g is null) _b.Fill(ws.NormGradSink, 0); // keeps the never-read sink bounded
-        Tensor NormGrad(Tensor? t) => t ?? ws.NormGradSink;
+        if (g is null || _frozenGrads is not null) _b.Fill(ws.NormGradSink, 0); // keeps the never-read sink bounded
+        Tensor NormGrad(Tensor? t) => Trained(t) ?? ws.NormGradSink;
         var ropePos = RopePositions(ws);
 
         // final norm: DXn holds d(final norm output) from the head
@@ -493,7 +513,7 @@ public sealed partial class LlamaModel : IDisposable
                 _b.RmsNormBackward(ws.DResid, NormGrad(lg?.AttnNorm), ws.DXn, ws.Resid[l], lw.AttnNorm, ws.Rstd, m, C, accumulate: true);
         }
         PromptBackward(ws);
-        if (g is not null) _b.EmbeddingBackward(g.Embedding, ws.DResid, ws.Tokens, m, C);
+        if (Trained(g?.Embedding) is { } dEmbedding) _b.EmbeddingBackward(dEmbedding, ws.DResid, ws.Tokens, m, C);
     }
 
     // ------------------------------------------------------------------------------------------ linears
@@ -536,8 +556,9 @@ public sealed partial class LlamaModel : IDisposable
         string name = LlamaWeights.LinearModules[module];
         var w = Weights.Layers[layer].Linear(name);
         var lg = _grads?.Layers[layer];
+        var dBias = Trained(lg?.LinearBias(name));
         var dW = lg?.Linear(name);
-        var dBias = lg?.LinearBias(name);
+        if (IsFrozen(dW) && dBias is null) dW = null; // a trained bias of a frozen weight still needs the product
         int n = w.Dim(0), k = w.Dim(1);
         int key = layer * NumModules + module;
         if (_lora[key] is not { } s)
