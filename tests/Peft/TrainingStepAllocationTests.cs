@@ -26,12 +26,20 @@ public sealed class TrainingStepAllocationTests(ITestOutputHelper output)
         var tokens = new int[B * T];
         var targets = new int[B * T];
         for (int i = 0; i < tokens.Length; i++) { tokens[i] = (i * 7) % 40; targets[i] = (i * 11) % 40; }
-        for (int warm = 0; warm < 3; warm++) model.ForwardBackward(tokens, targets, B, T, 1f / tokens.Length, (ulong)warm);
+        // Warm up past tiered JIT's rejit of the step's methods (30 calls), which allocates on background threads.
+        for (int warm = 0; warm < 100; warm++) model.ForwardBackward(tokens, targets, B, T, 1f / tokens.Length, (ulong)warm);
+        // The counter covers every thread of the process: take the best of a few windows so that a runtime
+        // background allocation (JIT, timers) in one window cannot fail a step that allocates nothing.
         const int steps = 20;
-        long before = GC.GetTotalAllocatedBytes(precise: true);
-        for (int s = 0; s < steps; s++) model.ForwardBackward(tokens, targets, B, T, 1f / tokens.Length, (ulong)s);
-        long perStep = (GC.GetTotalAllocatedBytes(precise: true) - before) / steps;
-        output.WriteLine($"bytes allocated per LoRA forward+backward step (all threads): {perStep}");
+        var windows = new long[5];
+        for (int wi = 0; wi < windows.Length; wi++)
+        {
+            long before = GC.GetTotalAllocatedBytes(precise: true);
+            for (int s = 0; s < steps; s++) model.ForwardBackward(tokens, targets, B, T, 1f / tokens.Length, (ulong)s);
+            windows[wi] = GC.GetTotalAllocatedBytes(precise: true) - before;
+        }
+        long perStep = windows.Min() / steps;
+        output.WriteLine($"bytes allocated per {steps} LoRA forward+backward steps (all threads), 5 windows: {string.Join(", ", windows)}");
         Assert.Equal(0, perStep);
     }
 }
