@@ -275,7 +275,7 @@ public static class TrainCommand
             stdout.WriteLine($"         after:       {Program.OneLine(after.Generated)}");
         }
         stdout.WriteLine();
-        SummaryTable(r, stdout);
+        SummaryTable(r, outDir, stdout);
         stdout.WriteLine();
         stdout.WriteLine($"trained {r.Steps} steps, {CliCommon.Count(r.TrainTokens)} tokens, {r.TokensPerSecond:0} tok/s in {CliCommon.Duration(r.Elapsed)}; total {CliCommon.Duration(wall.Elapsed)}");
         if (methodName == "full") stdout.WriteLine($"model    {outDir}  (Hugging Face safetensors; try: ftn generate --model {o.Out} --prompt \"...\")");
@@ -349,8 +349,11 @@ public static class TrainCommand
         catch (ArgumentException e) { throw new UserError($"--base-quant: {e.Message}"); }
     }
 
-    /// <summary>The end-of-run table: every evaluation, the best, skipped steps, early stopping, and the files written.</summary>
-    private static void SummaryTable(TrainResult r, TextWriter stdout)
+    /// <summary>
+    /// The end-of-run table: every evaluation, the best, skipped steps, early stopping, and the files written (named in
+    /// <paramref name="outDir"/>, where they are once the run's temporary directory has been renamed into place).
+    /// </summary>
+    private static void SummaryTable(TrainResult r, string outDir, TextWriter stdout)
     {
         stdout.WriteLine("summary");
         if (r.Evals.Count > 0)
@@ -366,9 +369,8 @@ public static class TrainCommand
                          (r.SkippedSteps > 0 ? $"; {r.SkippedSteps} skipped (NaN/Inf)" : ""));
         if (r.MetricsPath is not null)
         {
-            string dir = Path.GetDirectoryName(r.MetricsPath)!;
             stdout.WriteLine($"  files       {Path.GetFileName(r.MetricsPath)}, {Trainer.SummaryFile}, {Trainer.ConfigFile}, {Path.GetFileName(r.PlotPath)}, " +
-                             $"{Trainer.TensorBoardDirName}/ (tensorboard --logdir {Path.Combine(dir, Trainer.TensorBoardDirName)})");
+                             $"{Trainer.TensorBoardDirName}/ (tensorboard --logdir {Path.Combine(outDir, Trainer.TensorBoardDirName)})");
         }
     }
 
