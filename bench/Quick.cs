@@ -50,13 +50,19 @@ internal static class Quick
     /// Best of up to 20 runs. With FTN_CPUTIME=1 the process CPU time (summed over threads) replaces the wall clock, so
     /// the rate is per core-second: on a loaded shared machine it estimates what one idle core does.
     /// </summary>
-    private static double Time(Action a)
+    private static double Time(Action a) => BestOf(a, Environment.GetEnvironmentVariable("FTN_CPUTIME") == "1", 1, 20, 1.5);
+
+    /// <summary>
+    /// Seconds of the best of up to <paramref name="runs"/> runs of <paramref name="a"/> (after one warm-up run), stopping
+    /// once <paramref name="budgetSeconds"/> of wall time are spent. With <paramref name="cpuTime"/> the process CPU time
+    /// divided by <paramref name="cpuDivisor"/> replaces the wall clock.
+    /// </summary>
+    internal static double BestOf(Action a, bool cpuTime, int cpuDivisor, int runs, double budgetSeconds)
     {
-        bool cpu = Environment.GetEnvironmentVariable("FTN_CPUTIME") == "1";
         var proc = Process.GetCurrentProcess();
         a();
         double best = double.MaxValue, total = 0;
-        for (int i = 0; i < 20 && total < 1.5; i++)
+        for (int i = 0; i < runs && total < budgetSeconds; i++)
         {
             proc.Refresh();
             var c0 = proc.TotalProcessorTime;
@@ -64,9 +70,9 @@ internal static class Quick
             a();
             double t = sw.Elapsed.TotalSeconds;
             proc.Refresh();
-            double ct = (proc.TotalProcessorTime - c0).TotalSeconds;
+            double ct = (proc.TotalProcessorTime - c0).TotalSeconds / cpuDivisor;
             total += t;
-            best = Math.Min(best, cpu ? ct : t);
+            best = Math.Min(best, cpuTime ? ct : t);
         }
         return best;
     }

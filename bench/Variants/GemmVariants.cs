@@ -29,23 +29,5 @@ internal static unsafe class GemmVariants
         }
     }
 
-    private static double Time(Action a, bool cpu, int threads)
-    {
-        var proc = Process.GetCurrentProcess();
-        a();
-        double best = double.MaxValue, total = 0;
-        for (int i = 0; i < 10 && total < 1.0; i++)
-        {
-            proc.Refresh();
-            var c0 = proc.TotalProcessorTime;
-            var sw = Stopwatch.StartNew();
-            a();
-            double t = sw.Elapsed.TotalSeconds;
-            proc.Refresh();
-            double ct = (proc.TotalProcessorTime - c0).TotalSeconds / threads;
-            total += t;
-            best = Math.Min(best, cpu ? ct : t);
-        }
-        return best;
-    }
+    private static double Time(Action a, bool cpu, int threads) => Quick.BestOf(a, cpu, threads, 10, 1.0);
 }
