@@ -28,37 +28,106 @@ public class ChatTemplateTests
     private static List<ChatMessage> Conversation(int i) =>
         Root.GetProperty("conversations")[i].EnumerateArray().Select(m => new ChatMessage(m.GetProperty("role").GetString()!, m.GetProperty("content").GetString()!)).ToList();
 
+    /// <summary>The instant the fixture's strftime_now formats (transformers uses datetime.now()).</summary>
+    private static DateTime FixedNow => DateTime.Parse(Root.GetProperty("fixed_now").GetString()!, System.Globalization.CultureInfo.InvariantCulture);
+
     private static ChatTemplate Template(string name)
     {
         var t = Root.GetProperty("templates").GetProperty(name);
         var extra = new Dictionary<string, object?> { ["pad_token"] = "<pad>", ["unk_token"] = "<unk>" };
-        return new ChatTemplate(t.GetProperty("text").GetString()!, name, t.GetProperty("bos").GetString()!, t.GetProperty("eos").GetString()!, extra);
+        var now = FixedNow;
+        return new ChatTemplate(t.GetProperty("text").GetString()!, name, t.GetProperty("bos").GetString()!, t.GetProperty("eos").GetString()!, extra) { Clock = () => now };
     }
 
     public static IEnumerable<object[]> TemplateNames() =>
-        new[] { "chatml", "llama3", "mistral", "qwen2.5", "smollm2", "gemma", "llama2", "phi3" }.Select(n => new object[] { n });
+        new[] { "chatml", "llama3", "mistral", "qwen2.5", "smollm2", "gemma", "llama2", "phi3",
+                "real-llama3.2", "real-mistral-nemo", "real-qwen2.5", "real-smollm2", "real-gemma2" }.Select(n => new object[] { n });
 
     [Theory]
     [MemberData(nameof(TemplateNames))]
     public void Renders_like_python_jinja2(string name)
     {
         var tpl = Template(name);
-        int n = 0;
+        int n = 0, tools = 0;
         foreach (var c in Root.GetProperty("cases").EnumerateArray().Where(c => c.GetProperty("template").GetString() == name))
         {
-            var conv = Conversation(c.GetProperty("conversation").GetInt32());
             bool gen = c.GetProperty("add_generation_prompt").GetBoolean();
-            string what = $"{name} conversation {c.GetProperty("conversation").GetInt32()} gen={gen}";
+            Func<string> render;
+            string what;
+            if (c.TryGetProperty("tool_conversation", out var ti))
+            {
+                // OpenAI tool-calling conversations: tool_calls with dict arguments, tool results, the tools list
+                var tc = Root.GetProperty("tool_conversations")[ti.GetInt32()];
+                var messages = (List<object?>)JinjaTemplate.FromJson(tc.GetProperty("messages"))!;
+                var vars = new Dictionary<string, object?> { ["tools"] = JinjaTemplate.FromJson(tc.GetProperty("tools")) };
+                render = () => tpl.Render(messages, gen, vars);
+                what = $"{name} tool conversation {ti.GetInt32()} gen={gen}";
+                tools++;
+            }
+            else
+            {
+                var conv = Conversation(c.GetProperty("conversation").GetInt32());
+                render = () => tpl.Render(conv, gen);
+                what = $"{name} conversation {c.GetProperty("conversation").GetInt32()} gen={gen}";
+            }
             if (c.TryGetProperty("error", out var err))
             {
-                var e = Assert.Throws<TemplateException>(() => tpl.Render(conv, gen));
-                Assert.Contains(err.GetString()!, e.Message);
+                var e = Assert.Throws<TemplateException>(render);
+                Assert.True(e.Message.Contains(err.GetString()!, StringComparison.Ordinal), $"{what}: expected an error containing '{err.GetString()}', got '{e.Message}'");
             }
-            else Assert.True(c.GetProperty("expected").GetString() == tpl.Render(conv, gen), $"{what}: expected {JsonSerializer.Serialize(c.GetProperty("expected").GetString())}, got {JsonSerializer.Serialize(tpl.Render(conv, gen))}");
+            else if (c.TryGetProperty("type_error", out var te))
+            {
+                // Python raised a TypeError while evaluating (e.g. None + str): we raise a TemplateException saying so
+                var e = Assert.Throws<TemplateException>(render);
+                Assert.True(e.Message.Contains("None", StringComparison.Ordinal), $"{what}: expected an error about None ({te.GetString()}), got '{e.Message}'");
+            }
+            else
+            {
+                string expected = c.GetProperty("expected").GetString()!;
+                string got = render();
+                Assert.True(expected == got, $"{what}: {FirstDifference(expected, got)}");
+            }
             n++;
         }
-        Assert.Equal(12, n);
+        Assert.Equal(18, n);
+        Assert.Equal(6, tools);
     }
+
+    private static string FirstDifference(string expected, string got)
+    {
+        int i = 0;
+        while (i < expected.Length && i < got.Length && expected[i] == got[i]) i++;
+        string Around(string t) => JsonSerializer.Serialize(t.Substring(Math.Max(0, i - 60), Math.Min(t.Length, i + 60) - Math.Max(0, i - 60)));
+        return $"first difference at {i} (lengths {expected.Length} / {got.Length}): expected ...{Around(expected)}..., got ...{Around(got)}...";
+    }
+
+    /// <summary>Llama 3.1+ print the date: from strftime_now (at the template's clock), from a date_string variable,
+    /// or the template's own default when strftime_now is not defined.</summary>
+    [Fact]
+    public void Llama32_date_from_strftime_now_or_date_string()
+    {
+        var tpl = Template("real-llama3.2");
+        int n = 0;
+        foreach (var c in Root.GetProperty("date_cases").EnumerateArray())
+        {
+            var vars = new Dictionary<string, object?>();
+            if (!c.GetProperty("strftime_now").GetBoolean()) vars["strftime_now"] = JinjaUndefined.Instance;
+            if (c.TryGetProperty("date_string", out var ds)) vars["date_string"] = ds.GetString();
+            var messages = (List<object?>)JinjaTemplate.FromJson(Root.GetProperty("conversations")[1])!;
+            Assert.Equal(c.GetProperty("expected").GetString(), tpl.Render(messages, true, vars));
+            n++;
+        }
+        Assert.Equal(3, n);
+        Assert.Contains("Today Date: 03 Sep 2024", tpl.Render(Conversation(0), true));
+    }
+
+    /// <summary>The built-ins that correspond to a real published template are that template, byte for byte.</summary>
+    [Theory]
+    [InlineData("qwen2.5", "real-qwen2.5")]
+    [InlineData("smollm2", "real-smollm2")]
+    [InlineData("gemma", "real-gemma2")]
+    public void Builtin_templates_equal_the_real_ones(string builtin, string real) =>
+        Assert.Equal(Root.GetProperty("templates").GetProperty(real).GetProperty("text").GetString(), ChatTemplate.BuiltinText(builtin));
 
     [Fact]
     public void Builtin_templates_are_the_fixture_texts()

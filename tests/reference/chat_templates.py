@@ -6,17 +6,23 @@ templates and conversations with our own Jinja subset (src/Peft/Data/Jinja.cs) a
 
 The environment mirrors transformers' apply_chat_template (utils/chat_template_utils.py):
 ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]),
-a tojson filter = json.dumps(x, ensure_ascii=False, indent=indent) (no key sorting), and a
-raise_exception(message) global. Variables: messages, bos_token, eos_token, add_generation_prompt, and the
+a tojson filter = json.dumps(x, ensure_ascii=False, indent=indent) (no key sorting), a
+raise_exception(message) global and a strftime_now(format) global (transformers gives datetime.now(); here the fixed
+instant FIXED_NOW, so the fixture is stable). Variables: messages, bos_token, eos_token, add_generation_prompt, and the
 other special tokens (pad_token, unk_token) where the template source has them.
 
 Templates:
   - src/Peft/Data/Templates/*.jinja (our built-ins; see the README there for their provenance)
   - llama2: ../shared/assets/llama2-tokenizer/hf-tokenizer-json-genai/tokenizer_config.json "chat_template"
   - phi3:   ../shared/assets/llama-cpp-vocab/ggml-vocab-phi-3.gguf metadata tokenizer.chat_template
+  - tests/Fixtures/chat_templates/*.jinja: the real published templates of Llama 3.2, Mistral Nemo, Qwen2.5,
+    SmolLM2 and Gemma 2 (source repository, path and commit of each in REAL_TEMPLATES below and in the README
+    there). These are also rendered with tool definitions, tool calls and tool results (TOOL_CONVERSATIONS)
+    and with a fixed strftime_now / a date_string (DATE_CASES).
 
 Run from the repository root:  python3 tests/reference/chat_templates.py   (Debian python3-jinja2 3.1)
 """
+import datetime
 import json
 import os
 import struct
@@ -64,7 +70,7 @@ def gguf_chat_template(path):
     raise KeyError("no tokenizer.chat_template in " + path)
 
 
-def environment():
+def environment(with_strftime_now=True):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
@@ -74,7 +80,28 @@ def environment():
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    if with_strftime_now:
+        # transformers: strftime_now(format) = datetime.now().strftime(format); here at FIXED_NOW so the output is stable
+        env.globals["strftime_now"] = FIXED_NOW.strftime
     return env
+
+
+# The real templates (tests/Fixtures/chat_templates/FILE), each with where its text was taken from.
+REAL_TEMPLATES = {
+    "real-llama3.2": ("meta-llama-Llama-3.2-3B-Instruct.jinja", "<|begin_of_text|>", "<|eot_id|>",
+                      "ggerganov/llama.cpp@7b5e0803c84435e8005725d8f9ddceb5d1820443:models/templates/meta-llama-Llama-3.2-3B-Instruct.jinja"),
+    "real-mistral-nemo": ("mistralai-Mistral-Nemo-Instruct-2407.jinja", "<s>", "</s>",
+                          "ggerganov/llama.cpp@7b5e0803c84435e8005725d8f9ddceb5d1820443:models/templates/mistralai-Mistral-Nemo-Instruct-2407.jinja"),
+    "real-qwen2.5": ("Qwen-Qwen2.5-7B-Instruct.jinja", "", "<|im_end|>",
+                     "0xayman/berkeley-function-calling-leaderboard@aef726b29915cc14a30273cdd8ae9214f4823a80:"
+                     "berkeley-function-call-leaderboard/bfcl/model_handler/oss_model/qwen_fc.py (the tokenizer_config.json "
+                     "chat_template string quoted in QwenFcHandler._format_prompt)"),
+    "real-smollm2": ("HuggingFaceTB-SmolLM2-135M-Instruct.jinja", "<|im_start|>", "<|im_end|>",
+                     "huggingface/huggingface.js@0158ec799b68e40a538268c36d138ef4930e5c61:"
+                     "packages/ollama-utils/src/chat-template-automap.ts (entry library/smollm2:135m, its GGUF chat template)"),
+    "real-gemma2": ("google-gemma-2-2b-it.jinja", "<bos>", "<eos>",
+                    "ye-NX/llama.cpp@b354d7c9ecb76c97c07098617cdebbdfffa2583e:models/templates/google-gemma-2-2b-it.jinja"),
+}
 
 
 def templates():
@@ -99,6 +126,10 @@ def templates():
     t["phi3"] = {"source": "asset:llama-cpp-vocab/ggml-vocab-phi-3.gguf",
                  "text": gguf_chat_template(os.path.join(ASSETS, "llama-cpp-vocab", "ggml-vocab-phi-3.gguf")),
                  "bos": "<s>", "eos": "<|endoftext|>"}
+    rdir = os.path.join(ROOT, "tests", "Fixtures", "chat_templates")
+    for name, (fname, bos, eos, source) in REAL_TEMPLATES.items():
+        with open(os.path.join(rdir, fname), encoding="utf-8", newline="") as f:
+            t[name] = {"source": source, "file": "tests/Fixtures/chat_templates/" + fname, "text": f.read(), "bos": bos, "eos": eos}
     return t
 
 
@@ -113,6 +144,49 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "21 and sunny."}],
     [{"role": "assistant", "content": "I speak first."}, {"role": "user", "content": "ok"}],
     [{"role": "system", "content": "<<SYS>> already here"}, {"role": "user", "content": "x"}],
+]
+
+
+# Conversations in the OpenAI tool-calling format (assistant tool_calls with arguments as a dict, tool results with
+# tool_call_id), with the tools passed to the template as `tools`.
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"},
+                                                    "days": {"type": "integer", "minimum": 1}},
+                   "required": ["city"]}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "Local time, 24h \"HH:MM\".", "parameters": {"type": "object", "properties": {}},
+    "return": {"type": "string"}}}
+TOOL_CONVERSATIONS = [
+    {"tools": [WEATHER_TOOL, TIME_TOOL], "messages": [
+        {"role": "system", "content": "Use tools when needed."},
+        {"role": "user", "content": "Weather in Paris for 2 days?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}]},
+        {"role": "tool", "tool_call_id": "call12345", "content": "{\"temp\": 21.5, \"sky\": \"clear\"}"},
+        {"role": "assistant", "content": "21.5 °C and clear."}]},
+    {"tools": [WEATHER_TOOL], "messages": [
+        {"role": "user", "content": "Paris and Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "callAAAAA", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"id": "callBBBBB", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "tool_call_id": "callAAAAA", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "callBBBBB", "content": "snow"},
+        {"role": "assistant", "content": "Paris: sunny. Oslo: snow."},
+        {"role": "user", "content": "Thanks!"}]},
+    {"tools": None, "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"id": "short", "type": "function", "function": {"name": "get_time", "arguments": {}}}]},
+        {"role": "tool", "tool_call_id": "short", "content": "12:00"}]},
+]
+
+# The date a template prints: strftime_now (transformers passes it; here at a fixed instant) or a date_string variable.
+FIXED_NOW = datetime.datetime(2024, 9, 3, 14, 5, 9)
+DATE_CASES = [
+    {"strftime_now": True},
+    {"strftime_now": False},
+    {"strftime_now": True, "date_string": "01 Jan 2025"},
 ]
 
 
@@ -144,6 +218,30 @@ def main():
                 except jinja2.exceptions.TemplateError as e:
                     case["error"] = str(e)
                 out["cases"].append(case)
+    out["tool_conversations"] = TOOL_CONVERSATIONS
+    for name, t in out["templates"].items():
+        tpl = env.from_string(t["text"])
+        for ci, conv in enumerate(TOOL_CONVERSATIONS):
+            for gen in (False, True):
+                case = {"template": name, "tool_conversation": ci, "add_generation_prompt": gen}
+                try:
+                    case["expected"] = tpl.render(messages=conv["messages"], tools=conv["tools"], bos_token=t["bos"], eos_token=t["eos"],
+                                                  add_generation_prompt=gen, pad_token="<pad>", unk_token="<unk>")
+                except jinja2.exceptions.TemplateError as e:
+                    case["error"] = str(e)
+                except TypeError as e:
+                    # e.g. a template concatenating a tool-call turn's None content: an evaluation error, not raise_exception
+                    case["type_error"] = str(e)
+                out["cases"].append(case)
+    out["fixed_now"] = FIXED_NOW.isoformat()
+    out["date_cases"] = []
+    for dc in DATE_CASES:
+        tpl = environment(dc["strftime_now"]).from_string(out["templates"]["real-llama3.2"]["text"])
+        kw = {}
+        if "date_string" in dc:
+            kw["date_string"] = dc["date_string"]
+        out["date_cases"].append(dict(dc, template="real-llama3.2", expected=tpl.render(
+            messages=CONVERSATIONS[1], bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", add_generation_prompt=True, **kw)))
     out["features"] = {}
     for name, text in FEATURES.items():
         out["features"][name] = {"text": text, "expected": env.from_string(text).render(

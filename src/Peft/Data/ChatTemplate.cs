@@ -107,17 +107,31 @@ public sealed class ChatTemplate
             fromModel?.EosToken ?? TokenText(tokenizer, tokenizer.EosId), fromModel?.Extra);
     }
 
+    /// <summary>The clock behind the templates' strftime_now (transformers: datetime.now()); settable for reproducible output.</summary>
+    public Func<DateTime> Clock { get; init; } = () => DateTime.Now;
+
     /// <summary>The conversation as text, as apply_chat_template(messages, tokenize=False, add_generation_prompt) gives it.</summary>
-    public string Render(IReadOnlyList<ChatMessage> messages, bool addGenerationPrompt)
+    public string Render(IReadOnlyList<ChatMessage> messages, bool addGenerationPrompt) =>
+        Render(messages.Select(m => (object?)new Dictionary<string, object?> { ["role"] = m.Role, ["content"] = m.Content }).ToList(), addGenerationPrompt);
+
+    /// <summary>
+    /// The conversation given as template values (dicts with role, content and e.g. tool_calls / tool_call_id, as
+    /// <see cref="JinjaTemplate.FromJson"/> makes them from OpenAI-format JSON), with further template variables
+    /// such as <c>tools</c> (a list of tool definitions; None when absent) or <c>date_string</c>.
+    /// </summary>
+    public string Render(List<object?> messages, bool addGenerationPrompt, IReadOnlyDictionary<string, object?>? variables = null)
     {
+        var clock = Clock;
         var vars = new Dictionary<string, object?>(Extra)
         {
-            ["messages"] = messages.Select(m => (object?)new Dictionary<string, object?> { ["role"] = m.Role, ["content"] = m.Content }).ToList(),
+            ["messages"] = messages,
             ["bos_token"] = BosToken,
             ["eos_token"] = EosToken,
             ["add_generation_prompt"] = addGenerationPrompt,
             ["tools"] = null,
+            ["strftime_now"] = new JinjaFunction((a, _) => Builtins.Strftime(clock(), a.Count > 0 ? Builtins.Str(a[0]) : "")),
         };
+        if (variables is not null) foreach (var (k, v) in variables) vars[k] = v;
         return _jinja.Render(vars);
     }
 

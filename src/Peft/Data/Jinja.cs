@@ -52,6 +52,21 @@ public sealed class JinjaTemplate
         return new JinjaTemplate(body, source);
     }
 
+    /// <summary>
+    /// A JSON value as a template value the way Python's json.loads gives it: object = dict (key order kept),
+    /// array = list, integer literal = long, other number = double, string, bool, null = None.
+    /// </summary>
+    public static object? FromJson(System.Text.Json.JsonElement e) => e.ValueKind switch
+    {
+        System.Text.Json.JsonValueKind.Object => e.EnumerateObject().ToDictionary(p => p.Name, p => FromJson(p.Value)),
+        System.Text.Json.JsonValueKind.Array => e.EnumerateArray().Select(FromJson).ToList(),
+        System.Text.Json.JsonValueKind.String => e.GetString(),
+        System.Text.Json.JsonValueKind.Number => e.TryGetInt64(out long l) && e.GetRawText().IndexOfAny(['.', 'e', 'E']) < 0 ? (object)l : e.GetDouble(),
+        System.Text.Json.JsonValueKind.True => true,
+        System.Text.Json.JsonValueKind.False => false,
+        _ => null,
+    };
+
     public string Render(IReadOnlyDictionary<string, object?> variables)
     {
         var ctx = new Context(Source);
@@ -803,6 +818,9 @@ public sealed class JinjaTemplate
                 var args = c.Args.Select(a => Eval(a, ctx)).ToList();
                 var kwargs = c.Kwargs.ToDictionary(k => k.Name, k => Eval(k.Value, ctx));
                 if (fn is JinjaFunction f) return f(args, kwargs);
+                // jinja2 says this (UndefinedError) when a method is missing, e.g. None.strip() for a None content
+                if (fn is JinjaUndefined && c.Fn is GetAttr ga)
+                    throw ctx.Error(c.Line, $"'{Builtins.ObjectTypeRepr(Eval(ga.Obj, ctx))}' has no attribute '{ga.Attr}'");
                 throw ctx.Error(c.Line, $"{Describe(c.Fn)} is not callable");
             }
             case Filter f:

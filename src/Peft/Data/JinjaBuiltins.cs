@@ -30,7 +30,8 @@ internal static class Builtins
         ["strftime_now"] = new JinjaFunction((a, _) => Strftime(DateTime.Now, a.Count > 0 ? Str(a[0]) : "")),
     };
 
-    private static string Strftime(DateTime t, string f)
+    /// <summary>Python's datetime.strftime for the directives chat templates use (%d %m %Y %y %b %B %H %M %S %%).</summary>
+    public static string Strftime(DateTime t, string f)
     {
         var sb = new StringBuilder();
         for (int i = 0; i < f.Length; i++)
@@ -80,6 +81,20 @@ internal static class Builtins
         List<object?> l => l.Count > 0,
         Dictionary<string, object?> d => d.Count > 0,
         _ => true,
+    };
+
+    /// <summary>jinja2's object_type_repr: 'None', 'str object', 'dict object'... (as its undefined-attribute errors say).</summary>
+    public static string ObjectTypeRepr(object? v) => v switch
+    {
+        null => "None",
+        JinjaUndefined => "Undefined",
+        bool => "bool object",
+        long => "int object",
+        double => "float object",
+        string => "str object",
+        List<object?> => "list object",
+        Dictionary<string, object?> => "dict object",
+        _ => v.GetType().Name + " object",
     };
 
     /// <summary>Python's str().</summary>
