@@ -279,18 +279,25 @@ public sealed class IlgpuBackend : IBackend
         }
     }
 
-    private void CopyIn(ArrayView<byte> dst, ReadOnlySpan<byte> src)
+    // The host side of every copy is pinned for the copy's duration. ILGPU 1.5.3's CopyFromCPU/CopyToCPU(ref T, long)
+    // overloads take a "pinned CPU buffer" (their doc comment): they wrap the reference with
+    // CPUMemoryBuffer.Create(accelerator, ref T, long), which calls Unsafe.AsPointer, then allocate and lock before
+    // the memcpy. An unpinned managed array that a GC (any thread's) compacts inside that window is copied to/from
+    // its old address: the caller's array keeps its zeros (the parallel-test "read back all zeros" flake) or the
+    // copy scribbles over a reused heap region (test host crashes). ILGPU's own Span overloads pin with `fixed`
+    // before calling the same ref overload. Reproduced by IlgpuHostCopyTests (a thread forcing compacting GCs).
+    private unsafe void CopyIn(ArrayView<byte> dst, ReadOnlySpan<byte> src)
     {
         if (src.Length == 0) return;
         Stream.Synchronize(); // earlier kernels may still read the buffer
-        dst.CopyFromCPU(ref MemoryMarshal.GetReference(src), src.Length);
+        fixed (byte* p = src) dst.CopyFromCPU(Stream, ref *p, src.Length);
     }
 
-    private void CopyOut(ArrayView<byte> src, Span<byte> dst)
+    private unsafe void CopyOut(ArrayView<byte> src, Span<byte> dst)
     {
         Stream.Synchronize();
         if (dst.Length == 0) return;
-        src.CopyToCPU(ref MemoryMarshal.GetReference(dst), dst.Length);
+        fixed (byte* p = dst) src.CopyToCPU(Stream, ref *p, dst.Length);
     }
 
     public void Download(Tensor src, Span<float> dst)
