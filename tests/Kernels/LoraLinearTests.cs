@@ -145,6 +145,61 @@ public class LoraLinearTests
         Close(expected, y, "y = x·Wᵀ + s·u·Bᵀ");
     }
 
+    /// <summary>
+    /// The CPU GEMM folds s·u·Bᵀ (forward) and s·g·A (dx) into the base product's last K slice (Gemm.RankUpdate); cpu only
+    /// (too big for the simulator): ragged 12-row and 32-column edges, several K slices (300 → 2, 4200 → 17), two
+    /// packed row blocks (2100 > 2040: the update's row panels are indexed across blocks), two column blocks (4200 >
+    /// 4096), odd ranks, bias, accumulate and pre-filled gradients, bf16 base weight, and dropout (the unfused dx path).
+    /// </summary>
+    [Theory]
+    [InlineData(29, 70, 300, 16, 0f, false)]
+    [InlineData(2100, 40, 33, 5, 0f, false)]
+    [InlineData(13, 4200, 20, 3, 0f, true)]
+    [InlineData(13, 20, 4200, 3, 0f, false)]
+    [InlineData(50, 96, 64, 16, 0.2f, false)]
+    [InlineData(37, 33, 257, 1, 0f, true)]
+    public void Cpu_FusedRankUpdate_MatchesReference(int m, int n, int k, int r, float p, bool bf16)
+    {
+        var b = Backend("cpu");
+        var xd = Rand((long)m * k, 1); var wd = RoundBf16(Rand((long)n * k, 2)); var bd = Rand(n, 3);
+        var ad = Rand((long)r * k, 4); var bbd = Rand((long)n * r, 5); var dyd = Rand((long)m * n, 6);
+        var dx0 = Rand((long)m * k, 7); var dA0 = Rand((long)r * k, 8); var dB0 = Rand((long)n * r, 9);
+        string what = $"M={m} N={n} K={k} R={r} p={p} bf16={bf16}";
+        using var x = Up(b, xd, m, k); using var bias = Up(b, bd, n);
+        using var w = bf16 ? UpBf16(b, GradCheck.ToFloat(wd), n, k) : Up(b, wd, n, k);
+        using var a = Up(b, ad, r, k); using var bb = Up(b, bbd, n, r);
+        using var y = Up(b, Rand((long)m * n, 10, 9), m, n); using var u = b.Allocate(DType.F32, m, r);
+        using var xDrop = b.Allocate(DType.F32, m, k);
+        var lora = new LoraParams(a, bb, Scale, p, Seed);
+        var xDropOrNull = p > 0 ? xDrop : null;
+        b.LoraLinearForward(y, x, w, bias, lora, u, xDropOrNull, m, n, k, r);
+        var ef = LoraLinearReference.Forward(xd, wd, bd, ad, bbd, Scale, p, Seed, m, n, k, r);
+        Close(ef.Y, y, "y " + what, DepthTolerance(k + r));
+        Close(ef.U, u, "u " + what, DepthTolerance(k));
+        foreach (bool acc in new[] { false, true })
+        {
+            using var dy = Up(b, dyd, m, n); using var g = b.Allocate(DType.F32, m, r);
+            using var dx = Up(b, dx0, m, k); using var dA = Up(b, dA0, r, k); using var dB = Up(b, dB0, n, r);
+            b.LoraLinearBackward(dx, dy, x, w, lora, u, xDropOrNull, g, dA, dB, null, null, m, n, k, r, acc);
+            var e = LoraLinearReference.Backward(dyd, xd, wd, ad, bbd, Scale, p, Seed, m, n, k, r);
+            Close(acc ? Plus(e.DX, dx0) : e.DX, dx, $"dx acc={acc} " + what, DepthTolerance(n + r));
+            Close(Plus(e.DA, dA0), dA, "dA " + what, DepthTolerance(m));
+            Close(Plus(e.DB, dB0), dB, "dB " + what, DepthTolerance(m + k)); // its terms hold u, itself a K-deep sum
+        }
+    }
+
+    /// <summary>
+    /// Tolerance.F32 is set for sums of up to ~128 terms; an f32 sum of <paramref name="depth"/> terms in [-1, 1] carries
+    /// a rounding error that grows with the depth (up to depth·ε in sequence: the ≤ 16-column kernels accumulate a
+    /// whole 2100-row reduction in one chain), so both tolerances scale with depth / 128 (first seen: dA at M = 2100,
+    /// |e| = 6.1, error 8.0e-4; y at K = 4200, error 2.7e-4).
+    /// </summary>
+    private static (double Atol, double Rtol) DepthTolerance(int depth)
+    {
+        double f = Math.Max(1.0, depth / 128.0);
+        return (Tolerance.F32.Atol * f, Tolerance.F32.Rtol * f);
+    }
+
     [SkippableTheory]
     [MemberData(nameof(TestBackends.All), MemberType = typeof(TestBackends))]
     public void DropoutWithoutXDrop_Throws(string backend)

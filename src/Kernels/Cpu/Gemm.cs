@@ -23,6 +23,19 @@ namespace FineTuneNative.Kernels.Cpu;
 /// </remarks>
 internal static unsafe class Gemm
 {
+    /// <summary>
+    /// A low-rank term added to a product: scale·U(M,R)·op(V)(R,N), U row-major (stride LdU), op(V)(p,j) = VTrans ?
+    /// V[j·LdV + p] : V[p·LdV + j]. R = 0 means none. The LoRA linear's s·u·Bᵀ (forward) and s·g·A (input gradient).
+    /// </summary>
+    public readonly struct RankUpdate(float* u, long ldU, float* v, long ldV, bool vTrans, int r, float scale)
+    {
+        public readonly float* U = u, V = v;
+        public readonly long LdU = ldU, LdV = ldV;
+        public readonly bool VTrans = vTrans;
+        public readonly int R = r;
+        public readonly float Scale = scale;
+    }
+
     public static readonly bool Wide = Vector512.IsHardwareAccelerated;
     public static readonly int MR = Wide ? 12 : 6;
     public static readonly int NR = Wide ? 32 : 16;
@@ -57,13 +70,26 @@ internal static unsafe class Gemm
         public bool CTrans;
         /// <summary>op(B) is row-major f32: full NR-wide panels are read in place (row stride Ldb), only a ragged edge panel is packed.</summary>
         public bool BDirect;
+        /// <summary>The rank update as an extra K2-deep segment of the last K slice: U packed in MR panels (scaled by Scale/Alpha), op(V) in NR panels, over all of M and N.</summary>
+        public float* Up, Vp; public int K2; public bool LastSlice;
     }
 
+    /// <summary>
+    /// C (+)= alpha·op(A)·op(B) [+ bias] [+ update.Scale·U·op(V)]. On the packed path the update is folded into the
+    /// micro-kernel as R more depth steps of the last K slice (its C tile is still in registers: no second pass over C,
+    /// no second parallel region); elsewhere it runs as a second product accumulated into C.
+    /// </summary>
     public static void Run(CpuBackend be, int m, int n, int k,
         float* a, long lda, bool aTrans, void* b, bool bBf16, long ldb, bool bTrans,
-        float* c, long ldc, float alpha, bool accumulate, float* bias)
+        float* c, long ldc, float alpha, bool accumulate, float* bias, RankUpdate update = default)
     {
         if (m == 0 || n == 0) return;
+        if (update.R > 0 && (alpha == 0f || !Packed(m, n, k, aTrans, bTrans)))
+        {
+            Run(be, m, n, k, a, lda, aTrans, b, bBf16, ldb, bTrans, c, ldc, alpha, accumulate, bias);
+            Run(be, m, n, update.R, update.U, update.LdU, false, update.V, false, update.LdV, update.VTrans, c, ldc, update.Scale, true, null);
+            return;
+        }
         be.EnsureScratch(ScratchFloats(k));
         var ctx = new Ctx
         {
@@ -106,6 +132,7 @@ internal static unsafe class Gemm
         }
         int mr = MR, nr = NR;
         ctx.BDirect = Wide && !bTrans && !bBf16;
+        if (update.R > 0) PackUpdate(be, &ctx, update);
         int slices = (k + KCMax - 1) / KCMax;
         int kcs = (k + slices - 1) / slices;
         int ncMax = Math.Min(RoundUp(n, nr), NBlock);
@@ -119,6 +146,7 @@ internal static unsafe class Gemm
                 int kc = Math.Min(kcs, k - pc);
                 ctx.Jc = jc; ctx.Nc = nc; ctx.Pc = pc; ctx.Kc = kc;
                 ctx.Beta = pc > 0 || accumulate;
+                ctx.LastSlice = pc + kc == k;
                 ctx.BiasNow = pc == 0 ? bias : null;
                 ctx.BPanels = (nc + nr - 1) / nr;
                 bool packB = true;
@@ -147,6 +175,47 @@ internal static unsafe class Gemm
                     ctx.TilesN = tilesN;
                     be.Pool.For(ctx.TilesM * ctx.TilesN, &TileBody, &ctx);
                 }
+            }
+        }
+    }
+
+    /// <summary>Whether <see cref="Run"/> takes the packed loop nest for this shape (the others are the small-M and ≤ 16-column paths).</summary>
+    private static bool Packed(int m, int n, int k, bool aTrans, bool bTrans) =>
+        k > 0 && !(!aTrans && m <= 4) && !(Wide && n <= 16 && m > 4 && (!aTrans || m >= 12));
+
+    /// <summary>
+    /// Packs the rank update for the whole product, once: (Scale/Alpha)·U into MR-row panels (R deep, zero rows past M)
+    /// and op(V) into NR-column panels (zero columns past N). R·(M + N) floats, single-threaded (R = 16 at 512 × 576:
+    /// 17 K floats, a few microseconds against the product's milliseconds).
+    /// </summary>
+    private static void PackUpdate(CpuBackend be, Ctx* x, RankUpdate upd)
+    {
+        int mr = MR, nr = NR, r = upd.R, m = x->M, n = x->N;
+        long aFloats = (long)RoundUp(m, mr) * r, bFloats = (long)RoundUp(n, nr) * r;
+        float* buf = be.GemmUpdateBuffer(aFloats + bFloats);
+        x->Up = buf; x->Vp = buf + aFloats; x->K2 = r;
+        float f = upd.Scale / x->Alpha;
+        for (int i0 = 0; i0 < m; i0 += mr)
+        {
+            float* d = x->Up + (long)i0 * r;
+            int mv = Math.Min(mr, m - i0);
+            for (int q = 0; q < r; q++)
+            {
+                int rr = 0;
+                for (; rr < mv; rr++) d[q * mr + rr] = f * upd.U[(i0 + rr) * upd.LdU + q];
+                for (; rr < mr; rr++) d[q * mr + rr] = 0f;
+            }
+        }
+        for (int j0 = 0; j0 < n; j0 += nr)
+        {
+            float* d = x->Vp + (long)j0 * r;
+            int nv = Math.Min(nr, n - j0);
+            for (int q = 0; q < r; q++)
+            {
+                int cc = 0;
+                if (upd.VTrans) for (; cc < nv; cc++) d[q * nr + cc] = upd.V[(j0 + cc) * upd.LdV + q];
+                else for (; cc < nv; cc++) d[q * nr + cc] = upd.V[q * upd.LdV + j0 + cc];
+                for (; cc < nr; cc++) d[q * nr + cc] = 0f;
             }
         }
     }
@@ -495,54 +564,66 @@ internal static unsafe class Gemm
                 int nv = Math.Min(nr, c1 - jr);
                 float* bPanel = x->Bp + (long)(jr / nr) * nr * kc;
                 float* biasJ = x->BiasNow != null ? x->BiasNow + x->Jc + jr : null;
+                int k2 = x->LastSlice ? x->K2 : 0;
+                float* a2 = k2 > 0 ? x->Up + (long)(x->Ic + ir) * k2 : null;
+                float* b2 = k2 > 0 ? x->Vp + (long)(x->Jc + jr) * k2 : null;
                 if (Wide)
                 {
                     long bStride = 32;
                     if (x->BDirect && nv == 32) { bPanel = (float*)x->B + x->Pc * x->Ldb + x->Jc + jr; bStride = x->Ldb; }
-                    Kernel512(kc, aPanel, bPanel, bStride, cRow + jr, x->Ldc, alpha, beta, biasJ, mv, nv, tile);
+                    Kernel512(kc, aPanel, bPanel, bStride, k2, a2, b2, cRow + jr, x->Ldc, alpha, beta, biasJ, mv, nv, tile);
                 }
-                else Kernel256(kc, aPanel, bPanel, cRow + jr, x->Ldc, alpha, beta, biasJ, mv, nv, tile);
+                else Kernel256(kc, aPanel, bPanel, k2, a2, b2, cRow + jr, x->Ldc, alpha, beta, biasJ, mv, nv, tile);
             }
         }
     }
 
-    /// <summary>12×32 tile: C[0..12, 0..32] (+)= alpha·Σ_q a[q·12 + r]·b[q·bStride + j] [+ bias] (bStride 32 for a packed panel).</summary>
+    /// <summary>
+    /// 12×32 tile: C[0..12, 0..32] (+)= alpha·(Σ_q a[q·12 + r]·b[q·bStride + j] + Σ_q a2[q·12 + r]·b2[q·32 + j]) [+ bias]
+    /// (bStride 32 for a packed panel); the second, k2-deep segment (packed rank update, 0 for none) runs through the
+    /// same loop with its own pointers.
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Kernel512(int kc, float* a, float* b, long bStride, float* c, long ldc, float alpha, bool beta, float* bias, int mv, int nv, float* tile)
+    private static void Kernel512(int kc, float* a, float* b, long bStride, int k2, float* a2, float* b2, float* c, long ldc, float alpha, bool beta, float* bias, int mv, int nv, float* tile)
     {
         Vector512<float> c00 = default, c01 = default, c10 = default, c11 = default, c20 = default, c21 = default,
             c30 = default, c31 = default, c40 = default, c41 = default, c50 = default, c51 = default,
             c60 = default, c61 = default, c70 = default, c71 = default, c80 = default, c81 = default,
             c90 = default, c91 = default, ca0 = default, ca1 = default, cb0 = default, cb1 = default;
-        for (int q = 0; q < kc; q++)
+        while (true)
         {
-            var b0 = Vector512.Load(b);
-            var b1 = Vector512.Load(b + 16);
-            var av = Vector512.Create(a[0]);
-            c00 = Vector512.FusedMultiplyAdd(av, b0, c00); c01 = Vector512.FusedMultiplyAdd(av, b1, c01);
-            av = Vector512.Create(a[1]);
-            c10 = Vector512.FusedMultiplyAdd(av, b0, c10); c11 = Vector512.FusedMultiplyAdd(av, b1, c11);
-            av = Vector512.Create(a[2]);
-            c20 = Vector512.FusedMultiplyAdd(av, b0, c20); c21 = Vector512.FusedMultiplyAdd(av, b1, c21);
-            av = Vector512.Create(a[3]);
-            c30 = Vector512.FusedMultiplyAdd(av, b0, c30); c31 = Vector512.FusedMultiplyAdd(av, b1, c31);
-            av = Vector512.Create(a[4]);
-            c40 = Vector512.FusedMultiplyAdd(av, b0, c40); c41 = Vector512.FusedMultiplyAdd(av, b1, c41);
-            av = Vector512.Create(a[5]);
-            c50 = Vector512.FusedMultiplyAdd(av, b0, c50); c51 = Vector512.FusedMultiplyAdd(av, b1, c51);
-            av = Vector512.Create(a[6]);
-            c60 = Vector512.FusedMultiplyAdd(av, b0, c60); c61 = Vector512.FusedMultiplyAdd(av, b1, c61);
-            av = Vector512.Create(a[7]);
-            c70 = Vector512.FusedMultiplyAdd(av, b0, c70); c71 = Vector512.FusedMultiplyAdd(av, b1, c71);
-            av = Vector512.Create(a[8]);
-            c80 = Vector512.FusedMultiplyAdd(av, b0, c80); c81 = Vector512.FusedMultiplyAdd(av, b1, c81);
-            av = Vector512.Create(a[9]);
-            c90 = Vector512.FusedMultiplyAdd(av, b0, c90); c91 = Vector512.FusedMultiplyAdd(av, b1, c91);
-            av = Vector512.Create(a[10]);
-            ca0 = Vector512.FusedMultiplyAdd(av, b0, ca0); ca1 = Vector512.FusedMultiplyAdd(av, b1, ca1);
-            av = Vector512.Create(a[11]);
-            cb0 = Vector512.FusedMultiplyAdd(av, b0, cb0); cb1 = Vector512.FusedMultiplyAdd(av, b1, cb1);
-            a += 12; b += bStride;
+            for (int q = 0; q < kc; q++)
+            {
+                var b0 = Vector512.Load(b);
+                var b1 = Vector512.Load(b + 16);
+                var av = Vector512.Create(a[0]);
+                c00 = Vector512.FusedMultiplyAdd(av, b0, c00); c01 = Vector512.FusedMultiplyAdd(av, b1, c01);
+                av = Vector512.Create(a[1]);
+                c10 = Vector512.FusedMultiplyAdd(av, b0, c10); c11 = Vector512.FusedMultiplyAdd(av, b1, c11);
+                av = Vector512.Create(a[2]);
+                c20 = Vector512.FusedMultiplyAdd(av, b0, c20); c21 = Vector512.FusedMultiplyAdd(av, b1, c21);
+                av = Vector512.Create(a[3]);
+                c30 = Vector512.FusedMultiplyAdd(av, b0, c30); c31 = Vector512.FusedMultiplyAdd(av, b1, c31);
+                av = Vector512.Create(a[4]);
+                c40 = Vector512.FusedMultiplyAdd(av, b0, c40); c41 = Vector512.FusedMultiplyAdd(av, b1, c41);
+                av = Vector512.Create(a[5]);
+                c50 = Vector512.FusedMultiplyAdd(av, b0, c50); c51 = Vector512.FusedMultiplyAdd(av, b1, c51);
+                av = Vector512.Create(a[6]);
+                c60 = Vector512.FusedMultiplyAdd(av, b0, c60); c61 = Vector512.FusedMultiplyAdd(av, b1, c61);
+                av = Vector512.Create(a[7]);
+                c70 = Vector512.FusedMultiplyAdd(av, b0, c70); c71 = Vector512.FusedMultiplyAdd(av, b1, c71);
+                av = Vector512.Create(a[8]);
+                c80 = Vector512.FusedMultiplyAdd(av, b0, c80); c81 = Vector512.FusedMultiplyAdd(av, b1, c81);
+                av = Vector512.Create(a[9]);
+                c90 = Vector512.FusedMultiplyAdd(av, b0, c90); c91 = Vector512.FusedMultiplyAdd(av, b1, c91);
+                av = Vector512.Create(a[10]);
+                ca0 = Vector512.FusedMultiplyAdd(av, b0, ca0); ca1 = Vector512.FusedMultiplyAdd(av, b1, ca1);
+                av = Vector512.Create(a[11]);
+                cb0 = Vector512.FusedMultiplyAdd(av, b0, cb0); cb1 = Vector512.FusedMultiplyAdd(av, b1, cb1);
+                a += 12; b += bStride;
+            }
+            if (k2 == 0) break;
+            a = a2; b = b2; bStride = 32; kc = k2; k2 = 0;
         }
         if (mv == 12 && nv == 32)
         {
@@ -581,27 +662,32 @@ internal static unsafe class Gemm
 
     /// <summary>6×16 tile on Vector256 (no AVX-512): 12 accumulators of the 16 ymm registers.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Kernel256(int kc, float* a, float* b, float* c, long ldc, float alpha, bool beta, float* bias, int mv, int nv, float* tile)
+    private static void Kernel256(int kc, float* a, float* b, int k2, float* aU, float* bU, float* c, long ldc, float alpha, bool beta, float* bias, int mv, int nv, float* tile)
     {
         Vector256<float> c00 = default, c01 = default, c10 = default, c11 = default, c20 = default, c21 = default,
             c30 = default, c31 = default, c40 = default, c41 = default, c50 = default, c51 = default;
-        for (int q = 0; q < kc; q++)
+        while (true)
         {
-            var b0 = Vector256.Load(b);
-            var b1 = Vector256.Load(b + 8);
-            var a0 = Vector256.Create(a[0]);
-            c00 = Vector256.FusedMultiplyAdd(a0, b0, c00); c01 = Vector256.FusedMultiplyAdd(a0, b1, c01);
-            var a1 = Vector256.Create(a[1]);
-            c10 = Vector256.FusedMultiplyAdd(a1, b0, c10); c11 = Vector256.FusedMultiplyAdd(a1, b1, c11);
-            var a2 = Vector256.Create(a[2]);
-            c20 = Vector256.FusedMultiplyAdd(a2, b0, c20); c21 = Vector256.FusedMultiplyAdd(a2, b1, c21);
-            var a3 = Vector256.Create(a[3]);
-            c30 = Vector256.FusedMultiplyAdd(a3, b0, c30); c31 = Vector256.FusedMultiplyAdd(a3, b1, c31);
-            var a4 = Vector256.Create(a[4]);
-            c40 = Vector256.FusedMultiplyAdd(a4, b0, c40); c41 = Vector256.FusedMultiplyAdd(a4, b1, c41);
-            var a5 = Vector256.Create(a[5]);
-            c50 = Vector256.FusedMultiplyAdd(a5, b0, c50); c51 = Vector256.FusedMultiplyAdd(a5, b1, c51);
-            a += 6; b += 16;
+            for (int q = 0; q < kc; q++)
+            {
+                var b0 = Vector256.Load(b);
+                var b1 = Vector256.Load(b + 8);
+                var a0 = Vector256.Create(a[0]);
+                c00 = Vector256.FusedMultiplyAdd(a0, b0, c00); c01 = Vector256.FusedMultiplyAdd(a0, b1, c01);
+                var a1 = Vector256.Create(a[1]);
+                c10 = Vector256.FusedMultiplyAdd(a1, b0, c10); c11 = Vector256.FusedMultiplyAdd(a1, b1, c11);
+                var a2 = Vector256.Create(a[2]);
+                c20 = Vector256.FusedMultiplyAdd(a2, b0, c20); c21 = Vector256.FusedMultiplyAdd(a2, b1, c21);
+                var a3 = Vector256.Create(a[3]);
+                c30 = Vector256.FusedMultiplyAdd(a3, b0, c30); c31 = Vector256.FusedMultiplyAdd(a3, b1, c31);
+                var a4 = Vector256.Create(a[4]);
+                c40 = Vector256.FusedMultiplyAdd(a4, b0, c40); c41 = Vector256.FusedMultiplyAdd(a4, b1, c41);
+                var a5 = Vector256.Create(a[5]);
+                c50 = Vector256.FusedMultiplyAdd(a5, b0, c50); c51 = Vector256.FusedMultiplyAdd(a5, b1, c51);
+                a += 6; b += 16;
+            }
+            if (k2 == 0) break;
+            a = aU; b = bU; kc = k2; k2 = 0;
         }
         c00.Store(tile); c01.Store(tile + 8); c10.Store(tile + 16); c11.Store(tile + 24);
         c20.Store(tile + 32); c21.Store(tile + 40); c30.Store(tile + 48); c31.Store(tile + 56);

@@ -2,7 +2,8 @@ using System.Numerics.Tensors;
 
 namespace FineTuneNative.Kernels.Cpu;
 
-// The LoRA linear y = x·Wᵀ [+ bias] + s·(drop(x)·Aᵀ)·Bᵀ as five GEMMs plus a fused dropout pass;
+// The LoRA linear y = x·Wᵀ [+ bias] + s·(drop(x)·Aᵀ)·Bᵀ as GEMMs (the rank-R terms s·u·Bᵀ and s·g·A folded into the
+// base products' micro-kernel, Gemm.RankUpdate) plus a fused dropout pass;
 // reference: LoraLinearReference.
 public sealed unsafe partial class CpuBackend
 {
@@ -32,10 +33,14 @@ public sealed unsafe partial class CpuBackend
             var ctx = new DropCtx { X = px, XDrop = pxd, M = m, K = k, P = lora.Dropout, Seed = lora.Seed };
             _pool.For(m, &DropRowBody, &ctx);
         }
-        if (wNf4) Nf4Forward(w, op, m, n, k, px, py, 1f, false, pbias);
-        else Gemm.Run(this, m, n, k, px, k, false, pw, wBf16, k, true, py, n, 1f, false, pbias);
-        Gemm.Run(this, m, r, k, pxd, k, false, pa, false, k, true, pu, r, 1f, false, null);
-        Gemm.Run(this, m, n, r, pu, r, false, pb, false, r, true, py, n, lora.Scale, true, null);
+        Gemm.Run(this, m, r, k, pxd, k, false, pa, false, k, true, pu, r, 1f, false, null);             // u = xd·Aᵀ
+        if (wNf4)
+        {
+            Nf4Forward(w, op, m, n, k, px, py, 1f, false, pbias);
+            Gemm.Run(this, m, n, r, pu, r, false, pb, false, r, true, py, n, lora.Scale, true, null);
+        }
+        // y = x·wᵀ + bias + s·u·Bᵀ: the rank-R term is R more depth steps of the base product's last K slice
+        else Gemm.Run(this, m, n, k, px, k, false, pw, wBf16, k, true, py, n, 1f, false, pbias, new Gemm.RankUpdate(pu, r, pb, r, true, r, lora.Scale));
     }
 
     /// <summary>
@@ -73,7 +78,10 @@ public sealed unsafe partial class CpuBackend
         Gemm.Run(this, m, r, n, pdy, n, false, pb, false, r, false, pg, r, 1f, false, null);    // g = dy·B
         WeightGrad(pdB, null, pdy, pu, m, n, r, s);                                              // dB += s·dyᵀ·u
         WeightGrad(pdA, null, pg, pxd, m, r, k, s);                                              // dA += s·gᵀ·xd
+        bool fused = !wNf4 && lora.Dropout == 0;
         if (wNf4) Nf4BackwardInput(w, op, m, n, k, pdy, pdx, accumulate);                        // dx (+)= dy·w
+        else if (fused)                                                                          // dx (+)= dy·w + s·g·A in one product
+            Gemm.Run(this, m, k, n, pdy, n, false, pw, wBf16, k, false, pdx, k, 1f, accumulate, null, new Gemm.RankUpdate(pg, r, pa, k, false, r, s));
         else Gemm.Run(this, m, k, n, pdy, n, false, pw, wBf16, k, false, pdx, k, 1f, accumulate, null);
         if (lora.Dropout > 0)
         {
@@ -85,7 +93,7 @@ public sealed unsafe partial class CpuBackend
             };
             _pool.For(m, &LoraDxDropBody, &ctx);
         }
-        else
+        else if (!fused)
         {
             Gemm.Run(this, m, k, r, pg, r, false, pa, false, k, false, pdx, k, s, true, null);   // dx += s·g·A
         }

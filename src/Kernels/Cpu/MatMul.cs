@@ -82,8 +82,21 @@ public sealed unsafe partial class CpuBackend
 // The packed-panel buffers of the GEMM, shared by the pool's threads (ops run one at a time per backend).
 public sealed unsafe partial class CpuBackend
 {
-    private float* _gemmA, _gemmB;
-    private long _gemmACap, _gemmBCap;
+    private float* _gemmA, _gemmB, _gemmU;
+    private long _gemmACap, _gemmBCap, _gemmUCap;
+
+    /// <summary>The packed rank update of a fused product (Gemm.RankUpdate); grows once, then reused.</summary>
+    internal float* GemmUpdateBuffer(long floats)
+    {
+        if (floats > _gemmUCap)
+        {
+            if (_gemmU != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_gemmU);
+            _gemmU = null;
+            _gemmU = (float*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)(floats * 4 + 256), 64);
+            _gemmUCap = floats;
+        }
+        return _gemmU;
+    }
 
     /// <summary>Packed A (aFloats) and packed B (bFloats) buffers; grow once, then reused by every GEMM.</summary>
     internal void GemmBuffers(long aFloats, long bFloats, out float* a, out float* b)
@@ -110,7 +123,8 @@ public sealed unsafe partial class CpuBackend
     {
         if (_gemmA != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_gemmA);
         if (_gemmB != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_gemmB);
-        _gemmA = _gemmB = null;
-        _gemmACap = _gemmBCap = 0;
+        if (_gemmU != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_gemmU);
+        _gemmA = _gemmB = _gemmU = null;
+        _gemmACap = _gemmBCap = _gemmUCap = 0;
     }
 }
