@@ -24,6 +24,13 @@ public sealed partial class TrainOptions
     [Option("prompt-init-text", MetaValue = "TEXT", HelpText = "prompt/prefix: the text whose tokens initialise the virtual tokens (repeated or cut to P).")]
     public string? PromptInitText { get; set; }
 
+    [Option("prefix-projection", Default = false,
+        HelpText = "prefix: train the prefix through PEFT's MLP reparametrisation (prefix_projection = true: embedding -> Linear -> tanh -> Linear); random init. The saved adapter holds the MLP's output, as PEFT's does, plus the MLP in prefix_encoder.safetensors.")]
+    public bool PrefixProjection { get; set; }
+
+    [Option("prefix-hidden-size", MetaValue = "H", HelpText = "prefix: width of the projection MLP (PEFT's encoder_hidden_size). Default NKV*HS (PEFT's default, token_dim).")]
+    public int? PrefixHiddenSize { get; set; }
+
     [Option("bottleneck-size", MetaValue = "N", HelpText = "bottleneck: width of each adapter. Default hidden size / 16, at least 1.")]
     public int? BottleneckSize { get; set; }
 
@@ -46,6 +53,12 @@ internal static class PeftxMethods
             throw new UserError($"--ewc-lambda/--ewc-data apply to LoRA stages; --method {m} does not support them");
         if (m is not ("prompt" or "prefix") && (o.NumVirtualTokens is not null || o.PromptInit is not null || o.PromptInitText is not null))
             throw new UserError("--num-virtual-tokens/--prompt-init/--prompt-init-text belong to --method prompt or prefix");
+        if (m != "prefix" && (o.PrefixProjection || o.PrefixHiddenSize is not null))
+            throw new UserError("--prefix-projection/--prefix-hidden-size belong to --method prefix");
+        if (o.PrefixHiddenSize is not null && !o.PrefixProjection)
+            throw new UserError("--prefix-hidden-size is the width of the projection MLP: it needs --prefix-projection");
+        if (o.PrefixProjection && o.PromptInit is not null && o.PromptInit.Trim().ToLowerInvariant() != "random" || o.PrefixProjection && o.PromptInitText is not null)
+            throw new UserError("--prefix-projection starts the MLP from PEFT's random init; --prompt-init vocab/text apply to the prefix itself (without --prefix-projection)");
         if (m != "bottleneck" && (o.BottleneckSize is not null || o.BottleneckSites is not null))
             throw new UserError("--bottleneck-size/--bottleneck-sites belong to --method bottleneck");
         if (m is "prompt" or "prefix" && o.Pack)
@@ -68,7 +81,7 @@ internal static class PeftxMethods
                 case "prefix":
                 {
                     int p = o.NumVirtualTokens ?? 16;
-                    string init = (o.PromptInit ?? (o.PromptInitText is null ? "vocab" : "text")).Trim().ToLowerInvariant();
+                    string init = (o.PromptInit ?? (o.PrefixProjection ? "random" : o.PromptInitText is null ? "vocab" : "text")).Trim().ToLowerInvariant();
                     if (init is not ("vocab" or "text" or "random")) throw new UserError($"--prompt-init: '{o.PromptInit}' is not vocab, text or random");
                     if (init == "text" && string.IsNullOrEmpty(o.PromptInitText)) throw new UserError("--prompt-init text needs --prompt-init-text");
                     // PEFT tokenizes the init text as tokenizer(text)["input_ids"]: with the BOS a Llama tokenizer adds by default
@@ -83,10 +96,13 @@ internal static class PeftxMethods
                     else
                     {
                         var pi = init switch { "text" => PrefixTuningInit.Text, "random" => PrefixTuningInit.Random, _ => PrefixTuningInit.SampleVocab };
-                        method = PrefixTuning.Create(model, new PrefixTuningConfig(p, pi, o.PromptInitText), seed, ids);
+                        int hidden = o.PrefixProjection ? o.PrefixHiddenSize ?? c.KvDim : 0;
+                        if (o.PrefixProjection && hidden <= 0) throw new UserError($"--prefix-hidden-size must be > 0 (got {hidden})");
+                        method = PrefixTuning.Create(model, new PrefixTuningConfig(p, pi, o.PromptInitText, hidden), seed, ids);
                     }
                     stdout.WriteLine($"{m,-8} {p} virtual tokens, init {init}: {CliCommon.Count(method.ParameterCount)} trainable parameters" +
-                                     (m == "prefix" ? $" (L={c.NumLayers} x 2 x {c.KvDim} per token)" : ""));
+                                     (m == "prefix" ? $" (L={c.NumLayers} x 2 x {c.KvDim} per token" +
+                                                      (o.PrefixProjection ? $", through a {c.KvDim} -> {o.PrefixHiddenSize ?? c.KvDim} -> tanh -> {c.NumLayers * 2 * c.KvDim} MLP)" : ")") : ""));
                     return method;
                 }
                 default:

@@ -25,13 +25,14 @@ public class PeftxMethodsTests(ITestOutputHelper output)
     {
         "prompt" => PromptTuning.Create(model, new PromptTuningConfig(5, PromptTuningInit.SampleVocab), seed),
         "prefix" => PrefixTuning.Create(model, new PrefixTuningConfig(4, PrefixTuningInit.SampleVocab), seed),
+        "prefix-projection" => PrefixTuning.Create(model, new PrefixTuningConfig(4, PrefixTuningInit.Random, null, 6), seed),
         _ => BottleneckAdapters.Create(model, new BottleneckConfig(6), seed),
     };
 
     private static ITrainableMethod Load(string method, string dir, LlamaModel model) => method switch
     {
         "prompt" => PromptTuning.Load(dir, model),
-        "prefix" => PrefixTuning.Load(dir, model),
+        "prefix" or "prefix-projection" => PrefixTuning.Load(dir, model),
         _ => BottleneckAdapters.Load(dir, model),
     };
 
@@ -208,6 +209,7 @@ public class PeftxMethodsTests(ITestOutputHelper output)
     [SkippableTheory]
     [InlineData("prompt", 3e-2)]
     [InlineData("prefix", 1e-2)]
+    [InlineData("prefix-projection", 1e-2)]
     [InlineData("bottleneck", 1e-2)]
     public void Stories260K_OnAlpaca_LowersHeldOutLoss_AndReloads(string method, double lr)
     {
@@ -231,6 +233,7 @@ public class PeftxMethodsTests(ITestOutputHelper output)
             {
                 "prompt" => (ITrainableMethod)PromptTuning.Create(model, new PromptTuningConfig(16, PromptTuningInit.SampleVocab), 7),
                 "prefix" => PrefixTuning.Create(model, new PrefixTuningConfig(16, PrefixTuningInit.SampleVocab), 7),
+                "prefix-projection" => PrefixTuning.Create(model, new PrefixTuningConfig(16, PrefixTuningInit.Random, null, 64), 7),
                 _ => BottleneckAdapters.Create(model, new BottleneckConfig(16), 7),
             };
             using var trainer = new Trainer(model, m, options);
@@ -255,6 +258,7 @@ public class PeftxMethodsTests(ITestOutputHelper output)
     [Theory]
     [InlineData("prompt")]
     [InlineData("prefix")]
+    [InlineData("prefix-projection")]
     [InlineData("bottleneck")]
     public void Checkpoint_Resumes_BitForBit(string method)
     {

@@ -18,18 +18,26 @@ public enum PrefixTuningInit
     Text,
 }
 
-/// <summary>Prefix tuning settings (PEFT's PrefixTuningConfig, causal LM, prefix_projection = false).</summary>
-public sealed record PrefixTuningConfig(int NumVirtualTokens, PrefixTuningInit Init = PrefixTuningInit.SampleVocab, string? InitText = null)
+/// <summary>Prefix tuning settings (PEFT's PrefixTuningConfig, causal LM).</summary>
+/// <param name="ProjectionHiddenSize">0: the prefix itself is trained (prefix_projection = false). &gt; 0: PEFT's
+/// prefix_projection = true with encoder_hidden_size = this: an MLP over P embeddings produces the prefix
+/// (<see cref="PrefixProjection"/>); it starts from PEFT's random init, so <paramref name="Init"/> must be Random.</param>
+public sealed record PrefixTuningConfig(int NumVirtualTokens, PrefixTuningInit Init = PrefixTuningInit.SampleVocab, string? InitText = null, int ProjectionHiddenSize = 0)
 {
+    public bool Projection => ProjectionHiddenSize > 0;
+
     public void Validate()
     {
         if (NumVirtualTokens <= 0) throw new ArgumentException($"prefix tuning: num_virtual_tokens must be > 0 (got {NumVirtualTokens})");
         if (Init == PrefixTuningInit.Text && string.IsNullOrEmpty(InitText)) throw new ArgumentException("prefix tuning: TEXT init needs a non-empty init text");
+        if (ProjectionHiddenSize < 0) throw new ArgumentException($"prefix tuning: the projection's hidden size must be > 0 (got {ProjectionHiddenSize})");
+        if (Projection && Init != PrefixTuningInit.Random)
+            throw new ArgumentException($"prefix tuning: with prefix projection the MLP starts from PEFT's random init; {Init} init applies to the prefix itself (no projection)");
     }
 }
 
 /// <summary>
-/// Prefix tuning (Li &amp; Liang 2021; PEFT's PREFIX_TUNING without the MLP reparametrisation): in every layer P learned
+/// Prefix tuning (Li &amp; Liang 2021; PEFT's PREFIX_TUNING, optionally through its MLP reparametrisation): in every layer P learned
 /// key and value rows per kv head that every query attends to. Attached through <see cref="LlamaModel.Prefix"/>
 /// (see <see cref="PrefixSlot"/>: the real tokens sit at positions P..P+T-1 and the prefix keys are not rotated,
 /// as when transformers' Llama gets PEFT's past_key_values).
@@ -44,27 +52,35 @@ public sealed record PrefixTuningConfig(int NumVirtualTokens, PrefixTuningInit I
 /// adapter_config.json: peft_type "PREFIX_TUNING", task_type "CAUSAL_LM", num_virtual_tokens, token_dim (NKV·HS),
 /// num_attention_heads (NKV), num_layers, num_transformer_submodules 1, encoder_hidden_size (= token_dim),
 /// prefix_projection false, inference_mode, base_model_name_or_path, revision, auto_mapping.
-/// prefix_projection = true (an MLP producing the prefix during training) is not implemented; PEFT saves its output
-/// in the same tensor, so such an adapter still loads for inference.
+/// With prefix_projection = true (<see cref="PrefixProjection"/>) PEFT trains an MLP and saves only its output in
+/// "prompt_embeddings" (get_prompt_embedding_to_save), with prefix_projection true and encoder_hidden_size = the MLP width;
+/// PEFT loads that for inference as a plain prefix, and so does <see cref="Load"/> when the MLP weights are absent.
+/// The MLP weights themselves, which PEFT does not write, go to <see cref="EncoderFile"/> (PEFT's PrefixEncoder names)
+/// so that checkpoints resume and a saved adapter continues training with its MLP.
 /// </remarks>
 public sealed class PrefixTuning : ITrainableMethod
 {
     public const string PeftTypeName = "PREFIX_TUNING";
     public const string TensorName = "prompt_embeddings";
+    /// <summary>The prefix MLP's weights (prefix projection only; not part of PEFT's files, which hold only its output).</summary>
+    public const string EncoderFile = "prefix_encoder.safetensors";
 
     private readonly LlamaModel _model;
     private readonly PrefixSlot _slot;
+    private readonly PrefixProjection? _projection;
     private readonly TrainableTensor[] _trainable;
     private bool _disposed;
 
-    private PrefixTuning(LlamaModel model, PrefixTuningConfig config, PrefixSlot slot)
+    private PrefixTuning(LlamaModel model, PrefixTuningConfig config, PrefixSlot slot, PrefixProjection? projection)
     {
         _model = model;
         Config = config;
         _slot = slot;
-        _trainable = [new TrainableTensor(TensorName, slot.Values, slot.Grad, WeightDecay: true)];
+        _projection = projection;
+        _trainable = projection is null ? [new TrainableTensor(TensorName, slot.Values, slot.Grad, WeightDecay: true)] : projection.Trainable;
         model.Prefix = slot;
         IsAttached = true;
+        if (projection is not null) UploadPrefix(projection.Forward());
     }
 
     public PrefixTuningConfig Config { get; }
@@ -83,6 +99,7 @@ public sealed class PrefixTuning : ITrainableMethod
         config.Validate();
         var c = model.Config;
         int p = config.NumVirtualTokens, kvd = c.KvDim, L = c.NumLayers;
+        if (config.Projection) return Build(model, config, null, proj => proj.InitRandom(seed));
         var values = new float[L * 2 * p * kvd];
         ulong state = seed ^ 0x2545F4914F6CDD1DUL;
         double Uniform() => (Batching.SplitMix64(ref state) >> 11) * (1.0 / (1UL << 53));
@@ -114,7 +131,9 @@ public sealed class PrefixTuning : ITrainableMethod
         return Build(model, config, values);
     }
 
-    private static PrefixTuning Build(LlamaModel model, PrefixTuningConfig config, float[] values)
+    /// <summary>Allocates the prefix (and the projection when configured) and attaches it: the prefix from
+    /// <paramref name="values"/> (our layout), or the projection's parameters set by <paramref name="initProjection"/>.</summary>
+    private static PrefixTuning Build(LlamaModel model, PrefixTuningConfig config, float[]? values, Action<PrefixProjection>? initProjection = null)
     {
         if (model.Prefix is not null) throw new InvalidOperationException("the model already has a prefix attached; dispose it first");
         var c = model.Config;
@@ -124,17 +143,32 @@ public sealed class PrefixTuning : ITrainableMethod
         var g = b.Allocate(DType.F32, c.NumLayers, 2, p, c.KvDim);
         v.Name = TensorName;
         g.Name = TensorName + ".grad";
+        PrefixProjection? proj = null;
         try
         {
-            b.Upload(v, values);
-            return new PrefixTuning(model, config, new PrefixSlot(v, g, c.NumLayers));
+            if (values is not null) b.Upload(v, values);
+            b.Fill(g, 0f);
+            if (config.Projection)
+            {
+                proj = new PrefixProjection(b, p, c.KvDim, config.ProjectionHiddenSize, c.NumLayers * 2 * c.KvDim);
+                (initProjection ?? throw new ArgumentException("prefix projection: no initial MLP weights"))(proj);
+            }
+            return new PrefixTuning(model, config, new PrefixSlot(v, g, c.NumLayers), proj);
         }
         catch
         {
             v.Dispose();
             g.Dispose();
+            proj?.Dispose();
             throw;
         }
+    }
+
+    /// <summary>The projection's output (PEFT layout) as the prefix the model reads.</summary>
+    private void UploadPrefix(float[] peftLayout)
+    {
+        var c = _model.Config;
+        _slot.Values.Backend.Upload(_slot.Values, FromPeftLayout(peftLayout, c.NumLayers, Config.NumVirtualTokens, c.KvDim));
     }
 
     /// <summary>Our (L, 2, P, KVD) layout → PEFT's (P, L·2·KVD).</summary>
@@ -157,11 +191,31 @@ public sealed class PrefixTuning : ITrainableMethod
         return ours;
     }
 
-    /// <summary>Reads a PEFT prefix-tuning directory and attaches it to <paramref name="model"/>.</summary>
+    /// <summary>
+    /// Reads a PEFT prefix-tuning directory and attaches it to <paramref name="model"/>: with its MLP
+    /// (<see cref="EncoderFile"/>, written by <see cref="Save"/> of a prefix-projection run) the MLP is what trains;
+    /// without it the saved prefix is (PEFT's own prefix_projection adapters hold only the MLP's output).
+    /// </summary>
     public static PrefixTuning Load(string dir, LlamaModel model)
     {
         var (p, values) = ReadFiles(dir, model.Config);
+        var o = AdapterFiles.ReadConfig(dir);
+        if (AdapterFiles.Bool(o, "prefix_projection", false) && File.Exists(Path.Combine(dir, EncoderFile)))
+        {
+            int h = AdapterFiles.Int(o, "encoder_hidden_size", Path.Combine(dir, AdapterFiles.ConfigFile));
+            return Build(model, new PrefixTuningConfig(p, PrefixTuningInit.Random, null, h), null, proj => ReadEncoder(dir, proj));
+        }
         return Build(model, new PrefixTuningConfig(p, PrefixTuningInit.Random), values);
+    }
+
+    private static void ReadEncoder(string dir, PrefixProjection proj)
+    {
+        string file = Path.Combine(dir, EncoderFile);
+        using var st = Runtime.IO.SafeTensors.Open(file);
+        var names = new[] { PrefixProjection.EmbeddingName, PrefixProjection.W1Name, PrefixProjection.B1Name, PrefixProjection.W2Name, PrefixProjection.B2Name };
+        foreach (var n in st.Names)
+            if (!names.Contains(n)) throw new InvalidDataException($"{file}: unexpected tensor '{n}' (expected {string.Join(", ", names)})");
+        foreach (var t in proj.Trainable) proj.Set(t.Name, AdapterFiles.Read(st, file, t.Name, t.Param.Shape.ToArray()));
     }
 
     /// <summary>P and the values in our (L, 2, P, NKV·HS) layout of a PEFT prefix-tuning directory, checked against the model.</summary>
@@ -187,18 +241,25 @@ public sealed class PrefixTuning : ITrainableMethod
     {
         var c = _model.Config;
         int p = Config.NumVirtualTokens;
+        if (_projection is not null)
+        {
+            Directory.CreateDirectory(dir);
+            Runtime.IO.SafeTensors.Write(Path.Combine(dir, EncoderFile),
+                _projection.Trainable.Select(t => (t.Name, DType.F32, t.Param.Shape.ToArray(), t.Param.ToArray())),
+                new Dictionary<string, string> { ["format"] = "pt" });
+        }
         var cfg = new JsonObject
         {
             ["auto_mapping"] = null,
             ["base_model_name_or_path"] = baseModelNameOrPath,
-            ["encoder_hidden_size"] = c.KvDim,
+            ["encoder_hidden_size"] = _projection?.H ?? c.KvDim,
             ["inference_mode"] = true,
             ["num_attention_heads"] = c.NumKvHeads,
             ["num_layers"] = c.NumLayers,
             ["num_transformer_submodules"] = 1,
             ["num_virtual_tokens"] = p,
             ["peft_type"] = PeftTypeName,
-            ["prefix_projection"] = false,
+            ["prefix_projection"] = _projection is not null,
             ["revision"] = null,
             ["task_type"] = "CAUSAL_LM",
             ["token_dim"] = c.KvDim,
@@ -212,10 +273,38 @@ public sealed class PrefixTuning : ITrainableMethod
         var (p, values) = ReadFiles(dir, _model.Config);
         if (p != Config.NumVirtualTokens)
             throw new InvalidDataException($"{Path.Combine(dir, AdapterFiles.ConfigFile)}: {p} virtual tokens; this prefix has {Config.NumVirtualTokens}");
-        _slot.Values.Backend.Upload(_slot.Values, values);
+        if (_projection is null)
+        {
+            _slot.Values.Backend.Upload(_slot.Values, values);
+            return;
+        }
+        if (!File.Exists(Path.Combine(dir, EncoderFile)))
+            throw new InvalidDataException($"{Path.Combine(dir, EncoderFile)}: not found; this prefix is trained through its projection MLP, whose weights that file holds");
+        ReadEncoder(dir, _projection);
+        UploadPrefix(_projection.Forward());
     }
 
-    public void ZeroGrad() => _slot.Grad.Backend.Fill(_slot.Grad, 0f);
+    public void ZeroGrad()
+    {
+        _slot.Grad.Backend.Fill(_slot.Grad, 0f);
+        _projection?.ZeroGrad();
+    }
+
+    /// <summary>With a projection: the prefix gradient the model's backward accumulated over the window goes through the MLP
+    /// into its parameters' gradients (+=). No penalty (0).</summary>
+    public double AddPenalty()
+    {
+        if (_projection is null) return 0;
+        var c = _model.Config;
+        _projection.Backward(ToPeftLayout(_slot.Grad.ToArray(), c.NumLayers, Config.NumVirtualTokens, c.KvDim));
+        return 0;
+    }
+
+    /// <summary>With a projection: the updated MLP's output becomes the prefix.</summary>
+    public void AfterStep()
+    {
+        if (_projection is not null) UploadPrefix(_projection.Forward());
+    }
 
     public void Attach()
     {
@@ -239,7 +328,8 @@ public sealed class PrefixTuning : ITrainableMethod
         ["num_virtual_tokens"] = Config.NumVirtualTokens,
         ["init"] = Config.Init.ToString(),
         ["init_text"] = Config.InitText,
-        ["prefix_projection"] = false,
+        ["prefix_projection"] = Config.Projection,
+        ["encoder_hidden_size"] = Config.Projection ? Config.ProjectionHiddenSize : null,
     };
 
     public void Dispose()
@@ -249,5 +339,6 @@ public sealed class PrefixTuning : ITrainableMethod
         _disposed = true;
         _slot.Values.Dispose();
         _slot.Grad.Dispose();
+        _projection?.Dispose();
     }
 }
