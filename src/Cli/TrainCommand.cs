@@ -242,6 +242,11 @@ public static class TrainCommand
             try { result = trainer.Train(data.Train, data.Eval, data.PadId, tmp, modelPath, resumeFrom: resumeFrom); }
             catch (TrainingStoppedException e) { if (live) stdout.WriteLine(); throw new UserError(e.Message); }
             catch (InvalidDataException e) when (resumeFrom is not null) { throw new UserError($"--resume: {Program.OneLine(e.Message)}"); }
+            if (method is FineTuneNative.Peft.Methods.EwcMethod ewc) // for a next stage continuing this adapter with --ewc-lambda
+            {
+                var next = ewc.SaveForNextStage(tmp, model, data.Train, opts.MaxLength, data.PadId, o.EwcSamples, opts.Seed);
+                stdout.WriteLine($"ewc      {FineTuneNative.Peft.Methods.EwcState.FileName}: Fisher of {next.Stages} stages ({next.Samples} samples) for the next stage");
+            }
             // After: the adapter merged into a writable copy of the base weights.
             if (emRecords.Count > 0)
             {
@@ -332,7 +337,7 @@ public static class TrainCommand
             }
             else if (o.Adapter is not null) state = FineTuneNative.Peft.Methods.EwcState.Load(o.Adapter, adapter);
             else throw new UserError("--ewc-lambda needs the previous stage's data (--ewc-data) or an --adapter holding ewc_state.safetensors");
-            stdout.WriteLine($"ewc      lambda {lambda}, Fisher from {state.Samples} previous-stage samples");
+            stdout.WriteLine($"ewc      lambda {lambda}, Fisher from {state.Samples} samples of {state.Stages} earlier stage(s)");
             return new FineTuneNative.Peft.Methods.EwcMethod(adapter, state, lambda);
         }
         catch (Exception e) when (e is FileNotFoundException or InvalidDataException or ArgumentException)

@@ -39,7 +39,15 @@ public class MethodsCliTests
             var s2 = CliHarness.Run(Train(b, "--adapter", a, "--ewc-lambda", "100", "--ewc-data", Data, "--ewc-samples", "8"));
             Assert.True(s2.ExitCode == 0, s2.ToString());
             Assert.Contains($"stage    continuing {a}", s2.Stdout);
-            Assert.Contains("ewc      lambda 100, Fisher from 8 previous-stage samples", s2.Stdout);
+            Assert.Contains("ewc      lambda 100, Fisher from 8 samples of 1 earlier stage(s)", s2.Stdout);
+            Assert.Contains("ewc      ewc_state.safetensors: Fisher of 2 stages (16 samples) for the next stage", s2.Stdout);
+            Assert.False(File.Exists(Path.Combine(a, "ewc_state.safetensors")), "a stage without EWC writes no EWC state");
+            // a third stage needs only the second stage's directory
+            string c = Path.Combine(dir, "c");
+            var s3 = CliHarness.Run(Train(c, "--adapter", b, "--ewc-lambda", "100", "--ewc-samples", "8"));
+            Assert.True(s3.ExitCode == 0, s3.ToString());
+            Assert.Contains("ewc      lambda 100, Fisher from 16 samples of 2 earlier stage(s)", s3.Stdout);
+            Assert.Contains("Fisher of 3 stages (24 samples)", s3.Stdout);
 
             var one = CliHarness.Run("generate", "--adapter", a, "--adapter", b, "--raw", "--prompt", "1 2 3", "--max-new-tokens", "8");
             var two = CliHarness.Run("generate", "--adapter", $"{a},{b}", "--raw", "--prompt", "1 2 3", "--max-new-tokens", "8");

@@ -187,6 +187,44 @@ public class MethodsTests(ITestOutputHelper output)
         foreach (var t in adapter.Trainable) Assert.Equal(state.Fisher[t.Name], back.Fisher[t.Name]);
     }
 
+    [Fact]
+    public void Ewc_state_for_the_next_stage_sums_the_stage_fishers_around_the_final_values()
+    {
+        using var w = TinyModel.Weights(Cpu, seed: 4);
+        using var model = new LlamaModel(w, Cpu);
+        using var adapter = LoraAdapter.Create(model, new LoraConfig { Rank = 2, Alpha = 4, Dropout = 0, TargetModules = new[] { "q_proj", "up_proj" } }, seed: 5);
+        RandomizeB(adapter, 2);
+        var stage1 = TinyModel.Samples(3, 5, 9, seed: 7);
+        var stage2 = TinyModel.Samples(4, 4, 10, seed: 8);
+        var earlier = EwcState.Estimate(model, adapter, stage1, 16, 0);
+        var ewc = new EwcMethod(adapter, earlier, lambda: 10);
+        RandomizeB(adapter, 3); // "stage 2 trained": the values moved away from the stage-1 anchor
+        var final = adapter.Trainable.ToDictionary(t => t.Name, t => t.Param.ToArray());
+        var own = EwcState.Estimate(model, adapter, stage2, 16, 0); // this stage's Fisher, computed apart
+        using var tmp = new TempDir();
+        var next = ewc.SaveForNextStage(tmp.Path, model, stage2, 16, 0);
+        foreach (var t in adapter.Trainable) Assert.All(t.Grad.ToArray(), g => Assert.Equal(0f, g)); // left zeroed
+        var back = EwcState.Load(tmp.Path, adapter);
+        Assert.Equal((3 + 4, 2), (back.Samples, back.Stages));
+        Assert.Equal((next.Samples, next.Stages), (back.Samples, back.Stages));
+        foreach (var t in adapter.Trainable)
+        {
+            var sum = earlier.Fisher[t.Name].Zip(own.Fisher[t.Name], (a, b) => (double)a + b).ToArray();
+            Assert.Contains(own.Fisher[t.Name], f => f > 0);
+            NumericAssert.Close(sum, back.Fisher[t.Name], 0, 1e-6, "summed Fisher " + t.Name);
+            Assert.Equal(final[t.Name], back.Anchor[t.Name]); // anchored at the end of stage 2, not stage 1
+        }
+        Assert.Contains(adapter.Trainable, t => !earlier.Anchor[t.Name].AsSpan().SequenceEqual(back.Anchor[t.Name])); // B moved
+        // a third stage loads it as its penalty: zero at the stage-2 values, positive away from them
+        var third = new EwcMethod(adapter, back, lambda: 10); // not disposed: it would dispose the adapter
+        Assert.Equal(0.0, third.Penalty());
+        RandomizeB(adapter, 4);
+        Assert.True(third.Penalty() > 0);
+        // an earlier state that does not cover the same tensors is refused
+        var partial = new EwcState { Fisher = new() { [adapter.Trainable[0].Name] = earlier.Fisher[adapter.Trainable[0].Name] }, Anchor = earlier.Anchor };
+        Assert.Throws<ArgumentException>(() => partial.Then(own));
+    }
+
     // ------------------------------------------------------------------------------------------ several adapters
 
     [Fact]

@@ -15,7 +15,12 @@ namespace FineTuneNative.Peft.Methods;
 /// F is the empirical Fisher: the mean over previous-stage samples of the squared gradient of each sample's mean
 /// token loss, one sample per forward/backward (a minibatch gradient squared would average the per-sample gradients
 /// first and underestimate F by about the batch size). Saved as ewc_state.safetensors: "{name}.fisher" and
-/// "{name}.anchor" per trainable tensor, f32, metadata {"format": "ftn-ewc", "samples": N}.
+/// "{name}.anchor" per trainable tensor, f32, metadata {"format": "ftn-ewc", "samples": N, "stages": S}.
+/// <para>Several stages (<see cref="Then"/>): a stage trained with EWC writes, next to its adapter, the state the
+/// following stage needs: F = F_earlier + F_this (this stage's Fisher at its final values) anchored at the final
+/// values. This is the recursive Laplace approximation of Huszár (2018, "Note on the quadratic penalties in elastic
+/// weight consolidation", PNAS): the posterior after stages 1..k is one Gaussian with precision Σ F_i around the
+/// latest θ*, not one penalty per stage around each stage's own θ*.</para>
 /// </remarks>
 public sealed class EwcState
 {
@@ -23,7 +28,10 @@ public sealed class EwcState
 
     public required Dictionary<string, float[]> Fisher { get; init; }
     public required Dictionary<string, float[]> Anchor { get; init; }
+    /// <summary>Samples the Fisher was estimated on, all stages together.</summary>
     public int Samples { get; init; }
+    /// <summary>Training stages whose Fisher is summed in (1 for a state estimated on one stage's data).</summary>
+    public int Stages { get; init; } = 1;
 
     /// <summary>
     /// Estimates F on <paramref name="samples"/> (at most <paramref name="maxSamples"/>, 0 = all) with the method as it
@@ -60,6 +68,25 @@ public sealed class EwcState
         };
     }
 
+    /// <summary>
+    /// The state after one more stage: F = this F + <paramref name="next"/>'s F, anchored at <paramref name="next"/>'s
+    /// anchor (the values at the end of that stage); see the remarks. Both must cover the same tensors.
+    /// </summary>
+    public EwcState Then(EwcState next)
+    {
+        var fisher = new Dictionary<string, float[]>();
+        foreach (var (name, f) in next.Fisher)
+        {
+            if (!Fisher.TryGetValue(name, out var mine) || mine.Length != f.Length)
+                throw new ArgumentException($"EWC: the earlier state has no Fisher of {f.Length} values for '{name}'");
+            var sum = new float[f.Length];
+            for (int j = 0; j < sum.Length; j++) sum[j] = mine[j] + f[j];
+            fisher[name] = sum;
+        }
+        if (Fisher.Count != next.Fisher.Count) throw new ArgumentException($"EWC: the earlier state covers {Fisher.Count} tensors, this stage {next.Fisher.Count}");
+        return new EwcState { Fisher = fisher, Anchor = next.Anchor, Samples = Samples + next.Samples, Stages = Stages + next.Stages };
+    }
+
     public void Save(string dir)
     {
         var tensors = new List<(string, DType, int[], float[])>();
@@ -69,7 +96,12 @@ public sealed class EwcState
             tensors.Add(($"{name}.anchor", DType.F32, new[] { f.Length }, Anchor[name]));
         }
         Directory.CreateDirectory(dir);
-        SafeTensors.Write(Path.Combine(dir, FileName), tensors, new Dictionary<string, string> { ["format"] = "ftn-ewc", ["samples"] = Samples.ToString() });
+        SafeTensors.Write(Path.Combine(dir, FileName), tensors, new Dictionary<string, string>
+        {
+            ["format"] = "ftn-ewc",
+            ["samples"] = Samples.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["stages"] = Stages.ToString(System.Globalization.CultureInfo.InvariantCulture),
+        });
     }
 
     /// <summary>Reads ewc_state.safetensors of <paramref name="dir"/> for the tensors of <paramref name="method"/> (names and sizes must match).</summary>
@@ -91,7 +123,9 @@ public sealed class EwcState
                 into[t.Name] = v;
             }
         }
-        return new EwcState { Fisher = fisher, Anchor = anchor };
+        int Meta(string key, int fallback) =>
+            st.Metadata.TryGetValue(key, out var v) && int.TryParse(v, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int n) ? n : fallback;
+        return new EwcState { Fisher = fisher, Anchor = anchor, Samples = Meta("samples", 0), Stages = Meta("stages", 1) };
     }
 }
 
@@ -121,6 +155,21 @@ public sealed class EwcMethod : ITrainableMethod
 
     public ITrainableMethod Inner => _inner;
     public double Lambda { get; }
+    /// <summary>The earlier stages' state this penalty uses.</summary>
+    public EwcState State => _state;
+
+    /// <summary>
+    /// Writes <see cref="EwcState.FileName"/> into <paramref name="dir"/> (next to this stage's saved adapter) for the
+    /// next stage: the earlier stages' Fisher plus this stage's, estimated on <paramref name="samples"/> (this stage's
+    /// data) at the current values, which become the anchor (<see cref="EwcState.Then"/>). Leaves the gradients zeroed.
+    /// </summary>
+    public EwcState SaveForNextStage(string dir, LlamaModel model, IReadOnlyList<TokenizedSample> samples, int seqLen, int padId,
+        int maxSamples = 0, ulong seed = 0)
+    {
+        var next = _state.Then(EwcState.Estimate(model, _inner, samples, seqLen, padId, maxSamples, seed));
+        next.Save(dir);
+        return next;
+    }
     public string Kind => _inner.Kind;
     public IReadOnlyList<TrainableTensor> Trainable => _inner.Trainable;
     public bool IsAttached => _inner.IsAttached;

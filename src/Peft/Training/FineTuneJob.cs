@@ -139,11 +139,18 @@ public sealed class FineTuneJob
             else if (ContinueAdapter is not null) state = Methods.EwcState.Load(ContinueAdapter, adapter);
             else throw new ArgumentException("EWC needs the previous stage's data (--ewc-data) or an adapter with ewc_state.safetensors (--adapter)");
             method = new Methods.EwcMethod(adapter, state, EwcLambda);
-            Log?.Invoke($"EWC: lambda {EwcLambda}, Fisher from {state.Samples} previous-stage samples");
+            Log?.Invoke($"EWC: lambda {EwcLambda}, Fisher from {state.Samples} samples of {state.Stages} earlier stage(s)");
         }
         using var trainer = new Trainer(model, method, Options);
         if (OnProgress is not null) trainer.Progress += OnProgress;
         if (OnEval is not null) trainer.Evaluated += OnEval;
-        return trainer.Train(data.Train, data.Eval, data.PadId, OutputDir, ModelPath, cancel);
+        var result = trainer.Train(data.Train, data.Eval, data.PadId, OutputDir, ModelPath, cancel);
+        if (method is Methods.EwcMethod ewc)
+        {
+            // the next stage continues this adapter with --ewc and needs every earlier stage's Fisher
+            var next = ewc.SaveForNextStage(OutputDir, model, data.Train, Options.MaxLength, data.PadId, EwcSamples, Options.Seed);
+            Log?.Invoke($"EWC: {Methods.EwcState.FileName} saved for the next stage ({next.Stages} stages, {next.Samples} samples)");
+        }
+        return result;
     }
 }
