@@ -377,6 +377,13 @@ internal sealed class AttentionKernels
             Batch = batch, Tq = tq, Tkv = tkv, KvLen = kvLen, NHeads = nHeads, NKvHeads = nKvHeads, HeadSize = headSize,
             HasLse = lse is null ? 0 : 1, Scale = scale,
         };
+        if (AttentionTensorCoreKernels.Takes(_b, q, k, v, headSize))
+        {
+            // bf16/f16 q, k, v on sm_80+: the tensor-core kernel (AttentionTensorCore.cs)
+            _b.Kernels(x => new AttentionTensorCoreKernels(x)).Forward(q.DType == DType.F16, _b.Floats(q, "q"), _b.Floats(k, "k"), _b.Floats(v, "v"),
+                _b.F32(output, "output"), lse is null ? ArrayView<float>.Empty : _b.F32(lse, "lse"), args);
+            return;
+        }
         long groups = (long)batch * nHeads * ((tq + Warps - 1) / Warps);
         _forward(new KernelConfig(IlgpuBackend.CheckedCount(groups, op), GroupSize), _b.F32(q, "q"), _b.F32(k, "k"), _b.F32(v, "v"),
             _b.F32(output, "output"), lse is null ? ArrayView<float>.Empty : _b.F32(lse, "lse"), args);

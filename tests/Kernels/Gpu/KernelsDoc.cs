@@ -63,7 +63,11 @@ public static class KernelsDoc
             "f32 FMA on CUDA cores (no tensor cores for f32 weights): 67 TFLOP/s f32 peak, 15x below the bf16 floor");
         double T = Seq, pairs = Batch * m.NH * T * (T + 1) / 2;
         yield return new("AttentionForward", "causal, 4·HS FLOPs per (query, key) pair", 4 * pairs * m.HS,
-            4 * M * (m.NH * 2.0 + m.NKV * 2.0) * m.HS, "f32 SIMT FMAs (no mma yet): the FLOP floor assumes tensor cores");
+            4 * M * (m.NH * 2.0 + m.NKV * 2.0) * m.HS, "f32 SIMT FMAs (the f32 q/k/v path): the FLOP floor assumes tensor cores");
+        yield return new("AttentionTensorCoreForward (bf16 q, k, v)", "causal, 4·HS FLOPs per (query, key) pair, mma m16n8k16", 4 * pairs * m.HS,
+            2 * M * (m.NH + 2.0 * m.NKV) * m.HS + 4 * M * m.NH * m.HS,
+            "K/V tiles are register-converted into one shared buffer (no cp.async double buffering: each tile waits for its load); " +
+            "exp2 on the SFU for every score (16 FLOPs of mma per exp at HS=64); the causal diagonal tiles half masked; K/V re-read per query head (GQA shares them only through L2)");
         yield return new("AttentionBackward (q + kv)", "recomputes P: 10·HS FLOPs per pair", 10 * pairs * m.HS,
             4 * M * (m.NH * 4.0 + m.NKV * 4.0) * m.HS, "f32 SIMT FMAs; two kernels (dq, dk/dv) each recompute P");
         yield return new("RmsNormForward", "read x, write y", 4 * M * m.C, 8 * M * m.C, "bandwidth bound: one group per row, reaches the floor only with C >= ~1k");
@@ -71,6 +75,10 @@ public static class KernelsDoc
         yield return new("RopeKernel", "q and k in place", 6 * M * (m.NH + m.NKV) * m.HS, 8 * M * (m.NH + m.NKV) * m.HS, "bandwidth bound; recomputes sin/cos per element");
         yield return new("CrossEntropyKernel", "read logits, write dlogits", 5 * M * m.V, 8 * M * m.V, "bandwidth bound; the logits pass is separate from the LM-head matmul");
     }
+
+    /// <summary>Threads per group a kernel is launched with on CUDA.</summary>
+    public static int GroupThreads(string kernel)
+        => kernel.StartsWith("AttentionTensorCoreKernels.", StringComparison.Ordinal) ? FineTuneNative.Kernels.Gpu.AttentionTensorCoreKernels.Threads : 256;
 
     private static string F(double v, string fmt = "0.00") => v.ToString(fmt, CultureInfo.InvariantCulture);
 
@@ -80,14 +88,14 @@ public static class KernelsDoc
         sb.AppendLine();
         sb.AppendLine("## Occupancy on an H100 (from the table above)");
         sb.AppendLine();
-        sb.AppendLine("Resident groups per SM at 256 threads per group (the explicitly grouped kernels' size on CUDA) from the sm_90");
+        sb.AppendLine("Resident groups per SM at 256 threads per group (the explicitly grouped kernels' size on CUDA; the tensor-core attention: 128) from the sm_90");
         sb.AppendLine("registers and static shared memory above: 65536 registers, 228 KiB shared memory, 64 warps per SM.");
         sb.AppendLine();
         sb.AppendLine("| kernel | registers | smem (B) | groups/SM | occupancy | limited by |");
         sb.AppendLine("|---|---:|---:|---:|---:|---|");
         foreach (var r in reports.Where(r => r.Arch == "sm_90").OrderBy(r => r.Kernel, StringComparer.Ordinal))
         {
-            var (g, occ, limit) = Occupancy(r.Registers, r.SharedBytes, 256);
+            var (g, occ, limit) = Occupancy(r.Registers, r.SharedBytes, GroupThreads(r.Kernel));
             sb.AppendLine($"| {r.Kernel} | {r.Registers} | {r.SharedBytes} | {g} | {F(occ * 100, "0")}% | {limit} |");
         }
         sb.AppendLine();

@@ -24,7 +24,7 @@ public class MmaFragmentEmulationTests
     /// 8 contiguous 16-bit elements); afterwards each lane L holds, in its register q, the two elements of row
     /// L/4 of matrix q at columns 2·(L%4) and 2·(L%4)+1, the lower column in the lower half.
     /// </summary>
-    private static uint[,] Ldmatrix4(ushort[] shared, int[] laneAddress)
+    internal static uint[,] Ldmatrix4(ushort[] shared, int[] laneAddress)
     {
         var r = new uint[Lanes, 4];
         for (int q = 0; q < 4; q++)
@@ -65,7 +65,7 @@ public class MmaFragmentEmulationTests
     private static ushort Half(uint reg, int which) => (ushort)(which == 0 ? reg : reg >> 16);
 
     /// <summary>D = A·B + C for one warp: gathers the 16×16 A, 16×8 B and 16×8 C from the lanes' registers, multiplies, scatters D.</summary>
-    private static float[,] Mma(uint[,] a, uint[,] b, float[,] c)
+    internal static float[,] Mma(uint[,] a, uint[,] b, float[,] c)
     {
         var am = new float[16, 16];
         var bm = new float[16, 8];

@@ -70,6 +70,7 @@ public class PtxasTests
                      "AttentionKernels.AttentionBackwardKeyValueKernel", "CrossEntropyKernels.CrossEntropyKernel", "RmsNormKernels.RmsNormForwardKernel",
                      "EmbeddingKernels.EmbeddingBackwardKernel", "ElementwiseKernels.BinaryKernel<SwiGluOp>", "ReduceKernels.SumOfSquaresKernel",
                      "MatMulTensorCoreKernels.MatMulTensorCoreKernel<Bf16Operand>", "MatMulTensorCoreKernels.MatMulTensorCoreKernel<F16Operand>",
+                     "AttentionTensorCoreKernels.AttentionTensorCoreForwardKernel<Bf16Operand>", "AttentionTensorCoreKernels.AttentionTensorCoreForwardKernel<F16Operand>",
                  })
             Assert.Contains(expected, names);
     }
@@ -167,9 +168,9 @@ public class PtxasTests
                     try
                     {
                         // tensor-core kernels: exactly the PTX the CUDA path loads (after PtxLocalForwarding)
-                        var compiled = kernel.TensorCore
-                            ? MatMulTensorCoreKernels.CompileForwarded(backend, kernel.Method)
-                            : (PTXCompiledKernel)backend.Compile(kernel.EntryPoint, new KernelSpecialization());
+                        var compiled = !kernel.TensorCore ? (PTXCompiledKernel)backend.Compile(kernel.EntryPoint, new KernelSpecialization())
+                            : kernel.Method.DeclaringType == typeof(AttentionTensorCoreKernels) ? AttentionTensorCoreKernels.CompileForwarded(backend, kernel.Method)
+                            : MatMulTensorCoreKernels.CompileForwarded(backend, kernel.Method);
                         ptx = compiled.PTXAssembly;
                     }
                     catch (Exception e)
