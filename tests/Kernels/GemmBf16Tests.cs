@@ -141,6 +141,42 @@ public sealed unsafe class GemmBf16Tests(ITestOutputHelper output)
                 Assert.True(i == 3 ? float.IsNaN(got[i * n + j]) : float.IsFinite(got[i * n + j]), $"y[{i},{j}] = {got[i * n + j]}");
     }
 
+    [SkippableFact]
+    public void LoraLinear_Bf16Compute_Base_Product_In_Bf16_Adapter_In_F32()
+    {
+        // y = bf16(x)·bf16(W)ᵀ + s·(x·Aᵀ)·Bᵀ: the base product takes the bf16 kernel (then the rank update its own f32
+        // product, instead of the f32 kernel's fused one); dx = bf16(dy)·bf16(W) + s·(dy·B)·A; dA, dB in f32.
+        Skip.IfNot(CpuBackend.Bf16ComputeAvailable, NoKernel);
+        using var b = Bf16Backend();
+        const int m = 37, n = 100, k = 95, r = 16;
+        const float s = 2f;
+        foreach (bool bf16W in new[] { false, true })
+        {
+            var xd = Rand((long)m * k, 20); var wd = Rand((long)n * k, 21); var ad = Rand((long)r * k, 22); var bd = Rand((long)n * r, 23);
+            var dyd = Rand((long)m * n, 24);
+            if (bf16W) wd = RoundBf16(wd);
+            using var x = Up(b, xd, m, k); using var w = bf16W ? UpBf16(b, GradCheck.ToFloat(wd), n, k) : Up(b, wd, n, k);
+            using var a = Up(b, ad, r, k); using var bb = Up(b, bd, n, r); using var dy = Up(b, dyd, m, n);
+            using var y = b.Allocate(DType.F32, m, n); using var u = b.Allocate(DType.F32, m, r); using var g = b.Allocate(DType.F32, m, r);
+            using var dx = b.Allocate(DType.F32, m, k); using var dA = Up(b, new float[r * k], r, k); using var dB = Up(b, new float[n * r], n, r);
+            var lora = new LoraParams(a, bb, s, 0, 0);
+            b.LoraLinearForward(y, x, w, null, lora, u, null, m, n, k, r);
+            b.LoraLinearBackward(dx, dy, x, w, lora, u, null, g, dA, dB, null, null, m, n, k, r, accumulate: false);
+            var zeroW = new double[n * k];
+            var adapterY = LoraLinearReference.Forward(xd, zeroW, null, ad, bd, s, 0, 0, m, n, k, r).Y;
+            var yExp = MatMulReference.Forward(RoundBf16(xd), RoundBf16(wd), null, m, n, k);
+            for (int i = 0; i < yExp.Length; i++) yExp[i] += adapterY[i];
+            var (adapterDx, dAExp, dBExp, _, _) = LoraLinearReference.Backward(dyd, xd, zeroW, ad, bd, s, 0, 0, m, n, k, r);
+            var dxExp = MatMulReference.BackwardInput(RoundBf16(dyd), RoundBf16(wd), m, n, k);
+            for (int i = 0; i < dxExp.Length; i++) dxExp[i] += adapterDx[i];
+            var (atol, rtol) = Tol(Math.Max(n, k));
+            NumericAssert.Close(yExp, Down(b, y), atol, rtol, $"y bf16W={bf16W}");
+            NumericAssert.Close(dxExp, Down(b, dx), atol, rtol, $"dx bf16W={bf16W}");
+            NumericAssert.Close(dAExp, Down(b, dA), atol, rtol, $"dA bf16W={bf16W}");
+            NumericAssert.Close(dBExp, Down(b, dB), atol, rtol, $"dB bf16W={bf16W}");
+        }
+    }
+
     [Fact]
     public void Fallback_And_Untaken_Products_Equal_The_F32_Gemm_Bit_For_Bit()
     {
