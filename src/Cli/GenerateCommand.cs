@@ -56,7 +56,7 @@ public sealed class GenerateOptions : DeviceOptions
     public string System { get; set; } = "";
 
     [Option("quant", Default = "f32", MetaValue = "TYPE",
-        HelpText = "Weight precision for generation on the cpu device: f32, bf16, q8_0 or q4_0 (GGUF block layouts, quantized in memory after adapters are merged).")]
+        HelpText = "Weight precision for generation on the cpu device: f32, bf16, f16 (IEEE half storage, f32 compute), q8_0 or q4_0 (GGUF block layouts, quantized in memory after adapters are merged).")]
     public string Quant { get; set; } = "f32";
 }
 
@@ -97,7 +97,7 @@ public static partial class GenerateCommand
         FineTuneNative.Kernels.DType quant;
         try { quant = WeightQuantizer.Parse(o.Quant); }
         catch (ArgumentException e) { throw new UserError(Program.OneLine(e.Message)); }
-        if (FineTuneNative.Kernels.DTypeExtensions.IsBlockQuantized(quant) && backend.Name != "cpu") throw new UserError($"--quant {o.Quant} runs on the cpu device only (got '{backend.Name}')");
+        if ((FineTuneNative.Kernels.DTypeExtensions.IsBlockQuantized(quant) || quant == FineTuneNative.Kernels.DType.F16) && backend.Name != "cpu") throw new UserError($"--quant {o.Quant} runs on the cpu device only (got '{backend.Name}')");
         using var quantized = quant == FineTuneNative.Kernels.DType.F32 ? null : WeightQuantizer.Quantize(weights, quant);
         weights = quantized ?? weights;
 

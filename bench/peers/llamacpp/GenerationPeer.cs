@@ -30,7 +30,7 @@ internal static class GenerationPeer
         {
             HiddenSize = 576, IntermediateSize = 1536, NumLayers = 30, NumHeads = 9, NumKvHeads = 3, HeadDim = 64, VocabSize = 49152,
             MaxPositions = 256, RmsNormEps = 1e-5f, RopeTheta = 100000f, TieWordEmbeddings = true,
-        }, new() { ["f32"] = (47.5, 551), ["bf16"] = (92.8, 620), ["q8_0"] = (123.6, 568), ["q4_0"] = (198.9, 884) }),
+        }, new() { ["f32"] = (47.5, 551), ["f16"] = (92.8, 620), ["q8_0"] = (123.6, 568), ["q4_0"] = (198.9, 884) }),
     };
 
     public static int Run(string[] args)
@@ -38,14 +38,15 @@ internal static class GenerationPeer
         var shapes = (args.Length > 2 ? args[2] : "stories15M,smollm2-135M").Split(',');
         var precisions = (args.Length > 3 ? args[3] : "f32,q8_0,q4_0").Split(',');
         int threads = args.Length > 4 ? int.Parse(args[4]) : 2;
-        bool ftnOnly = args.Length > 5 && args[5] == "ftn-only";   // skip llama.cpp (profiling ftn alone)
+        bool ftnOnly = args.Length > 5 && args[5].StartsWith("ftn-only", StringComparison.Ordinal);   // skip llama.cpp (profiling ftn alone)
+        bool unpacked = args.Length > 5 && args[5] == "ftn-only-unpacked";   // the previous prefill (dequantize + f32 GEMM), for A/B
         string dir = Path.GetDirectoryName(typeof(GenerationPeer).Assembly.Location)!;
         string script = ftnOnly ? "" : FindScript();
         string outDir = Path.Combine(Path.GetTempPath(), $"ftn-llamacpp-peer-{Environment.ProcessId}");
         Directory.CreateDirectory(outDir);
         Console.WriteLine($"machine: {Environment.ProcessorCount} cpus, {System.Runtime.InteropServices.RuntimeInformation.OSArchitecture}, " +
             $"AVX-512BW {System.Runtime.Intrinsics.X86.Avx512BW.IsSupported}, .NET {Environment.Version}; threads {threads}; load avg {LoadAvg()}");
-        Console.WriteLine($"{"shape",-13} {"weights",-5} | {"ftn tg64",9} {"llama tg64",10} {"ratio",6} | {"ftn pp128",9} {"llama pp128",11} {"ratio",6} | {"native tg/pp",13} {"ftn/native tg",13} {"pp",6} | ftn CPU-s/token");
+        Console.WriteLine($"{"shape",-13} {"weights",-5} | {"ftn tg64",9} {"llama tg64",10} {"ratio",6} | {"ftn pp128",9} {"llama pp128",11} {"ratio",6} | {"native tg/pp",13} {"ftn/native tg",13} {"pp",6} | ftn CPU per token: decode, prefill");
         try
         {
             foreach (var s in Shapes.Where(s => shapes.Contains(s.Name, StringComparer.OrdinalIgnoreCase)))
@@ -57,7 +58,7 @@ internal static class GenerationPeer
                     var type = WeightQuantizer.Parse(p);
                     using var w = type == DType.F32 ? null : WeightQuantizer.Quantize(f32, type);
                     var model = w ?? f32;
-                    var (tg, pp, cpuPerToken) = MeasureFtn(model, backend);
+                    var (tg, pp, cpuPerToken, cpuPp) = MeasureFtn(model, backend, !unpacked);
                     (double Tg, double Pp)? peer = null;
                     if (!ftnOnly)
                     {
@@ -70,7 +71,7 @@ internal static class GenerationPeer
                     string nr = s.Native.TryGetValue(p, out n) ? $"{tg / n.Tg,13:F2} {pp / n.Pp,6:F2}" : $"{"-",13} {"-",6}";
                     string peerTg = peer is null ? (ftnOnly ? "-" : "failed") : $"{peer.Value.Tg:F1}", peerPp = peer is null ? (ftnOnly ? "-" : "failed") : $"{peer.Value.Pp:F0}";
                     string rtg = peer is null ? "-" : $"{tg / peer.Value.Tg:F2}", rpp = peer is null ? "-" : $"{pp / peer.Value.Pp:F2}";
-                    Console.WriteLine($"{s.Name,-13} {p,-5} | {tg,9:F1} {peerTg,10} {rtg,6} | {pp,9:F0} {peerPp,11} {rpp,6} | {native,13} {nr} | {cpuPerToken * 1e3:F2} ms");
+                    Console.WriteLine($"{s.Name,-13} {p,-5} | {tg,9:F1} {peerTg,10} {rtg,6} | {pp,9:F0} {peerPp,11} {rpp,6} | {native,13} {nr} | {cpuPerToken * 1e3:F2} ms, prefill {cpuPp * 1e3:F3} ms");
                 }
             }
         }
@@ -165,16 +166,16 @@ internal static class GenerationPeer
     }
 
     /// <summary>Best of 3 (after a warm-up): tg64 after a 32-token prompt and pp128 from an empty cache.</summary>
-    private static (double Tg, double Pp, double CpuPerToken) MeasureFtn(LlamaWeights w, IBackend backend)
+    private static (double Tg, double Pp, double CpuPerToken, double CpuPerPrefillToken) MeasureFtn(LlamaWeights w, IBackend backend, bool packed)
     {
         var c = w.Config;
-        using var s = new InferenceSession(w, backend, 200, prefillChunk: 128);
+        using var s = new InferenceSession(w, backend, 200, prefillChunk: 128, packedPrefill: packed);
         var rng = new Random(12345);
         var p128 = Enumerable.Range(0, 128).Select(_ => rng.Next(259, c.VocabSize)).ToArray();
         var p32 = p128[..32];
         var proc = Process.GetCurrentProcess();
         double Cpu() { proc.Refresh(); return proc.TotalProcessorTime.TotalSeconds; }
-        double bestTg = double.MaxValue, bestPp = double.MaxValue, bestCpu = double.MaxValue;
+        double bestTg = double.MaxValue, bestPp = double.MaxValue, bestCpu = double.MaxValue, bestCpuPp = double.MaxValue;
         for (int run = 0; run < 4; run++)
         {
             s.Reset();
@@ -185,13 +186,14 @@ internal static class GenerationPeer
             for (int i = 1; i < 64; i++) logits = s.Decode(Sampler.Argmax(logits));
             double tg = sw.Elapsed.TotalSeconds, cpu = Cpu() - c0;
             s.Reset();
+            c0 = Cpu();
             sw.Restart();
             s.Prefill(p128);
-            double pp = sw.Elapsed.TotalSeconds;
+            double pp = sw.Elapsed.TotalSeconds, cpuPp = Cpu() - c0;
             if (run == 0) continue;
-            bestTg = Math.Min(bestTg, tg); bestPp = Math.Min(bestPp, pp); bestCpu = Math.Min(bestCpu, cpu / 64);
+            bestTg = Math.Min(bestTg, tg); bestPp = Math.Min(bestPp, pp); bestCpu = Math.Min(bestCpu, cpu / 64); bestCpuPp = Math.Min(bestCpuPp, cpuPp / 128);
         }
-        return (64 / bestTg, 128 / bestPp, bestCpu);
+        return (64 / bestTg, 128 / bestPp, bestCpu, bestCpuPp);
     }
 
     private static (double Tg, double Pp)? RunNode(string script, string gguf, int vocab, int threads)

@@ -329,4 +329,46 @@ public static unsafe class MatVec
             Store(y, r, s0, bias, accumulate);
         }
     }
+
+    /// <summary>y[r] (+)= W[r]·x (+ bias[r]) for r in [r0, r1); W (N, K) f16 widened to f32 on the fly (decode reads half
+    /// the bytes of f32; the widening is integer shifts and one multiply, <see cref="PackedGemm.F16x16"/>).</summary>
+    public static void RowsF16(ushort* w, int k, int r0, int r1, float* x, float* y, float* bias, bool accumulate)
+    {
+        int r = r0;
+        int kv = Avx512F.IsSupported ? k & ~15 : 0;
+        for (; r + 4 <= r1; r += 4)
+        {
+            ushort* w0 = w + (long)r * k, w1 = w0 + k, w2 = w1 + k, w3 = w2 + k;
+            Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+            int j = 0;
+            for (; j < kv; j += 16)
+            {
+                var vx = Vector512.Load(x + j);
+                a0 = Vector512.FusedMultiplyAdd(PackedGemm.F16x16(w0 + j), vx, a0);
+                a1 = Vector512.FusedMultiplyAdd(PackedGemm.F16x16(w1 + j), vx, a1);
+                a2 = Vector512.FusedMultiplyAdd(PackedGemm.F16x16(w2 + j), vx, a2);
+                a3 = Vector512.FusedMultiplyAdd(PackedGemm.F16x16(w3 + j), vx, a3);
+            }
+            float s0 = Vector512.Sum(a0), s1 = Vector512.Sum(a1), s2 = Vector512.Sum(a2), s3 = Vector512.Sum(a3);
+            for (; j < k; j++)
+            {
+                s0 += QuantBlocks.F16ToF32(w0[j]) * x[j]; s1 += QuantBlocks.F16ToF32(w1[j]) * x[j];
+                s2 += QuantBlocks.F16ToF32(w2[j]) * x[j]; s3 += QuantBlocks.F16ToF32(w3[j]) * x[j];
+            }
+            Store(y, r, s0, bias, accumulate);
+            Store(y, r + 1, s1, bias, accumulate);
+            Store(y, r + 2, s2, bias, accumulate);
+            Store(y, r + 3, s3, bias, accumulate);
+        }
+        for (; r < r1; r++)
+        {
+            ushort* w0 = w + (long)r * k;
+            Vector512<float> a0 = default;
+            int j = 0;
+            for (; j < kv; j += 16) a0 = Vector512.FusedMultiplyAdd(PackedGemm.F16x16(w0 + j), Vector512.Load(x + j), a0);
+            float s0 = kv > 0 ? Vector512.Sum(a0) : 0;
+            for (; j < k; j++) s0 += QuantBlocks.F16ToF32(w0[j]) * x[j];
+            Store(y, r, s0, bias, accumulate);
+        }
+    }
 }

@@ -137,7 +137,7 @@ public sealed class GgufWriter
         var c = w.Config;
         var b = w.Embedding.Backend;
         var g = new GgufWriter();
-        uint fileType = type switch { DType.F32 => 0u, DType.BF16 => 32u, DType.Q8_0 => 7u, DType.Q4_0 => 2u, _ => throw new ArgumentException($"cannot write {type.Name()} GGUF") };
+        uint fileType = type switch { DType.F32 => 0u, DType.F16 => 1u, DType.BF16 => 32u, DType.Q8_0 => 7u, DType.Q4_0 => 2u, _ => throw new ArgumentException($"cannot write {type.Name()} GGUF") };
         g.Add("general.architecture", "llama").Add("general.name", name).Add("general.alignment", (uint)Alignment)
             .Add("llama.context_length", (uint)c.MaxPositions).Add("llama.embedding_length", (uint)c.HiddenSize)
             .Add("llama.block_count", (uint)c.NumLayers).Add("llama.feed_forward_length", (uint)c.IntermediateSize)
@@ -171,6 +171,11 @@ public sealed class GgufWriter
                     data = new byte[host.Length * 2L];
                     for (long i = 0; i < host.Length; i++) { ushort h = HalfBits.F32ToBf16(host[i]); data[2 * i] = (byte)h; data[2 * i + 1] = (byte)(h >> 8); }
                     gt = GgmlType.BF16;
+                    break;
+                case DType.F16:
+                    data = new byte[host.Length * 2L];
+                    for (long i = 0; i < host.Length; i++) { ushort h = HalfBits.F32ToF16(host[i]); data[2 * i] = (byte)h; data[2 * i + 1] = (byte)(h >> 8); }
+                    gt = GgmlType.F16;
                     break;
                 default:
                     data = new byte[d.StorageBytes(host.Length)];

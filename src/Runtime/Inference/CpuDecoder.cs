@@ -11,7 +11,7 @@ namespace FineTuneNative.Runtime.Inference;
 /// <summary>
 /// One decode step (B = 1, T = 1) of a Llama-family model on the CPU as a single fused pass: every thread of a
 /// <see cref="SpinTeam"/> runs the whole layer stack, owning a share of each projection's output rows, with a
-/// spin barrier only where a result is needed by all (4 per layer). Linear weights may be f32, bf16, Q8_0 or
+/// spin barrier only where a result is needed by all (4 per layer). Linear weights may be f32, bf16, f16, Q8_0 or
 /// Q4_0 (per matrix); for the block types the activations are quantized to 8 bits per 32-block like llama.cpp
 /// and the dots are integer (<see cref="MatVec"/>). Nothing is allocated per step.
 /// </summary>
@@ -142,8 +142,8 @@ internal sealed unsafe class CpuDecoder : IDisposable
 
     private Mat Matrix(Tensor t, int n, int k)
     {
-        if (t.DType is not (DType.F32 or DType.BF16 or DType.Q8_0 or DType.Q4_0))
-            throw new ArgumentException($"{t.Describe()}: decode supports f32, bf16, q8_0 and q4_0 weights");
+        if (t.DType is not (DType.F32 or DType.BF16 or DType.F16 or DType.Q8_0 or DType.Q4_0))
+            throw new ArgumentException($"{t.Describe()}: decode supports f32, bf16, f16, q8_0 and q4_0 weights");
         if (t.Length != (long)n * k) throw new ArgumentException($"{t.Describe()}: expected ({n}, {k})");
         if (t.DType.IsBlockQuantized() && k % 32 != 0) throw new ArgumentException($"{t.Describe()}: {t.DType.Name()} rows need K % 32 == 0 (K = {k})");
         return new Mat { W = _b.Ptr(t, t.Name ?? "weight"), Type = t.DType, N = n, K = k };
@@ -293,6 +293,7 @@ internal sealed unsafe class CpuDecoder : IDisposable
         {
             case DType.F32: MatVec.RowsF32((float*)m.W, m.K, r0, r1, x, y, bias, accumulate); break;
             case DType.BF16: MatVec.RowsBf16((ushort*)m.W, m.K, r0, r1, x, y, bias, accumulate); break;
+            case DType.F16: MatVec.RowsF16((ushort*)m.W, m.K, r0, r1, x, y, bias, accumulate); break;
             case DType.Q8_0: MatVec.RowsQ8_0((byte*)m.W, m.K, r0, r1, aq, ad, y, bias, accumulate); break;
             default: MatVec.RowsQ4_0((byte*)m.W, m.K, r0, r1, aq, ad, asum, y, bias, accumulate); break;
         }

@@ -39,6 +39,8 @@ public sealed unsafe partial class InferenceSession : IDisposable
     private readonly List<Tensor> _owned = new();
     private readonly CpuDecoder? _fused;
     private Tensor? _wScratch;                     // f32 dequantized weight for a batched prefill with quantized weights
+    private readonly Dictionary<Tensor, PackedMatrix> _packed = new(ReferenceEqualityComparer.Instance);
+    private readonly PackedGemm.Workspace? _packedWs; // quantized activations of one prefill chunk for the packed GEMM
     private bool _disposed;
 
     /// <param name="w">The model (on <paramref name="backend"/>).</param>
@@ -47,7 +49,10 @@ public sealed unsafe partial class InferenceSession : IDisposable
     /// <param name="prefillChunk">Most prompt tokens processed in one pass (longer prompts go in several); default min(maxSeqLen, 512).</param>
     /// <param name="fusedCpuDecode">On the cpu backend, decode with the fused single-pass <see cref="CpuDecoder"/> (default);
     /// false runs every step through the batched IBackend ops (f32/bf16 weights only), e.g. to compare the two.</param>
-    public InferenceSession(LlamaWeights w, IBackend backend, int maxSeqLen, int prefillChunk = 0, bool fusedCpuDecode = true)
+    /// <param name="packedPrefill">On the cpu backend (AVX-512BW), repack the Q8_0/Q4_0/F16 linear weights once for the
+    /// packed small-M prefill GEMM (<see cref="PackedGemm"/>; costs a second copy of those weights); false dequantizes
+    /// per prefill chunk and runs the f32 GEMM instead (kept to compare the two).</param>
+    public InferenceSession(LlamaWeights w, IBackend backend, int maxSeqLen, int prefillChunk = 0, bool fusedCpuDecode = true, bool packedPrefill = true)
     {
         ArgumentNullException.ThrowIfNull(w);
         ArgumentNullException.ThrowIfNull(backend);
@@ -84,18 +89,38 @@ public sealed unsafe partial class InferenceSession : IDisposable
             _xnRow = _xn.View(0, 1, C);
             _rstdRow = _rstd.View(0, 1);
             if (backend is CpuBackend cpu && fusedCpuDecode)
+            {
                 _fused = new CpuDecoder(w, cpu, _kCache, _vCache, maxSeqLen);
+                if (packedPrefill && PackedGemm.IsSupported && T > 1)
+                {
+                    PackPrefillWeights(cpu);
+                    if (_packed.Count > 0) _packedWs = new PackedGemm.Workspace(T, Math.Max(Math.Max(C, Q), F), cpu.Threads);
+                }
+            }
             else if (w.Named().Any(p => p.Tensor.DType.IsBlockQuantized()))
                 throw new ArgumentException($"block-quantized weights need the cpu backend's fused decoder (backend '{backend.Name}')");
         }
         catch
         {
             foreach (var t in _owned) t.Dispose();
+            foreach (var p in _packed.Values) p.Dispose();
+            _packedWs?.Dispose();
             throw;
         }
         _hostInts = new int[T];
         // Pinned: the fused decoder writes the logits straight into it.
         _hostLogits = GC.AllocateArray<float>(_c.VocabSize, pinned: true);
+    }
+
+    /// <summary>Which weight types the prefill runs through <see cref="PackedGemm"/> (repacked once, here).</summary>
+    internal static bool PackForPrefill(DType t) => t is DType.Q8_0 or DType.Q4_0 or DType.F16;
+
+    private void PackPrefillWeights(CpuBackend cpu)
+    {
+        foreach (var L in _w.Layers)
+            foreach (var m in new[] { L.Wq, L.Wk, L.Wv, L.Wo, L.Wgate, L.Wup, L.Wdown })
+                if (PackForPrefill(m.DType) && PackedMatrix.Supports(m.DType, m.Cols) && !_packed.ContainsKey(m))
+                    _packed[m] = new PackedMatrix(m.DType, cpu.Ptr(m, m.Name ?? "weight"), (int)m.Rows, m.Cols, m.Name ?? "weight");
     }
 
     /// <summary>The fused decoder knows no bottleneck adapters: with one attached, decode runs the batched ops.</summary>
@@ -204,8 +229,8 @@ public sealed unsafe partial class InferenceSession : IDisposable
             var vNew = _vCache[l].View((long)p * KV, T, KV);
             b.RmsNormForward(xn, rstd, x, L.AttnNorm, T, C, c.RmsNormEps);
             Linear(q, xn, L.Wq, L.Bq, T, Q, C, accumulate: false);
-            Linear(kNew, xn, L.Wk, L.Bk, T, KV, C, accumulate: false);
-            Linear(vNew, xn, L.Wv, L.Bv, T, KV, C, accumulate: false);
+            Linear(kNew, xn, L.Wk, L.Bk, T, KV, C, accumulate: false, sameInput: L.Wk.DType == L.Wq.DType);
+            Linear(vNew, xn, L.Wv, L.Bv, T, KV, C, accumulate: false, sameInput: L.Wv.DType == L.Wq.DType);
             b.Rope(q, pos, T, c.NumHeads, HS, c.RopeTheta, c.RopeLayout, inverse: false);
             b.Rope(kNew, pos, T, c.NumKvHeads, HS, c.RopeTheta, c.RopeLayout, inverse: false);
             b.AttentionForward(att, null, q, _kCache[l], _vCache[l], 1, T, MaxSeqLen, kvLen, c.NumHeads, c.NumKvHeads, HS, scale);
@@ -213,7 +238,7 @@ public sealed unsafe partial class InferenceSession : IDisposable
 
             b.RmsNormForward(xn, rstd, x, L.FfnNorm, T, C, c.RmsNormEps);
             Linear(gate, xn, L.Wgate, null, T, F, C, accumulate: false);
-            Linear(up, xn, L.Wup, null, T, F, C, accumulate: false);
+            Linear(up, xn, L.Wup, null, T, F, C, accumulate: false, sameInput: L.Wup.DType == L.Wgate.DType);
             b.SwiGluForward(h, gate, up, (long)T * F);
             AddProjection(x, h, L.Wdown, T, F, l, BottleneckSite.Mlp);
         }
@@ -221,10 +246,22 @@ public sealed unsafe partial class InferenceSession : IDisposable
         Position = kvLen;
     }
 
-    /// <summary>y(T,N) (+)= x·wᵀ (+bias); a block-quantized w is dequantized to f32 first (once per prefill chunk).</summary>
-    private void Linear(Tensor y, Tensor x, Tensor w, Tensor? bias, int t, int n, int k, bool accumulate)
+    /// <summary>
+    /// y(T,N) (+)= x·wᵀ (+bias). A repacked w runs the packed small-M GEMM (integer for Q8_0/Q4_0, on x quantized once
+    /// per input: <paramref name="sameInput"/> reuses the quantization of the previous call's x); otherwise a
+    /// block-quantized w is dequantized to f32 first (once per prefill chunk).
+    /// </summary>
+    private void Linear(Tensor y, Tensor x, Tensor w, Tensor? bias, int t, int n, int k, bool accumulate, bool sameInput = false)
     {
-        if (!w.DType.IsBlockQuantized())
+        if (_packed.TryGetValue(w, out var pm))
+        {
+            var c = (CpuBackend)_b;
+            float* px = (float*)c.Ptr(x, "x");
+            if (w.DType.IsBlockQuantized() && !sameInput) PackedGemm.QuantizeInput(_packedWs!, px, k, t, k);
+            PackedGemm.Run(c, pm, _packedWs!, t, px, k, (float*)c.Ptr(y, "y"), n, bias is null ? null : (float*)c.Ptr(bias, "bias"), accumulate);
+            return;
+        }
+        if (!w.DType.IsBlockQuantized() && w.DType != DType.F16)
         {
             _b.MatMul(y, x, w, bias, t, n, k, accumulate);
             return;
@@ -241,6 +278,12 @@ public sealed unsafe partial class InferenceSession : IDisposable
         // Split over the cores (a single thread spent a large share of a 128-token Q4_0 prefill here).
         nint src = (nint)cpu.Ptr(w, w.Name ?? "w"), dst = (nint)cpu.Ptr(_wScratch, "dequantized_weight");
         var type = w.DType;
+        if (type == DType.F16)
+        {
+            HalfConvert.F16ToF32((ushort*)src, (float*)dst, need);   // only without AVX-512BW (else F16 is packed)
+            _b.MatMul(y, x, _wScratch.View(0, n, k), bias, t, n, k, accumulate);
+            return;
+        }
         long blocks = need / 32, per = Math.Max(1024, (blocks + 15) / 16);
         Parallel.For(0, (int)((blocks + per - 1) / per), i =>
         {
@@ -280,6 +323,9 @@ public sealed unsafe partial class InferenceSession : IDisposable
         _disposed = true;
         _fused?.Dispose();
         _wScratch?.Dispose();
+        foreach (var p in _packed.Values) p.Dispose();
+        _packed.Clear();
+        _packedWs?.Dispose();
         foreach (var t in _owned) t.Dispose();
         _owned.Clear();
     }

@@ -5,8 +5,8 @@ using FineTuneNative.Runtime.Model;
 namespace FineTuneNative.Runtime.Inference;
 
 /// <summary>
-/// Makes an inference copy of a model with its linear weights (and the LM head) stored as f32, bf16, Q8_0 or
-/// Q4_0, quantized by ftn itself in GGUF block layout (<see cref="Q8_0"/>, <see cref="Q4_0"/>).
+/// Makes an inference copy of a model with its linear weights (and the LM head) stored as f32, bf16, f16 (IEEE half,
+/// f32 compute), Q8_0 or Q4_0, quantized by ftn itself in GGUF block layout (<see cref="Q8_0"/>, <see cref="Q4_0"/>).
 /// </summary>
 /// <remarks>
 /// Norms, biases and the embedding table stay f32 (the embedding is read one row per token). A tied LM head gets
@@ -16,21 +16,22 @@ namespace FineTuneNative.Runtime.Inference;
 /// </remarks>
 public static class WeightQuantizer
 {
-    /// <summary>Parses "f32", "bf16", "q8_0", "q4_0" (case-insensitive).</summary>
+    /// <summary>Parses "f32", "bf16", "f16", "q8_0", "q4_0" (case-insensitive).</summary>
     public static DType Parse(string name) => name.ToLowerInvariant() switch
     {
         "f32" => DType.F32,
         "bf16" => DType.BF16,
+        "f16" => DType.F16,
         "q8_0" => DType.Q8_0,
         "q4_0" => DType.Q4_0,
-        _ => throw new ArgumentException($"unknown weight precision '{name}' (expected f32, bf16, q8_0 or q4_0)"),
+        _ => throw new ArgumentException($"unknown weight precision '{name}' (expected f32, bf16, f16, q8_0 or q4_0)"),
     };
 
     public static LlamaWeights Quantize(LlamaWeights src, DType type, List<string>? keptF32 = null)
     {
         ArgumentNullException.ThrowIfNull(src);
-        if (type is not (DType.F32 or DType.BF16 or DType.Q8_0 or DType.Q4_0))
-            throw new ArgumentException($"cannot store weights as {type.Name()} (expected f32, bf16, q8_0 or q4_0)");
+        if (type is not (DType.F32 or DType.BF16 or DType.F16 or DType.Q8_0 or DType.Q4_0))
+            throw new ArgumentException($"cannot store weights as {type.Name()} (expected f32, bf16, f16, q8_0 or q4_0)");
         var b = src.Embedding.Backend;
         var c = src.Config;
         var made = new List<Tensor>();

@@ -112,10 +112,13 @@ public unsafe class MatVecTests
     [InlineData(DType.F32, 8, 288)]
     [InlineData(DType.BF16, 13, 45)]
     [InlineData(DType.BF16, 9, 576)]
+    [InlineData(DType.F16, 13, 45)]
+    [InlineData(DType.F16, 7, 576)]
     public void Float_Rows_Match_MatMul_Reference(DType t, int n, int k)
     {
         var w = KernelTest.Rand((long)n * k, 41);
         if (t == DType.BF16) w = KernelTest.RoundBf16(w);
+        if (t == DType.F16) w = w.Select(v => QuantReference.F16(HalfBits.F32ToF16((float)v))).ToArray();   // exactly representable
         var x = KernelTest.Rand(k, 42);
         var bias = KernelTest.Rand(n, 43);
         var expected = MatMulReference.Forward(x, w, bias, 1, n, k);
@@ -128,6 +131,11 @@ public unsafe class MatVecTests
             {
                 var wf = GradCheck.ToFloat(w);
                 fixed (float* pw = wf) MatVec.RowsF32(pw, k, 0, n, px, py, pb, false);
+            }
+            else if (t == DType.F16)
+            {
+                var wh = w.Select(v => HalfBits.F32ToF16((float)v)).ToArray();
+                fixed (ushort* pw = wh) MatVec.RowsF16(pw, k, 0, n, px, py, pb, false);
             }
             else
             {

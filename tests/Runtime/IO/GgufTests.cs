@@ -41,6 +41,7 @@ public class GgufTests
     [InlineData(DType.Q8_0, RopeLayout.RotateHalf)]
     [InlineData(DType.Q4_0, RopeLayout.Interleaved)]
     [InlineData(DType.F32, RopeLayout.RotateHalf)]
+    [InlineData(DType.F16, RopeLayout.RotateHalf)]
     public void Writer_Round_Trips_Metadata_Tensors_And_Block_Bytes(DType type, RopeLayout rope)
     {
         var c = Config(rope);
@@ -57,7 +58,7 @@ public class GgufTests
         Assert.Equal(2 + 2 * 9 + 1, g.Tensors.Count);
         Assert.All(g.Tensors, t => Assert.Equal(0, (t.Offset - g.DataStart) % 32));
         var byName = g.Tensors.ToDictionary(t => t.Name);
-        var expectType = type switch { DType.Q8_0 => GgmlType.Q8_0, DType.Q4_0 => GgmlType.Q4_0, _ => GgmlType.F32 };
+        var expectType = type switch { DType.Q8_0 => GgmlType.Q8_0, DType.Q4_0 => GgmlType.Q4_0, DType.F16 => GgmlType.F16, _ => GgmlType.F32 };
 
         // A block-quantized matrix: exactly the bytes of our quantizer, rows = ne[1], columns = ne[0].
         var down = byName["blk.1.ffn_down.weight"];
@@ -66,6 +67,7 @@ public class GgufTests
         var host = w.Layers[1].Wdown.ToArray();
         byte[] expected;
         if (type == DType.F32) { expected = new byte[host.Length * 4]; Buffer.BlockCopy(host, 0, expected, 0, expected.Length); }
+        else if (type == DType.F16) expected = host.SelectMany(v => BitConverter.GetBytes(HalfBits.F32ToF16(v))).ToArray();
         else { expected = new byte[type.StorageBytes(host.Length)]; QuantBlocks.Quantize(type, host, expected); }
         Assert.Equal(expected, g.ReadTensor(down));
 
@@ -81,7 +83,8 @@ public class GgufTests
                 int src = rope == RopeLayout.RotateHalf ? (i % 2 == 0 ? i / 2 : hs / 2 + i / 2) : i;
                 var want = new float[cols];
                 Array.Copy(wq, (h * hs + src) * cols, want, 0, cols);
-                if (type != DType.F32) { var blk = new byte[type.StorageBytes(cols)]; QuantBlocks.Quantize(type, want, blk); QuantBlocks.Dequantize(type, blk, want); }
+                if (type == DType.F16) want = want.Select(v => HalfBits.F16ToF32(HalfBits.F32ToF16(v))).ToArray();
+                else if (type != DType.F32) { var blk = new byte[type.StorageBytes(cols)]; QuantBlocks.Quantize(type, want, blk); QuantBlocks.Dequantize(type, blk, want); }
                 Assert.Equal(want, qf.AsSpan((h * hs + i) * cols, cols).ToArray());
             }
         var norm = byName["blk.0.attn_norm.weight"];
@@ -92,6 +95,7 @@ public class GgufTests
     private static void QuantOrCopy(byte[] data, GgmlType t, float[] dst)
     {
         if (t == GgmlType.F32) Buffer.BlockCopy(data, 0, dst, 0, data.Length);
+        else if (t == GgmlType.F16) for (int i = 0; i < dst.Length; i++) dst[i] = HalfBits.F16ToF32(BitConverter.ToUInt16(data, 2 * i));
         else QuantBlocks.Dequantize(t == GgmlType.Q8_0 ? DType.Q8_0 : DType.Q4_0, data, dst);
     }
 
