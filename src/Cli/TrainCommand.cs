@@ -200,7 +200,9 @@ public static class TrainCommand
         using var method = PeftxMethods.Create(o, model, tok, opts.Seed, stdout) ?? CreateMethod(o, model, lora, opts, stdout, tok, dataOptions, modelPath);
         model.ActivationCheckpointing = opts.ActivationCheckpointing;
         int seqLen = Math.Min(opts.MaxLength, Math.Max(1, data.Train.Concat(data.Eval).Max(s => s.Length)));
-        TrainRun.CheckMemory(MemoryPlan.Estimate(model, method, opts, seqLen), o, backend, stdout);
+        var plan = MemoryPlan.Estimate(model, method, opts, seqLen);
+        TrainRun.CheckMemory(plan, o, backend, stdout);
+        backend.Reserve(plan.StepReserveBytes); // GPU: one pool chunk for the optimizer state and the workspace, no allocation in a step
         using var trainer = new Trainer(model, method, opts)
         {
             ResolvedConfig = TrainRun.ResolvedYaml(o, opts, lora, modelPath, dataPaths, methodName),

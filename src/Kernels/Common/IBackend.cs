@@ -17,6 +17,19 @@ public enum RopeLayout
 /// <param name="Seed">dropout seed; element (m, k) is kept iff DropoutHash.Keep(Seed, m·K + k, p).</param>
 public readonly record struct LoraParams(Tensor A, Tensor B, float Scale, float Dropout, ulong Seed);
 
+/// <summary>One tensor of <see cref="IBackend.AdamWMultiTensor"/>.</summary>
+/// <param name="Param">f32 parameter (an f32 master for a bf16/f16 weight), updated in place.</param>
+/// <param name="Grad">f32 gradient of the same length.</param>
+/// <param name="M">f32 first moment, updated in place.</param>
+/// <param name="V">f32 second moment, updated in place.</param>
+/// <param name="Decay">whether decoupled weight decay applies (not to norms and biases).</param>
+/// <param name="Rounded">optional bf16/f16 tensor of the same length that receives the updated parameter rounded
+/// (round to nearest even): the weight the model reads when it stores bf16, written in the same pass.</param>
+public readonly record struct AdamWTensor(Tensor Param, Tensor Grad, Tensor M, Tensor V, bool Decay, Tensor? Rounded = null);
+
+/// <summary>Hyper-parameters of one AdamW step; <paramref name="Step"/> is 1-based (bias corrections).</summary>
+public readonly record struct AdamWHyper(float Lr, float Beta1, float Beta2, float Eps, float WeightDecay, int Step);
+
 /// <summary>
 /// The one interface model code is written against. Every op exists on every backend (CPU SIMD, ILGPU) and
 /// matches the double-precision reference in Kernels/Reference.
@@ -51,6 +64,12 @@ public interface IBackend : IDisposable
     void Download(Tensor src, Span<float> dst);
     void Download(Tensor src, Span<int> dst);
     void Synchronize();
+    /// <summary>
+    /// Makes <paramref name="bytes"/> of memory ready for the tensors allocated after this call, so that later
+    /// allocations (a training step's) need no call of the device allocator. GPU backends reserve one pool chunk;
+    /// the default (CPU) does nothing.
+    /// </summary>
+    void Reserve(long bytes) { }
 
     // ---------------------------------------------------------------- elementwise
     void Fill(Tensor t, float value);
@@ -164,4 +183,23 @@ public interface IBackend : IDisposable
     /// The gradient is read as gradScale·grad (clipping folded in).
     /// </summary>
     void AdamW(Tensor param, Tensor grad, Tensor m, Tensor v, float lr, float beta1, float beta2, float eps, float weightDecay, int step, float gradScale);
+
+    /// <summary>
+    /// The global gradient norm ‖g‖ = sqrt(Σ over every tensor of Σ g²) (accumulated in double) in one reduction over all
+    /// of <paramref name="grads"/> (f32), and the clipping scale that follows from it, written to the device tensor
+    /// <paramref name="clip"/> (f32, 2): clip[0] = ‖g‖; clip[1] = maxNorm / (‖g‖ + 1e-6) when 0 &lt; maxNorm &lt; ‖g‖, else 1,
+    /// and NaN when ‖g‖ is not finite. No host round trip: <see cref="AdamWMultiTensor"/> reads clip[1] on the device;
+    /// download clip to see the norm.
+    /// </summary>
+    void GradNormClip(IReadOnlyList<Tensor> grads, Tensor clip, float maxNorm)
+        => MultiTensorHost.GradNormClip(this, grads, clip, maxNorm);
+
+    /// <summary>
+    /// <see cref="AdamW"/> over every tensor of <paramref name="tensors"/> in one pass (one launch on GPU backends), each with
+    /// weight decay <c>Decay ? hyper.WeightDecay : 0</c> and gradScale = clip[1] read on the device (the output of
+    /// <see cref="GradNormClip"/>); when clip[1] is not finite nothing is written (the step is skipped). A tensor's
+    /// <see cref="AdamWTensor.Rounded"/> receives its updated parameter in bf16/f16.
+    /// </summary>
+    void AdamWMultiTensor(IReadOnlyList<AdamWTensor> tensors, AdamWHyper hyper, Tensor clip)
+        => MultiTensorHost.AdamWMultiTensor(this, tensors, hyper, clip);
 }

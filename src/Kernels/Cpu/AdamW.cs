@@ -26,6 +26,41 @@ public sealed unsafe partial class CpuBackend
         _pool.For(Chunks(n), &AdamBody, &ctx);
     }
 
+    /// <summary>
+    /// AdamW over every tensor of the list (the multi-tensor form the ILGPU backend runs in one launch): gradScale = clip[1],
+    /// nothing written when it is not finite; each tensor's Rounded copy (bf16/f16) receives its updated parameter.
+    /// </summary>
+    public void AdamWMultiTensor(IReadOnlyList<AdamWTensor> tensors, AdamWHyper h, Tensor clip)
+    {
+        using var opScope = _opLock.EnterScope();
+        const string op = "AdamWMultiTensor";
+        if (h.Step < 1) throw new ArgumentOutOfRangeException(nameof(h), h.Step, $"{op}: step is 1-based");
+        float scale = F32(clip, 2, nameof(clip), op)[1];
+        if (!float.IsFinite(scale)) return;
+        float c1 = (float)(1 - Math.Pow(h.Beta1, h.Step)), c2 = (float)(1 - Math.Pow(h.Beta2, h.Step));
+        for (int i = 0; i < tensors.Count; i++)
+        {
+            var t = tensors[i];
+            long n = t.Param.Length;
+            var ctx = new AdamCtx
+            {
+                P = F32(t.Param, n, "param", op), G = F32(t.Grad, n, "grad", op), M = F32(t.M, n, "m", op), V = F32(t.V, n, "v", op),
+                N = n, Lr = h.Lr, B1 = h.Beta1, B2 = h.Beta2, Eps = h.Eps, Wd = t.Decay ? h.WeightDecay : 0f, GradScale = scale, C1 = c1, C2 = c2,
+            };
+            if (t.Grad.Length != n || t.M.Length != n || t.V.Length != n)
+                throw new ArgumentException($"{op}: {t.Param.Describe()} needs grad, m and v of {n} elements ({t.Grad.Describe()}, {t.M.Describe()}, {t.V.Describe()})");
+            _pool.For(Chunks(n), &AdamBody, &ctx);
+            if (t.Rounded is { } r)
+            {
+                if (r.Length != n || (r.DType != DType.BF16 && r.DType != DType.F16))
+                    throw new ArgumentException($"{op}: rounded copy {r.Describe()} of {t.Param.Describe()} must be bf16 or f16 with {n} elements");
+                var dst = (ushort*)Ptr(r, "rounded");
+                if (r.DType == DType.BF16) HalfConvert.F32ToBf16(ctx.P, dst, n);
+                else for (long j = 0; j < n; j++) dst[j] = HalfBits.F32ToF16(ctx.P[j]);
+            }
+        }
+    }
+
     private static void AdamBody(void* p, int chunk, int worker)
     {
         var c = (AdamCtx*)p;

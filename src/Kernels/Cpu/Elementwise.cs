@@ -111,6 +111,30 @@ public sealed unsafe partial class CpuBackend
     public double SumOfSquares(Tensor t)
     {
         using var opScope = _opLock.EnterScope();
+        return SumOfSquaresCore(t);
+    }
+
+    /// <summary>
+    /// clip[0] = ‖g‖ over all grads (Σ in double, tensor by tensor in list order); clip[1] = the clipping scale (NaN when
+    /// the norm is not finite), computed in double exactly as the ILGPU finish kernel does.
+    /// </summary>
+    public void GradNormClip(IReadOnlyList<Tensor> grads, Tensor clip, float maxNorm)
+    {
+        using var opScope = _opLock.EnterScope();
+        float* c = F32(clip, 2, nameof(clip), "GradNormClip");
+        double sq = 0;
+        for (int i = 0; i < grads.Count; i++)
+        {
+            if (grads[i].DType != DType.F32) throw new ArgumentException($"GradNormClip: grads[{i}] {grads[i].Describe()} must be f32");
+            sq += SumOfSquaresCore(grads[i]);
+        }
+        double norm = Math.Sqrt(sq);
+        c[0] = (float)norm;
+        c[1] = (float)MultiTensorHost.ClipScale(norm, maxNorm);
+    }
+
+    private double SumOfSquaresCore(Tensor t)
+    {
         byte* p = Ptr(t, nameof(t));
         if (t.DType != DType.F32 && t.DType != DType.BF16) throw new ArgumentException($"SumOfSquares: {t.Describe()} must be f32 or bf16");
         int chunks = Chunks(t.Length);

@@ -13,16 +13,118 @@ public struct AdamWArgs
 
 /// <summary>Decoupled AdamW over one f32 parameter, one thread per element.</summary>
 /// <remarks>Matches AdamWReference: m, v and param updated in place; the gradient is read as gradScale·grad.</remarks>
-internal sealed class AdamWKernels
+internal sealed class AdamWKernels : IDisposable
 {
     private readonly IlgpuBackend _b;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AdamWArgs> _step;
+    private readonly Action<KernelConfig, MultiTensorViews, ArrayView<MultiTensorEntry>, ArrayView<MultiTensorChunk>, ArrayView<float>, AdamWArgs> _multi;
+    private AdamWTensor[] _tableOf = Array.Empty<AdamWTensor>();
+    private MultiTensorTable? _table;
 
     public AdamWKernels(IlgpuBackend b)
     {
         _b = b;
         _step = b.Accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AdamWArgs>(AdamWKernel);
+        _multi = b.Accelerator.LoadStreamKernel<MultiTensorViews, ArrayView<MultiTensorEntry>, ArrayView<MultiTensorChunk>, ArrayView<float>, AdamWArgs>(AdamWMultiTensorKernel);
     }
+
+    /// <summary>Launches of the last <see cref="MultiTensorStep"/> (1 when every operand role shares one pool chunk).</summary>
+    public int LastLaunches { get; private set; }
+
+    /// <summary>The base views of a multi-tensor AdamW launch: parameters, gradients, moments, rounded copies.</summary>
+    public struct MultiTensorViews
+    {
+        public ArrayView<float> P, G, M, V;
+        public ArrayView<ushort> R;
+    }
+
+    /// <summary>
+    /// AdamW over every tensor of the table: group g takes work chunks g, g + grid, ...; the clipping scale is read from
+    /// clip[1] (written by the gradient-norm finish kernel) and a non-finite scale leaves everything unchanged.
+    /// The rounded copy, when an entry has one, receives the updated parameter in bf16/f16 in the same pass.
+    /// </summary>
+    [GpuKernel(true)]
+    public static void AdamWMultiTensorKernel(MultiTensorViews x, ArrayView<MultiTensorEntry> entries, ArrayView<MultiTensorChunk> chunks,
+        ArrayView<float> clip, AdamWArgs a)
+    {
+        float scale = clip[1];
+        if (!(scale - scale == 0f)) return; // NaN or ±Inf: the norm was not finite, the step is skipped
+        for (int c = Grid.IdxX; c < chunks.IntLength; c += Grid.DimX)
+        {
+            var w = chunks[c];
+            var e = entries[w.Entry];
+            for (int j = Group.IdxX; j < w.Count; j += Group.DimX)
+            {
+                long i = w.Start + j;
+                float g = x.G[e.G + i] * scale;
+                float mi = a.Beta1 * x.M[e.M + i] + (1f - a.Beta1) * g;
+                float vi = a.Beta2 * x.V[e.V + i] + (1f - a.Beta2) * g * g;
+                x.M[e.M + i] = mi;
+                x.V[e.V + i] = vi;
+                float p = x.P[e.P + i];
+                p -= a.Lr * (mi / a.Correction1 / (MathF.Sqrt(vi / a.Correction2) + a.Eps) + e.Decay * a.WeightDecay * p);
+                x.P[e.P + i] = p;
+                if (e.RoundKind == DeviceFloats.KindBF16) x.R[e.R + i] = HalfMath.F32ToBf16(p);
+                else if (e.RoundKind == DeviceFloats.KindF16) x.R[e.R + i] = HalfMath.F32ToF16(p);
+            }
+        }
+    }
+
+    public void MultiTensorStep(IReadOnlyList<AdamWTensor> tensors, AdamWHyper h, Tensor clip)
+    {
+        const string op = "AdamWMultiTensor";
+        if (h.Step < 1) throw new ArgumentOutOfRangeException(nameof(h), $"{op}: step is 1-based, got {h.Step}");
+        IlgpuBackend.Need(clip, 2, "clip", op);
+        var clipView = _b.F32(clip, "clip");
+        if (!SameList(tensors))
+        {
+            for (int i = 0; i < tensors.Count; i++)
+            {
+                var t = tensors[i];
+                long n = t.Param.Length;
+                _b.F32(t.Param, "param"); _b.F32(t.Grad, "grad"); _b.F32(t.M, "m"); _b.F32(t.V, "v");
+                if (t.Grad.Length != n || t.M.Length != n || t.V.Length != n)
+                    throw new ArgumentException($"{op}: {t.Param.Describe()} needs grad, m and v of {n} elements ({t.Grad.Describe()}, {t.M.Describe()}, {t.V.Describe()})");
+                if (t.Rounded is { } r && (r.Length != n || (r.DType != DType.BF16 && r.DType != DType.F16)))
+                    throw new ArgumentException($"{op}: rounded copy {r.Describe()} of {t.Param.Describe()} must be bf16 or f16 with {n} elements");
+            }
+            _table?.Dispose();
+            _table = null;
+            var list = tensors.ToArray();
+            _table = MultiTensorTable.Build(_b, list.Length, i => new[] { list[i].Param, list[i].Grad, list[i].M, list[i].V, list[i].Rounded },
+                i => list[i].Decay ? 1f : 0f, op);
+            _tableOf = list;
+        }
+        var args = new AdamWArgs
+        {
+            Lr = h.Lr, Beta1 = h.Beta1, Beta2 = h.Beta2, Eps = h.Eps, WeightDecay = h.WeightDecay, GradScale = 1f,
+            Correction1 = (float)(1.0 - Math.Pow(h.Beta1, h.Step)),
+            Correction2 = (float)(1.0 - Math.Pow(h.Beta2, h.Step)),
+        };
+        int group = _b.RowGroupSize;
+        LastLaunches = 0;
+        foreach (var l in _table!.Launches)
+        {
+            var views = new MultiTensorViews
+            {
+                P = MultiTensorTable.Base(l, 0).Cast<float>(), G = MultiTensorTable.Base(l, 1).Cast<float>(),
+                M = MultiTensorTable.Base(l, 2).Cast<float>(), V = MultiTensorTable.Base(l, 3).Cast<float>(),
+                R = MultiTensorTable.Base(l, 4).Cast<ushort>(),
+            };
+            _multi(new KernelConfig(MultiTensorTable.Groups(_b, l.ChunkCount), group), views, l.Entries.View, l.Chunks.View, clipView, args);
+            LastLaunches++;
+        }
+    }
+
+    private bool SameList(IReadOnlyList<AdamWTensor> tensors)
+    {
+        if (_table is null || tensors.Count != _tableOf.Length) return false;
+        for (int i = 0; i < _tableOf.Length; i++)
+            if (tensors[i] != _tableOf[i]) return false;
+        return true;
+    }
+
+    public void Dispose() => _table?.Dispose();
 
     /// <summary>m = β1·m + (1-β1)·g; v = β2·v + (1-β2)·g²; p -= lr·(m̂/(sqrt(v̂)+eps) + wd·p).</summary>
     [GpuKernel(false)]

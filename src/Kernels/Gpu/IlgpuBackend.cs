@@ -7,18 +7,33 @@ using ILGPU.Runtime.Cuda;
 
 namespace FineTuneNative.Kernels.Gpu;
 
-/// <summary>The storage root of tensors allocated by an <see cref="IlgpuBackend"/>: one device byte buffer.</summary>
+/// <summary>The storage root of a tensor allocated by an <see cref="IlgpuBackend"/>: a byte range of one pool chunk.</summary>
 internal sealed class GpuStorage : IDisposable
 {
-    public GpuStorage(IlgpuBackend owner, MemoryBuffer1D<byte, Stride1D.Dense> buffer)
+    private bool _disposed;
+
+    public GpuStorage(IlgpuBackend owner, PoolChunk chunk, long offset, long bytes)
     {
         Owner = owner;
-        Buffer = buffer;
+        Chunk = chunk;
+        Offset = offset;
+        Bytes = bytes;
     }
 
     public IlgpuBackend Owner { get; }
-    public MemoryBuffer1D<byte, Stride1D.Dense> Buffer { get; }
-    public void Dispose() => Buffer.Dispose();
+    /// <summary>The pool chunk (device buffer) the range lies in; tensors of one chunk share one base view.</summary>
+    public PoolChunk Chunk { get; }
+    /// <summary>Byte offset of the range in the chunk (a multiple of <see cref="DevicePool.Alignment"/>).</summary>
+    public long Offset { get; }
+    public long Bytes { get; }
+    public ArrayView<byte> View => Chunk.Buffer.View.AsContiguous().SubView(Offset, Bytes);
+
+    public void Dispose()
+    {
+        if (_disposed) return;
+        _disposed = true;
+        Owner.Release(this);
+    }
 }
 
 /// <summary>
@@ -39,6 +54,8 @@ public sealed class IlgpuBackend : IBackend
     private readonly Context _context;
     private readonly object _gate = new();
     private readonly Dictionary<Type, object> _kernelSets = new();
+    private readonly DevicePool _pool;
+    private long _scratchAllocations;
     private bool _disposed;
 
     private IlgpuBackend(Context context, Accelerator accelerator, string name)
@@ -47,6 +64,8 @@ public sealed class IlgpuBackend : IBackend
         Accelerator = accelerator;
         Name = name;
         TensorCores = accelerator is CudaAccelerator cuda && cuda.Architecture is { Major: >= 8 };
+        // A shared chunk holds the small tensors (norms, adapters, their gradients and moments) of a model together.
+        _pool = new DevicePool(accelerator, accelerator.AcceleratorType == AcceleratorType.CPU ? 4L << 20 : 256L << 20);
         if (accelerator.MaxNumThreadsPerGroup < MaxGroupSize)
             throw new NotSupportedException($"{name}: the accelerator allows {accelerator.MaxNumThreadsPerGroup} threads per group, kernels need {MaxGroupSize}");
         if (MaxGroupSize / accelerator.WarpSize > GroupReduce.MaxWarps)
@@ -160,9 +179,17 @@ public sealed class IlgpuBackend : IBackend
     internal ArrayView<byte> RawView(Tensor t, string name)
     {
         var s = StorageOf(t, name);
-        if (t.DType.IsQuantized()) return s.Buffer.View.AsContiguous().SubView(t.Offset == 0 ? 0 : t.DType.StorageBytes(t.Offset), t.Bytes);
+        if (t.DType.IsQuantized()) return s.View.SubView(t.Offset == 0 ? 0 : t.DType.StorageBytes(t.Offset), t.Bytes);
         long size = t.DType.SizeOf();
-        return s.Buffer.View.AsContiguous().SubView(t.Offset * size, t.Length * size);
+        return s.View.SubView(t.Offset * size, t.Length * size);
+    }
+
+    /// <summary>The pool chunk of <paramref name="t"/> and its byte offset in it (multi-tensor ops address tensors this way).</summary>
+    internal (PoolChunk Chunk, long ByteOffset) Placement(Tensor t, string name)
+    {
+        var s = StorageOf(t, name);
+        if (t.DType.IsQuantized()) throw new ArgumentException($"{name} ({t.Describe()}): multi-tensor ops take float tensors");
+        return (s.Chunk, s.Offset + t.Offset * t.DType.SizeOf());
     }
 
     internal ArrayView<float> F32(Tensor t, string name)
@@ -230,11 +257,52 @@ public sealed class IlgpuBackend : IBackend
                 n *= d;
             }
             long bytes = Math.Max(4, (dtype.StorageBytes(n) + 3) / 4 * 4);
-            var buffer = Accelerator.Allocate1D<byte>(bytes);
-            buffer.View.AsContiguous().MemSetToZero(Stream);
-            var storage = new GpuStorage(this, buffer);
+            var (chunk, offset) = _pool.Rent(bytes);
+            var storage = new GpuStorage(this, chunk, offset, bytes);
+            storage.View.MemSetToZero(Stream);
             return new Tensor(this, dtype, shape, storage, 0, storage);
         }
+    }
+
+    internal void Release(GpuStorage s)
+    {
+        lock (_gate)
+        {
+            if (!_disposed) _pool.Return(s.Chunk, s.Offset, s.Bytes);
+        }
+    }
+
+    /// <summary>
+    /// Reserves <paramref name="bytes"/> of device memory in one pool chunk now, so that the tensors allocated after
+    /// this (optimizer state, training workspace) need no device allocation later: `ftn train` reserves what its memory
+    /// plan says is still to come.
+    /// </summary>
+    public void Reserve(long bytes)
+    {
+        lock (_gate)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            if (bytes > 0) _pool.Reserve(bytes);
+        }
+    }
+
+    /// <summary>Calls of the device allocator so far: pool chunks plus the kernel sets' own scratch buffers.</summary>
+    public long DeviceAllocations
+    {
+        get { lock (_gate) return _pool.DeviceAllocations + _scratchAllocations; }
+    }
+
+    /// <summary>Bytes the pool holds from the device, and bytes of it in live tensors.</summary>
+    public (long Reserved, long Used) PoolBytes
+    {
+        get { lock (_gate) return (_pool.ReservedBytes, _pool.UsedBytes); }
+    }
+
+    /// <summary>A device buffer outside the pool for a kernel set's own scratch (tables, partial sums); counted.</summary>
+    internal MemoryBuffer1D<T, Stride1D.Dense> AllocateScratch<T>(long length) where T : unmanaged
+    {
+        _scratchAllocations++;
+        return Accelerator.Allocate1D<T>(length);
     }
 
     public void Upload(Tensor dst, ReadOnlySpan<float> src)
@@ -490,6 +558,22 @@ public sealed class IlgpuBackend : IBackend
         lock (_gate) Kernels(b => new AdamWKernels(b)).Step(param, grad, m, v, lr, beta1, beta2, eps, weightDecay, step, gradScale);
     }
 
+    public void GradNormClip(IReadOnlyList<Tensor> grads, Tensor clip, float maxNorm)
+    {
+        lock (_gate) Kernels(b => new ReduceKernels(b)).GradNormClip(grads, clip, maxNorm);
+    }
+
+    public void AdamWMultiTensor(IReadOnlyList<AdamWTensor> tensors, AdamWHyper hyper, Tensor clip)
+    {
+        lock (_gate) Kernels(b => new AdamWKernels(b)).MultiTensorStep(tensors, hyper, clip);
+    }
+
+    /// <summary>Launches of the last multi-tensor AdamW and gradient-norm partial-sum calls (tests: 1 each once pooled).</summary>
+    internal (int AdamW, int Norm) LastMultiTensorLaunches
+    {
+        get { lock (_gate) return (Kernels(b => new AdamWKernels(b)).LastLaunches, Kernels(b => new ReduceKernels(b)).LastNormLaunches); }
+    }
+
     public void Dispose()
     {
         lock (_gate)
@@ -498,6 +582,7 @@ public sealed class IlgpuBackend : IBackend
             _disposed = true;
             foreach (var set in _kernelSets.Values) (set as IDisposable)?.Dispose();
             _kernelSets.Clear();
+            _pool.Dispose();
             Accelerator.Dispose();
             _context.Dispose();
         }

@@ -35,7 +35,8 @@ internal sealed class Nf4Kernels : IDisposable
         var tables = new float[16 + 256];
         Nf4.Levels.CopyTo(tables, 0);
         Nf4.DynamicMap.CopyTo(tables, 16);
-        _tables = b.Accelerator.Allocate1D(tables);
+        _tables = b.AllocateScratch<float>(tables.Length);
+        _tables.CopyFromCPU(tables);
     }
 
     public struct Nf4Args
@@ -69,7 +70,7 @@ internal sealed class Nf4Kernels : IDisposable
             _b.Stream.Synchronize(); // earlier launches may still read the old panel
             _panel?.Dispose();
         _fused?.Dispose();
-            _panel = _b.Accelerator.Allocate1D<float>(Math.Max(floats, 1));
+            _panel = _b.AllocateScratch<float>(Math.Max(floats, 1));
         }
         return _panel.View;
     }
@@ -110,7 +111,7 @@ internal sealed class Nf4Kernels : IDisposable
         {
             _b.Stream.Synchronize(); // earlier launches may still read the old table
             _fused?.Dispose();
-            _fused = _b.Accelerator.Allocate1D<float>(need);
+            _fused = _b.AllocateScratch<float>(need);
             _tables.View.CopyTo(_b.Stream, _fused.View.SubView(0, DeviceFloats.Nf4TableFloats));
         }
         ((ArrayView1D<float, Stride1D.Dense>)stats).CopyTo(_b.Stream, _fused.View.SubView(DeviceFloats.Nf4TableFloats, stats.Length));

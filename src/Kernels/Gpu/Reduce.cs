@@ -18,7 +18,7 @@ internal sealed class ReduceKernels : IDisposable
     {
         _b = b;
         _sumSquares = b.Accelerator.LoadStreamKernel<DeviceFloats, long, ArrayView<double>>(SumOfSquaresKernel);
-        _partials = b.Accelerator.Allocate1D<double>(MaxPartials);
+        _partials = b.AllocateScratch<double>(MaxPartials);
     }
 
     /// <summary>partials[group] = Σ t[i]² over the elements this group strides over, accumulated in double.</summary>
@@ -50,7 +50,105 @@ internal sealed class ReduceKernels : IDisposable
         return s;
     }
 
-    public void Dispose() => _partials.Dispose();
+    // ---------------------------------------------------------------- global gradient norm over many tensors
+
+    private Action<KernelConfig, ArrayView<float>, ArrayView<MultiTensorEntry>, ArrayView<MultiTensorChunk>, ArrayView<double>>? _normPartials;
+    private Action<Index1D, ArrayView<double>, int, float, ArrayView<float>>? _normFinish;
+    private Tensor[] _normOf = Array.Empty<Tensor>();
+    private MultiTensorTable? _normTable;
+    private MemoryBuffer1D<double, Stride1D.Dense>? _normPartialsBuffer;
+
+    /// <summary>Launches of the partial-sum kernel in the last <see cref="GradNormClip"/> (1 when all grads share a pool chunk).</summary>
+    public int LastNormLaunches { get; private set; }
+
+    /// <summary>
+    /// partials[Grid.IdxX] = Σ g² (double) over the work chunks this group takes (g, g + grid, ...) of every tensor of
+    /// the table; one launch covers all tensors whose gradients share a pool chunk.
+    /// </summary>
+    [GpuKernel(true)]
+    public static void SumOfSquaresMultiTensorKernel(ArrayView<float> g, ArrayView<MultiTensorEntry> entries, ArrayView<MultiTensorChunk> chunks,
+        ArrayView<double> partials)
+    {
+        var scratch = SharedMemory.Allocate<double>(GroupReduce.MaxWarps);
+        double acc = 0;
+        for (int c = Grid.IdxX; c < chunks.IntLength; c += Grid.DimX)
+        {
+            var w = chunks[c];
+            long at = entries[w.Entry].G + w.Start;
+            for (int j = Group.IdxX; j < w.Count; j += Group.DimX)
+            {
+                double x = g[at + j];
+                acc += x * x;
+            }
+        }
+        acc = GroupReduce.Sum(acc, scratch);
+        if (Group.IdxX == 0) partials[Grid.IdxX] = acc;
+    }
+
+    /// <summary>
+    /// The finish (one thread): the partials added in order (deterministic), clip[0] = ‖g‖, clip[1] = the clipping
+    /// scale maxNorm / (‖g‖ + 1e-6) when 0 &lt; maxNorm &lt; ‖g‖, else 1; NaN when ‖g‖ is not finite. Same formula as
+    /// MultiTensorHost.ClipScale, in double.
+    /// </summary>
+    [GpuKernel(false)]
+    public static void GradNormFinishKernel(Index1D i, ArrayView<double> partials, int count, float maxNorm, ArrayView<float> clip)
+    {
+        double sq = 0;
+        for (int k = 0; k < count; k++) sq += partials[k];
+        double norm = Math.Sqrt(sq);
+        double scale = !(norm - norm == 0) ? double.NaN : maxNorm > 0 && norm > maxNorm ? maxNorm / (norm + 1e-6) : 1.0;
+        clip[0] = (float)norm;
+        clip[1] = (float)scale;
+    }
+
+    public void GradNormClip(IReadOnlyList<Tensor> grads, Tensor clip, float maxNorm)
+    {
+        const string op = "GradNormClip";
+        IlgpuBackend.Need(clip, 2, "clip", op);
+        var clipView = _b.F32(clip, "clip");
+        _normPartials ??= _b.Accelerator.LoadStreamKernel<ArrayView<float>, ArrayView<MultiTensorEntry>, ArrayView<MultiTensorChunk>, ArrayView<double>>(SumOfSquaresMultiTensorKernel);
+        _normFinish ??= _b.Accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<double>, int, float, ArrayView<float>>(GradNormFinishKernel);
+        if (!SameGrads(grads))
+        {
+            for (int i = 0; i < grads.Count; i++) _b.F32(grads[i], $"grads[{i}]");
+            _normTable?.Dispose();
+            _normTable = null;
+            _normPartialsBuffer?.Dispose();
+            _normPartialsBuffer = null;
+            var list = grads.ToArray();
+            // The gradient is operand role 1 (G) of the table.
+            _normTable = MultiTensorTable.Build(_b, list.Length, i => new Tensor?[] { null, list[i] }, _ => 0f, op);
+            _normPartialsBuffer = _b.AllocateScratch<double>(Math.Max(1, _normTable.Launches.Count * MaxPartials));
+            _normOf = list;
+        }
+        int group = _b.RowGroupSize;
+        int count = 0;
+        LastNormLaunches = 0;
+        foreach (var l in _normTable!.Launches)
+        {
+            int groups = Math.Min(MaxPartials, MultiTensorTable.Groups(_b, l.ChunkCount));
+            _normPartials(new KernelConfig(groups, group), MultiTensorTable.Base(l, 1).Cast<float>(), l.Entries.View, l.Chunks.View,
+                _normPartialsBuffer!.View.SubView(count, groups));
+            count += groups;
+            LastNormLaunches++;
+        }
+        _normFinish(1, _normPartialsBuffer!.View, count, maxNorm, clipView);
+    }
+
+    private bool SameGrads(IReadOnlyList<Tensor> grads)
+    {
+        if (_normTable is null || grads.Count != _normOf.Length) return false;
+        for (int i = 0; i < _normOf.Length; i++)
+            if (!ReferenceEquals(grads[i], _normOf[i])) return false;
+        return true;
+    }
+
+    public void Dispose()
+    {
+        _partials.Dispose();
+        _normTable?.Dispose();
+        _normPartialsBuffer?.Dispose();
+    }
 }
 
 /// <summary>dst(N) += alpha · Σ_m src(M, N)[m, :] — one thread per column, rows in order (deterministic).</summary>

@@ -62,7 +62,8 @@ internal sealed class RopeKernels : IDisposable
         {
             var f = new double[headSize / 2];
             for (int i = 0; i < f.Length; i++) f[i] = Math.Pow(theta, -2.0 * i / headSize);
-            _invFreq[(theta, headSize)] = freq = _b.Accelerator.Allocate1D(f);
+            _invFreq[(theta, headSize)] = freq = _b.AllocateScratch<double>(f.Length);
+            freq.CopyFromCPU(f);
         }
         var args = new RopeArgs { NHeads = nHeads, HeadSize = headSize, Interleaved = layout == RopeLayout.Interleaved ? 1 : 0, Sign = inverse ? -1f : 1f };
         _rope(count, _b.F32(x, "x"), _b.I32(positions, "positions"), freq.View, args);

@@ -59,8 +59,8 @@ public sealed class FullFineTuneConfig
 /// </summary>
 /// <remarks>
 /// The model's <see cref="LlamaModel.TrainBase"/> gradients (f32) are the gradients. An f32 parameter is its own
-/// master; a bf16 parameter gets an f32 master copy that the optimizer updates, and <see cref="AfterStep"/> rounds
-/// it into the bf16 weight the model reads (so small updates accumulate in the master instead of being rounded
+/// master; a bf16 parameter gets an f32 master copy that the optimizer updates and rounds
+/// into the bf16 weight the model reads (<see cref="TrainableTensor.Rounded"/>; fused AdamW writes both in one pass) (so small updates accumulate in the master instead of being rounded
 /// away). Weight decay applies to matrices (embeddings, projections, head), not to 1-D tensors (norms, biases).
 /// Save writes a Hugging Face model directory (config.json + model.safetensors in the weights' own dtypes); with
 /// bf16 masters it also writes <see cref="MasterFile"/> (f32 masters) so that a checkpoint resumes bit for bit.
@@ -90,6 +90,7 @@ public sealed class FullFineTune : ITrainableMethod
             _allGrads.Add(g);
             if (!Config.Selects(name, model.Config.NumLayers)) continue;
             Tensor param = p;
+            Tensor? rounded = null;
             if (p.DType != DType.F32)
             {
                 if (p.DType != DType.BF16) throw new InvalidOperationException($"{name}: full fine-tuning trains f32 or bf16 weights, not {p.DType.Name()}");
@@ -97,8 +98,9 @@ public sealed class FullFineTune : ITrainableMethod
                 param.Name = name + ".master";
                 model.Backend.Copy(param, p);
                 _masters.Add((p, param));
+                rounded = p;
             }
-            _trainable.Add(new TrainableTensor(name, param, g, WeightDecay: p.Rank >= 2));
+            _trainable.Add(new TrainableTensor(name, param, g, WeightDecay: p.Rank >= 2, Rounded: rounded));
         }
         if (_trainable.Count == 0)
             throw new ArgumentException($"no parameter matches the trainable selection (top {Config.TopLayers} layers; {string.Join(",", Config.Trainable)})");
@@ -133,10 +135,8 @@ public sealed class FullFineTune : ITrainableMethod
         foreach (var g in _allGrads) _model.Backend.Fill(g, 0);
     }
 
-    public void AfterStep()
-    {
-        foreach (var (w, m) in _masters) _model.Backend.Copy(w, m);
-    }
+    /// <summary>Nothing: the trainer rounds every master into its bf16 weight (<see cref="TrainableTensor.Rounded"/>).</summary>
+    public void AfterStep() { }
 
     /// <summary>Full fine-tuning changes the base weights themselves: it cannot be detached.</summary>
     public void Attach() { }

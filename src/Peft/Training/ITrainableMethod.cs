@@ -12,7 +12,9 @@ namespace FineTuneNative.Peft.Training;
 /// <param name="Param">F32, on the model's backend. For a bf16 model weight this is the f32 master copy.</param>
 /// <param name="Grad">F32, same shape as <paramref name="Param"/>, on the model's backend.</param>
 /// <param name="WeightDecay">False for norms, biases and other 1-D tensors (decaying them toward 0 hurts).</param>
-public sealed record TrainableTensor(string Name, Tensor Param, Tensor Grad, bool WeightDecay);
+/// <param name="Rounded">For an f32 master: the bf16/f16 weight the model reads, which the trainer rewrites from the
+/// master after every update (in the same pass as AdamW on GPU backends); null when the model reads Param itself.</param>
+public sealed record TrainableTensor(string Name, Tensor Param, Tensor Grad, bool WeightDecay, Tensor? Rounded = null);
 
 /// <summary>
 /// A set of trainable parameters attached to a <see cref="Runtime.Model.LlamaModel"/>: what <see cref="Trainer"/>

@@ -23,6 +23,13 @@ public sealed record MemoryPlan(long WeightBytes, long TrainableBytes, long Grad
 {
     public long TotalBytes => WeightBytes + TrainableBytes + GradientBytes + OptimizerBytes + ActivationBytes;
 
+    /// <summary>
+    /// What a GPU backend reserves in one pool chunk once the model and the method exist (IBackend.Reserve): the
+    /// optimizer state and the training workspace that the trainer and the first step allocate, plus 1/16 and 1 MiB
+    /// for the pool's 256-byte alignment of each tensor and the trainer's small tensors.
+    /// </summary>
+    public long StepReserveBytes => (OptimizerBytes + ActivationBytes) * 17 / 16 + (1L << 20);
+
     /// <summary>The plan of training <paramref name="method"/> (attached to <paramref name="model"/>) with batches of (MicroBatch, <paramref name="seqLen"/>).</summary>
     public static MemoryPlan Estimate(LlamaModel model, ITrainableMethod method, TrainOptions opt, int seqLen)
     {

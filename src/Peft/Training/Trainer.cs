@@ -68,8 +68,9 @@ public sealed class TrainResult
 /// Accumulation: an optimizer step covers GradAccum micro-batches; the loss of every micro-batch is scaled by
 /// 1/N where N is the number of target tokens in the whole window, so the gradient is that of the mean token
 /// loss over the window, exactly as if it were one batch. Clipping: the global norm ‖g‖ of all trainable
-/// gradients is measured (IBackend.SumOfSquares) and min(1, clip/‖g‖) is passed to AdamW as its gradScale, so
-/// gradients are never rewritten. Weight decay applies only to tensors the method flags (not norms or biases).
+/// gradients is measured in one reduction (IBackend.GradNormClip) and min(1, clip/‖g‖) is read by the fused AdamW
+/// (IBackend.AdamWMultiTensor, one launch over all tensors on GPU backends) as its gradScale on the device, so
+/// gradients are never rewritten and the host synchronizes once per step. Weight decay applies only to tensors the method flags (not norms or biases).
 /// Every batch has the same (B, T) shape (T = the longest sample, at most MaxLength; short rows and missing rows
 /// are padding with target -100), so the model's workspaces and the optimizer state are allocated once.
 /// A step whose loss or gradient norm is not finite updates nothing (AdamW's bias-correction count does not
@@ -91,8 +92,12 @@ public sealed class Trainer : IDisposable
     private readonly ITrainableMethod _method;
     private readonly TrainOptions _opt;
     private readonly IBackend _backend;
-    private readonly List<(string Name, Tensor Param, Tensor Grad, Tensor M, Tensor? V, bool Decay)> _state = new();
+    private readonly List<(string Name, Tensor Param, Tensor Grad, Tensor M, Tensor? V, bool Decay, Tensor? Rounded)> _state = new();
     private readonly Tensor? _scratch; // SGD: lr·update before it is added to the parameter
+    private readonly Tensor? _clip;    // (2): ‖g‖ and the clipping scale, written on the device by GradNormClip
+    private readonly float[] _clipHost = new float[2];
+    private Tensor[] _grads = Array.Empty<Tensor>();
+    private AdamWTensor[] _adam = Array.Empty<AdamWTensor>();
     private int _step;
     private RunState _run = new();
 
@@ -138,11 +143,16 @@ public sealed class Trainer : IDisposable
                     v.Name = t.Name + ".adam_v";
                     _backend.Fill(v, 0);
                 }
-                _state.Add((t.Name, t.Param, t.Grad, m, v, t.WeightDecay));
+                _state.Add((t.Name, t.Param, t.Grad, m, v, t.WeightDecay, t.Rounded));
                 largest = Math.Max(largest, t.Param.Length);
             }
             if (_state.Count == 0) throw new InvalidOperationException($"the {method.Kind} method has no trainable tensor");
             if (!adam) { _scratch = _backend.Allocate(DType.F32, checked((int)largest)); _scratch.Name = "sgd_scratch"; }
+            _clip = _backend.Allocate(DType.F32, 2);
+            _clip.Name = "grad_norm_clip";
+            // The same lists every step: GPU backends build their device tables for them once.
+            _grads = _state.Select(s => s.Grad).ToArray();
+            if (adam) _adam = _state.Select(s => new AdamWTensor(s.Param, s.Grad, s.M, s.V!, s.Decay, s.Rounded)).ToArray();
         }
         catch
         {
@@ -214,20 +224,20 @@ public sealed class Trainer : IDisposable
             lossSum += ls;
         }
         double loss = lossSum / n + _method.AddPenalty();
-        double sq = 0;
-        foreach (var s in _state) sq += _backend.SumOfSquares(s.Grad);
-        double norm = Math.Sqrt(sq);
-        LastStepSkipped = !double.IsFinite(loss) || !double.IsFinite(norm);
+        // One reduction over all gradients; the clipping scale stays on the device, where AdamW reads it (a non-finite
+        // norm makes it NaN and AdamW then writes nothing). The host reads the pair once, after the update is queued.
+        _backend.GradNormClip(_grads, _clip!, (float)_opt.ClipNorm);
+        bool adam = _opt.Optimizer == "adamw";
+        if (adam && double.IsFinite(loss))
+            _backend.AdamWMultiTensor(_adam, new AdamWHyper((float)lr, (float)_opt.Beta1, (float)_opt.Beta2, (float)_opt.AdamEps,
+                (float)_opt.WeightDecay, _run.Updates + 1), _clip!);
+        _backend.Download(_clip!, _clipHost);
+        double norm = _clipHost[0];
+        float gradScale = _clipHost[1];
+        LastStepSkipped = !double.IsFinite(loss) || !float.IsFinite(gradScale);
         if (LastStepSkipped) return (loss, norm);
         _run.Updates++;
-        float gradScale = _opt.ClipNorm > 0 && norm > _opt.ClipNorm ? (float)(_opt.ClipNorm / (norm + 1e-6)) : 1f;
-        if (_opt.Optimizer == "adamw")
-        {
-            foreach (var s in _state)
-                _backend.AdamW(s.Param, s.Grad, s.M, s.V!, (float)lr, (float)_opt.Beta1, (float)_opt.Beta2, (float)_opt.AdamEps,
-                    s.Decay ? (float)_opt.WeightDecay : 0f, _run.Updates, gradScale);
-        }
-        else
+        if (!adam)
         {
             // Heavy-ball SGD (PyTorch's, dampening 0): buf = μ·buf + ĝ (buf = ĝ on the first update); p = p·(1 − lr·wd) − lr·buf.
             float mu = (float)_opt.Momentum;
@@ -246,6 +256,7 @@ public sealed class Trainer : IDisposable
                 _backend.Copy(tmp, update);
                 _backend.Scale(tmp, (float)-lr);
                 _backend.Add(s.Param, s.Param, tmp);
+                if (s.Rounded is not null) _backend.Copy(s.Rounded, s.Param);
             }
         }
         _method.AfterStep();
@@ -702,5 +713,6 @@ public sealed class Trainer : IDisposable
         foreach (var s in _state) { s.M.Dispose(); s.V?.Dispose(); }
         _state.Clear();
         _scratch?.Dispose();
+        _clip?.Dispose();
     }
 }
