@@ -13,7 +13,7 @@ public static class Program
     /// <summary>Every verb, in the order help lists them.</summary>
     internal static readonly Type[] Verbs =
     {
-        typeof(TrainOptions), typeof(GenerateOptions), typeof(InfoOptions), typeof(PretrainOptions), typeof(SynthOptions),
+        typeof(TrainOptions), typeof(GenerateOptions), typeof(MergeOptions), typeof(InfoOptions), typeof(PretrainOptions), typeof(SynthOptions),
     };
 
     public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
@@ -44,6 +44,7 @@ public static class Program
             {
                 TrainOptions o => TrainCommand.Run(o, stdout),
                 GenerateOptions o => GenerateCommand.Run(o, stdout),
+                MergeOptions o => MergeCommand.Run(o, stdout),
                 InfoOptions o => InfoCommand.Run(o, stdout),
                 PretrainOptions o => PretrainCommand.Run(o, stdout),
                 SynthOptions o => SynthCommand.Run(o, stdout),

@@ -1,8 +1,10 @@
 using FineTuneNative.Kernels;
+using FineTuneNative.Kernels.Quant;
 using FineTuneNative.Peft.Data;
 using FineTuneNative.Peft.Lora;
 using FineTuneNative.Peft.Methods;
 using FineTuneNative.Peft.Training;
+using FineTuneNative.Runtime.IO;
 using FineTuneNative.Runtime.Model;
 using FineTuneNative.Tests.Numerics;
 using Xunit.Abstractions;
@@ -80,6 +82,54 @@ public class MethodsTests(ITestOutputHelper output)
         foreach (var (t1, t2) in a1.Trainable.Zip(a2.Trainable))
             NumericAssert.Close(t2.Grad.ToArray(), t1.Grad.ToArray(), 1e-6, 1e-3, t1.Name);
         Assert.Throws<InvalidOperationException>(() => model.TrainBase = true);
+    }
+
+    /// <summary>
+    /// An NF4 base saves as a Hugging Face model with its projections dequantized (bit for bit the values the NF4 matmul
+    /// computes with), and a QLoRA adapter merged into the dequantized base (what <c>ftn merge --base-quant nf4</c>
+    /// writes) reloads to the loss the adapter has over the NF4 base.
+    /// </summary>
+    [Fact]
+    public void Nf4_base_saves_dequantized_and_a_merged_qlora_adapter_reloads_to_its_loss()
+    {
+        using var w = TinyModel.Weights(Cpu, seed: 14);
+        var data = TinyModel.Samples(6, 5, 12, seed: 5);
+        var q = QLora.QuantizeBase(w);
+        using var tmp = new TempDir();
+        string baseDir = Path.Combine(tmp.Path, "base"), mergedDir = Path.Combine(tmp.Path, "merged");
+        ModelSaver.SaveHf(q.Weights, baseDir);
+        using (var st = SafeTensors.Open(Path.Combine(baseDir, "model.safetensors")))
+        {
+            Assert.StartsWith("14 nf4 tensors written as f32", st.Metadata[ModelSaver.DequantizedKey]);
+            var nf4 = q.Weights.Named().Where(p => p.Tensor.DType == DType.NF4).ToList();
+            Assert.Equal(14, nf4.Count);
+            foreach (var (name, t) in nf4)
+            {
+                Assert.Equal("F32", st.Info(name).DTypeName);
+                Assert.Equal(Nf4.ToFloats(t), st.ReadF32(name));
+            }
+        }
+        using var model = new LlamaModel(q.Weights, Cpu);
+        double baseLoss = EvalLoss(model, data);
+        using (var saved = ModelLoader.Load(baseDir, Cpu))
+        using (var reloaded = new LlamaModel(saved.Weights, Cpu))
+            Assert.Equal(baseLoss, EvalLoss(reloaded, data), 5);
+
+        using var adapter = LoraAdapter.Create(model, new LoraConfig { Rank = 2, Alpha = 4, Dropout = 0 }, seed: 3);
+        RandomizeB(adapter, 11);
+        double adapted = EvalLoss(model, data);
+        Assert.True(Math.Abs(adapted - baseLoss) > 1e-3, $"the adapter should change the loss: {baseLoss} -> {adapted}");
+        Assert.Throws<InvalidOperationException>(() => adapter.MergeInto(q.Weights)); // not into the NF4 codes themselves
+        using (var merged = QLora.DequantizedCopy(q.Weights))
+        {
+            adapter.MergeInto(merged);
+            ModelSaver.SaveHf(merged, mergedDir, DType.F32);
+        }
+        using var loaded = ModelLoader.Load(mergedDir, Cpu);
+        using var mergedModel = new LlamaModel(loaded.Weights, Cpu);
+        double mergedLoss = EvalLoss(mergedModel, data);
+        output.WriteLine($"NF4 base {baseLoss:F6}; with the adapter {adapted:F6}; merged, saved, reloaded {mergedLoss:F6}");
+        Assert.Equal(adapted, mergedLoss, 5);
     }
 
     /// <summary>LoRA over an NF4 base: gradients of A and B against finite differences of the model loss (f32, h = 1e-2).</summary>

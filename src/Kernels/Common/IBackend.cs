@@ -60,6 +60,8 @@ public interface IBackend : IDisposable
     void Upload(Tensor dst, ReadOnlySpan<int> src);
     /// <summary>Copies raw little-endian element bytes (exactly dst.Bytes) into <paramref name="dst"/>.</summary>
     void UploadRaw(Tensor dst, ReadOnlySpan<byte> src);
+    /// <summary>Copies the storage bytes of <paramref name="src"/> (exactly src.Bytes) to the host, e.g. a quantized tensor's blocks.</summary>
+    void DownloadRaw(Tensor src, Span<byte> dst);
     /// <summary>Copies a tensor to host floats (converting BF16/F16).</summary>
     void Download(Tensor src, Span<float> dst);
     void Download(Tensor src, Span<int> dst);

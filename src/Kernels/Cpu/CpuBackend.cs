@@ -92,6 +92,13 @@ public sealed unsafe partial class CpuBackend : IBackend
         src.CopyTo(new Span<byte>(p, src.Length));
     }
 
+    public void DownloadRaw(Tensor src, Span<byte> dst)
+    {
+        byte* p = Ptr(src, nameof(src));
+        if (dst.Length != src.Bytes) throw new ArgumentException($"DownloadRaw: {dst.Length} bytes for {src.Describe()} ({src.Bytes} bytes)");
+        new ReadOnlySpan<byte>(p, dst.Length).CopyTo(dst);
+    }
+
     public void Download(Tensor src, Span<float> dst)
     {
         byte* p = Ptr(src, nameof(src));

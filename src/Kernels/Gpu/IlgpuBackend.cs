@@ -368,6 +368,15 @@ public sealed class IlgpuBackend : IBackend
         fixed (byte* p = dst) src.CopyToCPU(Stream, ref *p, dst.Length);
     }
 
+    public void DownloadRaw(Tensor src, Span<byte> dst)
+    {
+        lock (_gate)
+        {
+            if (dst.Length != src.Bytes) throw new ArgumentException($"DownloadRaw: {dst.Length} bytes for {src.Describe()} ({src.Bytes} bytes)");
+            CopyOut(RawView(src, "src"), dst);
+        }
+    }
+
     public void Download(Tensor src, Span<float> dst)
     {
         lock (_gate)

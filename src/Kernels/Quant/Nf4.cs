@@ -223,13 +223,19 @@ public static class Nf4
         Avx512F.Store(dst + 16, Avx512F.Multiply(Avx512F.PermuteVar16x32x2(hi, ihi, lo), scale));
     }
 
-    /// <summary>Every element of an NF4 tensor of the cpu backend, dequantized to host floats.</summary>
+    /// <summary>Every element of an NF4 tensor (of any backend), dequantized to host floats.</summary>
     public static unsafe float[] ToFloats(Tensor t)
     {
-        if (t.Backend is not Cpu.CpuBackend cpu) throw new NotSupportedException($"{t.Describe()}: reading an nf4 tensor back to the host needs the cpu backend (it lives on {t.Backend.Name})");
-        var y = new float[t.Length];
-        fixed (float* d = y) Dequantize(cpu.Nf4Weight(t, t.Length, "t", "Nf4.ToFloats"), t.Length, 0, t.Length, d);
-        return y;
+        if (t.DType != DType.NF4) throw new ArgumentException($"Nf4.ToFloats: {t.Describe()} is not nf4");
+        if (t.Backend is Cpu.CpuBackend cpu)
+        {
+            var y = new float[t.Length];
+            fixed (float* d = y) Dequantize(cpu.Nf4Weight(t, t.Length, "t", "Nf4.ToFloats"), t.Length, 0, t.Length, d);
+            return y;
+        }
+        var bytes = new byte[t.Bytes]; // a device tensor: its storage image, dequantized here
+        t.Backend.DownloadRaw(t, bytes);
+        return Dequantize(bytes, t.Length);
     }
 
     /// <summary>Host helper: every element of an NF4 storage image as f32.</summary>

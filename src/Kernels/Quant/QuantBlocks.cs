@@ -138,6 +138,19 @@ public static class QuantBlocks
         else throw new ArgumentException($"{type.Name()} is not a block-quantized type");
     }
 
+    /// <summary>Every element of a quantized tensor (Q8_0, Q4_0 or NF4, any backend) as host f32: what its matmuls compute with.</summary>
+    public static float[] ToFloats(Tensor t)
+    {
+        if (t.DType == DType.NF4) return Nf4.ToFloats(t);
+        if (!t.DType.IsBlockQuantized()) throw new ArgumentException($"{t.Describe()} is not quantized");
+        if (t.Offset % 32 != 0 || t.Length % 32 != 0) throw new ArgumentException($"{t.Describe()} is not whole {t.DType.Name()} blocks");
+        var bytes = new byte[t.Bytes];
+        t.Backend.DownloadRaw(t, bytes);
+        var y = new float[t.Length];
+        Dequantize(t.DType, bytes, y);
+        return y;
+    }
+
     public static void Dequantize(DType type, ReadOnlySpan<byte> src, Span<float> dst)
     {
         if (type == DType.Q8_0) Q8_0.Dequantize(src, dst);

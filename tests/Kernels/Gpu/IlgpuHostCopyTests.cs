@@ -1,5 +1,6 @@
 using FineTuneNative.Kernels;
 using FineTuneNative.Kernels.Gpu;
+using FineTuneNative.Kernels.Quant;
 using Xunit.Abstractions;
 
 namespace FineTuneNative.Tests.Kernels.Gpu;
@@ -73,5 +74,29 @@ public class IlgpuHostCopyTests(ITestOutputHelper output)
         output.WriteLine($"{copies} copies in {clock.Elapsed.TotalSeconds:F1} s while another thread collected");
         Assert.True(failures.Count == 0, $"{failures.Count} bad round trips in {copies} copies:\n{string.Join("\n", failures)}");
         Assert.True(copies >= 2_000, $"only {copies} copies in {Budget.TotalSeconds} s: the test proves little");
+    }
+
+    [Theory]
+    [InlineData("ilgpu-sim:4")]
+    [InlineData("cpu")]
+    public void DownloadRaw_returns_the_storage_so_quantized_tensors_read_back_on_any_backend(string name)
+    {
+        var b = FineTuneNative.Tests.Numerics.TestBackends.Get(name);
+        var x = Enumerable.Range(0, 320).Select(i => MathF.Sin(i * 0.37f) * (1 + i % 7)).ToArray(); // 5 NF4 blocks, 10 Q8_0 blocks
+        var nf4 = Nf4.Quantize(x);
+        using var t = b.Allocate(DType.NF4, 10, 32);
+        b.UploadRaw(t, nf4);
+        var raw = new byte[t.Bytes];
+        b.DownloadRaw(t, raw);
+        Assert.Equal(nf4, raw);
+        Assert.Equal(Nf4.Dequantize(nf4, x.Length), Nf4.ToFloats(t));
+        var q8 = new byte[x.Length / 32 * Q8_0.BlockBytes];
+        Q8_0.Quantize(x, q8);
+        using var t8 = b.Allocate(DType.Q8_0, 10, 32);
+        b.UploadRaw(t8, q8);
+        var expect = new float[x.Length];
+        Q8_0.Dequantize(q8, expect);
+        Assert.Equal(expect, QuantBlocks.ToFloats(t8));
+        Assert.Throws<ArgumentException>(() => b.DownloadRaw(t, new byte[raw.Length - 1]));
     }
 }

@@ -35,6 +35,7 @@ internal sealed class PlainBackend : IBackend
     }
     public void Upload(Tensor dst, ReadOnlySpan<int> src) => src[..I(dst).Length].CopyTo(I(dst));
     public void UploadRaw(Tensor dst, ReadOnlySpan<byte> src) => throw new NotSupportedException("plain backend: UploadRaw");
+    public void DownloadRaw(Tensor src, Span<byte> dst) => throw new NotSupportedException("plain backend: DownloadRaw");
     public void Download(Tensor src, Span<float> dst) => F(src).CopyTo(dst);
     public void Download(Tensor src, Span<int> dst) => I(src).CopyTo(dst);
     public void Synchronize() { }
