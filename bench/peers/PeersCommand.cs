@@ -11,6 +11,7 @@ internal static class PeersCommand
         switch (what)
         {
             case "gemm": return GemmPeer.Run(args);
+            case "gemm-bf16": return GemmBf16Peer.Run(args);
             case "train": return TrainPeer.RunAll(args);
             case "train-ftn": return TrainPeer.RunFtn(args);
             case "all":
@@ -22,7 +23,7 @@ internal static class PeersCommand
             case "generate": return GenerationPeer.Run(args);
             case "generate-check": return GenerationPeer.Check(args);
             default:
-                Console.Error.WriteLine($"peers: unknown mode '{what}' (expected gemm, train, train-ftn, all, generate or generate-check)");
+                Console.Error.WriteLine($"peers: unknown mode '{what}' (expected gemm, gemm-bf16, train, train-ftn, all, generate or generate-check)");
                 return 1;
         }
     }

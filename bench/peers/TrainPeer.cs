@@ -15,7 +15,7 @@ namespace FineTuneNative.Bench.Peers;
 /// frozen weights, LoRA r=16 α=32 without dropout on q,k,v,o,gate,up,down, AdamW on the adapters, clipping at 1.0.
 /// </summary>
 /// <remarks>
-/// <c>peers train-ftn SHAPE [f32|bf16] [threads] [steps]</c> runs ftn's Trainer.Step in this process and prints one
+/// <c>peers train-ftn SHAPE [f32|bf16|bf16c] [threads] [steps]</c> (bf16 = bf16 weights, bf16c = bf16 weights + bf16 compute) runs ftn's Trainer.Step in this process and prints one
 /// JSON line (tokens/s, peak RSS from /proc/self/status VmHWM). <c>peers train</c> runs every case, each in its own
 /// process so peak RSS is per case, PyTorch with Debian's OpenMP OpenBLAS first in LD_LIBRARY_PATH, and prints the
 /// table with ftn/torch ratios against the issue's targets (≥ 1.5× fp32, ≥ 1.0× bf16 autocast, RSS ≤ ½ of fp32's).
@@ -47,11 +47,13 @@ internal static class TrainPeer
         string name = args.Length > 2 ? args[2] : "stories15m";
         var shape = Shapes.FirstOrDefault(s => s.Name == name)
             ?? throw new ArgumentException($"unknown shape '{name}' (expected {string.Join(", ", Shapes.Select(s => s.Name))})");
-        var dtype = args.Length > 3 && args[3] == "bf16" ? DType.BF16 : DType.F32;
+        string mode = args.Length > 3 ? args[3] : "f32";
+        if (mode is not ("f32" or "bf16" or "bf16c")) throw new ArgumentException($"unknown mode '{mode}' (expected f32, bf16 = bf16 weights, bf16c = bf16 weights and bf16 compute)");
+        var dtype = mode is "bf16" or "bf16c" ? DType.BF16 : DType.F32;
         int threads = args.Length > 4 ? int.Parse(args[4], CultureInfo.InvariantCulture) : 2;
         int steps = args.Length > 5 ? int.Parse(args[5], CultureInfo.InvariantCulture) : 4;
 
-        using var be = new CpuBackend(threads);
+        using var be = new CpuBackend(threads) { MatMulCompute = mode == "bf16c" ? DType.BF16 : DType.F32 };
         var c = shape.Config;
         using var weights = LlamaWeights.Allocate(c, be, dtype);
         var rng = new Random(0);
@@ -89,7 +91,7 @@ internal static class TrainPeer
         double cpuS = (proc.TotalProcessorTime - cpu0).TotalSeconds;
         var line = new Dictionary<string, object>
         {
-            ["peer"] = "ftn", ["shape"] = shape.Name, ["mode"] = dtype == DType.BF16 ? "bf16-weights" : "fp32", ["threads"] = threads,
+            ["peer"] = "ftn", ["shape"] = shape.Name, ["mode"] = mode == "bf16c" ? (CpuBackend.Bf16ComputeAvailable ? "bf16-compute" : "bf16-compute (f32 fallback)") : dtype == DType.BF16 ? "bf16-weights" : "fp32", ["threads"] = threads,
             ["batch"] = shape.Batch, ["seq"] = shape.Seq, ["steps"] = steps, ["tokens_per_s"] = (double)m * steps / dt,
             ["tokens_per_cpu_s"] = (double)m * steps / cpuS, ["logits_chunk_rows"] = model.LogitsChunkRows,
             ["peak_rss_mb"] = PeakRssMb(), ["loss"] = loss, ["lora_params"] = adapter.ParameterCount,
@@ -131,11 +133,11 @@ internal static class TrainPeer
                     var j = RunJson(TorchPython, $"\"{script}\" --shape {shape.Name} --dtype {mode} --threads {threads} --steps {steps}", OpenMpBlasDir);
                     if (j is not null) rows.Add((shape.Name, "torch " + mode, j.Value.GetProperty("tokens_per_s").GetDouble(), j.Value.GetProperty("peak_rss_mb").GetDouble(), j.Value.GetProperty("tokens_per_cpu_s").GetDouble()));
                 }
-            foreach (var mode in new[] { "f32", "bf16" })
+            foreach (var mode in new[] { "f32", "bf16", "bf16c" })
             {
                 string argsFtn = (self.EndsWith("dotnet", StringComparison.Ordinal) ? $"\"{dll}\" " : "") + $"peers train-ftn {shape.Name} {mode} {threads} {steps}";
                 var j = RunJson(self, argsFtn, null);
-                if (j is not null) rows.Add((shape.Name, mode == "f32" ? "ftn fp32" : "ftn bf16-weights", j.Value.GetProperty("tokens_per_s").GetDouble(), j.Value.GetProperty("peak_rss_mb").GetDouble(), j.Value.GetProperty("tokens_per_cpu_s").GetDouble()));
+                if (j is not null) rows.Add((shape.Name, mode == "f32" ? "ftn fp32" : mode == "bf16" ? "ftn bf16-weights" : "ftn bf16-compute", j.Value.GetProperty("tokens_per_s").GetDouble(), j.Value.GetProperty("peak_rss_mb").GetDouble(), j.Value.GetProperty("tokens_per_cpu_s").GetDouble()));
             }
         }
         Console.WriteLine();

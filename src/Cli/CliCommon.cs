@@ -14,6 +14,10 @@ public abstract class DeviceOptions
     [Option("threads", MetaValue = "N",
         HelpText = "CPU worker threads (default: all cores). Same as --device cpu:N.")]
     public int? Threads { get; set; }
+
+    [Option("compute", Default = "f32", MetaValue = "PREC",
+        HelpText = "Precision of the matmul products on the cpu device: f32 (default) or bf16 (activations and weights rounded to bf16, f32 accumulation, as PyTorch bf16 autocast; forward and input-gradient products on AVX512_BF16 CPUs, weight gradients stay f32).")]
+    public string Compute { get; set; } = "f32";
 }
 
 internal static class CliCommon
@@ -31,8 +35,23 @@ internal static class CliCommon
         }
         if (device.StartsWith("cuda", StringComparison.OrdinalIgnoreCase) && !Backends.CudaAvailable())
             throw new UserError($"--device {device}: no CUDA device found (ILGPU sees none); use --device cpu");
-        try { return Backends.Create(device); }
+        string compute = o.Compute.Trim().ToLowerInvariant();
+        if (compute is not ("f32" or "bf16")) throw new UserError($"--compute must be f32 or bf16 (got '{o.Compute}')");
+        IBackend backend;
+        try { backend = Backends.Create(device); }
         catch (ArgumentException e) { throw new UserError($"--device: {e.Message}"); }
+        if (compute == "bf16")
+        {
+            if (backend is not Kernels.Cpu.CpuBackend cpu)
+            {
+                backend.Dispose();
+                throw new UserError($"--compute bf16 applies to the cpu device only (got --device {device})");
+            }
+            cpu.MatMulCompute = DType.BF16;
+            if (!Kernels.Cpu.CpuBackend.Bf16ComputeAvailable)
+                Console.Error.WriteLine($"ftn: note: --compute bf16 runs the f32 products here ({Kernels.Cpu.CpuBackend.Bf16ComputeUnavailableReason})");
+        }
+        return backend;
     }
 
     /// <summary>"1.2M", "834.5K", "12"</summary>

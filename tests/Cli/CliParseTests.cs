@@ -73,6 +73,7 @@ public class CliParseTests
     [InlineData("synth --tasks nope", "unknown synthetic task 'nope'")]
     [InlineData("pretrain --out {missing} --corpus file.txt", "expected gen:TASKS")]
     [InlineData("generate --prompt hi --device tpu", "unknown device 'tpu'")]
+    [InlineData("generate --prompt hi --compute f16", "--compute must be f32 or bf16 (got 'f16')")]
     public void UserError_IsOneLineNamingTheProblem(string line, string expected)
     {
         string missing = Path.Combine(Path.GetTempPath(), $"ftn-missing-{Guid.NewGuid():N}");

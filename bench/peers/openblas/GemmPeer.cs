@@ -205,5 +205,5 @@ internal static unsafe class GemmPeer
     }
 
     /// <summary>Threads both sides run with (for the CPU-time mode).</summary>
-    public static int CpuThreads { get; private set; } = 1;
+    public static int CpuThreads { get; internal set; } = 1;
 }
