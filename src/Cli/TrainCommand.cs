@@ -51,7 +51,7 @@ public sealed partial class TrainOptions : DataCliOptions
     [Option("use-rslora", Default = false, HelpText = "Same as --rslora (PEFT's name, use_rslora).")]
     public bool UseRsLora { get; set; }
 
-    [Option("use-dora", Default = false, HelpText = "DoRA (PEFT use_dora): also learn a per-row magnitude; W' = m * (W + s*B*A) / ||W + s*B*A||. LoRA dropout defaults to 0 (DoRA needs it).")]
+    [Option("use-dora", Default = false, HelpText = "DoRA (PEFT use_dora): also learn a per-row magnitude; W' = m * (W + s*B*A) / ||W + s*B*A||. LoRA dropout defaults to 0 with DoRA; --dropout P uses PEFT's DoRA dropout (the magnitude/direction path on the dropped input, the base on the full input).")]
     public bool UseDora { get; set; }
 
     [Option("qlora", Default = false, HelpText = "QLoRA: store the frozen base's linear weights in NF4 (same as --base-quant nf4).")]

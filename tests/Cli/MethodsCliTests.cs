@@ -63,7 +63,6 @@ public class MethodsCliTests
     }
 
     [Theory]
-    [InlineData("--use-dora", "--dropout", "0.1")]
     [InlineData("--base-quant", "q3")]
     [InlineData("--ewc-lambda", "5")]
     [InlineData("--ewc-lambda", "-1", "--ewc-data", "x.json")]

@@ -55,7 +55,6 @@ public class LoraConfigTests
     }
 
     [Theory]
-    [InlineData("\"use_dora\": true", "use_dora")]
     [InlineData("\"bias\": \"all\"", "bias")]
     [InlineData("\"target_modules\": [\"q_proj\", \"c_attn\"]", "c_attn")]
     [InlineData("\"rank_pattern\": {\"q_proj\": 4}", "rank_pattern")]
@@ -70,6 +69,20 @@ public class LoraConfigTests
         var e = Assert.ThrowsAny<Exception>(() => LoraConfig.FromPeftJson(path));
         Assert.Contains(named, e.Message);
         Assert.Contains(path, e.Message);
+    }
+
+    /// <summary>DoRA with LoRA dropout (PEFT's use_dora + lora_dropout) is read and applied, not refused.</summary>
+    [Fact]
+    public void Reads_dora_with_dropout()
+    {
+        using var tmp = new TempDir();
+        var o = JsonNode.Parse(new LoraConfig().ToPeftJson(null))!.AsObject();
+        o["use_dora"] = true;
+        o["lora_dropout"] = 0.1;
+        var c = LoraConfig.FromPeftJson(tmp.File("adapter_config.json", o.ToJsonString()));
+        Assert.True(c.UseDora);
+        Assert.Equal(0.1f, c.Dropout);
+        c.Validate();
     }
 
     [Fact]

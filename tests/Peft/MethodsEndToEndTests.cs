@@ -49,14 +49,16 @@ public class MethodsEndToEndTests(ITestOutputHelper output)
         return trainer.Evaluate(data.Eval, trainer.SeqLenFor(data.Train, data.Eval), data.PadId).Loss;
     }
 
-    [SkippableFact]
-    public void Dora_on_alpaca_lowers_held_out_loss_and_reloads()
+    [SkippableTheory]
+    [InlineData(0f)]
+    [InlineData(0.1f)]   // PEFT's DoRA dropout: the magnitude/direction path on the dropped input
+    public void Dora_on_alpaca_lowers_held_out_loss_and_reloads(float dropout)
     {
         string dataset = PeftAssets.Require("datasets", "llama-factory", "alpaca_en_demo.json");
         using var tmp = new TempDir();
         var options = Options(40);
-        var r = Job(dataset, tmp.Path, options, new LoraConfig { Rank = 8, Alpha = 16, Dropout = 0, UseDora = true }).Run();
-        output.WriteLine($"DoRA eval loss {r.EvalLossBefore:F4} -> {r.EvalLossAfter:F4} in {r.Elapsed.TotalSeconds:F1}s");
+        var r = Job(dataset, tmp.Path, options, new LoraConfig { Rank = 8, Alpha = 16, Dropout = dropout, UseDora = true }).Run();
+        output.WriteLine($"DoRA (dropout {dropout}) eval loss {r.EvalLossBefore:F4} -> {r.EvalLossAfter:F4} in {r.Elapsed.TotalSeconds:F1}s");
         Assert.True(r.EvalLossAfter < r.EvalLossBefore - 0.1, $"held-out loss did not drop: {r.EvalLossBefore} -> {r.EvalLossAfter}");
         Assert.Equal(r.EvalLossAfter, Reload(tmp.Path, dataset, options, nf4: false));
     }

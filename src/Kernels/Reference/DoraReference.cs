@@ -66,4 +66,27 @@ public static class DoraReference
         var (dx, dA, dB, _, _) = LoraLinearReference.Backward(dz, x, w, a, b, scale, 0f, 0, m, n, k, r);
         return (dx, dA, dB, dMag);
     }
+
+    /// <summary>
+    /// PEFT's DoRA forward in training with LoRA dropout p (lora.Linear.forward, use_dora): the base layer on x, the
+    /// DoRA correction on xd = drop(x) (mask of DropoutHash, kept elements scaled by 1/(1−p)):
+    /// y = x·Wᵀ + bias + (m/norm − 1) ⊙ (xd·Wᵀ) + m/norm ⊙ s·(xd·Aᵀ)·Bᵀ, with the given (constant) norm.
+    /// </summary>
+    public static double[] ForwardDropout(double[] x, double[] w, double[]? bias, double[] a, double[] b, double[] magnitude,
+        double[] norm, double scale, float p, ulong seed, int m, int n, int k, int r)
+    {
+        var xd = LoraLinearReference.Drop(x, m, k, p, seed);
+        var (baseFull, _, _) = LoraLinearReference.Forward(x, w, bias, a, b, 0.0, 0f, 0, m, n, k, r);      // x·Wᵀ + bias
+        var (baseDrop, _, _) = LoraLinearReference.Forward(xd, w, null, a, b, 0.0, 0f, 0, m, n, k, r);     // xd·Wᵀ
+        var (zd, _, _) = LoraLinearReference.Forward(xd, w, null, a, b, scale, 0f, 0, m, n, k, r);         // xd·Wᵀ + s·lora(xd)
+        var y = new double[(long)m * n];
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < n; j++)
+            {
+                long o = (long)i * n + j;
+                double f = magnitude[j] / norm[j], lora = zd[o] - baseDrop[o];
+                y[o] = baseFull[o] + (f - 1) * baseDrop[o] + f * lora;
+            }
+        return y;
+    }
 }

@@ -20,7 +20,7 @@ public sealed class LoraConfig
 
     /// <summary>
     /// DoRA (Liu et al. 2024, PEFT use_dora): each adapted linear also learns a per-output-row magnitude m and becomes
-    /// y = m ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) / ‖W + s·B·A‖_row (see DoraLinear). Needs lora_dropout = 0.
+    /// y = m ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) / ‖W + s·B·A‖_row (see DoraLinear; with lora_dropout, PEFT's form on the dropped input).
     /// </summary>
     public bool UseDora { get; init; }
 
@@ -37,8 +37,6 @@ public sealed class LoraConfig
         foreach (var m in TargetModules)
             if (Array.IndexOf(LlamaWeights.LinearModules, m) < 0)
                 throw new ArgumentException($"{source}: unknown target module '{m}' (expected any of {string.Join(", ", LlamaWeights.LinearModules)})");
-        if (UseDora && Dropout != 0)
-            throw new ArgumentException($"{source}: DoRA (use_dora) with lora_dropout {Dropout} is not supported; set lora_dropout to 0");
         if (TargetModules.Distinct().Count() != TargetModules.Length)
             throw new ArgumentException($"{source}: target_modules lists a module twice ({string.Join(", ", TargetModules)})");
     }
@@ -84,7 +82,7 @@ public sealed class LoraConfig
 
     /// <summary>
     /// Reads a PEFT adapter_config.json. Refuses, naming the field, what this runtime cannot apply: another
-    /// peft_type, DoRA with dropout, per-module rank/alpha patterns, trained biases, fan_in_fan_out, layers_to_transform.
+    /// peft_type, per-module rank/alpha patterns, trained biases, fan_in_fan_out, layers_to_transform.
     /// target_modules may be a list or a single string (PEFT's regex form is not supported).
     /// </summary>
     public static LoraConfig FromPeftJson(string path)

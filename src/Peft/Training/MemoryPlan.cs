@@ -65,13 +65,18 @@ public sealed record MemoryPlan(long WeightBytes, long TrainableBytes, long Grad
         rows = Math.Clamp(rows, 1, m);
         long floats = m * perToken + rows * c.VocabSize + C;          // + logits chunk + norm-gradient sink
         int maxR = 0;
+        long doraScratch = 0;
         foreach (var (_, module, slot) in model.LoraSlots())
         {
+            var shape = LoraAdapter.LinearShape(c, module);
             floats += m * slot.Rank;                                  // u
-            if (slot.Dropout > 0) floats += m * LoraAdapter.LinearShape(c, module).In; // dropped input
+            if (slot.Dropout > 0) floats += m * shape.In;             // dropped input
+            if (slot.IsDora) floats += m * shape.Out;                 // DoRA z
+            if (slot.IsDora && slot.Dropout > 0) doraScratch = Math.Max(doraScratch, m * Math.Max(shape.In, shape.Out));
             maxR = Math.Max(maxR, slot.Rank);
         }
         floats += m * maxR;                                           // shared g scratch
+        floats += doraScratch;                                        // shared DoRA-with-dropout scratch
         floats += model.PeftWorkspaceFloats(batch, seqLen);           // prefix / bottleneck buffers
         return 4 * floats;
     }

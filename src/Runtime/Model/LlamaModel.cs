@@ -539,8 +539,9 @@ public sealed partial class LlamaModel : IDisposable
         }
         if (s.IsDora)
         {
-            var db = ws.Lora(key, s.Rank, k, needXDrop: false, doraN: n);
-            DoraLinear.Forward(_b, y, x, w, bias, s, db.U, db.Z!, ws.M, n, k);
+            var dp = Params(s, train, seed, layer, module);
+            var db = ws.Lora(key, s.Rank, k, needXDrop: dp.Dropout > 0, doraN: n);
+            DoraLinear.Forward(_b, y, x, w, bias, s, dp, db.U, db.Z!, db.XDrop, dp.Dropout > 0 ? ws.DoraScratch((long)ws.M * Math.Max(n, k)) : null, ws.M, n, k);
             return;
         }
         var p = Params(s, train, seed, layer, module);
@@ -570,8 +571,9 @@ public sealed partial class LlamaModel : IDisposable
         if (s.IsDora)
         {
             if (dW is not null) throw new InvalidOperationException($"layer {layer} {name}: DoRA with a trained base (TrainBase) is not supported");
-            var db = ws.Lora(key, s.Rank, k, needXDrop: false, doraN: n);
-            DoraLinear.Backward(_b, dx, dy, x, w, s, db.U, db.Z!, db.G, ws.M, n, k, accumulate);
+            var dp = Params(s, train: true, seed, layer, module);
+            var db = ws.Lora(key, s.Rank, k, needXDrop: dp.Dropout > 0, doraN: n);
+            DoraLinear.Backward(_b, dx, dy, x, w, s, dp, db.U, db.Z!, db.G, db.XDrop, dp.Dropout > 0 ? ws.DoraScratch((long)ws.M * Math.Max(n, k)) : null, ws.M, n, k, accumulate);
             return;
         }
         var p = Params(s, train: true, seed, layer, module);

@@ -27,7 +27,7 @@ internal sealed class TrainingWorkspace : IDisposable
     /// <summary>True with activation checkpointing: one set of layer activations, recomputed per layer in the backward.</summary>
     public bool SharedLayers { get; }
     /// <summary>Bytes of every buffer this workspace allocated (activations, scratch, LoRA buffers).</summary>
-    public long Bytes => _owned.Sum(t => t.Bytes) + _lora.Values.Sum(e => e.U.Bytes + (e.XDrop?.Bytes ?? 0)) + (LoraG?.Bytes ?? 0) + (Peft?.Bytes ?? 0);
+    public long Bytes => _owned.Sum(t => t.Bytes) + _lora.Values.Sum(e => e.U.Bytes + (e.XDrop?.Bytes ?? 0) + (e.Z?.Bytes ?? 0)) + (LoraG?.Bytes ?? 0) + (_doraScratch?.Bytes ?? 0) + (Peft?.Bytes ?? 0);
 
     public Tensor Tokens { get; }     // (M) I32
     public Tensor Targets { get; }    // (M) I32
@@ -201,6 +201,20 @@ internal sealed class TrainingWorkspace : IDisposable
         return e;
     }
 
+    /// <summary>Transient scratch of DoRA with dropout (at least <paramref name="length"/> floats; shared by all linears, grown on demand).</summary>
+    public Tensor DoraScratch(long length)
+    {
+        if (_doraScratch is null || _doraScratch.Length < length)
+        {
+            _doraScratch?.Dispose();
+            _doraScratch = _b.Allocate(DType.F32, checked((int)length));
+            _doraScratch.Name = "dora_scratch";
+        }
+        return _doraScratch;
+    }
+
+    private Tensor? _doraScratch;
+
     public void ForgetLora(int key)
     {
         if (_lora.Remove(key, out var e)) { e.U.Dispose(); e.XDrop?.Dispose(); e.Z?.Dispose(); }
@@ -213,6 +227,8 @@ internal sealed class TrainingWorkspace : IDisposable
         foreach (var key in _lora.Keys.ToArray()) ForgetLora(key);
         LoraG?.Dispose();
         LoraG = null;
+        _doraScratch?.Dispose();
+        _doraScratch = null;
         Peft?.Dispose();
         Peft = null;
     }
