@@ -11,9 +11,10 @@ internal static class ModelSource
     /// <summary>The model path: the one given, else the embedded models/ftn-tiny.</summary>
     public static string Resolve(string? model) => model is null ? EmbeddedDefault.ModelPath : CliCommon.RequireModelPath(model);
 
-    public static LoadedModel Load(string path, IBackend backend)
+    /// <summary>The model at <paramref name="path"/>; linear weights in <paramref name="linearDType"/> (null: as in the file).</summary>
+    public static LoadedModel Load(string path, IBackend backend, DType? linearDType = null)
     {
-        try { return ModelLoader.Load(path, backend); }
+        try { return ModelLoader.Load(path, backend, linearDType); }
         catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException or InvalidDataException or NotSupportedException)
         {
             throw new UserError($"cannot load model '{path}': {Program.OneLine(e.Message)}");

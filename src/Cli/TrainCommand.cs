@@ -60,6 +60,9 @@ public sealed partial class TrainOptions : DataCliOptions
     [Option("base-quant", MetaValue = "TYPE", HelpText = "Frozen base linear weights: nf4 (bitsandbytes layout, dequantized inside the matmul) or none. Default none.")]
     public string? BaseQuant { get; set; }
 
+    [Option("base-dtype", MetaValue = "TYPE", HelpText = "Storage of the model's linear weights once loaded: f32 or bf16 (with --device cuda on sm_80+ bf16 weights run on tensor cores; halves their memory). Default: as in the file (bf16 files stay bf16, others f32).")]
+    public string? BaseDType { get; set; }
+
     [Option("adapter", MetaValue = "DIR", HelpText = "Continue training this saved PEFT adapter (its own r, alpha, targets) on the new data: staged training.")]
     public string? Adapter { get; set; }
 
@@ -154,13 +157,16 @@ public static class TrainCommand
 
         var wall = Stopwatch.StartNew();
         using var backend = CliCommon.CreateBackend(o);
-        using var loaded = ModelSource.Load(modelPath, backend);
+        var linearDType = ParseBaseDType(o.BaseDType);
+        if (linearDType is not null && (o.QLora || o.BaseQuant is { } q0 && !q0.Equals("none", StringComparison.OrdinalIgnoreCase)))
+            throw new UserError("--base-dtype and --qlora/--base-quant both choose how the base's linear weights are stored: give one");
+        using var loaded = ModelSource.Load(modelPath, backend, linearDType);
         var tok = ModelSource.LoadTokenizer(modelPath, o.Tokenizer);
         var cfg = loaded.Weights.Config;
         if (tok.VocabSize > cfg.VocabSize)
             throw new UserError($"the tokenizer has {tok.VocabSize} tokens, more than the model's vocabulary ({cfg.VocabSize})");
         stdout.WriteLine($"model    {loaded.Path}{(demo ? " (embedded)" : "")}: {cfg.Architecture} L={cfg.NumLayers} C={cfg.HiddenSize} V={cfg.VocabSize}, " +
-                         $"{CliCommon.Count(loaded.Weights.ParameterCount)} parameters; device {backend.Name}");
+                         $"{CliCommon.Count(loaded.Weights.ParameterCount)} parameters, linear weights {loaded.Weights.Layers[0].Wq.DType.Name()}; device {backend.Name}");
 
         // Data: read, encode, split (Peft), and the held-out records for exact match.
         var dataOptions = o.BuildDataOptions();
@@ -349,6 +355,15 @@ public static class TrainCommand
         }
         catch { adapter.Dispose(); throw; }
     }
+
+    /// <summary>--base-dtype: null (as stored in the file), f32 or bf16.</summary>
+    internal static DType? ParseBaseDType(string? name) => name?.Trim().ToLowerInvariant() switch
+    {
+        null => null,
+        "f32" or "float32" or "fp32" => DType.F32,
+        "bf16" or "bfloat16" => DType.BF16,
+        _ => throw new UserError($"--base-dtype: '{name}' is not a weight storage type; expected f32 or bf16"),
+    };
 
     private static bool ParseBaseQuant(string name)
     {
