@@ -39,7 +39,7 @@ internal static class GenerationPeer
         var precisions = (args.Length > 3 ? args[3] : "f32,q8_0,q4_0").Split(',');
         int threads = args.Length > 4 ? int.Parse(args[4]) : 2;
         bool ftnOnly = args.Length > 5 && args[5].StartsWith("ftn-only", StringComparison.Ordinal);   // skip llama.cpp (profiling ftn alone)
-        bool unpacked = args.Length > 5 && args[5] == "ftn-only-unpacked";   // the previous prefill (dequantize + f32 GEMM), for A/B
+        bool unpacked = args.Length > 5 && args[5] == "ftn-only-unpacked";   // no repacked weights: the previous prefill (dequantize + f32 GEMM) and Q4_0 row decode, for A/B
         string dir = Path.GetDirectoryName(typeof(GenerationPeer).Assembly.Location)!;
         string script = ftnOnly ? "" : FindScript();
         string outDir = Path.Combine(Path.GetTempPath(), $"ftn-llamacpp-peer-{Environment.ProcessId}");
@@ -169,7 +169,7 @@ internal static class GenerationPeer
     private static (double Tg, double Pp, double CpuPerToken, double CpuPerPrefillToken) MeasureFtn(LlamaWeights w, IBackend backend, bool packed)
     {
         var c = w.Config;
-        using var s = new InferenceSession(w, backend, 200, prefillChunk: 128, packedPrefill: packed);
+        using var s = new InferenceSession(w, backend, 200, prefillChunk: 128, packedWeights: packed);
         var rng = new Random(12345);
         var p128 = Enumerable.Range(0, 128).Select(_ => rng.Next(259, c.VocabSize)).ToArray();
         var p32 = p128[..32];

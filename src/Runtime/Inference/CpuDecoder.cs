@@ -28,7 +28,7 @@ namespace FineTuneNative.Runtime.Inference;
 /// </remarks>
 internal sealed unsafe class CpuDecoder : IDisposable
 {
-    private struct Mat { public void* W; public DType Type; public int N, K; }
+    private struct Mat { public void* W; public DType Type; public int N, K; public byte* P; }   // P: packed panels (PackedMatrix) or null
 
     private struct Layer
     {
@@ -43,8 +43,10 @@ internal sealed unsafe class CpuDecoder : IDisposable
         public float Eps, Scale;
         public float* X, Xhead, Qbuf, Att, G, U, H, Logits, Final, RopeCos, RopeSin;
         public float* Xn, Scores;        // per thread: Xn (XnStride floats), Scores (ScoreStride floats)
-        public short* Aq;                // per thread: quantized activations (AqStride)
+        public short* Aq;                // per thread: quantized activations as int16 (AqStride)
+        public sbyte* Aq8;               // per thread: the same as int8 (AqStride)
         public float* Ad, As;            // per thread: block scales and d·Σq (AqStride / 32)
+        public int* As8;                 // per thread: 8·Σq (AqStride / 32)
         public long XnStride, ScoreStride, AqStride;
         public Mat Out;
         public int Pos;
@@ -59,14 +61,19 @@ internal sealed unsafe class CpuDecoder : IDisposable
     private readonly List<nint> _native = new();
     private readonly Layer* _layers;
     private readonly Tensor _embedding;
+    private readonly IReadOnlyDictionary<Tensor, PackedMatrix>? _packed;
     private Ctx _ctx;
     private GCHandle _self;
     private bool _disposed;
 
     /// <param name="w">Weights on <paramref name="backend"/> (linear and LM head f32/bf16/Q8_0/Q4_0, the rest f32).</param>
     /// <param name="kCache">Per layer (maxSeqLen, NKV, HS) f32, shared with the session's batched path.</param>
-    public CpuDecoder(LlamaWeights w, CpuBackend backend, Tensor[] kCache, Tensor[] vCache, int maxSeqLen)
+    /// <param name="packed">Repacked copies of weights (<see cref="PackedMatrix"/>); the ones of a type
+    /// <see cref="InferenceSession.PackForDecode"/> names are read packed.</param>
+    public CpuDecoder(LlamaWeights w, CpuBackend backend, Tensor[] kCache, Tensor[] vCache, int maxSeqLen,
+        IReadOnlyDictionary<Tensor, PackedMatrix>? packed = null)
     {
+        _packed = packed;
         _b = backend;
         _c = w.Config;
         var c = _c;
@@ -102,7 +109,8 @@ internal sealed unsafe class CpuDecoder : IDisposable
             Final = F32(w.FinalNorm, C),
             XnStride = Pad(C), Xn = AllocF(Pad(C) * threads),
             ScoreStride = Pad(maxSeqLen), Scores = AllocF(Pad(maxSeqLen) * threads),
-            AqStride = aq, Aq = (short*)Alloc(aq * 2 * threads), Ad = AllocF(aq / 32 * threads), As = AllocF(aq / 32 * threads),
+            AqStride = aq, Aq = (short*)Alloc(aq * 2 * threads), Aq8 = (sbyte*)Alloc(aq * threads),
+            Ad = AllocF(aq / 32 * threads), As = AllocF(aq / 32 * threads), As8 = (int*)Alloc(aq / 32 * 4 * threads),
             Out = Matrix(w.Output, c.VocabSize, C),
             Interleaved = c.RopeLayout == RopeLayout.Interleaved,
         };
@@ -146,7 +154,13 @@ internal sealed unsafe class CpuDecoder : IDisposable
             throw new ArgumentException($"{t.Describe()}: decode supports f32, bf16, f16, q8_0 and q4_0 weights");
         if (t.Length != (long)n * k) throw new ArgumentException($"{t.Describe()}: expected ({n}, {k})");
         if (t.DType.IsBlockQuantized() && k % 32 != 0) throw new ArgumentException($"{t.Describe()}: {t.DType.Name()} rows need K % 32 == 0 (K = {k})");
-        return new Mat { W = _b.Ptr(t, t.Name ?? "weight"), Type = t.DType, N = n, K = k };
+        byte* p = null;
+        if (_packed is not null && InferenceSession.PackForDecode(t.DType) && _packed.TryGetValue(t, out var pm))
+        {
+            if (pm.N != n || pm.K != k || pm.Type != t.DType) throw new ArgumentException($"{t.Describe()}: packed copy is {pm.Type.Name()} ({pm.N}, {pm.K})");
+            p = pm.Data;
+        }
+        return new Mat { W = _b.Ptr(t, t.Name ?? "weight"), Type = t.DType, N = n, K = k, P = p };
     }
 
     /// <summary>The hidden state x (C) of the current token: written by <see cref="Embed"/>, read by <see cref="Step"/>.</summary>
@@ -210,6 +224,7 @@ internal sealed unsafe class CpuDecoder : IDisposable
         short* aq = c->Aq + w * c->AqStride;
         float* ad = c->Ad + w * (c->AqStride / 32);
         float* asum = c->As + w * (c->AqStride / 32);
+        var act = new Act { Q = aq, Q8 = c->Aq8 + w * c->AqStride, D = ad, S = asum, S8 = c->As8 + w * (c->AqStride / 32) };
         float* scores = c->Scores + w * c->ScoreStride;
         int C = c->C, F = c->F, HS = c->HS, KV = c->KV, NH = c->NH, NKV = c->NKV, pos = c->Pos;
         int half = HS / 2;
@@ -224,25 +239,25 @@ internal sealed unsafe class CpuDecoder : IDisposable
 
                 RmsNorm(c->X, L->AttnNorm, xn, C, c->Eps);
                 bool quantIn = L->Wq.Type.IsBlockQuantized() || L->Wk.Type.IsBlockQuantized() || L->Wv.Type.IsBlockQuantized();
-                if (quantIn) MatVec.QuantizeActivations(xn, 1, C, aq, ad, asum);
+                if (quantIn) Quantize(xn, C, act);
                 Range(NH + 2 * NKV, w, n, 1, out int u0, out int u1);
                 for (int u = u0; u < u1; u++)
                 {
                     if (u < NH)
                     {
-                        Linear(L->Wq, u * HS, (u + 1) * HS, xn, aq, ad, asum, c->Qbuf, L->Bq, false);
+                        Linear(L->Wq, u * HS, (u + 1) * HS, xn, act, c->Qbuf, L->Bq, false);
                         Rope(c->Qbuf + u * HS, cos, sin, HS, c->Interleaved);
                     }
                     else if (u < NH + NKV)
                     {
                         int j = u - NH;
-                        Linear(L->Wk, j * HS, (j + 1) * HS, xn, aq, ad, asum, kRow, L->Bk, false);
+                        Linear(L->Wk, j * HS, (j + 1) * HS, xn, act, kRow, L->Bk, false);
                         Rope(kRow + j * HS, cos, sin, HS, c->Interleaved);
                     }
                     else
                     {
                         int j = u - NH - NKV;
-                        Linear(L->Wv, j * HS, (j + 1) * HS, xn, aq, ad, asum, vRow, L->Bv, false);
+                        Linear(L->Wv, j * HS, (j + 1) * HS, xn, act, vRow, L->Bv, false);
                     }
                 }
                 team.Barrier(w);
@@ -253,16 +268,16 @@ internal sealed unsafe class CpuDecoder : IDisposable
                     Attend(c->Qbuf + h * HS, L->KCache + (h / group) * HS, L->VCache + (h / group) * HS, KV, HS, pos + 1, c->Scale, scores, c->Att + h * HS);
                 team.Barrier(w);
 
-                if (L->Wo.Type.IsBlockQuantized()) MatVec.QuantizeActivations(c->Att, 1, c->Q, aq, ad, asum);
-                Range(C, w, n, 4, out int r0, out int r1);
-                Linear(L->Wo, r0, r1, c->Att, aq, ad, asum, c->X, null, true);
+                if (L->Wo.Type.IsBlockQuantized()) Quantize(c->Att, c->Q, act);
+                Range(C, w, n, 16, out int r0, out int r1);
+                Linear(L->Wo, r0, r1, c->Att, act, c->X, null, true);
                 team.Barrier(w);
 
                 RmsNorm(c->X, L->FfnNorm, xn, C, c->Eps);
-                if (L->Wgate.Type.IsBlockQuantized() || L->Wup.Type.IsBlockQuantized()) MatVec.QuantizeActivations(xn, 1, C, aq, ad, asum);
-                Range(F, w, n, 4, out r0, out r1);
-                Linear(L->Wgate, r0, r1, xn, aq, ad, asum, c->G, null, false);
-                Linear(L->Wup, r0, r1, xn, aq, ad, asum, c->U, null, false);
+                if (L->Wgate.Type.IsBlockQuantized() || L->Wup.Type.IsBlockQuantized()) Quantize(xn, C, act);
+                Range(F, w, n, 16, out r0, out r1);
+                Linear(L->Wgate, r0, r1, xn, act, c->G, null, false);
+                Linear(L->Wup, r0, r1, xn, act, c->U, null, false);
                 if (r1 > r0)
                 {
                     var g = new Span<float>(c->G + r0, r1 - r0);
@@ -273,22 +288,42 @@ internal sealed unsafe class CpuDecoder : IDisposable
                 }
                 team.Barrier(w);
 
-                if (L->Wdown.Type.IsBlockQuantized()) MatVec.QuantizeActivations(c->H, 1, F, aq, ad, asum);
-                Range(C, w, n, 4, out r0, out r1);
-                Linear(L->Wdown, r0, r1, c->H, aq, ad, asum, c->X, null, true);
+                if (L->Wdown.Type.IsBlockQuantized()) Quantize(c->H, F, act);
+                Range(C, w, n, 16, out r0, out r1);
+                Linear(L->Wdown, r0, r1, c->H, act, c->X, null, true);
                 team.Barrier(w);
             }
         }
 
         RmsNorm(c->Xhead, c->Final, xn, C, c->Eps);
-        if (c->Out.Type.IsBlockQuantized()) MatVec.QuantizeActivations(xn, 1, C, aq, ad, asum);
-        Range(c->V, w, n, 4, out int v0, out int v1);
-        Linear(c->Out, v0, v1, xn, aq, ad, asum, c->Logits, null, false);
+        if (c->Out.Type.IsBlockQuantized()) Quantize(xn, C, act);
+        Range(c->V, w, n, 16, out int v0, out int v1);
+        Linear(c->Out, v0, v1, xn, act, c->Logits, null, false);
     }
 
-    private static void Linear(in Mat m, int r0, int r1, float* x, short* aq, float* ad, float* asum, float* y, float* bias, bool accumulate)
+    /// <summary>One thread's quantized activation row (int16 and int8 forms, block scales d, d·Σq and 8·Σq).</summary>
+    private struct Act { public short* Q; public sbyte* Q8; public float* D, S; public int* S8; }
+
+    private static void Quantize(float* x, int k, in Act a)
+    {
+        PackedGemm.QuantizeActivations(x, k, 1, k, a.Q8, a.Q, a.D, a.S8);
+        for (int b = 0; b < k / 32; b++) a.S[b] = a.D[b] * (a.S8[b] / 8);   // d·Σq for the row kernel's Q4_0 offset
+    }
+
+    private static void Linear(in Mat m, int r0, int r1, float* x, in Act a, float* y, float* bias, bool accumulate)
     {
         if (r1 <= r0) return;
+        short* aq = a.Q; float* ad = a.D, asum = a.S;
+        if (m.P != null && m.Type == DType.Q4_0)
+        {
+            PackedGemm.RowsQ4_0(m.P, m.K, r0, r1, a.Q8, a.D, a.S8, y, bias, accumulate);
+            return;
+        }
+        if (m.P != null && m.Type == DType.Q8_0)
+        {
+            PackedGemm.RowsQ8_0(m.P, m.K, r0, r1, a.Q, a.D, y, bias, accumulate);
+            return;
+        }
         switch (m.Type)
         {
             case DType.F32: MatVec.RowsF32((float*)m.W, m.K, r0, r1, x, y, bias, accumulate); break;

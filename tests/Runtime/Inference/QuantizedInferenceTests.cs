@@ -158,6 +158,32 @@ public unsafe class QuantizedInferenceTests
         }
     }
 
+    /// <summary>
+    /// Decode reading Q8_0/Q4_0 weights packed (<see cref="Kernels.Quant.PackedGemm.RowsQ4_0"/>: vpmaddubsw on the raw
+    /// nibbles) against the row kernels (<see cref="Kernels.Quant.MatVec"/>), token by token from an empty cache: the same
+    /// integer dots on the same 8-bit activations, so only f32 summation order (and the rare rounding it flips) differs.
+    /// </summary>
+    [Theory]
+    [InlineData(DType.Q8_0, false)]
+    [InlineData(DType.Q4_0, true)]
+    public void Packed_Decode_Matches_Row_Decode(DType type, bool tied)
+    {
+        using var f32 = TinyModel.Weights(Backend, 17, Config(bias: true, tied));
+        using var w = WeightQuantizer.Quantize(f32, type);
+        using var packed = new InferenceSession(w, Backend, 32);
+        using var rows = new InferenceSession(w, Backend, 32, packedWeights: false);
+        for (int i = 0; i < 16; i++)
+        {
+            int t = (i * 29 + 3) % 100;
+            var a = packed.Decode(t);
+            var e = rows.Decode(t);
+            double worst = 0;
+            for (int j = 0; j < a.Length; j++) worst = Math.Max(worst, Math.Abs(a[j] - e[j]));
+            Assert.True(worst <= 0.02, $"{type} step {i}: max |Δlogit| {worst}");
+            if (i == 15) _out.WriteLine($"{type} step {i}: max |Δlogit| {worst:G3}");
+        }
+    }
+
     [Theory]
     [InlineData(DType.F32)]
     [InlineData(DType.Q4_0)]
