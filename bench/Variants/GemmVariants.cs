@@ -29,5 +29,54 @@ internal static unsafe class GemmVariants
         }
     }
 
+    /// <summary>
+    /// <c>quick-lora [threads] [cpu]</c>: the LoRA linear's two fused products (forward y = x·Wᵀ + s·u·Bᵀ and input gradient
+    /// dx = dy·W + s·g·A, u and g given) as v2c (base product, then the rank-R product accumulated into C), v3a (the rank
+    /// term folded into the last K slice, two parallel regions per slice) and src (v3b: one parallel region per block).
+    /// </summary>
+    public static void RunLora(string[] args)
+    {
+        int threads = args.Length > 1 ? int.Parse(args[1]) : 2;
+        bool cpu = args.Length > 2 && args[2] == "cpu";
+        using var be = new CpuBackend(threads);
+        Console.WriteLine($"LoRA fused products, threads={threads}, {(cpu ? "CPU time (GFLOP per core-second x threads)" : "wall time")}, GFLOP/s");
+        const int r = 16;
+        const float s = 2f;
+        foreach (var (m, n, k) in new[] { (512, 1536, 576), (512, 576, 576), (1024, 768, 288), (4096, 576, 576) })
+        {
+            using var x = BenchEnv.Random(be, DType.F32, 1, m, k);
+            using var w = BenchEnv.Random(be, DType.F32, 2, n, k);
+            using var la = BenchEnv.Random(be, DType.F32, 3, r, k);
+            using var lb = BenchEnv.Random(be, DType.F32, 4, n, r);
+            using var u = BenchEnv.Random(be, DType.F32, 5, m, r);
+            using var y = be.Allocate(DType.F32, m, n);
+            using var dx = be.Allocate(DType.F32, m, k);
+            float* px = (float*)be.Ptr(x, "x"), pw = (float*)be.Ptr(w, "w"), pa = (float*)be.Ptr(la, "a"), pb = (float*)be.Ptr(lb, "b"),
+                pu = (float*)be.Ptr(u, "u"), py = (float*)be.Ptr(y, "y"), pdx = (float*)be.Ptr(dx, "dx");
+            double ff = 2.0 * m * n * (k + r), fb = 2.0 * m * k * (n + r);
+            // forward: y = x·Wᵀ + s·u·Bᵀ (u stands for x·Aᵀ); input gradient: dx = y·W + s·u·A (y stands for dy, u for g)
+            double f2 = Time(() =>
+            {
+                GemmV3a.Run(be, m, n, k, px, k, false, pw, false, k, true, py, n, 1f, false, null);
+                GemmV3a.Run(be, m, n, r, pu, r, false, pb, false, r, true, py, n, s, true, null);
+            }, cpu, threads);
+            double f3 = Time(() => GemmV3a.Run(be, m, n, k, px, k, false, pw, false, k, true, py, n, 1f, false, null,
+                new GemmV3a.RankUpdate(pu, r, pb, r, true, r, s)), cpu, threads);
+            double fs = Time(() => Gemm.Run(be, m, n, k, px, k, false, pw, false, k, true, py, n, 1f, false, null,
+                new Gemm.RankUpdate(pu, r, pb, r, true, r, s)), cpu, threads);
+            double b2 = Time(() =>
+            {
+                GemmV3a.Run(be, m, k, n, py, n, false, pw, false, k, false, pdx, k, 1f, false, null);
+                GemmV3a.Run(be, m, k, r, pu, r, false, pa, false, k, false, pdx, k, s, true, null);
+            }, cpu, threads);
+            double b3 = Time(() => GemmV3a.Run(be, m, k, n, py, n, false, pw, false, k, false, pdx, k, 1f, false, null,
+                new GemmV3a.RankUpdate(pu, r, pa, k, false, r, s)), cpu, threads);
+            double bs = Time(() => Gemm.Run(be, m, k, n, py, n, false, pw, false, k, false, pdx, k, 1f, false, null,
+                new Gemm.RankUpdate(pu, r, pa, k, false, r, s)), cpu, threads);
+            Console.WriteLine($"{m}x{n}x{k,-5} fwd v2c {ff / f2 / 1e9,6:F1}  v3a {ff / f3 / 1e9,6:F1}  src {ff / fs / 1e9,6:F1}   " +
+                $"dx v2c {fb / b2 / 1e9,6:F1}  v3a {fb / b3 / 1e9,6:F1}  src {fb / bs / 1e9,6:F1}");
+        }
+    }
+
     private static double Time(Action a, bool cpu, int threads) => Quick.BestOf(a, cpu, threads, 10, 1.0);
 }

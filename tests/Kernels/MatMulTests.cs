@@ -107,9 +107,11 @@ public class MatMulTests
     /// <summary>
     /// The CPU GEMM's block boundaries (cpu only: the sizes are too big for the simulator): several K slices of at most
     /// 256 (K=600 → 3 slices of 200), more rows than one packed A block (2040: B is packed once and reused by the
-    /// second row block), more columns than one packed B block (4096), f32 and bf16 weights, every layout.
+    /// second row block), more columns than one packed B block (4096), f32 and bf16 weights, every layout; and K slices
+    /// in more than one parallel region (13×4200×2000: Gemm.RegionFloats holds 4 of the 8 slices of a 4096-column block).
     /// </summary>
     [Theory]
+    [InlineData(13, 4200, 2000)]
     [InlineData(2100, 40, 600)]
     [InlineData(13, 4200, 20)]
     [InlineData(30, 70, 1030)]

@@ -13,12 +13,15 @@ namespace FineTuneNative.Kernels.Cpu;
 /// op(A)(i,p) = aTrans ? A[p·lda + i] : A[i·lda + p] (f32); op(B)(p,j) = bTrans ? B[j·ldb + p] : B[p·ldb + j]
 /// (f32 or bf16, converted while packing). The three nn.Linear products map onto it as
 /// forward y = x·Wᵀ (bTrans), input gradient dx = dy·W, weight gradient dW += dyᵀ·x (aTrans).
-/// Loop nest (variant 2, see bench/Variants/README.md): for each column block (NBlock) and depth slice (K split
-/// evenly into slices of at most KCMax), B is packed ONCE into NR-wide panels shared by all threads; for each row
-/// block (MBlock) A is packed once into MR-tall panels (packing is one parallel pass, B and A panels as tasks);
-/// then the threads take (TileRows × TileCols) tiles of C. Inside a tile the A micro-panel (MR·kc floats) stays
-/// in L1 while the B micro-panels stream from L2; the 12×32 micro-kernel keeps its C tile in 24 Vector512
-/// registers (8 for A-broadcast/B loads left of the 32) and broadcasts A from memory.
+/// Loop nest (variant 3b, see bench/Variants/README.md): K is split evenly into slices of at most KCMax; for each
+/// column block (NBlock) × group of K slices (all of K unless the packed panels would pass RegionFloats) × row block
+/// (MBlock) ONE parallel region runs: the threads take (TileRows × TileCols) tiles of C in column-major order, and
+/// each tile walks the group's slices itself, packing on first use the NR-wide B panels and MR-tall A panels it needs
+/// (per-panel claim flags: a panel is packed once, by whichever thread needs it first, and shared; B panels are kept
+/// for the next row block). Inside a tile the A micro-panel (MR·kc floats) stays in L1 while the B micro-panels stream
+/// from L2; the 12×32 micro-kernel keeps its C tile in 24 Vector512 registers (8 for A-broadcast/B loads left of
+/// the 32) and broadcasts A from memory. An optional rank-R term (RankUpdate, the LoRA s·u·Bᵀ and s·g·A) runs as R
+/// more depth steps of the last slice.
 /// Without AVX-512 the micro-kernel is 6×16 on Vector256 (12 accumulators of the 16 ymm registers).
 /// </remarks>
 internal static unsafe class Gemm
@@ -58,11 +61,13 @@ internal static unsafe class Gemm
         public float* C; public long Ldc;
         public float Alpha; public bool Accumulate; public float* Bias;
         public int M, N, K;
-        // the block being worked on
-        public int Jc, Nc, Pc, Kc, Ic, Mc;
-        public bool Beta; public float* BiasNow;
-        public float* Ap, Bp;
-        public int APanels, BPanels, PanelsPerTask, APackTasks, BPackTasks;
+        // the block being worked on: columns [Jc, Jc+Nc), rows [Ic, Ic+Mc), K slices [S0, S1) of Kcs each (the last shorter)
+        public int Jc, Nc, Ic, Mc, S0, S1, Kcs;
+        /// <summary>Packed panels of the region's slices: slice g (from S0) at Ap + g·ASliceStride, panel p at + p·MR·kc.</summary>
+        public float* Ap, Bp; public long ASliceStride, BSliceStride;
+        /// <summary>Per (slice, panel) pack state, 0 = not packed, 1 = being packed, 2 = ready: the tile that first needs a panel packs it.</summary>
+        public int* AFlags, BFlags; public int AFlagStride, BFlagStride;
+        public int APanels, BPanels;
         public int TileRows, TileColsNow, TilesM, TilesN;
         // small-M paths
         public int NC, NBlocks, ChunkRows;
@@ -71,7 +76,7 @@ internal static unsafe class Gemm
         /// <summary>op(B) is row-major f32: full NR-wide panels are read in place (row stride Ldb), only a ragged edge panel is packed.</summary>
         public bool BDirect;
         /// <summary>The rank update as an extra K2-deep segment of the last K slice: U packed in MR panels (scaled by Scale/Alpha), op(V) in NR panels, over all of M and N.</summary>
-        public float* Up, Vp; public int K2; public bool LastSlice;
+        public float* Up, Vp; public int K2;
     }
 
     /// <summary>
@@ -144,30 +149,35 @@ internal static unsafe class Gemm
         int kcs = (k + slices - 1) / slices;
         int ncMax = Math.Min(RoundUp(n, nr), NBlock);
         int mcMax = Math.Min(RoundUp(m, mr), MBlock);
-        be.GemmBuffers((long)mcMax * kcs, (long)RoundUp(ncMax, nr) * kcs, out ctx.Ap, out ctx.Bp);
+        // One parallel region per (column block, row block, group of K slices): every slice of the group that fits
+        // RegionFloats of packed A + B (all of K at the LoRA and LM-head shapes) runs inside one pool.For, each tile
+        // task walking the slices itself and packing the panels it is the first to need.
+        int group = (int)Math.Clamp(RegionFloats / ((long)(ncMax + mcMax) * kcs), 1, slices);
+        ctx.Kcs = kcs;
+        ctx.ASliceStride = (long)mcMax * kcs;
+        ctx.BSliceStride = (long)ncMax * kcs;
+        ctx.AFlagStride = mcMax / mr;
+        ctx.BFlagStride = ncMax / nr;
+        be.GemmBuffers(ctx.ASliceStride * group, ctx.BSliceStride * group, out ctx.Ap, out ctx.Bp);
+        int* flags = be.GemmFlags(group * (ctx.AFlagStride + ctx.BFlagStride));
+        ctx.AFlags = flags;
+        ctx.BFlags = flags + group * ctx.AFlagStride;
         for (int jc = 0; jc < n; jc += NBlock)
         {
             int nc = Math.Min(NBlock, n - jc);
-            for (int pc = 0; pc < k; pc += kcs)
+            ctx.Jc = jc; ctx.Nc = nc;
+            ctx.BPanels = (nc + nr - 1) / nr;
+            for (int s0 = 0; s0 < slices; s0 += group)
             {
-                int kc = Math.Min(kcs, k - pc);
-                ctx.Jc = jc; ctx.Nc = nc; ctx.Pc = pc; ctx.Kc = kc;
-                ctx.Beta = pc > 0 || accumulate;
-                ctx.LastSlice = pc + kc == k;
-                ctx.BiasNow = pc == 0 ? bias : null;
-                ctx.BPanels = (nc + nr - 1) / nr;
-                bool packB = true;
+                ctx.S0 = s0; ctx.S1 = Math.Min(slices, s0 + group);
+                // B panels are packed once per (column block, slice group) and reused by every row block
+                new Span<int>(ctx.BFlags, group * ctx.BFlagStride).Clear();
                 for (int ic = 0; ic < m; ic += MBlock)
                 {
                     int mc = Math.Min(MBlock, m - ic);
                     ctx.Ic = ic; ctx.Mc = mc;
                     ctx.APanels = (mc + mr - 1) / mr;
-                    // packing: one pass, A panel groups then B panel groups (B only with the first row block)
-                    ctx.PanelsPerTask = 4;
-                    ctx.APackTasks = (ctx.APanels + 3) / 4;
-                    ctx.BPackTasks = packB ? (ctx.BPanels + 3) / 4 : 0;
-                    be.Pool.For(ctx.APackTasks + ctx.BPackTasks, &PackBody, &ctx);
-                    packB = false;
+                    new Span<int>(ctx.AFlags, group * ctx.AFlagStride).Clear();
                     // compute tiles: enough of them for the threads to balance, each at most TileCols wide
                     int colsPad = ctx.BPanels * nr;
                     int tn = Math.Min(TileCols, colsPad);
@@ -185,6 +195,9 @@ internal static unsafe class Gemm
             }
         }
     }
+
+    /// <summary>Packed A + B floats one parallel region may hold (16 MiB): bounds the buffers for deep products (the weight gradient over 4096 rows: 3 regions).</summary>
+    public const long RegionFloats = 4L << 20;
 
     /// <summary>Whether <see cref="Run"/> takes the packed loop nest for this shape (the others are the small-M and ≤ 16-column paths).</summary>
     private static bool Packed(int m, int n, int k, bool aTrans, bool bTrans) =>
@@ -414,30 +427,34 @@ internal static unsafe class Gemm
         }
     }
 
-    private static void PackBody(void* p, int task, int worker)
+    /// <summary>
+    /// Panel pack states: the first thread to need a panel claims it (0 → 1), packs it and publishes it (→ 2).
+    /// TryClaim: true when the caller must pack it now; false when it is ready or being packed by another thread.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static bool TryClaim(int* flag) => Volatile.Read(ref *flag) == 0 && Interlocked.CompareExchange(ref *flag, 1, 0) == 0;
+
+    /// <summary>
+    /// Spins until another thread has published the panel (a packer never waits on anything: no deadlock); yields the
+    /// core every 256 pauses in case the packer is descheduled. A plain pause loop (not SpinWait) and no tiering: a
+    /// rarely taken path that tiered JIT promotes in the middle of training allocates (TrainingStepAllocationTests).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void WaitReady(int* flag)
     {
-        var x = (Ctx*)p;
-        int per = x->PanelsPerTask;
-        if (task < x->APackTasks)
+        for (int i = 1; Volatile.Read(ref *flag) != 2; i++)
         {
-            int p0 = task * per, p1 = Math.Min(x->APanels, p0 + per);
-            for (int panel = p0; panel < p1; panel++) PackAPanel(x, panel);
-        }
-        else
-        {
-            int p0 = (task - x->APackTasks) * per, p1 = Math.Min(x->BPanels, p0 + per);
-            for (int panel = p0; panel < p1; panel++)
-                if (!x->BDirect || (panel + 1) * NR > x->Nc) PackBPanel(x, panel);
+            if ((i & 255) == 0) Thread.Yield();
+            else if (X86Base.IsSupported) X86Base.Pause();
         }
     }
 
-    /// <summary>Rows [Ic + panel·MR, +MR) of op(A), depth [Pc, Pc+Kc), p-major inside the panel, zero rows past M.</summary>
-    private static void PackAPanel(Ctx* x, int panel)
+    /// <summary>Rows [Ic + panel·MR, +MR) of op(A), depth [pc, pc+kc), p-major inside the panel (at dst), zero rows past M.</summary>
+    private static void PackAPanel(Ctx* x, int panel, int pc, int kc, float* dst)
     {
-        int mr = MR, kc = x->Kc;
+        int mr = MR;
         int i0 = x->Ic + panel * mr;
         int mv = Math.Min(mr, x->Ic + x->Mc - i0);
-        float* dst = x->Ap + (long)panel * mr * kc;
         if (!x->ATrans)
         {
             // A transpose. The MR source rows are read a 16-float line at a time, all MR lines of a block first (MR
@@ -449,7 +466,7 @@ internal static unsafe class Gemm
             {
                 for (; q0 + 16 <= kc; q0 += 16)
                 {
-                    for (int r = 0; r < mr; r++) Vector512.Load(x->A + (i0 + r) * x->Lda + x->Pc + q0).Store(t + r * 16);
+                    for (int r = 0; r < mr; r++) Vector512.Load(x->A + (i0 + r) * x->Lda + pc + q0).Store(t + r * 16);
                     float* d = dst + q0 * mr;
                     for (int q = 0; q < 16; q++)
                         for (int r = 0; r < mr; r++) d[q * mr + r] = t[r * 16 + q];
@@ -457,7 +474,7 @@ internal static unsafe class Gemm
             }
             for (int r = 0; r < mv; r++)
             {
-                float* src = x->A + (i0 + r) * x->Lda + x->Pc;
+                float* src = x->A + (i0 + r) * x->Lda + pc;
                 for (int q = q0; q < kc; q++) dst[q * mr + r] = src[q];
             }
             for (int r = mv; r < mr; r++)
@@ -470,7 +487,7 @@ internal static unsafe class Gemm
                 // one 12-float row of the panel per depth step: an 8-wide and a 4-wide vector copy (v2c)
                 for (int q = 0; q < kc; q++)
                 {
-                    float* src = x->A + (x->Pc + q) * x->Lda + i0;
+                    float* src = x->A + (pc + q) * x->Lda + i0;
                     float* d = dst + q * 12;
                     Vector256.Load(src).Store(d);
                     Vector128.Load(src + 8).Store(d + 8);
@@ -479,7 +496,7 @@ internal static unsafe class Gemm
             }
             for (int q = 0; q < kc; q++)
             {
-                float* src = x->A + (x->Pc + q) * x->Lda + i0;
+                float* src = x->A + (pc + q) * x->Lda + i0;
                 float* d = dst + q * mr;
                 int r = 0;
                 for (; r < mv; r++) d[r] = src[r];
@@ -488,18 +505,17 @@ internal static unsafe class Gemm
         }
     }
 
-    /// <summary>Columns [Jc + panel·NR, +NR) of op(B), depth [Pc, Pc+Kc), p-major inside the panel, zero columns past N.</summary>
-    private static void PackBPanel(Ctx* x, int panel)
+    /// <summary>Columns [Jc + panel·NR, +NR) of op(B), depth [pc, pc+kc), p-major inside the panel (at dst), zero columns past N.</summary>
+    private static void PackBPanel(Ctx* x, int panel, int pc, int kc, float* dst)
     {
-        int nr = NR, kc = x->Kc;
+        int nr = NR;
         int j0 = x->Jc + panel * nr;
         int nv = Math.Min(nr, x->Jc + x->Nc - j0);
-        float* dst = x->Bp + (long)panel * nr * kc;
         if (!x->BTrans)
         {
             for (int q = 0; q < kc; q++)
             {
-                long off = (x->Pc + q) * x->Ldb + j0;
+                long off = (pc + q) * x->Ldb + j0;
                 float* d = dst + q * nr;
                 if (x->BBf16) HalfConvert.Bf16ToF32((ushort*)x->B + off, d, nv);
                 else Buffer.MemoryCopy((float*)x->B + off, d, nv * 4, nv * 4);
@@ -520,7 +536,7 @@ internal static unsafe class Gemm
                 {
                     for (int cc = 0; cc < nv; cc++)
                     {
-                        long off = (j0 + cc) * x->Ldb + x->Pc + q0;
+                        long off = (j0 + cc) * x->Ldb + pc + q0;
                         if (x->BBf16)
                         {
                             var (lo, hi) = Vector256.Widen(Vector256.Load((ushort*)x->B + off));
@@ -535,7 +551,7 @@ internal static unsafe class Gemm
             }
             for (int cc = 0; cc < nv; cc++)
             {
-                long off = (j0 + cc) * x->Ldb + x->Pc;
+                long off = (j0 + cc) * x->Ldb + pc;
                 float* d = dst + cc;
                 if (x->BBf16)
                 {
@@ -554,33 +570,63 @@ internal static unsafe class Gemm
     private static void TileBody(void* p, int task, int worker)
     {
         var x = (Ctx*)p;
-        int mr = MR, nr = NR, kc = x->Kc;
-        int tm = task / x->TilesN, tn = task % x->TilesN;
+        int mr = MR, nr = NR;
+        // column-major tile order: the threads work down the same columns (sharing B panels, which stay in L2 across
+        // a thread's consecutive tiles) on different rows (each row's A panels packed by one of them, no waiting)
+        int tm = task % x->TilesM, tn = task / x->TilesM;
         int r0 = tm * x->TileRows, r1 = Math.Min(x->Mc, r0 + x->TileRows);
         int c0 = tn * x->TileColsNow, c1 = Math.Min(x->Nc, c0 + x->TileColsNow);
         float* tile = x->Scratch + worker * x->ScratchStride;
         float alpha = x->Alpha;
-        bool beta = x->Beta;
-        for (int ir = r0; ir < r1; ir += mr)
+        for (int s = x->S0; s < x->S1; s++)
         {
-            int mv = Math.Min(mr, r1 - ir);
-            float* aPanel = x->Ap + (long)(ir / mr) * mr * kc;
-            float* cRow = x->C + (x->Ic + ir) * x->Ldc + x->Jc;
+            int g = s - x->S0, pc = s * x->Kcs, kc = Math.Min(x->Kcs, x->K - pc);
+            bool beta = pc > 0 || x->Accumulate;
+            float* biasNow = pc == 0 ? x->Bias : null;
+            int k2 = pc + kc == x->K ? x->K2 : 0;
+            float* ap = x->Ap + g * x->ASliceStride, bp = x->Bp + g * x->BSliceStride;
+            int* aFlags = x->AFlags + g * x->AFlagStride, bFlags = x->BFlags + g * x->BFlagStride;
+            // the tile's B panels of this slice (a full panel of a row-major f32 B is read in place): pack every one
+            // nobody has claimed, then wait for those another thread is packing
             for (int jr = c0; jr < c1; jr += nr)
             {
-                int nv = Math.Min(nr, c1 - jr);
-                float* bPanel = x->Bp + (long)(jr / nr) * nr * kc;
-                float* biasJ = x->BiasNow != null ? x->BiasNow + x->Jc + jr : null;
-                int k2 = x->LastSlice ? x->K2 : 0;
-                float* a2 = k2 > 0 ? x->Up + (long)(x->Ic + ir) * k2 : null;
-                float* b2 = k2 > 0 ? x->Vp + (long)(x->Jc + jr) * k2 : null;
-                if (Wide)
+                int panel = jr / nr;
+                if (x->BDirect && jr + nr <= x->Nc) continue;
+                if (TryClaim(bFlags + panel))
                 {
-                    long bStride = 32;
-                    if (x->BDirect && nv == 32) { bPanel = (float*)x->B + x->Pc * x->Ldb + x->Jc + jr; bStride = x->Ldb; }
-                    Kernel512(kc, aPanel, bPanel, bStride, k2, a2, b2, cRow + jr, x->Ldc, alpha, beta, biasJ, mv, nv, tile);
+                    PackBPanel(x, panel, pc, kc, bp + (long)panel * nr * kc);
+                    Volatile.Write(ref bFlags[panel], 2);
                 }
-                else Kernel256(kc, aPanel, bPanel, k2, a2, b2, cRow + jr, x->Ldc, alpha, beta, biasJ, mv, nv, tile);
+            }
+            for (int jr = c0; jr < c1; jr += nr)
+                if (!x->BDirect || jr + nr > x->Nc) WaitReady(bFlags + jr / nr);
+            for (int ir = r0; ir < r1; ir += mr)
+            {
+                int mv = Math.Min(mr, r1 - ir);
+                int panelA = ir / mr;
+                float* aPanel = ap + (long)panelA * mr * kc;
+                if (TryClaim(aFlags + panelA))
+                {
+                    PackAPanel(x, panelA, pc, kc, aPanel);
+                    Volatile.Write(ref aFlags[panelA], 2);
+                }
+                else WaitReady(aFlags + panelA);
+                float* cRow = x->C + (x->Ic + ir) * x->Ldc + x->Jc;
+                float* a2 = k2 > 0 ? x->Up + (long)(x->Ic + ir) * k2 : null;
+                for (int jr = c0; jr < c1; jr += nr)
+                {
+                    int nv = Math.Min(nr, c1 - jr);
+                    float* bPanel = bp + (long)(jr / nr) * nr * kc;
+                    float* biasJ = biasNow != null ? biasNow + x->Jc + jr : null;
+                    float* b2 = k2 > 0 ? x->Vp + (long)(x->Jc + jr) * k2 : null;
+                    if (Wide)
+                    {
+                        long bStride = 32;
+                        if (x->BDirect && nv == 32) { bPanel = (float*)x->B + pc * x->Ldb + x->Jc + jr; bStride = x->Ldb; }
+                        Kernel512(kc, aPanel, bPanel, bStride, k2, a2, b2, cRow + jr, x->Ldc, alpha, beta, biasJ, mv, nv, tile);
+                    }
+                    else Kernel256(kc, aPanel, bPanel, k2, a2, b2, cRow + jr, x->Ldc, alpha, beta, biasJ, mv, nv, tile);
+                }
             }
         }
     }

@@ -85,6 +85,22 @@ public sealed unsafe partial class CpuBackend
     private float* _gemmA, _gemmB, _gemmU;
     private long _gemmACap, _gemmBCap, _gemmUCap;
 
+    private int* _gemmFlags;
+    private int _gemmFlagsCap;
+
+    /// <summary>The per-panel pack states of one GEMM region (Gemm.Claim); grows once, then reused.</summary>
+    internal int* GemmFlags(int count)
+    {
+        if (count > _gemmFlagsCap)
+        {
+            if (_gemmFlags != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_gemmFlags);
+            _gemmFlags = null;
+            _gemmFlags = (int*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)(count * 4 + 64), 64);
+            _gemmFlagsCap = count;
+        }
+        return _gemmFlags;
+    }
+
     /// <summary>The packed rank update of a fused product (Gemm.RankUpdate); grows once, then reused.</summary>
     internal float* GemmUpdateBuffer(long floats)
     {
@@ -124,6 +140,9 @@ public sealed unsafe partial class CpuBackend
         if (_gemmA != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_gemmA);
         if (_gemmB != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_gemmB);
         if (_gemmU != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_gemmU);
+        if (_gemmFlags != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_gemmFlags);
+        _gemmFlags = null;
+        _gemmFlagsCap = 0;
         _gemmA = _gemmB = _gemmU = null;
         _gemmACap = _gemmBCap = _gemmUCap = 0;
     }
