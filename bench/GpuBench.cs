@@ -93,6 +93,18 @@ internal static class GpuBench
                 () => b.AttentionForward(o, lse, q, kv, kv, bt, t, t, t, shape.NH, shape.NKV, shape.HS, scale));
             run.Op($"AttentionBackward B{bt} T{t}", 10 * pairs * shape.HS, 4 * qBytes + 4 * kvBytes,
                 () => b.AttentionBackward(dq, dkv, dkv2, o, o, lse, q, kv, kv, bt, t, t, shape.NH, shape.NKV, shape.HS, scale));
+            if (b.TensorCores)
+            {
+                // bf16 q, k, v: the tensor-core kernel on sm_80+ (AttentionTensorCore.cs)
+                using var q16 = Rand(b, DType.BF16, bt * t * shape.NH * shape.HS);
+                using var kv16 = Rand(b, DType.BF16, bt * t * shape.NKV * shape.HS);
+                run.Op($"AttentionForward bf16 (mma) B{bt} T{t}", 4 * pairs * shape.HS, qBytes / 2 + kvBytes + qBytes,
+                    () => b.AttentionForward(o, lse, q16, kv16, kv16, bt, t, t, t, shape.NH, shape.NKV, shape.HS, scale));
+            }
+            // decode: one new token per sequence over a full f32 cache of t rows (AttentionDecode.cs, split-K)
+            run.Op($"AttentionDecode B{bt} cache {t}", 4.0 * bt * shape.NH * t * shape.HS, 2 * kvBytes + 8.0 * bt * shape.NH * shape.HS,
+                () => b.AttentionForward(View(o, bt * shape.NH * shape.HS), null, View(q, bt * shape.NH * shape.HS), kv, kv, bt, 1, t, t,
+                    shape.NH, shape.NKV, shape.HS, scale));
         }
         int rows = Math.Min(m, 2048); // the LM head's chunk
         using (var logits = Rand(b, DType.F32, rows, shape.V))

@@ -21,6 +21,8 @@ public struct AttentionArgs
 /// Forward saves lse(B, NH, Tq) = m + log l. The backward needs D_i = Σ dO_i·O_i, recomputed per query tile.
 /// Lanes of a warp split the keys of a tile for the scores and the channels for the accumulator, so any warp
 /// size works. Matches AttentionReference. Head size up to <see cref="MaxHeadSize"/>.
+/// Forward dispatch: Tq == 1 (a decode step) goes to <see cref="AttentionDecodeKernels"/> (split-K over the cache);
+/// bf16/f16 q, k, v on sm_80+ to <see cref="AttentionTensorCoreKernels"/>; everything else (f32) runs here.
 /// </remarks>
 internal sealed class AttentionKernels
 {
@@ -372,6 +374,12 @@ internal sealed class AttentionKernels
         IlgpuBackend.Need(v, kvCount, "v", op);          // (B, Tkv, NKV, HS)
         if (lse is not null) IlgpuBackend.Need(lse, (long)batch * nHeads * tq, "lse", op); // (B, NH, Tq)
         if (batch == 0 || tq == 0) return;
+        if (tq == 1)
+        {
+            // decode: one query per sequence over the cache, split-K (AttentionDecode.cs)
+            _b.Kernels(x => new AttentionDecodeKernels(x)).Forward(output, lse, q, k, v, null, batch, tkv, kvLen, nHeads, nKvHeads, headSize, scale);
+            return;
+        }
         var args = new AttentionArgs
         {
             Batch = batch, Tq = tq, Tkv = tkv, KvLen = kvLen, NHeads = nHeads, NKvHeads = nKvHeads, HeadSize = headSize,

@@ -68,6 +68,9 @@ public static class KernelsDoc
             2 * M * (m.NH + 2.0 * m.NKV) * m.HS + 4 * M * m.NH * m.HS,
             "K/V tiles are register-converted into one shared buffer (no cp.async double buffering: each tile waits for its load); " +
             "exp2 on the SFU for every score (16 FLOPs of mma per exp at HS=64); the causal diagonal tiles half masked; K/V re-read per query head (GQA shares them only through L2)");
+        yield return new("AttentionDecode (1 token, f32 cache of 2048)", $"B={Batch}: 4·HS FLOPs per cached key; split-K + combine", 4.0 * Batch * m.NH * Seq * m.HS,
+            4.0 * Batch * Seq * m.NKV * m.HS * 2 + 8.0 * Batch * m.NH * m.HS,
+            "memory bound: each query head's group re-reads its kv head's rows (NH/NKV times, from L2 when the heads run together); scalar 4-byte loads; warp-sum per key");
         yield return new("AttentionBackward (q + kv)", "recomputes P: 10·HS FLOPs per pair", 10 * pairs * m.HS,
             4 * M * (m.NH * 4.0 + m.NKV * 4.0) * m.HS, "f32 SIMT FMAs; two kernels (dq, dk/dv) each recompute P");
         yield return new("RmsNormForward", "read x, write y", 4 * M * m.C, 8 * M * m.C, "bandwidth bound: one group per row, reaches the floor only with C >= ~1k");

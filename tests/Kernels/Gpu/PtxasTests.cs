@@ -71,6 +71,7 @@ public class PtxasTests
                      "EmbeddingKernels.EmbeddingBackwardKernel", "ElementwiseKernels.BinaryKernel<SwiGluOp>", "ReduceKernels.SumOfSquaresKernel",
                      "MatMulTensorCoreKernels.MatMulTensorCoreKernel<Bf16Operand>", "MatMulTensorCoreKernels.MatMulTensorCoreKernel<F16Operand>",
                      "AttentionTensorCoreKernels.AttentionTensorCoreForwardKernel<Bf16Operand>", "AttentionTensorCoreKernels.AttentionTensorCoreForwardKernel<F16Operand>",
+                     "AttentionDecodeKernels.AttentionDecodeSplitKernel", "AttentionDecodeKernels.AttentionDecodeCombineKernel",
                  })
             Assert.Contains(expected, names);
     }
