@@ -23,11 +23,11 @@ public sealed unsafe class GemmBf16Tests(ITestOutputHelper output)
     private const string NoKernel = "no AVX512_BF16 kernel on this machine (bf16 compute runs the f32 GEMM; see Fallback_* tests)";
 
     // (M, N, K): the smallest product taken (5×17×32), one exact 12×32 tile, ragged row/column tiles and odd K, two and
-    // three depth slices (KCMax 512) with an odd tail, more rows than a row block (2040) and more columns than a
+    // three depth slices (KCMax 576) with an odd tail, more rows than a row block (2040) and more columns than a
     // column block (4096).
     public static readonly (int M, int N, int K)[] Shapes =
     {
-        (5, 17, 32), (12, 32, 64), (13, 33, 33), (37, 100, 95), (100, 70, 513), (24, 64, 1100), (2050, 40, 40), (13, 4100, 34),
+        (5, 17, 32), (12, 32, 64), (13, 33, 33), (37, 100, 95), (100, 70, 577), (24, 64, 1155), (2050, 40, 40), (13, 4100, 34),
     };
 
     /// <summary>The products are bf16·bf16 = exact in f32, so only f32 accumulation error remains: grows with the depth.</summary>
