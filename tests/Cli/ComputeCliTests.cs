@@ -5,6 +5,7 @@ using Xunit;
 namespace FineTuneNative.Tests.Cli;
 
 /// <summary><c>ftn train --compute bf16</c>: the flag reaches the backend (losses move by bf16 rounding, not more).</summary>
+[Collection(FineTuneNative.Tests.Kernels.ForceFallbackCollection.Name)]
 public class ComputeCliTests
 {
     [SkippableFact]

@@ -18,6 +18,7 @@ namespace FineTuneNative.Tests.Kernels;
 /// bf16 compute on the CPU (GemmBf16 + the AVX512_BF16 machine code of GemmBf16Asm): against the double reference on
 /// bf16-rounded inputs, every edge of the tiling, the f32 fallback, and a LoRA training run.
 /// </summary>
+[Collection(ForceFallbackCollection.Name)]
 public sealed unsafe class GemmBf16Tests(ITestOutputHelper output)
 {
     private const string NoKernel = "no AVX512_BF16 kernel on this machine (bf16 compute runs the f32 GEMM; see Fallback_* tests)";
@@ -314,4 +315,14 @@ public sealed unsafe class GemmBf16Tests(ITestOutputHelper output)
         for (int i = 0; i < e.Length; i++) m = Math.Max(m, Math.Abs(e[i] - a[i]));
         return m;
     }
+}
+
+/// <summary>
+/// Classes that run bf16 compute (in-process <c>ftn train --compute bf16</c> too) do not run alongside the fallback test,
+/// which sets the process-wide <c>GemmBf16.ForceFallback</c>: test classes run in parallel.
+/// </summary>
+[CollectionDefinition(Name)]
+public sealed class ForceFallbackCollection
+{
+    public const string Name = "GemmBf16.ForceFallback";
 }

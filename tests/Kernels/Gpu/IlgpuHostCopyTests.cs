@@ -16,9 +16,17 @@ namespace FineTuneNative.Tests.Kernels.Gpu;
 /// failed 4 runs out of 4 within 2 s (12-71 bad round trips per run; one run crashed the test host), after it
 /// 0 bad round trips in 3 runs of 10 s.
 /// </summary>
+[Collection(Name)]
 public class IlgpuHostCopyTests(ITestOutputHelper output)
 {
+    /// <summary>
+    /// Runs alone, after the parallel classes: back-to-back forced collections stall every thread of the process (the
+    /// simulator backends of other classes hold hundreds), and other classes' load would starve the copy loop.
+    /// </summary>
+    public const string Name = "GC stress (alone)";
+
     private static readonly TimeSpan Budget = TimeSpan.FromSeconds(3);
+    private const int MinIterations = 5_000; // 30 000 copies even on a loaded machine; before the fix ~1 in 8 000 copies went bad
     private const int N = 61; // not a multiple of any vector width; small so each array lives in the movable gen-0 heap
 
     [Fact]
@@ -40,7 +48,7 @@ public class IlgpuHostCopyTests(ITestOutputHelper output)
         var clock = System.Diagnostics.Stopwatch.StartNew();
         try
         {
-            for (int it = 1; clock.Elapsed < Budget && failures.Count < 5; it++)
+            for (int it = 1; (it <= MinIterations || clock.Elapsed < Budget) && failures.Count < 5; it++)
             {
                 // fresh arrays every time: the GC moves only young objects
                 var x = new float[N];
@@ -73,7 +81,6 @@ public class IlgpuHostCopyTests(ITestOutputHelper output)
         }
         output.WriteLine($"{copies} copies in {clock.Elapsed.TotalSeconds:F1} s while another thread collected");
         Assert.True(failures.Count == 0, $"{failures.Count} bad round trips in {copies} copies:\n{string.Join("\n", failures)}");
-        Assert.True(copies >= 2_000, $"only {copies} copies in {Budget.TotalSeconds} s: the test proves little");
     }
 
     [Theory]
@@ -100,3 +107,6 @@ public class IlgpuHostCopyTests(ITestOutputHelper output)
         Assert.Throws<ArgumentException>(() => b.DownloadRaw(t, new byte[raw.Length - 1]));
     }
 }
+
+[CollectionDefinition(IlgpuHostCopyTests.Name, DisableParallelization = true)]
+public sealed class GcStressCollection;
