@@ -192,7 +192,7 @@ public static class DatasetReader
 
     private sealed class RecordError(string message) : Exception(message);
 
-    private static void AddRecord(JsonElement e, string loc, DatasetReadResult result)
+    internal static void AddRecord(JsonElement e, string loc, DatasetReadResult result)
     {
         try
         {

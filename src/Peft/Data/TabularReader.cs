@@ -1,13 +1,20 @@
+using System.Buffers;
+using System.Collections;
+using System.Globalization;
 using System.Text;
+using System.Text.Json;
 using Parquet;
 using Parquet.Schema;
+using Parquet.Serialization;
 
 namespace FineTuneNative.Peft.Data;
 
 /// <summary>
 /// CSV / TSV (RFC 4180: a header row, fields optionally in double quotes with "" for a quote, newlines allowed
-/// inside quotes) and Parquet (flat string columns, read with Parquet.Net) datasets. Columns name the fields:
-/// instruction/input/output/system (alpaca), text (raw text), or messages/conversations holding JSON.
+/// inside quotes) and Parquet (read with Parquet.Net) datasets. Columns name the fields: instruction/input/output/system
+/// (alpaca), text (raw text), or messages/conversations holding JSON text. Parquet files with nested columns (the
+/// Hugging Face layout of chat data: messages as list&lt;struct&lt;role, content&gt;&gt;, conversations as
+/// list&lt;struct&lt;from, value&gt;&gt;) have each row read as the JSON record it stands for.
 /// </summary>
 public static class TabularReader
 {
@@ -92,6 +99,15 @@ public static class TabularReader
     private static async Task ReadParquetAsync(string path, DatasetReadResult result)
     {
         using var stream = File.OpenRead(path);
+        ParquetSchema schema;
+        await using (var probe = await ParquetReader.CreateAsync(stream, leaveStreamOpen: true)) schema = probe.Schema;
+        if (schema.Fields.Any(f => f.SchemaType != SchemaType.Data || ((DataField)f).IsArray))
+        {
+            stream.Position = 0;
+            await ReadNestedParquetAsync(stream, path, schema, result);
+            return;
+        }
+        stream.Position = 0;
         await using var reader = await ParquetReader.CreateAsync(stream);
         var fields = reader.Schema.GetDataFields();
         var strings = fields.Where(f => (f.ClrType == typeof(string) || f.ClrType == typeof(ReadOnlyMemory<char>)) && !f.IsArray && f.Path.Length == 1).ToArray();
@@ -123,5 +139,76 @@ public static class TabularReader
         }
         if (skipped.Length > 0 && result.Records.Count == 0)
             result.Issues.Add(new DatasetIssue(path, $"non-string columns were not read: {string.Join(", ", skipped)}"));
+    }
+
+    /// <summary>
+    /// A file with list/struct/map columns: every row becomes the JSON object of its columns (lists as arrays, structs
+    /// as objects, strings, numbers, booleans, null; a column holding JSON text stays a string unless it is
+    /// messages/conversations) and is read as a JSON record: {"messages": [{"role", "content"}...], ...},
+    /// {"conversations": [{"from", "value"}...], "system": ...}, alpaca fields or text.
+    /// </summary>
+    private static async Task ReadNestedParquetAsync(Stream stream, string path, ParquetSchema schema, DatasetReadResult result)
+    {
+        var data = await ParquetSerializer.DeserializeUntypedAsync(stream);
+        for (int r = 0; r < data.Data.Count; r++)
+        {
+            string loc = $"{path}: row {r}";
+            var buffer = new ArrayBufferWriter<byte>();
+            using (var w = new Utf8JsonWriter(buffer))
+            {
+                w.WriteStartObject();
+                foreach (var f in schema.Fields)
+                {
+                    data.Data[r].TryGetValue(f.Name, out var v);
+                    w.WritePropertyName(f.Name);
+                    // a flat string column named messages/conversations holds the JSON text of the turns (as in CSV)
+                    if (f.Name is "messages" or "conversations" && v is string json && IsJson(json)) w.WriteRawValue(json);
+                    else WriteJson(w, v);
+                }
+                w.WriteEndObject();
+            }
+            using var doc = JsonDocument.Parse(buffer.WrittenMemory);
+            DatasetReader.AddRecord(doc.RootElement, loc, result);
+        }
+    }
+
+    private static bool IsJson(string s)
+    {
+        try { using var _ = JsonDocument.Parse(s); return true; }
+        catch (JsonException) { return false; }
+    }
+
+    /// <summary>A deserialized Parquet value as JSON (Parquet.Net's untyped form: dictionaries for structs and maps, lists for lists).</summary>
+    private static void WriteJson(Utf8JsonWriter w, object? v)
+    {
+        switch (v)
+        {
+            case null: w.WriteNullValue(); break;
+            case string s: w.WriteStringValue(s); break;
+            case bool b: w.WriteBooleanValue(b); break;
+            case byte or sbyte or short or ushort or int or uint or long: w.WriteNumberValue(Convert.ToInt64(v, CultureInfo.InvariantCulture)); break;
+            case ulong u: w.WriteNumberValue(u); break;
+            case float f: w.WriteNumberValue(f); break;
+            case double d: w.WriteNumberValue(d); break;
+            case decimal m: w.WriteNumberValue(m); break;
+            case byte[] bytes: w.WriteStringValue(Encoding.UTF8.GetString(bytes)); break;
+            case DateTime t: w.WriteStringValue(t.ToString("o", CultureInfo.InvariantCulture)); break;
+            case IDictionary<string, object?> d:
+                w.WriteStartObject();
+                foreach (var (k, x) in d) { w.WritePropertyName(k); WriteJson(w, x); }
+                w.WriteEndObject();
+                break;
+            case IDictionary d:
+                w.WriteStartObject();
+                foreach (DictionaryEntry e in d) { w.WritePropertyName(Convert.ToString(e.Key, CultureInfo.InvariantCulture) ?? ""); WriteJson(w, e.Value); }
+                w.WriteEndObject();
+                break;
+            case IEnumerable list:
+                w.WriteStartArray();
+                foreach (var x in list) WriteJson(w, x);
+                w.WriteEndArray();
+                break;
+            default: w.WriteStringValue(Convert.ToString(v, CultureInfo.InvariantCulture)); break;
+        }
     }
 }
