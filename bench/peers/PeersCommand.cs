@@ -22,6 +22,7 @@ internal static class PeersCommand
                 return Math.Max(g == 2 ? 0 : g, t);
             case "generate": return GenerationPeer.Run(args);
             case "generate-check": return GenerationPeer.Check(args);
+            case "prefill-gemm": return GenerationPeer.PrefillGemm(args);
             default:
                 Console.Error.WriteLine($"peers: unknown mode '{what}' (expected gemm, gemm-bf16, train, train-ftn, all, generate or generate-check)");
                 return 1;

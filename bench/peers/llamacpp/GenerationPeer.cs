@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Text.Json;
 using FineTuneNative.Kernels;
+using FineTuneNative.Kernels.Quant;
 using FineTuneNative.Runtime.Inference;
 using FineTuneNative.Runtime.IO;
 using FineTuneNative.Runtime.Model;
@@ -113,6 +114,72 @@ internal static class GenerationPeer
             Console.WriteLine($"  llama {string.Join(' ', theirs.Take(24))} ...");
         }
         return 0;
+    }
+
+    /// <summary>
+    /// <c>peers prefill-gemm [THREADS=1] [M=128]</c>: the prefill products of the SmolLM2-135M layer shapes, y(M, N) = x(M, K)·Wᵀ,
+    /// timed in process CPU time per thread (best of 5 runs of >= 0.25 CPU-s after a warm-up): the f32 GEMM (CpuBackend.MatMul, packs W per call)
+    /// against <see cref="PackedGemm"/> on the same weights stored f32/f16/q8_0/q4_0. GFLOP per core-second = 2·M·N·K / CPU-s.
+    /// </summary>
+    public static unsafe int PrefillGemm(string[] args)
+    {
+        int threads = args.Length > 2 ? int.Parse(args[2]) : 1, m = args.Length > 3 ? int.Parse(args[3]) : 128;
+        using var be = (FineTuneNative.Kernels.Cpu.CpuBackend)Backends.Create($"cpu:{threads}");
+        var proc = Process.GetCurrentProcess();
+        double Cpu() { proc.Refresh(); return proc.TotalProcessorTime.TotalSeconds; }
+        double Best(Action a)
+        {
+            a();
+            double best = double.MaxValue;
+            // process CPU time ticks in 10 ms steps: each measurement runs >= 0.25 CPU-s
+            for (int r = 0; r < 5; r++)
+            {
+                double c0 = Cpu(), c1;
+                int n = 0;
+                do { a(); n++; } while ((c1 = Cpu()) - c0 < 0.25);
+                best = Math.Min(best, (c1 - c0) / n / threads);
+            }
+            return best;
+        }
+        Console.WriteLine($"threads {threads}, M {m}, load avg {LoadAvg()}; GFLOP per core-second (process CPU time / threads)");
+        Console.WriteLine($"{"N x K",-11} {"f32 GEMM",9} {"f32 packed",11} {"f16 packed",11} {"q8_0 packed",12} {"q4_0 packed",12}");
+        foreach (var (n, k) in new[] { (576, 576), (192, 576), (1536, 576), (576, 1536) })
+        {
+            var rng = new Random(n + k);
+            var wf = Enumerable.Range(0, n * k).Select(_ => (float)(rng.NextDouble() - 0.5)).ToArray();
+            var xf = Enumerable.Range(0, m * k).Select(_ => (float)(rng.NextDouble() - 0.5)).ToArray();
+            using var w = be.Allocate(DType.F32, n, k); be.Upload(w, wf);
+            using var x = be.Allocate(DType.F32, m, k); be.Upload(x, xf);
+            using var y = be.Allocate(DType.F32, m, n);
+            double flop = 2.0 * m * n * k;
+            var cells = new List<string> { $"{flop / Best(() => be.MatMul(y, x, w, null, m, n, k, false)) / 1e9,9:F1}" };
+            using var ws = new PackedGemm.Workspace(m, k, threads);
+            float* px = (float*)be.Ptr(x, "x"), py = (float*)be.Ptr(y, "y");
+            foreach (var t in new[] { DType.F32, DType.F16, DType.Q8_0, DType.Q4_0 })
+            {
+                var bytes = t switch
+                {
+                    DType.F32 => wf.SelectMany(BitConverter.GetBytes).ToArray(),
+                    DType.F16 => wf.SelectMany(v => BitConverter.GetBytes(HalfBits.F32ToF16(v))).ToArray(),
+                    _ => Quantized(t, wf),
+                };
+                fixed (byte* pb = bytes)
+                {
+                    using var pm = new PackedMatrix(t, pb, n, k, "w");
+                    var tt = t;
+                    cells.Add($"{flop / Best(() => { if (tt.IsBlockQuantized()) PackedGemm.QuantizeInput(ws, px, k, m, k); PackedGemm.Run(be, pm, ws, m, px, k, py, n, null, false); }) / 1e9,11:F1}");
+                }
+            }
+            Console.WriteLine($"{n + "x" + k,-11} {string.Join(" ", cells)}");
+        }
+        return 0;
+    }
+
+    private static byte[] Quantized(DType t, float[] w)
+    {
+        var b = new byte[t.StorageBytes(w.Length)];
+        FineTuneNative.Kernels.Quant.QuantBlocks.Quantize(t, w, b);
+        return b;
     }
 
     /// <summary>Runs a process, killing it (exit code -1) after <paramref name="seconds"/>.</summary>

@@ -115,7 +115,7 @@ public sealed unsafe partial class InferenceSession : IDisposable
     }
 
     /// <summary>Which weight types the prefill runs through <see cref="PackedGemm"/> (repacked once, here).</summary>
-    internal static bool PackForPrefill(DType t) => t is DType.Q8_0 or DType.Q4_0 or DType.F16;
+    internal static bool PackForPrefill(DType t) => t is DType.F32 or DType.F16 or DType.Q8_0 or DType.Q4_0;
 
     /// <summary>Which weight types the fused decoder reads packed (<see cref="PackedGemm.RowsQ4_0"/>: ~4x fewer
     /// instructions per block than the row kernel, 20 instead of 18 bytes per block).</summary>

@@ -1,3 +1,4 @@
+using System.Runtime.Intrinsics;
 using FineTuneNative.Kernels;
 using FineTuneNative.Kernels.Cpu;
 using FineTuneNative.Kernels.Quant;
@@ -125,6 +126,25 @@ public unsafe class PackedGemmTests
             for (int j = 0; j < k; j++) { e += wd[(long)r * k + j] * xs[j]; mag += Math.Abs(wd[(long)r * k + j] * xs[j]); }
             Assert.True(Math.Abs(y[r] - e) <= 1e-6 + 1e-5 * mag, $"{t} row {r}: {y[r]} vs {e}");
         }
+    }
+
+    [Fact]
+    public void F16_Widening_Is_Exact_For_Every_Finite_Half()
+    {
+        var h = new ushort[65536];
+        for (int i = 0; i < h.Length; i++) h[i] = (ushort)i;
+        var f = new float[16];
+        fixed (ushort* ph = h) fixed (float* pf = f)
+            for (int i = 0; i < h.Length; i += 16)
+            {
+                PackedGemm.F16x16(ph + i).Store(pf);
+                for (int l = 0; l < 16; l++)
+                {
+                    ushort bits = (ushort)(i + l);
+                    if (((bits >> 10) & 31) == 31) continue;   // inf/NaN are not weights
+                    Assert.Equal(BitConverter.SingleToInt32Bits((float)BitConverter.UInt16BitsToHalf(bits)), BitConverter.SingleToInt32Bits(f[l]));
+                }
+            }
     }
 
     [Fact]
