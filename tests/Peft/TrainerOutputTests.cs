@@ -27,6 +27,57 @@ public class TrainerOutputTests
         Assert.Equal(0u, TensorBoardWriter.Crc32C(ReadOnlySpan<byte>.Empty));
     }
 
+    /// <summary>
+    /// Resuming into the run's own directory leaves one event file in which every step appears once: the events up to the
+    /// checkpoint are carried over (same wall times), the steps after it that the first run had logged are replaced by
+    /// the resumed run's (the same values: resume is bit-exact). A fresh run into the directory starts it anew.
+    /// </summary>
+    [Fact]
+    public void Resume_keeps_one_event_file_with_each_step_once()
+    {
+        var samples = TinyModel.Samples(16, 4, 10, seed: 9);
+        var eval = TinyModel.Samples(4, 4, 10, seed: 10);
+        using var w = TinyModel.Weights(Cpu);
+        using var tmp = new TempDir();
+        var opts = new TrainOptions { MicroBatch = 4, MaxSteps = 6, EvalEvery = 3, SaveEvery = 3, LearningRate = 1e-2, Seed = 3 };
+        TrainResult full;
+        using (var model = new LlamaModel(w, Cpu))
+        using (var adapter = LoraAdapter.Create(model, new LoraConfig { Rank = 2, Dropout = 0 }, 3))
+        using (var trainer = new Trainer(model, adapter, opts))
+            full = trainer.Train(samples, eval, 0, tmp.Path);
+        string tbDir = Path.Combine(tmp.Path, Trainer.TensorBoardDirName);
+        var first = TensorBoardWriter.Read(Assert.Single(Directory.GetFiles(tbDir, "*tfevents*"))).Scalars;
+        Thread.Sleep(1100);   // the resumed file gets another name (its name holds the unix second)
+        using (var model = new LlamaModel(w, Cpu))
+        using (var adapter = LoraAdapter.Create(model, new LoraConfig { Rank = 2, Dropout = 0 }, 3))
+        using (var trainer = new Trainer(model, adapter, opts))
+        {
+            var resumed = trainer.Train(samples, eval, 0, tmp.Path, resumeFrom: Path.Combine(tmp.Path, "checkpoint-3"));
+            Assert.Equal(full.StepLosses.Skip(3), resumed.StepLosses);
+        }
+        var file = Assert.Single(Directory.GetFiles(tbDir, "*tfevents*"));
+        var (version, scalars) = TensorBoardWriter.Read(file);
+        Assert.Equal("brain.Event:2", version);
+        foreach (var g in scalars.GroupBy(x => (x.Tag, x.Step))) Assert.True(g.Count() == 1, $"{g.Key.Tag} at step {g.Key.Step} appears {g.Count()} times");
+        var train = scalars.Where(x => x.Tag == "train/loss").ToList();
+        Assert.Equal(Enumerable.Range(1, 6).Select(i => (long)i), train.Select(x => x.Step));
+        for (int i = 0; i < 6; i++) Assert.Equal((float)full.StepLosses[i], train[i].Value);
+        Assert.Equal(new long[] { 0, 3, 6 }, scalars.Where(x => x.Tag == "eval/loss").Select(x => x.Step));
+        // steps up to the checkpoint are the first run's events (same wall times); later ones are new
+        foreach (var x in scalars.Where(x => x.Step <= 3))
+            Assert.Contains(first, f => f.Tag == x.Tag && f.Step == x.Step && f.WallTime == x.WallTime && f.Value == x.Value);
+        var lateOld = first.Where(f => f.Tag == "train/loss" && f.Step == 5).Single().WallTime;
+        Assert.True(train[4].WallTime > lateOld, "step 5 should be the resumed run's event");
+
+        // a fresh run into the same directory: only its own events
+        using (var model = new LlamaModel(w, Cpu))
+        using (var adapter = LoraAdapter.Create(model, new LoraConfig { Rank = 2, Dropout = 0 }, 3))
+        using (var trainer = new Trainer(model, adapter, new TrainOptions { MicroBatch = 4, MaxSteps = 2, EvalEvery = 3, LearningRate = 1e-2, Seed = 3 }))
+            trainer.Train(samples, eval, 0, tmp.Path);
+        var fresh = TensorBoardWriter.Read(Assert.Single(Directory.GetFiles(tbDir, "*tfevents*"))).Scalars;
+        Assert.Equal(new long[] { 1, 2 }, fresh.Where(x => x.Tag == "train/loss").Select(x => x.Step));
+    }
+
     [Fact]
     public void A_run_writes_tensorboard_events_that_parse_back_to_the_metrics_and_a_png()
     {

@@ -38,8 +38,56 @@ public sealed class TensorBoardWriter : IDisposable
     public string Directory { get; }
     public string Path { get; }
 
+    /// <summary>
+    /// A writer for a run's event directory that holds no other event file afterwards: the scalars of the event files
+    /// already there with step ≤ <paramref name="keepThroughStep"/> are copied into the new file (their steps and wall
+    /// times kept), then those files are deleted. A resumed run passes its checkpoint's step, so TensorBoard shows each
+    /// step once (the steps the killed run logged after the checkpoint are re-run and logged again, not duplicated); a
+    /// fresh run passes −1 and starts an empty directory. A file whose CRCs do not check is renamed aside
+    /// (unreadable_*, no longer an event file).
+    /// </summary>
+    public static TensorBoardWriter Open(string directory, long keepThroughStep)
+    {
+        System.IO.Directory.CreateDirectory(directory);
+        var old = System.IO.Directory.GetFiles(directory)
+            .Where(f => System.IO.Path.GetFileName(f).Contains("tfevents", StringComparison.Ordinal))
+            .OrderBy(f => f, StringComparer.Ordinal).ToList();
+        var keep = new List<Scalar>();
+        var unreadable = new List<string>();
+        foreach (var f in old)
+        {
+            try { keep.AddRange(Read(f).Scalars.Where(x => x.Step <= keepThroughStep)); }
+            catch (InvalidDataException) { unreadable.Add(f); }
+        }
+        var w = new TensorBoardWriter(directory);
+        try
+        {
+            for (int i = 0; i < keep.Count;)
+            {
+                int j = i;
+                while (j < keep.Count && keep[j].Step == keep[i].Step && keep[j].WallTime == keep[i].WallTime) j++;
+                w.Write(keep[i].Step, keep[i].WallTime, keep.Skip(i).Take(j - i).Select(x => (x.Tag, (double)x.Value)).ToArray());
+                i = j;
+            }
+            foreach (var f in old)
+            {
+                if (unreadable.Contains(f))
+                    File.Move(f, System.IO.Path.Combine(directory, "unreadable_" + System.IO.Path.GetFileName(f).Replace("tfevents", "tf_events", StringComparison.Ordinal)), overwrite: true);
+                else File.Delete(f);
+            }
+        }
+        catch
+        {
+            w.Dispose();
+            throw;
+        }
+        return w;
+    }
+
     /// <summary>One event at <paramref name="step"/> holding every (tag, value) as a scalar summary; NaN/Inf are skipped.</summary>
-    public void Scalars(long step, params (string Tag, double Value)[] values)
+    public void Scalars(long step, params (string Tag, double Value)[] values) => Write(step, WallTime(), values);
+
+    private void Write(long step, double wallTime, (string Tag, double Value)[] values)
     {
         var summary = new ProtoWriter();
         foreach (var (tag, v) in values)
@@ -51,7 +99,7 @@ public sealed class TensorBoardWriter : IDisposable
             summary.Message(1, value.ToArray());
         }
         var e = new ProtoWriter();
-        e.Double(1, WallTime());
+        e.Double(1, wallTime);
         e.Int64(2, step);
         e.Message(5, summary.ToArray());
         WriteRecord(e.ToArray());

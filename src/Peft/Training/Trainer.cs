@@ -319,7 +319,8 @@ public sealed class Trainer : IDisposable
             if (resumeFrom is not null) TruncateMetrics(metricsPath, first - 1);
             else if (File.Exists(metricsPath)) File.Delete(metricsPath);
             metrics = new StreamWriter(metricsPath, append: true) { AutoFlush = true };
-            tb = new TensorBoardWriter(Path.Combine(outputDir, TensorBoardDirName));
+            // as metrics.jsonl: a resumed run keeps the events up to its checkpoint (no step shown twice), a fresh run none
+            tb = TensorBoardWriter.Open(Path.Combine(outputDir, TensorBoardDirName), resumeFrom is null ? -1 : first - 1);
         }
         try
         {
