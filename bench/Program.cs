@@ -10,6 +10,7 @@ public static class Program
         if (args.Length > 0 && args[0] == "gpu") { Environment.ExitCode = GpuBench.Run(args); return; }
         if (args.Length > 0 && args[0] == "generate") { GenerationThroughput.Run(args); return; }
         if (args.Length > 0 && args[0] == "quick-gemm") { Variants.GemmVariants.Run(args); return; }
+        if (args.Length > 0 && args[0] == "quick-head") { Variants.GemmVariants.RunHead(args); return; }
         if (args.Length > 0 && args[0] == "quick-lora") { Variants.GemmVariants.RunLora(args); return; }
         if (args.Length > 0 && args[0] == "peers") { Environment.ExitCode = Peers.PeersCommand.Run(args); return; }
         BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);

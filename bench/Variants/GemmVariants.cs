@@ -78,5 +78,42 @@ internal static unsafe class GemmVariants
         }
     }
 
+    /// <summary>
+    /// <c>quick-head [threads] [cpu]</c>: the parts of the LM head + cross-entropy at the SmolLM2 shape (512×49152×576, one
+    /// 341-row chunk as LlamaModel runs it), per row so that chunk and full-batch numbers compare: ftn's forward product,
+    /// cross-entropy and dX product on the chunk and on all 512 rows; OpenBLAS's forward and dX products over all 512 rows.
+    /// </summary>
+    public static void RunHead(string[] args)
+    {
+        int threads = args.Length > 1 ? int.Parse(args[1]) : 2;
+        bool cpu = args.Length > 2 && args[2] == "cpu";
+        using var be = new CpuBackend(threads);
+        var blas = Peers.OpenBlas.TryLoad(out string why);
+        blas?.SetThreads(threads);
+        const int m = 512, v = 49152, c = 576, rows = 341;
+        using var x = BenchEnv.Random(be, DType.F32, 1, m, c);
+        using var w = BenchEnv.Random(be, DType.F32, 2, v, c);
+        using var logits = be.Allocate(DType.F32, m, v);
+        using var dx = be.Allocate(DType.F32, m, c);
+        using var targets = be.Allocate(DType.I32, m);
+        using var losses = be.Allocate(DType.F32, m);
+        be.Upload(targets, Enumerable.Range(0, m).Select(i => (i * 7919) % v).ToArray());
+        var xs = x.Slice(0, rows); var ls = logits.Slice(0, rows); var ts = targets.Slice(0, rows); var los = losses.Slice(0, rows); var dxs = dx.Slice(0, rows);
+        float* px = (float*)be.Ptr(x, "x"), pw = (float*)be.Ptr(w, "w"), pl = (float*)be.Ptr(logits, "l"), pdx = (float*)be.Ptr(dx, "dx");
+        double us(double sec, int r) => sec / r * 1e6;
+        Console.WriteLine($"LM head parts {m}x{v}x{c} (chunk {rows} rows), threads={threads}, {(cpu ? "CPU time" : "wall time")}, microseconds per row");
+        double f = Time(() => be.MatMul(ls, xs, w, null, rows, v, c, false), cpu, threads);
+        double ce = Time(() => be.CrossEntropy(ls, ts, los, rows, v, -100, 1f / m, true), cpu, threads);
+        double d = Time(() => be.MatMulBackwardInput(dxs, ls, w, rows, v, c, false), cpu, threads);
+        double f512 = Time(() => be.MatMul(logits, x, w, null, m, v, c, false), cpu, threads);
+        double d512 = Time(() => be.MatMulBackwardInput(dx, logits, w, m, v, c, false), cpu, threads);
+        Console.WriteLine($"ftn  fwd {us(f, rows),7:F1}  CE {us(ce, rows),6:F1}  dX {us(d, rows),7:F1}   (all 512 rows at once: fwd {us(f512, m),7:F1}  dX {us(d512, m),7:F1})");
+        if (blas is null) { Console.WriteLine("OpenBLAS: " + why); return; }
+        double bf = Time(() => blas.Sgemm(false, true, m, v, c, 1f, px, c, pw, c, 0f, pl, v), cpu, threads);
+        double bce = Time(() => be.CrossEntropy(logits, targets, losses, m, v, -100, 1f / m, true), cpu, threads);
+        double bd = Time(() => blas.Sgemm(false, false, m, c, v, 1f, pl, v, pw, c, 0f, pdx, c), cpu, threads);
+        Console.WriteLine($"peer fwd {us(bf, m),7:F1}  CE {us(bce, m),6:F1}  dX {us(bd, m),7:F1}   (512 rows; CE is ftn's on all rows)");
+    }
+
     private static double Time(Action a, bool cpu, int threads) => Quick.BestOf(a, cpu, threads, 10, 1.0);
 }

@@ -21,10 +21,13 @@ public sealed partial class LlamaModel : IDisposable
     /// <summary>Targets equal to this are ignored by the loss (PyTorch's default).</summary>
     public const int IgnoreIndex = -100;
 
-    /// <summary>Default floats in one chunk of logits (64 MiB): rows per chunk = this / V.</summary>
+    /// <summary>Default floats in one chunk of logits (128 MiB): rows per chunk = this / V.</summary>
     /// <remarks>The head weight is packed again for every chunk: at 16 MiB (85 rows of a 49152 vocab) that cost the
-    /// CPU LoRA step 5-9% tokens per CPU-second at the SmolLM2-135M and stories15M shapes (bench peers train-ftn).</remarks>
-    public const int DefaultLogitsChunkElements = 1 << 24;
+    /// CPU LoRA step 5-9% tokens per CPU-second at the SmolLM2-135M and stories15M shapes (bench peers train-ftn); at
+    /// 64 MiB (341 rows) the head's forward and dX products still ran 9% and 5% slower per row than one 512-row
+    /// product (bench quick-head 1 cpu). 128 MiB holds both issue shapes' batches (512 × 49152, 1024 × 32000) in one
+    /// chunk, for 33-64 MB more peak memory.</remarks>
+    public const int DefaultLogitsChunkElements = 1 << 25;
 
     private const int NumModules = 7;
     private const int ModQ = 0, ModK = 1, ModV = 2, ModO = 3, ModGate = 4, ModUp = 5, ModDown = 6;
