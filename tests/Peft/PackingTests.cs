@@ -141,6 +141,31 @@ public class PackingTests
         Assert.Throws<ArgumentOutOfRangeException>(() => model.NeftuneAlpha = -1);
     }
 
+    /// <summary>The noise of a buffer large enough to be drawn in parallel chunks (300,000 floats, ragged last chunk) equals one
+    /// sequential pass of the generator (splitmix64 of s0 + (i+1)·φ), written out here independently.</summary>
+    [Fact]
+    public void Neftune_ParallelNoise_EqualsTheSequentialStream()
+    {
+        static ulong Mix(ulong x)
+        {
+            ulong z = x + 0x9E3779B97F4A7C15UL;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
+            return z ^ (z >> 31);
+        }
+        const int n = 300_000;
+        var noise = new float[n];
+        LlamaModel.NeftuneNoise(noise, 5f, 600, 500, 42);
+        double mag = 5 / Math.Sqrt(600.0 * 500);
+        ulong state = Mix(42UL ^ 0x4E454654554E45UL);
+        for (int i = 0; i < n; i++)
+        {
+            state += 0x9E3779B97F4A7C15UL;
+            double u = (Mix(state) >> 11) * (1.0 / (1UL << 53));
+            Assert.True((float)((2 * u - 1) * mag) == noise[i], $"element {i}");
+        }
+    }
+
     private static float[] Download(IBackend b, Tensor t)
     {
         var h = new float[t.Length];

@@ -83,16 +83,43 @@ public sealed partial class LlamaModel : IDisposable
     }
     private float _neftuneAlpha;
 
-    /// <summary>Fills <paramref name="noise"/> (T·C per sequence) with NEFTune's uniform noise of magnitude α/√(T·C).</summary>
+    /// <summary>
+    /// Fills <paramref name="noise"/> (T·C per sequence) with NEFTune's uniform noise of magnitude α/√(T·C). Counter-based:
+    /// element i is a function of (seed, i) alone (splitmix64 of s0 + (i+1)·φ), so large buffers are drawn in parallel
+    /// chunks with the same values as one sequential pass. The noise is drawn on the host and uploaded: on a GPU device
+    /// that is one host-to-device copy of B·T·C floats per micro-batch (a device kernel would avoid it; not written).
+    /// </summary>
     public static void NeftuneNoise(Span<float> noise, float alpha, int seqLen, int hidden, ulong seed)
     {
         double mag = alpha / Math.Sqrt((double)seqLen * hidden);
-        ulong state = Mix64(seed ^ 0x4E454654554E45UL); // "NEFTUNE": a stream independent of the dropout masks
-        for (int i = 0; i < noise.Length; i++)
+        ulong s0 = Mix64(seed ^ 0x4E454654554E45UL); // "NEFTUNE": a stream independent of the dropout masks
+        const int Chunk = 1 << 16;
+        if (noise.Length <= Chunk)
         {
-            state += 0x9E3779B97F4A7C15UL;
-            double u = (Mix64(state) >> 11) * (1.0 / (1UL << 53)); // [0, 1)
-            noise[i] = (float)((2 * u - 1) * mag);
+            NeftuneChunk(noise, 0, s0, mag);
+            return;
+        }
+        unsafe
+        {
+            fixed (float* p = noise)
+            {
+                nint ptr = (nint)p;
+                int n = noise.Length;
+                Parallel.For(0, (n + Chunk - 1) / Chunk, c =>
+                {
+                    int start = c * Chunk, len = Math.Min(Chunk, n - start);
+                    NeftuneChunk(new Span<float>((float*)ptr + start, len), start, s0, mag);
+                });
+            }
+        }
+    }
+
+    private static void NeftuneChunk(Span<float> dst, long first, ulong s0, double mag)
+    {
+        for (int i = 0; i < dst.Length; i++)
+        {
+            double u = (Mix64(s0 + (ulong)(first + i + 1) * 0x9E3779B97F4A7C15UL) >> 11) * (1.0 / (1UL << 53)); // [0, 1)
+            dst[i] = (float)((2 * u - 1) * mag);
         }
     }
 
