@@ -22,7 +22,8 @@ public struct AttentionArgs
 /// Lanes of a warp split the keys of a tile for the scores and the channels for the accumulator, so any warp
 /// size works. Matches AttentionReference. Head size up to <see cref="MaxHeadSize"/>.
 /// Forward dispatch: Tq == 1 (a decode step) goes to <see cref="AttentionDecodeKernels"/> (split-K over the cache);
-/// bf16/f16 q, k, v on sm_80+ to <see cref="AttentionTensorCoreKernels"/>; everything else (f32) runs here.
+/// bf16/f16 q, k, v on sm_80+ to <see cref="AttentionTensorCoreKernels"/> (the backward too, for head sizes up to 64);
+/// everything else (f32) runs here.
 /// </remarks>
 internal sealed class AttentionKernels
 {
@@ -420,6 +421,13 @@ internal sealed class AttentionKernels
         {
             Batch = batch, Tq = tq, Tkv = tkv, KvLen = tkv, NHeads = nHeads, NKvHeads = nKvHeads, HeadSize = headSize, HasLse = 1, Scale = scale,
         };
+        if (AttentionTensorCoreKernels.TakesBackward(_b, q, k, v, headSize))
+        {
+            // bf16/f16 q, k, v on sm_80+, head size <= 64: the tensor-core kernels (AttentionTensorCoreBackward.cs)
+            _b.Kernels(x => new AttentionTensorCoreKernels(x)).Backward(q.DType == DType.F16, _b.Floats(q, "q"), _b.Floats(k, "k"), _b.Floats(v, "v"),
+                _b.F32(output, "output"), _b.F32(dOut, "dOut"), _b.F32(lse, "lse"), _b.F32(dq, "dq"), _b.F32(dk, "dk"), _b.F32(dv, "dv"), args);
+            return;
+        }
         var qv = _b.F32(q, "q");
         var kv = _b.F32(k, "k");
         var vv = _b.F32(v, "v");

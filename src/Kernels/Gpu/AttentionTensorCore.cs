@@ -31,13 +31,13 @@ namespace FineTuneNative.Kernels.Gpu;
 /// Saves lse for the backward. Needs a 32-lane warp. Matches AttentionReference within bf16/f16 rounding of
 /// Q, K, V and P.
 /// </remarks>
-internal sealed class AttentionTensorCoreKernels
+internal sealed partial class AttentionTensorCoreKernels
 {
     public const int Warps = 4, Threads = Warps * MmaLayout.WarpThreads, BQ = Warps * 16, BKV = 32, MaxHeadSize = 128;
     public const int Ld = MaxHeadSize + 8;
     public const int QAt = 0, KAt = BQ * Ld, VAt = KAt + BKV * Ld, SharedElems = VAt + BKV * Ld;
     /// <summary>Resident groups per SM the register budget is set for (ptxas launch bounds): 3 × 4 warps, ≤ 168 registers.</summary>
-    public const int MinGroupsPerSm = 3;
+    public const int MinGroupsPerSm = 3, MinGroupsPerSmBackward = 2;
     private const float Log2E = 1.44269504088896340736f, Ln2 = 0.693147180559945309417f;
 
     private readonly IlgpuBackend _b;
@@ -70,7 +70,9 @@ internal sealed class AttentionTensorCoreKernels
         var compiled = (PTXCompiledKernel)backend.Compile(EntryPointDescription.FromExplicitlyGroupedKernel(kernel), new KernelSpecialization());
         var text = typeof(PTXCompiledKernel).GetField("<PTXAssembly>k__BackingField", BindingFlags.Instance | BindingFlags.NonPublic)
                    ?? throw new NotSupportedException("this ILGPU version stores PTXCompiledKernel.PTXAssembly differently; PtxLocalForwarding cannot be applied");
-        text.SetValue(compiled, PtxLocalForwarding.AddLaunchBounds(PtxLocalForwarding.Rewrite(compiled.PTXAssembly), Threads, MinGroupsPerSm));
+        // the backward kernels hold two accumulator sets (dq: S and dP; dk/dv: dk and dv): two groups per SM, up to 255 registers
+        int minGroups = kernel.Name.StartsWith("AttentionTensorCoreBackward", StringComparison.Ordinal) ? MinGroupsPerSmBackward : MinGroupsPerSm;
+        text.SetValue(compiled, PtxLocalForwarding.AddLaunchBounds(PtxLocalForwarding.Rewrite(compiled.PTXAssembly), Threads, minGroups));
         return compiled;
     }
 
@@ -165,10 +167,10 @@ internal sealed class AttentionTensorCoreKernels
             // O += P·V: the C fragments of S are the A fragments of P (keys 0-15 from n8 tiles 0 and 1, keys 16-31 from 2 and 3)
             PFragment<TOp>(s.T0, s.T1, out uint p0, out uint p1, out uint p2, out uint p3);
             PFragment<TOp>(s.T2, s.T3, out uint p4, out uint p5, out uint p6, out uint p7);
-            PvStrip<TOp>(ref o0, sm, vRow, 0, hsp, lane, p0, p1, p2, p3, p4, p5, p6, p7);
-            if (hsp > 32) PvStrip<TOp>(ref o1, sm, vRow, 32, hsp, lane, p0, p1, p2, p3, p4, p5, p6, p7);
-            if (hsp > 64) PvStrip<TOp>(ref o2, sm, vRow, 64, hsp, lane, p0, p1, p2, p3, p4, p5, p6, p7);
-            if (hsp > 96) PvStrip<TOp>(ref o3, sm, vRow, 96, hsp, lane, p0, p1, p2, p3, p4, p5, p6, p7);
+            PvStrip<TOp>(ref o0, sm, vRow, Ld, 0, hsp, lane, p0, p1, p2, p3, p4, p5, p6, p7);
+            if (hsp > 32) PvStrip<TOp>(ref o1, sm, vRow, Ld, 32, hsp, lane, p0, p1, p2, p3, p4, p5, p6, p7);
+            if (hsp > 64) PvStrip<TOp>(ref o2, sm, vRow, Ld, 64, hsp, lane, p0, p1, p2, p3, p4, p5, p6, p7);
+            if (hsp > 96) PvStrip<TOp>(ref o3, sm, vRow, Ld, 96, hsp, lane, p0, p1, p2, p3, p4, p5, p6, p7);
         }
 
         lA += Warp.ShuffleXor(lA, 1);
@@ -195,16 +197,25 @@ internal sealed class AttentionTensorCoreKernels
     // ------------------------------------------------------------------ lane addressing (shared with the emulation test)
 
     /// <summary>The element this lane hands to the ldmatrix.x4 of Q's A fragment: rows 16·warp.., channels k16..k16+15.</summary>
-    public static int QFragElement(int warp, int k16, int lane)
-        => QAt + (warp * 16 + MmaLayout.LdmatrixARow(lane)) * Ld + k16 + MmaLayout.LdmatrixAK(lane);
+    public static int QFragElement(int warp, int k16, int lane) => ARowElement(QAt, Ld, warp * 16, k16, lane);
 
     /// <summary>The element this lane hands to the ldmatrix.x4 of K's B fragments for keys 16·half..16·half+15 (two n8 tiles), channels k16...</summary>
-    public static int KFragElement(int half, int k16, int lane)
-        => KAt + (half * 16 + MmaLayout.LdmatrixBRow(lane)) * Ld + k16 + MmaLayout.LdmatrixBK(lane);
+    public static int KFragElement(int half, int k16, int lane) => BRowElement(KAt, Ld, half, k16, lane);
 
     /// <summary>The element this lane hands to the ldmatrix.x4.trans of V's B fragments for keys 16·keyHalf.., channels d0..d0+15.</summary>
-    public static int VFragElement(int keyHalf, int d0, int lane)
-        => VAt + (keyHalf * 16 + VTransRow(lane)) * Ld + d0 + VTransCol(lane);
+    public static int VFragElement(int keyHalf, int d0, int lane) => BTransElement(VAt, Ld, keyHalf, d0, lane);
+
+    /// <summary>A fragment from a [row][k] tile at <paramref name="at"/> (row stride <paramref name="ld"/>): rows row0..row0+15, k16..k16+15.</summary>
+    public static int ARowElement(int at, int ld, int row0, int k16, int lane)
+        => at + (row0 + MmaLayout.LdmatrixARow(lane)) * ld + k16 + MmaLayout.LdmatrixAK(lane);
+
+    /// <summary>B fragments of two n8 tiles from an [n][k] tile: n = 16·half..16·half+15, k16..k16+15 (ldmatrix without .trans).</summary>
+    public static int BRowElement(int at, int ld, int half, int k16, int lane)
+        => at + (half * 16 + MmaLayout.LdmatrixBRow(lane)) * ld + k16 + MmaLayout.LdmatrixBK(lane);
+
+    /// <summary>B fragments of two n8 tiles from a [k][n] tile: k = 16·keyHalf.., n = d0..d0+15 (ldmatrix .trans).</summary>
+    public static int BTransElement(int at, int ld, int keyHalf, int d0, int lane)
+        => at + (keyHalf * 16 + VTransRow(lane)) * ld + d0 + VTransCol(lane);
 
     /// <summary>
     /// The key row (0..15 within a k16 slice) this lane addresses for the ldmatrix.x4.trans that reads V from its
@@ -265,20 +276,20 @@ internal sealed class AttentionTensorCoreKernels
 
     /// <summary>O[:, d0..d0+32) += P·V[:, d0..d0+32): per k16 slice of keys one ldmatrix.x4.trans per 16 channels, two mma.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void PvStrip<TOp>(ref MmaStrip o, ArrayView<ushort> sm, int vRow, int d0, int hsp, int lane,
+    private static void PvStrip<TOp>(ref MmaStrip o, ArrayView<ushort> sm, int vRow, int ld, int d0, int hsp, int lane,
         uint p0, uint p1, uint p2, uint p3, uint p4, uint p5, uint p6, uint p7) where TOp : struct, IMmaOperand
     {
         Ldsm4(sm, vRow + d0, lane, true, out uint v0, out uint v1, out uint v2, out uint v3); // = VFragElement(0, d0, lane)
         Mma<TOp>(ref o.T0, p0, p1, p2, p3, v0, v1, lane);
         Mma<TOp>(ref o.T1, p0, p1, p2, p3, v2, v3, lane);
-        Ldsm4(sm, vRow + 16 * Ld + d0, lane, true, out v0, out v1, out v2, out v3);          // = VFragElement(1, d0, lane)
+        Ldsm4(sm, vRow + 16 * ld + d0, lane, true, out v0, out v1, out v2, out v3);          // = VFragElement(1, d0, lane)
         Mma<TOp>(ref o.T0, p4, p5, p6, p7, v0, v1, lane);
         Mma<TOp>(ref o.T1, p4, p5, p6, p7, v2, v3, lane);
         if (d0 + 16 >= hsp) return; // channels past the padded head size: nothing loaded there
         Ldsm4(sm, vRow + d0 + 16, lane, true, out v0, out v1, out v2, out v3);
         Mma<TOp>(ref o.T2, p0, p1, p2, p3, v0, v1, lane);
         Mma<TOp>(ref o.T3, p0, p1, p2, p3, v2, v3, lane);
-        Ldsm4(sm, vRow + 16 * Ld + d0 + 16, lane, true, out v0, out v1, out v2, out v3);
+        Ldsm4(sm, vRow + 16 * ld + d0 + 16, lane, true, out v0, out v1, out v2, out v3);
         Mma<TOp>(ref o.T2, p4, p5, p6, p7, v0, v1, lane);
         Mma<TOp>(ref o.T3, p4, p5, p6, p7, v2, v3, lane);
     }
@@ -315,7 +326,7 @@ internal sealed class AttentionTensorCoreKernels
     /// as [row][channel] 16-bit values, in pairs; channels hs..hsp and rows at or past <paramref name="end"/> are zero.
     /// </summary>
     private static void LoadRows<TOp>(ArrayView<ushort> sm, int at, DeviceFloats src, long base_, long stride, int row0, int end, int rows,
-        int hs, int hsp, int tid) where TOp : struct, IMmaOperand
+        int hs, int hsp, int tid, int ld = Ld) where TOp : struct, IMmaOperand
     {
         var sm32 = sm.Cast<uint>();
         int pairs = hsp / 2;
@@ -327,7 +338,7 @@ internal sealed class AttentionTensorCoreKernels
             long g = base_ + row * stride + d;
             uint lo = rowIn && d < hs ? Bits<TOp>(src, g) : 0u;
             uint hi = rowIn && d + 1 < hs ? Bits<TOp>(src, g + 1) : 0u;
-            sm32[(at + r * Ld + d) / 2] = lo | (hi << 16);
+            sm32[(at + r * ld + d) / 2] = lo | (hi << 16);
         }
     }
 

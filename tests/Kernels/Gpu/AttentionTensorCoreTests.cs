@@ -208,6 +208,44 @@ public class AttentionTensorCoreTests
         NumericAssert.Close(el, tl.ToArray(), Tolerance.F32.Atol, Tolerance.F32.Rtol, "lse");
     }
 
+    [Theory]
+    [InlineData(false, DType.F32, 1, 40, 40, 2, 1, 16)]  // bf16; dk/dv sum over the two query heads of the kv head; two key tiles in the dq kernel
+    [InlineData(true, DType.F16, 2, 20, 27, 2, 2, 40)]   // f16 stored as f16; a prefix of 7 keys every query sees; head 40 padded to 48
+    [InlineData(false, DType.BF16, 1, 70, 70, 1, 1, 8)]  // two query tiles (dq kernel), two key tiles (dk/dv kernel), ragged
+    public void BackwardMatchesReferenceOnRoundedOperands(bool f16, DType storage, int batch, int tq, int tkv, int nh, int nkv, int hs)
+    {
+        var b = Sim.Value;
+        var tc = b.Kernels(x => new AttentionTensorCoreKernels(x));
+        float scale = 1f / MathF.Sqrt(hs);
+        var q = GradCheck.ToFloat(GradCheck.Random(batch * tq * nh * hs, 11, 1.0));
+        var k = GradCheck.ToFloat(GradCheck.Random(batch * tkv * nkv * hs, 12, 1.0));
+        var v = GradCheck.ToFloat(GradCheck.Random(batch * tkv * nkv * hs, 13, 1.0));
+        var dO = GradCheck.ToFloat(GradCheck.Random(batch * tq * nh * hs, 14, 1.0));
+        double[] R(float[] x) => x.Select(e => (double)Round(e, f16)).ToArray();
+        var (eo, el) = AttentionReference.Forward(R(q), R(k), R(v), batch, tq, tkv, tkv, nh, nkv, hs, scale);
+        var (edq, edk, edv) = AttentionReference.Backward(dO.Select(e => (double)e).ToArray(), R(q), R(k), R(v), batch, tq, tkv, nh, nkv, hs, scale);
+        using var tq_ = Up(b, storage, q);
+        using var tk = Up(b, storage, k);
+        using var tv = Up(b, storage, v);
+        using var to = Up(b, DType.F32, eo.Select(e => (float)e).ToArray());
+        using var tl = Up(b, DType.F32, el.Select(e => (float)e).ToArray());
+        using var tdo = Up(b, DType.F32, dO);
+        using var tdq = Up(b, DType.F32, GradCheck.ToFloat(GradCheck.Random(q.Length, 15, 1.0))); // pre-filled: must be overwritten
+        using var tdk = Up(b, DType.F32, GradCheck.ToFloat(GradCheck.Random(k.Length, 16, 1.0)));
+        using var tdv = Up(b, DType.F32, GradCheck.ToFloat(GradCheck.Random(v.Length, 17, 1.0)));
+        var args = new AttentionArgs
+        {
+            Batch = batch, Tq = tq, Tkv = tkv, KvLen = tkv, NHeads = nh, NKvHeads = nkv, HeadSize = hs, HasLse = 1, Scale = scale,
+        };
+        tc.Backward(f16, b.Floats(tq_, "q"), b.Floats(tk, "k"), b.Floats(tv, "v"), b.F32(to, "o"), b.F32(tdo, "dO"), b.F32(tl, "lse"),
+            b.F32(tdq, "dq"), b.F32(tdk, "dk"), b.F32(tdv, "dv"), args);
+        // dO, P and dS are rounded to the operand type for the mma: bf16/f16 tolerance
+        var (atol, rtol) = Tolerance.For(f16 ? DType.F16 : DType.BF16);
+        NumericAssert.Close(edq, tdq.ToArray(), atol, rtol, "dq");
+        NumericAssert.Close(edk, tdk.ToArray(), atol, rtol, "dk");
+        NumericAssert.Close(edv, tdv.ToArray(), atol, rtol, "dv");
+    }
+
     /// <summary>The CUDA path binds its self-loaded kernel with <see cref="AttentionTensorCoreKernels.Bind"/>: the same binding on the simulator runs it.</summary>
     [Fact]
     public void TheSelfLoadedLauncherBindsAndRuns()

@@ -71,6 +71,11 @@ public static class KernelsDoc
         yield return new("AttentionDecode (1 token, f32 cache of 2048)", $"B={Batch}: 4·HS FLOPs per cached key; split-K + combine", 4.0 * Batch * m.NH * Seq * m.HS,
             4.0 * Batch * Seq * m.NKV * m.HS * 2 + 8.0 * Batch * m.NH * m.HS,
             "memory bound: each query head's group re-reads its kv head's rows (NH/NKV times, from L2 when the heads run together); scalar 4-byte loads; warp-sum per key");
+        if (m.HS <= 64)
+            yield return new("AttentionTensorCoreBackward (bf16 q, k, v; dq + dk/dv)", "recomputes P: 10·HS FLOPs per pair, mma m16n8k16", 10 * pairs * m.HS,
+                2 * M * (m.NH + 2.0 * m.NKV) * m.HS * 2 + 4 * M * m.NH * m.HS * 4 + 4 * M * m.NKV * m.HS * 2,
+                "two kernels each recompute S (and dP): 14·HS FLOPs of mma per pair are executed for 10·HS useful; dO is re-rounded per tile; " +
+                "no double buffering; the dk/dv groups of a kv head walk all its query heads serially");
         yield return new("AttentionBackward (q + kv)", "recomputes P: 10·HS FLOPs per pair", 10 * pairs * m.HS,
             4 * M * (m.NH * 4.0 + m.NKV * 4.0) * m.HS, "f32 SIMT FMAs; two kernels (dq, dk/dv) each recompute P");
         yield return new("RmsNormForward", "read x, write y", 4 * M * m.C, 8 * M * m.C, "bandwidth bound: one group per row, reaches the floor only with C >= ~1k");

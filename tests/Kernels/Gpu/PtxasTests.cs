@@ -72,6 +72,7 @@ public class PtxasTests
                      "MatMulTensorCoreKernels.MatMulTensorCoreKernel<Bf16Operand>", "MatMulTensorCoreKernels.MatMulTensorCoreKernel<F16Operand>",
                      "AttentionTensorCoreKernels.AttentionTensorCoreForwardKernel<Bf16Operand>", "AttentionTensorCoreKernels.AttentionTensorCoreForwardKernel<F16Operand>",
                      "AttentionDecodeKernels.AttentionDecodeSplitKernel", "AttentionDecodeKernels.AttentionDecodeCombineKernel",
+                     "AttentionTensorCoreKernels.AttentionTensorCoreBackwardQueryKernel<Bf16Operand>", "AttentionTensorCoreKernels.AttentionTensorCoreBackwardKeyValueKernel<F16Operand>",
                  })
             Assert.Contains(expected, names);
     }
