@@ -145,12 +145,14 @@ public sealed unsafe class GemmBf16Tests(ITestOutputHelper output)
     [SkippableFact]
     public void LoraLinear_Bf16Compute_Base_Product_In_Bf16_Adapter_In_F32()
     {
-        // y = bf16(x)·bf16(W)ᵀ + s·(x·Aᵀ)·Bᵀ: the base product takes the bf16 kernel (then the rank update its own f32
-        // product, instead of the f32 kernel's fused one); dx = bf16(dy)·bf16(W) + s·(dy·B)·A; dA, dB in f32.
+        // y = bf16(x)·bf16(W)ᵀ + s·(x·Aᵀ)·Bᵀ: the base product takes the bf16 kernel, the fused rank update is added in
+        // f32 to each C tile after the last depth slice; dx = bf16(dy)·bf16(W) + s·(dy·B)·A; dA, dB in f32.
+        // Shapes: ragged row and column tiles (37×100), and two depth slices in both products (K, N = 700).
         Skip.IfNot(CpuBackend.Bf16ComputeAvailable, NoKernel);
         using var b = Bf16Backend();
-        const int m = 37, n = 100, k = 95, r = 16;
+        const int r = 16;
         const float s = 2f;
+        foreach (var (m, n, k) in new[] { (37, 100, 95), (50, 700, 700) })
         foreach (bool bf16W in new[] { false, true })
         {
             var xd = Rand((long)m * k, 20); var wd = Rand((long)n * k, 21); var ad = Rand((long)r * k, 22); var bd = Rand((long)n * r, 23);
@@ -170,11 +172,14 @@ public sealed unsafe class GemmBf16Tests(ITestOutputHelper output)
             var (adapterDx, dAExp, dBExp, _, _) = LoraLinearReference.Backward(dyd, xd, zeroW, ad, bd, s, 0, 0, m, n, k, r);
             var dxExp = MatMulReference.BackwardInput(RoundBf16(dyd), RoundBf16(wd), m, n, k);
             for (int i = 0; i < dxExp.Length; i++) dxExp[i] += adapterDx[i];
-            var (atol, rtol) = Tol(Math.Max(n, k));
-            NumericAssert.Close(yExp, Down(b, y), atol, rtol, $"y bf16W={bf16W}");
-            NumericAssert.Close(dxExp, Down(b, dx), atol, rtol, $"dx bf16W={bf16W}");
-            NumericAssert.Close(dAExp, Down(b, dA), atol, rtol, $"dA bf16W={bf16W}");
-            NumericAssert.Close(dBExp, Down(b, dB), atol, rtol, $"dB bf16W={bf16W}");
+            // looser than Tol: the f32 adapter term s·(x·Aᵀ)·Bᵀ carries the accumulation error of u (a depth-K sum) times
+            // s·|B| over R terms (measured max 9e-5 at K = 700, values up to ~4)
+            double atol = 2e-4, rtol = 1e-4;
+            string what = $"M={m} N={n} K={k} bf16W={bf16W}";
+            NumericAssert.Close(yExp, Down(b, y), atol, rtol, "y " + what);
+            NumericAssert.Close(dxExp, Down(b, dx), atol, rtol, "dx " + what);
+            NumericAssert.Close(dAExp, Down(b, dA), atol, rtol, "dA " + what);
+            NumericAssert.Close(dBExp, Down(b, dB), atol, rtol, "dB " + what);
         }
     }
 

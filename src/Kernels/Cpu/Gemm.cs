@@ -95,13 +95,8 @@ internal static unsafe class Gemm
             Run(be, m, n, update.R, update.U, update.LdU, false, update.V, false, update.LdV, update.VTrans, c, ldc, update.Scale, true, null);
             return;
         }
-        // bf16 compute mode (GemmBf16.cs): the activation-by-weight products on AVX512_BF16 (false = not taken: f32 below);
-        // a rank update then runs as its own product accumulated into C
-        if (be.MatMulCompute == DType.BF16 && GemmBf16.TryRun(be, m, n, k, a, lda, aTrans, b, bBf16, ldb, bTrans, c, ldc, alpha, accumulate, bias))
-        {
-            if (update.R > 0) Run(be, m, n, update.R, update.U, update.LdU, false, update.V, false, update.LdV, update.VTrans, c, ldc, update.Scale, true, null);
-            return;
-        }
+        // bf16 compute mode (GemmBf16.cs): the activation-by-weight products on AVX512_BF16 (false = not taken: f32 below)
+        if (be.MatMulCompute == DType.BF16 && GemmBf16.TryRun(be, m, n, k, a, lda, aTrans, b, bBf16, ldb, bTrans, c, ldc, alpha, accumulate, bias, update)) return;
         be.EnsureScratch(ScratchFloats(k));
         var ctx = new Ctx
         {

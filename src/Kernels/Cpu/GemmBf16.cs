@@ -17,7 +17,8 @@ namespace FineTuneNative.Kernels.Cpu;
 /// one row of A or one column of B, the even k in the low half; an odd K is padded with a zero pair half.
 /// Loop nest as in Gemm (BLIS): column blocks of NBlock, depth slices of at most KCMax (even) shared by the threads
 /// for B, row blocks of MBlock for A, tiles of C on the pool; the 12×32 register tile is the machine-code kernel of
-/// <see cref="GemmBf16Asm"/> (24 zmm accumulators). VDPBF16PS treats bf16 denormal inputs as zero and flushes
+/// <see cref="GemmBf16Asm"/> (24 zmm accumulators). A rank update (the LoRA term of a fused LoRA linear) is added
+/// in f32 to each C tile after the last depth slice, while the tile is in L1. VDPBF16PS treats bf16 denormal inputs as zero and flushes
 /// denormal results (DAZ/FTZ, per the instruction's definition): values below 1.2e-38 in magnitude count as 0.
 /// Reference: MatMulReference on bf16-rounded inputs (tests/Kernels/Cpu/GemmBf16Tests.cs).
 /// </remarks>
@@ -63,6 +64,8 @@ internal static unsafe class GemmBf16
         public int APanels, BPanels, PanelsPerTask, APackTasks, BPackTasks;
         public int TileRows, TileColsNow, TilesM, TilesN;
         public float* Scratch; public long ScratchStride;
+        /// <summary>Rank update C += UScale·U·op(V) (f32), added to each C tile after the last depth slice: U (M × R, row stride LdU) read in place, op(V) packed R × VpStride.</summary>
+        public float* U, Vp; public long LdU; public int R, VpStride; public float UScale;
     }
 
     /// <summary>
@@ -71,17 +74,17 @@ internal static unsafe class GemmBf16
     /// </summary>
     public static bool TryRun(CpuBackend be, int m, int n, int k,
         float* a, long lda, bool aTrans, void* b, bool bBf16, long ldb, bool bTrans,
-        float* c, long ldc, float alpha, bool accumulate, float* bias)
+        float* c, long ldc, float alpha, bool accumulate, float* bias, Gemm.RankUpdate update = default)
     {
         if (!IsAvailable || !Applies(m, n, k, aTrans)) return false;
-        Run(be, m, n, k, a, lda, b, bBf16, ldb, bTrans, c, ldc, alpha, accumulate, bias);
+        Run(be, m, n, k, a, lda, b, bBf16, ldb, bTrans, c, ldc, alpha, accumulate, bias, update);
         return true;
     }
 
     private static int RoundUp(int x, int r) => (x + r - 1) / r * r;
 
     private static void Run(CpuBackend be, int m, int n, int k, float* a, long lda, void* b, bool bBf16, long ldb, bool bTrans,
-        float* c, long ldc, float alpha, bool accumulate, float* bias)
+        float* c, long ldc, float alpha, bool accumulate, float* bias, Gemm.RankUpdate update)
     {
         be.EnsureScratch(MR * NR);
         var ctx = new Ctx
@@ -98,6 +101,19 @@ internal static unsafe class GemmBf16
         // packed panels are dwords (one k-pair each): the f32 GEMM's buffers hold them (4 bytes per element)
         be.GemmBuffers((long)mcMax * kpMax, (long)ncMax * kpMax, out float* ap, out float* bp);
         ctx.Ap = (uint*)ap; ctx.Bp = (uint*)bp;
+        if (update.R > 0)
+        {
+            // the LoRA term s·u·Bᵀ (forward) or s·g·A (input gradient) stays f32: op(V) packed k-major, added per C tile
+            int nPad = RoundUp(n, NR);
+            ctx.R = update.R; ctx.U = update.U; ctx.LdU = update.LdU; ctx.UScale = update.Scale; ctx.VpStride = nPad;
+            ctx.Vp = be.GemmUpdateBuffer((long)update.R * nPad);
+            for (int q = 0; q < update.R; q++)
+            {
+                float* row = ctx.Vp + (long)q * nPad;
+                for (int j = 0; j < n; j++) row[j] = update.VTrans ? update.V[j * update.LdV + q] : update.V[q * update.LdV + j];
+                for (int j = n; j < nPad; j++) row[j] = 0f;
+            }
+        }
         for (int jc = 0; jc < n; jc += NBlock)
         {
             int nc = Math.Min(NBlock, n - jc);
@@ -345,6 +361,7 @@ internal static unsafe class GemmBf16
         float* tile = x->Scratch + worker * x->ScratchStride;
         bool direct = x->Alpha == 1f && x->BiasNow == null;
         long beta = x->Beta ? 1 : 0;
+        bool update = x->R > 0 && x->Pc + x->Kc == x->K;
         for (int ir = r0; ir < r1; ir += MR)
         {
             int mv = Math.Min(MR, r1 - ir);
@@ -354,14 +371,47 @@ internal static unsafe class GemmBf16
             {
                 int nv = Math.Min(NR, c1 - jr);
                 uint* bPanel = x->Bp + (long)(jr / NR) * NR * kp;
-                if (direct && mv == MR && nv == NR)
+                if (direct && mv == MR && nv == NR) kernel(kp, aPanel, bPanel, cRow + jr, x->Ldc * sizeof(float), beta);
+                else
                 {
-                    kernel(kp, aPanel, bPanel, cRow + jr, x->Ldc * sizeof(float), beta);
-                    continue;
+                    kernel(kp, aPanel, bPanel, tile, NR * sizeof(float), 0);
+                    float* bias = x->BiasNow != null ? x->BiasNow + x->Jc + jr : null;
+                    StoreEdge(tile, cRow + jr, x->Ldc, x->Alpha, x->Beta, bias, mv, nv);
                 }
-                kernel(kp, aPanel, bPanel, tile, NR * sizeof(float), 0);
-                float* bias = x->BiasNow != null ? x->BiasNow + x->Jc + jr : null;
-                StoreEdge(tile, cRow + jr, x->Ldc, x->Alpha, x->Beta, bias, mv, nv);
+                if (update) AddUpdate(x, cRow + jr, x->Ic + ir, x->Jc + jr, mv, nv); // the C tile is still in L1
+            }
+        }
+    }
+
+    /// <summary>C tile (mv × nv at row i0, column j0) += UScale·U(i0.., :)·op(V)(:, j0..), f32.</summary>
+    private static void AddUpdate(Ctx* x, float* c, int i0, int j0, int mv, int nv)
+    {
+        int r = x->R;
+        long vs = x->VpStride;
+        float* v = x->Vp + j0;
+        for (int i = 0; i < mv; i++)
+        {
+            float* u = x->U + (i0 + i) * x->LdU;
+            float* row = c + i * x->Ldc;
+            if (nv == NR)
+            {
+                Vector512<float> a0 = default, a1 = default;
+                for (int q = 0; q < r; q++)
+                {
+                    var uq = Vector512.Create(u[q]);
+                    a0 = Vector512.FusedMultiplyAdd(uq, Vector512.Load(v + q * vs), a0);
+                    a1 = Vector512.FusedMultiplyAdd(uq, Vector512.Load(v + q * vs + 16), a1);
+                }
+                var s = Vector512.Create(x->UScale);
+                Vector512.FusedMultiplyAdd(s, a0, Vector512.Load(row)).Store(row);
+                Vector512.FusedMultiplyAdd(s, a1, Vector512.Load(row + 16)).Store(row + 16);
+                continue;
+            }
+            for (int j = 0; j < nv; j++)
+            {
+                float acc = 0f;
+                for (int q = 0; q < r; q++) acc += u[q] * v[q * vs + j];
+                row[j] += x->UScale * acc;
             }
         }
     }
