@@ -17,8 +17,8 @@ namespace FineTuneNative.Kernels.Cpu;
 /// column block (NBlock) × group of K slices (all of K unless the packed panels would pass RegionFloats) × row block
 /// (MBlock) ONE parallel region runs: the threads take (TileRows × TileCols) tiles of C in column-major order, and
 /// each tile walks the group's slices itself, packing on first use the NR-wide B panels and MR-tall A panels it needs
-/// (per-panel claim flags: a panel is packed once, by whichever thread needs it first, and shared; B panels are kept
-/// for the next row block). Inside a tile the A micro-panel (MR·kc floats) stays in L1 while the B micro-panels stream
+/// (per-panel claim flags: a panel is packed once, by whichever thread needs it first, and shared; a thread that finds
+/// a panel still being packed packs a private copy rather than wait; B panels are kept for the next row block). Inside a tile the A micro-panel (MR·kc floats) stays in L1 while the B micro-panels stream
 /// from L2; the 12×32 micro-kernel keeps its C tile in 24 Vector512 registers (8 for A-broadcast/B loads left of
 /// the 32) and broadcasts A from memory. An optional rank-R term (RankUpdate, the LoRA s·u·Bᵀ and s·g·A) runs as R
 /// more depth steps of the last slice.
@@ -52,7 +52,15 @@ internal static unsafe class Gemm
     public const int TileCols = 256;
 
     /// <summary>Floats of per-thread scratch one GEMM needs (edge tile, small-M paths).</summary>
-    public static long ScratchFloats(int k) => 16 * 64 + Math.Max(k, 1) + 64;
+    public static long ScratchFloats(int k) => Math.Max(16 * 64 + Math.Max(k, 1) + 64, PrivateOffset + PrivateFloats);
+
+    /// <summary>
+    /// Per-thread private panels (after the edge tile in the scratch): a tile that finds one of its panels being packed
+    /// by another thread packs its own copy here instead of waiting (a descheduled packer on a loaded machine would
+    /// otherwise stall it for a time slice): TileCols / NR B panels and one A panel, KCMax deep.
+    /// </summary>
+    private const int PrivateOffset = 16 * 64 + 64;
+    private static readonly int PrivateFloats = (TileCols / NR) * NR * KCMax + MR * KCMax;
 
     private struct Ctx
     {
@@ -424,25 +432,11 @@ internal static unsafe class Gemm
 
     /// <summary>
     /// Panel pack states: the first thread to need a panel claims it (0 → 1), packs it and publishes it (→ 2).
-    /// TryClaim: true when the caller must pack it now; false when it is ready or being packed by another thread.
+    /// TryClaim: true when the caller must pack it now; false when it is ready or being packed by another thread
+    /// (then the caller packs a private copy: nobody ever waits on another thread inside a region).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static bool TryClaim(int* flag) => Volatile.Read(ref *flag) == 0 && Interlocked.CompareExchange(ref *flag, 1, 0) == 0;
-
-    /// <summary>
-    /// Spins until another thread has published the panel (a packer never waits on anything: no deadlock); yields the
-    /// core every 256 pauses in case the packer is descheduled. A plain pause loop (not SpinWait) and no tiering: a
-    /// rarely taken path that tiered JIT promotes in the middle of training allocates (TrainingStepAllocationTests).
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void WaitReady(int* flag)
-    {
-        for (int i = 1; Volatile.Read(ref *flag) != 2; i++)
-        {
-            if ((i & 255) == 0) Thread.Yield();
-            else if (X86Base.IsSupported) X86Base.Pause();
-        }
-    }
 
     /// <summary>Rows [Ic + panel·MR, +MR) of op(A), depth [pc, pc+kc), p-major inside the panel (at dst), zero rows past M.</summary>
     private static void PackAPanel(Ctx* x, int panel, int pc, int kc, float* dst)
@@ -572,6 +566,8 @@ internal static unsafe class Gemm
         int r0 = tm * x->TileRows, r1 = Math.Min(x->Mc, r0 + x->TileRows);
         int c0 = tn * x->TileColsNow, c1 = Math.Min(x->Nc, c0 + x->TileColsNow);
         float* tile = x->Scratch + worker * x->ScratchStride;
+        float* priv = tile + PrivateOffset;
+        float** bPtr = stackalloc float*[TileCols / 16];
         float alpha = x->Alpha;
         for (int s = x->S0; s < x->S1; s++)
         {
@@ -582,10 +578,11 @@ internal static unsafe class Gemm
             float* ap = x->Ap + g * x->ASliceStride, bp = x->Bp + g * x->BSliceStride;
             int* aFlags = x->AFlags + g * x->AFlagStride, bFlags = x->BFlags + g * x->BFlagStride;
             // the tile's B panels of this slice (a full panel of a row-major f32 B is read in place): pack every one
-            // nobody has claimed, then wait for those another thread is packing
+            // nobody has claimed; one that another thread is still packing after that gets a private copy (no waiting)
             for (int jr = c0; jr < c1; jr += nr)
             {
                 int panel = jr / nr;
+                bPtr[(jr - c0) / nr] = bp + (long)panel * nr * kc;
                 if (x->BDirect && jr + nr <= x->Nc) continue;
                 if (TryClaim(bFlags + panel))
                 {
@@ -594,7 +591,12 @@ internal static unsafe class Gemm
                 }
             }
             for (int jr = c0; jr < c1; jr += nr)
-                if (!x->BDirect || jr + nr > x->Nc) WaitReady(bFlags + jr / nr);
+            {
+                int panel = jr / nr, t = (jr - c0) / nr;
+                if ((x->BDirect && jr + nr <= x->Nc) || Volatile.Read(ref bFlags[panel]) == 2) continue;
+                bPtr[t] = priv + (long)t * nr * KCMax;
+                PackBPanel(x, panel, pc, kc, bPtr[t]);
+            }
             for (int ir = r0; ir < r1; ir += mr)
             {
                 int mv = Math.Min(mr, r1 - ir);
@@ -605,13 +607,17 @@ internal static unsafe class Gemm
                     PackAPanel(x, panelA, pc, kc, aPanel);
                     Volatile.Write(ref aFlags[panelA], 2);
                 }
-                else WaitReady(aFlags + panelA);
+                else if (Volatile.Read(ref aFlags[panelA]) != 2)
+                {
+                    aPanel = priv + (TileCols / NR) * NR * KCMax;
+                    PackAPanel(x, panelA, pc, kc, aPanel);
+                }
                 float* cRow = x->C + (x->Ic + ir) * x->Ldc + x->Jc;
                 float* a2 = k2 > 0 ? x->Up + (long)(x->Ic + ir) * k2 : null;
                 for (int jr = c0; jr < c1; jr += nr)
                 {
                     int nv = Math.Min(nr, c1 - jr);
-                    float* bPanel = bp + (long)(jr / nr) * nr * kc;
+                    float* bPanel = bPtr[(jr - c0) / nr];
                     float* biasJ = biasNow != null ? biasNow + x->Jc + jr : null;
                     float* b2 = k2 > 0 ? x->Vp + (long)(x->Jc + jr) * k2 : null;
                     if (Wide)
