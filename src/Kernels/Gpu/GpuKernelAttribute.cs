@@ -28,10 +28,13 @@ public sealed class GpuKernelAttribute : Attribute
 
     /// <summary>The kernel multiplies on tensor cores (inline mma.sync): its SASS must contain HMMA (PtxasTests).</summary>
     public bool TensorCore { get; init; }
+
+    /// <summary>The kernel copies global -> shared with inline cp.async (sm_80+): its SASS must contain LDGSTS (PtxasTests).</summary>
+    public bool CpAsync { get; init; }
 }
 
 /// <summary>One compiled-to-be kernel: a closed method and how it is grouped.</summary>
-public sealed record GpuKernelInfo(string Name, MethodInfo Method, bool ExplicitlyGrouped, bool TensorCore = false)
+public sealed record GpuKernelInfo(string Name, MethodInfo Method, bool ExplicitlyGrouped, bool TensorCore = false, bool CpAsync = false)
 {
     public EntryPointDescription EntryPoint => ExplicitlyGrouped
         ? EntryPointDescription.FromExplicitlyGroupedKernel(Method)
@@ -55,9 +58,9 @@ public static class GpuKernelCatalog
                     if (attr.Instantiations.Length == 0)
                         throw new InvalidOperationException($"generic kernel {type.Name}.{m.Name} lists no instantiations");
                     foreach (var t in attr.Instantiations)
-                        list.Add(new GpuKernelInfo($"{type.Name}.{m.Name}<{t.Name}>", m.MakeGenericMethod(t), attr.ExplicitlyGrouped, attr.TensorCore));
+                        list.Add(new GpuKernelInfo($"{type.Name}.{m.Name}<{t.Name}>", m.MakeGenericMethod(t), attr.ExplicitlyGrouped, attr.TensorCore, attr.CpAsync));
                 }
-                else list.Add(new GpuKernelInfo($"{type.Name}.{m.Name}", m, attr.ExplicitlyGrouped, attr.TensorCore));
+                else list.Add(new GpuKernelInfo($"{type.Name}.{m.Name}", m, attr.ExplicitlyGrouped, attr.TensorCore, attr.CpAsync));
             }
         }
         list.Sort((a, b) => string.CompareOrdinal(a.Name, b.Name));

@@ -23,6 +23,10 @@ public struct TensorCoreArgs
     public int Accumulate, HasBias;
     /// <summary>1 when runs of 4 along k of A (of B) may be read with one 16-byte (f32) or 8-byte (16-bit) load: see <see cref="MatMulTensorCoreKernels.CanVectorize"/>.</summary>
     public int VecA, VecB;
+    /// <summary>1 when A's (B's) tiles go global -> shared with cp.async (sm_80+): see <see cref="MatMulTensorCoreKernels.CanCopyAsync"/>.</summary>
+    public int AsyncA, AsyncB;
+    /// <summary>Device addresses of element 0 of A's (B's) 16-bit view, set by the launcher for cp.async (PTX takes raw addresses; ILGPU kernels cannot take one).</summary>
+    public long AddrA, AddrB;
     /// <summary>Rank of the low-rank term added in the epilogue (0: none).</summary>
     public int LoraRank;
     public long Slj, Slq;
@@ -88,8 +92,10 @@ public struct MmaStage
 /// elements (80 bytes: the eight 16-byte rows one ldmatrix phase reads fall in distinct banks). While the
 /// warps multiply one buffer, every thread already holds its 16 + 16 elements of the next tile in registers
 /// (loaded, rounded and packed to 16 bits) and stores them into the other buffer afterwards: one barrier per
-/// step. Operands are f32 activations in this runtime, so they are converted on the way into shared memory
-/// and cp.async (a raw byte copy) cannot be used for them. Loads are coalesced along whichever operand
+/// step. f32 activations are converted on the way into shared memory, so cp.async (a raw byte copy) cannot be used
+/// for them; an operand already stored in the operand type with k contiguous (the bf16 weight of the forward) goes
+/// global -> shared by 16-byte cp.async.cg instead, issued into the free buffer before the multiply and waited for
+/// (cp.async.wait_group 0) before the step's barrier. Loads are coalesced along whichever operand
 /// dimension is contiguous; a transposed operand is transposed by the shared-memory store.
 /// The shared buffer must be the kernel's only shared allocation: the inline PTX addresses it by the name
 /// ILGPU gives the first one (<c>__shared_alloca0</c>); ptxas fails on the PTX if that ever changes.
@@ -131,7 +137,9 @@ internal sealed class MatMulTensorCoreKernels
         var text = typeof(PTXCompiledKernel).GetField("<PTXAssembly>k__BackingField", BindingFlags.Instance | BindingFlags.NonPublic)
                    ?? throw new NotSupportedException("this ILGPU version stores PTXCompiledKernel.PTXAssembly differently; PtxLocalForwarding cannot be applied");
         // two resident groups per SM (16 warps, 128 registers per thread) hide the ldmatrix/global latency one group cannot
-        text.SetValue(compiled, PtxLocalForwarding.AddLaunchBounds(PtxLocalForwarding.Rewrite(compiled.PTXAssembly), Threads, MinGroupsPerSm));
+        // and ldmatrix / cp.async need the shared tile buffer 16-byte aligned (ILGPU declares it .align 4)
+        text.SetValue(compiled, PtxLocalForwarding.AlignShared(
+            PtxLocalForwarding.AddLaunchBounds(PtxLocalForwarding.Rewrite(compiled.PTXAssembly), Threads, MinGroupsPerSm), 16));
         return compiled;
     }
 
@@ -151,7 +159,7 @@ internal sealed class MatMulTensorCoreKernels
         return (config, x, w, output, bias, u, loraB, p) => launch(b.Stream, config, x, w, output, bias, u, loraB, p);
     }
 
-    [GpuKernel(true, typeof(Bf16Operand), typeof(F16Operand), TensorCore = true)]
+    [GpuKernel(true, typeof(Bf16Operand), typeof(F16Operand), TensorCore = true, CpAsync = true)]
     public static void MatMulTensorCoreKernel<TOp>(DeviceFloats a, DeviceFloats b, ArrayView<float> output, DeviceFloats bias,
         ArrayView<float> u, DeviceFloats loraB, TensorCoreArgs p) where TOp : struct, IMmaOperand
     {
@@ -168,21 +176,33 @@ internal sealed class MatMulTensorCoreKernels
         var acc2 = default(MmaStrip);
         var acc3 = default(MmaStrip);
 
-        var stA = LoadTile<TOp>(a, p.Sai, p.Sar, bi, p.M, 0, p.R, tid, p.VecA);
-        var stB = LoadTile<TOp>(b, p.Sbj, p.Sbr, bj, p.N, 0, p.R, tid, p.VecB);
-        StoreTile(sm, 0, stA, p.Sar == 1, tid);
-        StoreTile(sm, TileElems, stB, p.Sbr == 1, tid);
+        // Operands already in the operand type with k contiguous go global -> shared by cp.async (no registers, no
+        // conversion); the others are loaded into registers, converted, and stored after the multiply.
+        bool asyncA = CudaAsm.IsSupported && p.AsyncA != 0;
+        bool asyncB = CudaAsm.IsSupported && p.AsyncB != 0;
+        var stA = default(MmaStage);
+        var stB = default(MmaStage);
+        if (asyncA) CopyTileAsync(p.AddrA, p.Sai, bi, p.M, 0, p.R, tid, 0);
+        else StoreTile(sm, 0, LoadTile<TOp>(a, p.Sai, p.Sar, bi, p.M, 0, p.R, tid, p.VecA), p.Sar == 1, tid);
+        if (asyncB) CopyTileAsync(p.AddrB, p.Sbj, bj, p.N, 0, p.R, tid, TileElems);
+        else StoreTile(sm, TileElems, LoadTile<TOp>(b, p.Sbj, p.Sbr, bj, p.N, 0, p.R, tid, p.VecB), p.Sbr == 1, tid);
+        if (asyncA || asyncB) CpAsyncCommitAndWait();
         Group.Barrier();
 
         int steps = (p.R + BK - 1) / BK;
         for (int s = 0; s < steps; s++)
         {
             int cur = (s & 1) * 2 * TileElems;
+            int next = cur ^ (2 * TileElems);
             bool more = s + 1 < steps;
             if (more)
             {
-                stA = LoadTile<TOp>(a, p.Sai, p.Sar, bi, p.M, (s + 1) * BK, p.R, tid, p.VecA);
-                stB = LoadTile<TOp>(b, p.Sbj, p.Sbr, bj, p.N, (s + 1) * BK, p.R, tid, p.VecB);
+                // The other buffer is free: every warp passed the barrier that ended the step which read it.
+                if (asyncA) CopyTileAsync(p.AddrA, p.Sai, bi, p.M, (s + 1) * BK, p.R, tid, next);
+                else stA = LoadTile<TOp>(a, p.Sai, p.Sar, bi, p.M, (s + 1) * BK, p.R, tid, p.VecA);
+                if (asyncB) CopyTileAsync(p.AddrB, p.Sbj, bj, p.N, (s + 1) * BK, p.R, tid, next + TileElems);
+                else stB = LoadTile<TOp>(b, p.Sbj, p.Sbr, bj, p.N, (s + 1) * BK, p.R, tid, p.VecB);
+                if (asyncA || asyncB) CpAsyncCommit();
             }
             for (int k16 = 0; k16 < BK; k16 += 16)
             {
@@ -205,9 +225,9 @@ internal sealed class MatMulTensorCoreKernels
             }
             if (more)
             {
-                int next = cur ^ (2 * TileElems);
-                StoreTile(sm, next, stA, p.Sar == 1, tid);
-                StoreTile(sm, next + TileElems, stB, p.Sbr == 1, tid);
+                if (!asyncA) StoreTile(sm, next, stA, p.Sar == 1, tid);
+                if (!asyncB) StoreTile(sm, next + TileElems, stB, p.Sbr == 1, tid);
+                if (asyncA || asyncB) CpAsyncWait();
             }
             Group.Barrier();
         }
@@ -340,6 +360,61 @@ internal sealed class MatMulTensorCoreKernels
         }
     }
 
+    // ------------------------------------------------------------------ global -> shared by cp.async (sm_80+)
+
+    /// <summary>
+    /// Which 16-byte piece of a 128-row × 32-k tile thread <paramref name="tid"/> copies in pass <paramref name="pass"/>
+    /// (0, 1): row and first k (a multiple of 8). Four consecutive threads cover one row's 64 bytes, so a warp reads 8
+    /// rows of 64 contiguous bytes. Shared with the coverage test.
+    /// </summary>
+    public static (int Row, int K) AsyncPiece(int tid, int pass)
+    {
+        int idx = tid + pass * Threads;
+        return (idx / (BK / 8), idx % (BK / 8) * 8);
+    }
+
+    /// <summary>
+    /// Bytes of a piece to read: 16 inside the operand, fewer at the k tail (cp.async zero-fills the rest of the 16),
+    /// 0 for a row past the last (all zeros, nothing read).
+    /// </summary>
+    public static int AsyncBytes(int row, int k, int rows, int ks) => row >= rows || k >= ks ? 0 : ks - k >= 8 ? 16 : (ks - k) * 2; // (no Math.Clamp: its throw is not kernel code)
+
+    /// <summary>
+    /// The tile starting at (row0, k0) of a k-contiguous 16-bit operand straight into shared memory at element
+    /// <paramref name="at"/> as [row][k] rows of <see cref="Ld"/>: two 16-byte cp.async.cg per thread (L2 only: the tile
+    /// is read once per group). Needs rows 16-byte aligned (<see cref="CanCopyAsync"/>); completes at the next wait.
+    /// </summary>
+    private static void CopyTileAsync(long base0, long srow, int row0, int rows, int k0, int ks, int tid, int at)
+    {
+        for (int pass = 0; pass < 2; pass++)
+        {
+            var (row, k) = AsyncPiece(tid, pass);
+            int bytes = AsyncBytes(row0 + row, k0 + k, rows, ks);
+            long g = bytes > 0 ? (long)(row0 + row) * srow + k0 + k : 0; // a zero-byte copy still names a valid address
+            CpAsync16(at + row * Ld + k, base0 + g * 2, bytes);
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void CpAsync16(int element, long global, int bytes)
+    {
+        Input<long> offset = element * 2L;
+        Input<long> src = global;
+        Input<int> size = bytes;
+        CudaAsm.EmitRef("{ .reg .b64 t, g; mov.b64 t, __shared_alloca0; add.s64 t, t, %0; cvta.to.global.u64 g, %1; cp.async.cg.shared.global [t], [g], 16, %2; }",
+            ref offset, ref src, ref size);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void CpAsyncCommit() => CudaAsm.Emit("cp.async.commit_group;");
+
+    /// <summary>Waits for every committed group of this thread (the barrier after it publishes them to the group).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void CpAsyncWait() => CudaAsm.Emit("cp.async.wait_group 0;");
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void CpAsyncCommitAndWait() => CudaAsm.Emit("cp.async.commit_group; cp.async.wait_group 0;");
+
     // ------------------------------------------------------------------ tensor cores (inline PTX)
 
     /// <summary>ldmatrix.x4 from the shared buffer at 16-bit element offset <paramref name="element"/> (this lane's row).</summary>
@@ -459,6 +534,8 @@ internal sealed class MatMulTensorCoreKernels
     internal void Launch(bool f16, DeviceFloats a, DeviceFloats b, ArrayView<float> output, DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB, TensorCoreArgs p)
     {
         if (p.M == 0 || p.N == 0) return;
+        if (p.AsyncA != 0) p.AddrA = a.U16.LoadEffectiveAddressAsPtr().ToInt64();
+        if (p.AsyncB != 0) p.AddrB = b.U16.LoadEffectiveAddressAsPtr().ToInt64();
         long groups = (long)((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN);
         if (groups > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(p), $"matmul {p.M}×{p.N} needs too many groups");
         (f16 ? _f16 : _bf16)(new KernelConfig((int)groups, Threads), a, b, output, bias, u, loraB, p);
@@ -473,11 +550,26 @@ internal sealed class MatMulTensorCoreKernels
         => !t.DType.IsQuantized() && kStride == 1 && rowStride % 4 == 0 && t.Offset % 4 == 0 &&
            (t.DType == DType.F32 || t.DType == (f16 ? DType.F16 : DType.BF16));
 
-    /// <summary>Sets <see cref="TensorCoreArgs.VecA"/>/<see cref="TensorCoreArgs.VecB"/> for operands <paramref name="a"/> and <paramref name="b"/>.</summary>
+    /// <summary>
+    /// Whether an operand's tiles can be copied to shared memory by 16-byte cp.async: stored in the operand type
+    /// (bf16 for the bf16 kernel, f16 for f16; f32 activations need converting), k contiguous, rows a multiple of 8
+    /// elements apart and the tensor starting 16-byte aligned (pool ranges are 256-byte aligned). In training this is
+    /// the forward's weight operand (W (N, K), K % 8 == 0); the backward reads W transposed.
+    /// </summary>
+    internal static bool CanCopyAsync(Tensor t, long rowStride, long kStride, bool f16)
+        => t.DType == (f16 ? DType.F16 : DType.BF16) && kStride == 1 && rowStride % 8 == 0 && t.Offset % 8 == 0;
+
+    /// <summary>
+    /// Sets <see cref="TensorCoreArgs.VecA"/>/<see cref="TensorCoreArgs.VecB"/> and <see cref="TensorCoreArgs.AsyncA"/>/
+    /// <see cref="TensorCoreArgs.AsyncB"/> for operands <paramref name="a"/> and <paramref name="b"/> (the kernel uses
+    /// cp.async only where inline PTX runs: on the simulator the flags are ignored).
+    /// </summary>
     internal static TensorCoreArgs Vectorized(TensorCoreArgs p, Tensor a, Tensor b, bool f16)
     {
         p.VecA = CanVectorize(a, p.Sai, p.Sar, f16) ? 1 : 0;
         p.VecB = CanVectorize(b, p.Sbj, p.Sbr, f16) ? 1 : 0;
+        p.AsyncA = CanCopyAsync(a, p.Sai, p.Sar, f16) ? 1 : 0;
+        p.AsyncB = CanCopyAsync(b, p.Sbj, p.Sbr, f16) ? 1 : 0;
         return p;
     }
 

@@ -134,4 +134,17 @@ public static class PtxLocalForwarding
             if (v.Value == register) (drop ??= new()).Add(addr);
         if (drop is not null) foreach (var a in drop) known.Remove(a);
     }
+
+    private static readonly Regex SharedDecl = new(@"(\.shared\s+\.align\s+)(\d+)(\s+\.b8\s+__shared_alloca0\b)", RegexOptions.Compiled);
+
+    /// <summary>
+    /// Raises the declared alignment of the kernel's first shared buffer (<c>__shared_alloca0</c>) to at least
+    /// <paramref name="alignment"/> bytes. ILGPU 1.5.3 declares it <c>.align 4</c>; ldmatrix and cp.async need 16-byte
+    /// aligned shared addresses, which only the declaration guarantees.
+    /// </summary>
+    public static string AlignShared(string ptx, int alignment)
+    {
+        if (!SharedDecl.IsMatch(ptx)) throw new NotSupportedException("no '.shared .align N .b8 __shared_alloca0' declaration in the PTX: ILGPU's shared naming changed");
+        return SharedDecl.Replace(ptx, m => m.Groups[1].Value + Math.Max(alignment, int.Parse(m.Groups[2].Value, System.Globalization.CultureInfo.InvariantCulture)) + m.Groups[3].Value, 1);
+    }
 }

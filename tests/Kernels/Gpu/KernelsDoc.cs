@@ -49,7 +49,7 @@ public static class KernelsDoc
         // activations f32 (4 B), weights bf16 (2 B): read x and W, write y
         double MmBytes(double n, double k) => 4 * M * k + 2 * n * k + 4 * M * n;
         double qkv = (m.NH + 2.0 * m.NKV) * m.HS;
-        const string tc = "f32 activations are read (4 B) and rounded to bf16 on the way into shared memory, so no cp.async and twice the activation bytes of a bf16 pipeline; register-staged double buffering only; 2 groups/SM (16 warps) to hide latency; ILGPU does not unroll, ptxas does";
+        const string tc = "f32 activations are read (4 B) and rounded to bf16 on the way into shared memory (register-staged, twice the activation bytes of a bf16 pipeline); the bf16 weight tiles go global -> shared by cp.async.cg (LDGSTS) into the free buffer, one stage ahead; 2 groups/SM (16 warps) to hide latency; ILGPU does not unroll, ptxas does";
         yield return new("MatMulTensorCore (q,k,v)", "x·Wᵀ, N=(NH+2·NKV)·HS, K=C", Mm(qkv, m.C), MmBytes(qkv, m.C), tc);
         yield return new("MatMulTensorCore (o)", "x·Wᵀ, N=K=C", Mm(m.C, m.C), MmBytes(m.C, m.C), tc);
         yield return new("MatMulTensorCore (gate+up)", "x·Wᵀ, N=2F, K=C", Mm(2.0 * m.F, m.C), MmBytes(2.0 * m.F, m.C), tc);

@@ -33,6 +33,8 @@ public class PtxasTests
         /// <summary>From cuobjdump -sass when available: HMMA instructions and local-memory accesses (LDL/STL).</summary>
         public int? Hmma { get; set; }
         public int? LocalAccesses { get; set; }
+        /// <summary>LDGSTS (cp.async global -> shared) instructions in the SASS.</summary>
+        public int? Ldgsts { get; set; }
         public bool TensorCore { get; set; }
     }
 
@@ -207,6 +209,9 @@ public class PtxasTests
                         if (sassCode != 0) failures.AppendLine($"{kernel.Name} {arch}: cuobjdump exit {sassCode}\n{sass}");
                         report.Hmma = Regex.Matches(sass, @"\bHMMA\.").Count;
                         report.LocalAccesses = Regex.Matches(sass, @"\b(LDL|STL)\b").Count;
+                        report.Ldgsts = Regex.Matches(sass, @"\bLDGSTS\b").Count;
+                        if (kernel.CpAsync && report.Ldgsts == 0)
+                            failures.AppendLine($"{kernel.Name} {arch}: a cp.async kernel without LDGSTS in its SASS (the asynchronous copy was lost)");
                         if (kernel.TensorCore && report.Hmma == 0)
                             failures.AppendLine($"{kernel.Name} {arch}: a tensor-core kernel without HMMA in its SASS (the mma.sync path was lost)");
                         // the m16n8k16 shape and operand type the kernel asks for: HMMA.16816.F32.BF16 (bf16) or HMMA.16816.F32 (f16)
@@ -317,12 +322,12 @@ public class PtxasTests
         sb.AppendLine($"`ptxas -arch=<arch> -v` ({version}). Registers are per thread, shared memory per group (static).");
         sb.AppendLine("This proves the kernels assemble for A100/H100 and shows their resource use; it measures no speed.");
         sb.AppendLine();
-        sb.AppendLine("HMMA and LDL+STL count those instructions in `cuobjdump -sass` of the cubin (static count, not executed).");
+        sb.AppendLine("HMMA, LDGSTS (cp.async global -> shared) and LDL+STL count those instructions in `cuobjdump -sass` of the cubin (static count, not executed).");
         sb.AppendLine();
-        sb.AppendLine("| kernel | arch | registers | spill stores (B) | spill loads (B) | stack frame (B) | smem (B) | HMMA | LDL+STL |");
-        sb.AppendLine("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+        sb.AppendLine("| kernel | arch | registers | spill stores (B) | spill loads (B) | stack frame (B) | smem (B) | HMMA | LDGSTS | LDL+STL |");
+        sb.AppendLine("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         foreach (var r in reports.OrderBy(r => r.Kernel, StringComparer.Ordinal).ThenBy(r => r.Arch, StringComparer.Ordinal))
-            sb.AppendLine($"| {r.Kernel} | {r.Arch} | {r.Registers} | {r.SpillStores} | {r.SpillLoads} | {r.StackFrame} | {r.SharedBytes} | {r.Hmma?.ToString() ?? "-"} | {r.LocalAccesses?.ToString() ?? "-"} |");
+            sb.AppendLine($"| {r.Kernel} | {r.Arch} | {r.Registers} | {r.SpillStores} | {r.SpillLoads} | {r.StackFrame} | {r.SharedBytes} | {r.Hmma?.ToString() ?? "-"} | {r.Ldgsts?.ToString() ?? "-"} | {r.LocalAccesses?.ToString() ?? "-"} |");
         sb.Append(KernelsDoc.Analysis(reports));
         string path = Path.Combine(root, "docs", "kernels.md");
         Directory.CreateDirectory(Path.GetDirectoryName(path)!);
