@@ -37,7 +37,7 @@ internal static class GenerationPeer
     public static int Run(string[] args)
     {
         var shapes = (args.Length > 2 ? args[2] : "stories15M,smollm2-135M").Split(',');
-        var precisions = (args.Length > 3 ? args[3] : "f32,q8_0,q4_0").Split(',');
+        var precisions = (args.Length > 3 ? args[3] : "f32,f16,q8_0,q4_0").Split(',');
         int threads = args.Length > 4 ? int.Parse(args[4]) : 2;
         bool ftnOnly = args.Length > 5 && args[5].StartsWith("ftn-only", StringComparison.Ordinal);   // skip llama.cpp (profiling ftn alone)
         bool unpacked = args.Length > 5 && args[5] == "ftn-only-unpacked";   // no repacked weights: the previous prefill (dequantize + f32 GEMM) and Q4_0 row decode, for A/B

@@ -186,6 +186,8 @@ public unsafe class QuantizedInferenceTests
 
     [Theory]
     [InlineData(DType.F32)]
+    [InlineData(DType.F16)]
+    [InlineData(DType.Q8_0)]
     [InlineData(DType.Q4_0)]
     public void Fused_Decode_Step_Allocates_Nothing(DType type)
     {
