@@ -121,6 +121,20 @@ internal static class GpuBench
         using (var m1 = b.Allocate(DType.F32, nParams))
         using (var v1 = b.Allocate(DType.F32, nParams))
             run.Op($"AdamW {nParams} params", 12.0 * nParams, 28.0 * nParams, () => b.AdamW(p, g, m1, v1, 1e-4f, 0.9f, 0.999f, 1e-8f, 0f, 1, 1f));
+        // The trainer's step over 168 LoRA-sized tensors (16 x C or 16 x F) in one gradient-norm reduction and one fused AdamW.
+        {
+            var sizes = Enumerable.Range(0, 7 * 24).Select(i => 16 * (i % 7 < 4 ? c : i % 7 == 6 ? f : c)).ToArray();
+            long total = sizes.Sum(n => (long)n);
+            b.Reserve(16 * total + (1 << 20)); // one pool chunk: one launch each
+            var ts = sizes.Select(n => (P: Rand(b, DType.F32, n), G: Rand(b, DType.F32, n), M: b.Allocate(DType.F32, n), V: b.Allocate(DType.F32, n))).ToArray();
+            using var clip = b.Allocate(DType.F32, 2);
+            var grads = ts.Select(e => e.G).ToArray();
+            var list = ts.Select(e => new AdamWTensor(e.P, e.G, e.M, e.V, true)).ToArray();
+            run.Op($"GradNormClip {sizes.Length} tensors {total}", 2.0 * total, 4.0 * total, () => b.GradNormClip(grads, clip, 1f));
+            run.Op($"AdamWMultiTensor {sizes.Length} tensors {total}", 12.0 * total, 28.0 * total,
+                () => b.AdamWMultiTensor(list, new AdamWHyper(1e-4f, 0.9f, 0.999f, 1e-8f, 0.01f, 1), clip));
+            foreach (var e in ts) { e.P.Dispose(); e.G.Dispose(); e.M.Dispose(); e.V.Dispose(); }
+        }
         Console.WriteLine("Floors: max(FLOPs / 989 TFLOP/s, bytes / 3.35 TB/s) of an H100 SXM; on another GPU read 'of floor' relative to its own peaks.");
         return 0;
     }

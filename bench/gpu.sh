@@ -2,8 +2,8 @@
 # The GPU measurement in one command, for a machine with an NVIDIA GPU and the .NET SDK (no network, no Python):
 #   bench/gpu.sh            kernel timings (device events) for the three reference shapes + `ftn train` tokens/s on --device cuda
 # Without a CUDA device every part says so and exits 0. FTN_GPU_MODEL=<HF model dir> trains that model instead of
-# models/ftn-tiny (ftn-tiny stores f32 linears, so its matmuls run on the f32 SIMT kernel; a bf16 checkpoint runs the
-# tensor-core kernel). Needs the NuGet packages restored once (offline afterwards).
+# models/ftn-tiny; the train runs twice: linear weights as stored (ftn-tiny: f32, SIMT kernel) and --base-dtype bf16
+# (tensor-core kernel). Needs the NuGet packages restored once (offline afterwards).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dotnet build -c Release bench/FineTuneNative.Bench.csproj -v q -nologo
@@ -21,5 +21,10 @@ if grep -q "skipped" "$work/kernels.txt"; then
 fi
 dotnet "$ftn" synth --tasks heldout --count 4000 --out "$work/data.jsonl"
 model=${FTN_GPU_MODEL:-models/ftn-tiny}
-dotnet "$ftn" train --model "$model" --data "$work/data.jsonl" --out "$work/run" --device cuda \
-  --max-steps 200 --batch-size 8 --max-len 128 --eval-fraction 0.02 --exact-match 0 | tail -n 3
+# As stored (ftn-tiny: f32 linears -> SIMT kernel), then with the linear weights loaded as bf16 (tensor-core kernel,
+# cp.async weight tiles); both with the fused AdamW, one gradient-norm reduction and the pool reserved from the plan.
+for dtype in "" bf16; do
+  echo "ftn train --device cuda ${dtype:+--base-dtype $dtype}"
+  dotnet "$ftn" train --model "$model" --data "$work/data.jsonl" --out "$work/run$dtype" --device cuda ${dtype:+--base-dtype $dtype} \
+    --max-steps 200 --batch-size 8 --max-len 128 --eval-fraction 0.02 --exact-match 0 | tail -n 3
+done
