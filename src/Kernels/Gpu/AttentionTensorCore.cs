@@ -64,7 +64,7 @@ internal sealed partial class AttentionTensorCoreKernels
     internal static MethodInfo Method(Type op) =>
         typeof(AttentionTensorCoreKernels).GetMethod(nameof(AttentionTensorCoreForwardKernel))!.MakeGenericMethod(op);
 
-    /// <summary>The PTX the CUDA path loads: ILGPU's, with the inline-asm local round trips forwarded and launch bounds added (PtxasTests assemble exactly this).</summary>
+    /// <summary>The PTX the CUDA path loads: ILGPU's, with the inline-asm local round trips forwarded, launch bounds added and the shared tile buffer 16-byte aligned (PtxasTests assemble exactly this).</summary>
     public static PTXCompiledKernel CompileForwarded(PTXBackend backend, MethodInfo kernel)
     {
         var compiled = (PTXCompiledKernel)backend.Compile(EntryPointDescription.FromExplicitlyGroupedKernel(kernel), new KernelSpecialization());
@@ -72,7 +72,9 @@ internal sealed partial class AttentionTensorCoreKernels
                    ?? throw new NotSupportedException("this ILGPU version stores PTXCompiledKernel.PTXAssembly differently; PtxLocalForwarding cannot be applied");
         // the backward kernels hold two accumulator sets (dq: S and dP; dk/dv: dk and dv): two groups per SM, up to 255 registers
         int minGroups = kernel.Name.StartsWith("AttentionTensorCoreBackward", StringComparison.Ordinal) ? MinGroupsPerSmBackward : MinGroupsPerSm;
-        text.SetValue(compiled, PtxLocalForwarding.AddLaunchBounds(PtxLocalForwarding.Rewrite(compiled.PTXAssembly), Threads, minGroups));
+        // ldmatrix needs 16-byte aligned shared addresses; ILGPU declares the buffer .align 4 (see PtxLocalForwarding.AlignShared)
+        text.SetValue(compiled, PtxLocalForwarding.AlignShared(
+            PtxLocalForwarding.AddLaunchBounds(PtxLocalForwarding.Rewrite(compiled.PTXAssembly), Threads, minGroups), 16));
         return compiled;
     }
 

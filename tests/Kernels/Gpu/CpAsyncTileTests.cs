@@ -101,4 +101,28 @@ public class CpAsyncTileTests
         Assert.Contains("cp.async.cg.shared.global", ptx); // (LDGSTS in the SASS is checked by PtxasTests)
         Assert.Contains("cp.async.wait_group 0;", ptx);
     }
+
+    [Fact]
+    public void Every_ldmatrix_attention_kernel_declares_its_shared_buffer_16_byte_aligned()
+    {
+        // The tensor-core attention kernels read their K/V/Q tiles with ldmatrix, which faults on shared addresses that
+        // are not 16-byte aligned; ILGPU declares the buffer .align 4, so the loaded PTX must raise it.
+        using var context = Context.Create(b => b.CPU(CPUDevice.Default).Math(MathMode.Default).EnableAlgorithms());
+        using var backend = new PTXBackend(context, CudaArchitecture.SM_80, CudaInstructionSet.ISA_70, null!);
+        var methods = new[]
+        {
+            AttentionTensorCoreKernels.Method(typeof(Bf16Operand)),
+            AttentionTensorCoreKernels.BackwardMethod(true, typeof(Bf16Operand)),
+            AttentionTensorCoreKernels.BackwardMethod(false, typeof(F16Operand)),
+        };
+        foreach (var method in methods)
+        {
+            string ptx = AttentionTensorCoreKernels.CompileForwarded(backend, method).PTXAssembly;
+            Assert.Contains("ldmatrix", ptx);
+            var decls = Regex.Matches(ptx, @"\.shared\s+\.align\s+(\d+)\s+\S+\s+(__shared_alloca\d+)\b");
+            Assert.NotEmpty(decls);
+            foreach (Match d in decls)
+                Assert.True(int.Parse(d.Groups[1].Value) % 16 == 0, $"{method.Name}: {d.Value}");
+        }
+    }
 }
