@@ -332,7 +332,7 @@ public sealed class ForceFallbackCollection
     public const string Name = "GemmBf16.ForceFallback";
 }
 
-/// <summary>bf16 compute keeps a LoRA training step allocation-free (counted over all threads, as TrainingStepAllocationTests).</summary>
+/// <summary>bf16 compute keeps a LoRA training step allocation-free (counted on the step's threads, as TrainingStepAllocationTests).</summary>
 [Collection(nameof(FineTuneNative.Tests.Peft.TrainingStepAllocationTests))]
 public sealed class GemmBf16AllocationTests(ITestOutputHelper output)
 {
@@ -354,18 +354,21 @@ public sealed class GemmBf16AllocationTests(ITestOutputHelper output)
         var targets = new int[B * T];
         for (int i = 0; i < tokens.Length; i++) { tokens[i] = (i * 7) % 48; targets[i] = (i * 11) % 48; }
         for (int warm = 0; warm < 100; warm++) model.ForwardBackward(tokens, targets, B, T, 1f / tokens.Length, (ulong)warm);
+        // Counted on the step's threads (this one plus the pool's workers), as TrainingStepAllocationTests does; the
+        // whole-process counter is only reported (runtime threads allocate a few hundred bytes now and then under load).
+        var pool = cpu.Pool;
         const int steps = 20;
-        var windows = new long[10];
+        var windows = new long[5];
+        var process = new long[windows.Length];
         for (int wi = 0; wi < windows.Length; wi++)
         {
-            long before = GC.GetTotalAllocatedBytes(precise: true);
+            long beforeAll = GC.GetTotalAllocatedBytes(precise: true);
+            long before = GC.GetAllocatedBytesForCurrentThread() + pool.WorkerAllocatedBytes();
             for (int s = 0; s < steps; s++) model.ForwardBackward(tokens, targets, B, T, 1f / tokens.Length, (ulong)s);
-            windows[wi] = GC.GetTotalAllocatedBytes(precise: true) - before;
+            windows[wi] = GC.GetAllocatedBytesForCurrentThread() + pool.WorkerAllocatedBytes() - before;
+            process[wi] = GC.GetTotalAllocatedBytes(precise: true) - beforeAll;
         }
-        output.WriteLine($"bytes allocated per {steps} steps (all threads), {windows.Length} windows: {string.Join(", ", windows)}");
-        // On this shared 2-core machine the all-threads counter picks up runtime allocations in 168-byte units while the
-        // pool's threads block (the f32 mode shows them too: 0-1176 bytes per window at load ~90). An allocation in the
-        // step itself (at least a 24-byte object per step) would put every window at >= 20·24 = 480 bytes.
-        Assert.True(windows.Min() < steps * 24, $"every window allocated (min {windows.Min()} bytes per {steps} steps): the step allocates");
+        output.WriteLine($"bytes allocated per {steps} steps on the step's {pool.Threads} threads, {windows.Length} windows: {string.Join(", ", windows)}; whole process: {string.Join(", ", process)}");
+        Assert.Equal(0, windows.Sum());
     }
 }

@@ -28,11 +28,14 @@ internal sealed unsafe class CpuThreadPool : IDisposable
     private int _next;
     private int _active;
     private Exception? _error;
+    // per worker: GC.GetAllocatedBytesForCurrentThread() as of the end of its last job (allocation tests)
+    private readonly long[] _workerAllocated;
 
     public CpuThreadPool(int threads)
     {
         Threads = Math.Max(1, threads);
         _workers = new Thread[Threads - 1];
+        _workerAllocated = new long[Threads];
         for (int w = 0; w < _workers.Length; w++)
         {
             int id = w + 1;
@@ -95,8 +98,21 @@ internal sealed unsafe class CpuThreadPool : IDisposable
                 seen = _generation;
             }
             RunChunks(id);
+            Volatile.Write(ref _workerAllocated[id], GC.GetAllocatedBytesForCurrentThread());
             if (Interlocked.Decrement(ref _active) == 0) _done.Set();
         }
+    }
+
+    /// <summary>
+    /// Bytes allocated so far by the pool's worker threads (not the calling thread), as of the end of the last job
+    /// each took part in. With the caller's <see cref="GC.GetAllocatedBytesForCurrentThread"/> it counts exactly the
+    /// threads that run a step, which the process-wide counter cannot (runtime threads allocate there too).
+    /// </summary>
+    public long WorkerAllocatedBytes()
+    {
+        long sum = 0;
+        for (int w = 1; w < _workerAllocated.Length; w++) sum += Volatile.Read(ref _workerAllocated[w]);
+        return sum;
     }
 
     public void Dispose()
