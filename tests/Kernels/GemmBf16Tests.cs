@@ -354,21 +354,10 @@ public sealed class GemmBf16AllocationTests(ITestOutputHelper output)
         var targets = new int[B * T];
         for (int i = 0; i < tokens.Length; i++) { tokens[i] = (i * 7) % 48; targets[i] = (i * 11) % 48; }
         for (int warm = 0; warm < 100; warm++) model.ForwardBackward(tokens, targets, B, T, 1f / tokens.Length, (ulong)warm);
-        // Counted on the step's threads (this one plus the pool's workers), as TrainingStepAllocationTests does; the
-        // whole-process counter is only reported (runtime threads allocate a few hundred bytes now and then under load).
-        var pool = cpu.Pool;
+        // counted on the step's own threads (StepAllocations); the whole-process figure is only reported
         const int steps = 20;
-        var windows = new long[5];
-        var process = new long[windows.Length];
-        for (int wi = 0; wi < windows.Length; wi++)
-        {
-            long beforeAll = GC.GetTotalAllocatedBytes(precise: true);
-            long before = GC.GetAllocatedBytesForCurrentThread() + pool.WorkerAllocatedBytes();
-            for (int s = 0; s < steps; s++) model.ForwardBackward(tokens, targets, B, T, 1f / tokens.Length, (ulong)s);
-            windows[wi] = GC.GetAllocatedBytesForCurrentThread() + pool.WorkerAllocatedBytes() - before;
-            process[wi] = GC.GetTotalAllocatedBytes(precise: true) - beforeAll;
-        }
-        output.WriteLine($"bytes allocated per {steps} steps on the step's {pool.Threads} threads, {windows.Length} windows: {string.Join(", ", windows)}; whole process: {string.Join(", ", process)}");
+        var (windows, process) = StepAllocations.Count(cpu, 5, steps, s => model.ForwardBackward(tokens, targets, B, T, 1f / tokens.Length, (ulong)s));
+        output.WriteLine($"bytes allocated per {steps} steps on the step's threads, {windows.Length} windows: {string.Join(", ", windows)}; whole process: {string.Join(", ", process)}");
         Assert.Equal(0, windows.Sum());
     }
 }

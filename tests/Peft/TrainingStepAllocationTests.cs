@@ -1,6 +1,8 @@
 using FineTuneNative.Kernels;
+using FineTuneNative.Kernels.Cpu;
 using FineTuneNative.Peft.Lora;
 using FineTuneNative.Runtime.Model;
+using FineTuneNative.Tests.Numerics;
 using Xunit;
 using Xunit.Abstractions;
 
@@ -28,22 +30,10 @@ public sealed class TrainingStepAllocationTests(ITestOutputHelper output)
         for (int i = 0; i < tokens.Length; i++) { tokens[i] = (i * 7) % 40; targets[i] = (i * 11) % 40; }
         // Warm up past tiered JIT's rejit of the step's methods (30 calls), which allocates on background threads.
         for (int warm = 0; warm < 100; warm++) model.ForwardBackward(tokens, targets, B, T, 1f / tokens.Length, (ulong)warm);
-        // Counted on the threads that run the step: this thread plus the backend's pool workers (each records its own
-        // counter at the end of every job). The process-wide counter is only reported: on a loaded machine the runtime's
-        // own threads allocate a few hundred bytes now and then, which says nothing about the step.
-        var pool = ((FineTuneNative.Kernels.Cpu.CpuBackend)cpu).Pool;
+        // counted on the step's own threads (StepAllocations); the whole-process figure is only reported
         const int steps = 20;
-        var windows = new long[5];
-        var process = new long[windows.Length];
-        for (int wi = 0; wi < windows.Length; wi++)
-        {
-            long beforeAll = GC.GetTotalAllocatedBytes(precise: true);
-            long before = GC.GetAllocatedBytesForCurrentThread() + pool.WorkerAllocatedBytes();
-            for (int s = 0; s < steps; s++) model.ForwardBackward(tokens, targets, B, T, 1f / tokens.Length, (ulong)s);
-            windows[wi] = GC.GetAllocatedBytesForCurrentThread() + pool.WorkerAllocatedBytes() - before;
-            process[wi] = GC.GetTotalAllocatedBytes(precise: true) - beforeAll;
-        }
-        output.WriteLine($"bytes allocated per {steps} LoRA forward+backward steps on the step's {pool.Threads} threads, 5 windows: {string.Join(", ", windows)}; whole process: {string.Join(", ", process)}");
+        var (windows, process) = StepAllocations.Count((CpuBackend)cpu, 5, steps, s => model.ForwardBackward(tokens, targets, B, T, 1f / tokens.Length, (ulong)s));
+        output.WriteLine($"bytes allocated per {steps} LoRA forward+backward steps on the step's threads, {windows.Length} windows: {string.Join(", ", windows)}; whole process: {string.Join(", ", process)}");
         Assert.Equal(0, windows.Sum());
     }
 }

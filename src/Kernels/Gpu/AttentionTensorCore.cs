@@ -420,19 +420,7 @@ internal sealed partial class AttentionTensorCoreKernels
     {
         if (CudaAsm.IsSupported)
         {
-            Output<float> d0 = default, d1 = default, d2 = default, d3 = default;
-            Input<uint> ia0 = a0, ia1 = a1, ia2 = a2, ia3 = a3, ib0 = b0, ib1 = b1;
-            Input<float> c0 = c.C0, c1 = c.C1, c2 = c.C2, c3 = c.C3;
-            if (TOp.IsF16)
-                CudaAsm.EmitRef("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};",
-                    ref d0, ref d1, ref d2, ref d3, ref ia0, ref ia1, ref ia2, ref ia3, ref ib0, ref ib1, ref c0, ref c1, ref c2, ref c3);
-            else
-                CudaAsm.EmitRef("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};",
-                    ref d0, ref d1, ref d2, ref d3, ref ia0, ref ia1, ref ia2, ref ia3, ref ib0, ref ib1, ref c0, ref c1, ref c2, ref c3);
-            c.C0 = d0.Value;
-            c.C1 = d1.Value;
-            c.C2 = d2.Value;
-            c.C3 = d3.Value;
+            MatMulTensorCoreKernels.Mma<TOp>(ref c, a0, a1, a2, a3, b0, b1);
             return;
         }
         int g = lane >> 2, t = lane & 3;

@@ -431,8 +431,9 @@ internal sealed class MatMulTensorCoreKernels
         r3 = o3.Value;
     }
 
+    /// <summary>mma.sync m16n8k16 (f32 accumulate) through inline PTX: CUDA only (the tensor-core attention shares it).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Mma<TOp>(ref MmaFrag c, uint a0, uint a1, uint a2, uint a3, uint b0, uint b1) where TOp : struct, IMmaOperand
+    internal static void Mma<TOp>(ref MmaFrag c, uint a0, uint a1, uint a2, uint a3, uint b0, uint b1) where TOp : struct, IMmaOperand
     {
         Output<float> d0 = default, d1 = default, d2 = default, d3 = default;
         Input<uint> ia0 = a0, ia1 = a1, ia2 = a2, ia3 = a3, ib0 = b0, ib1 = b1;
