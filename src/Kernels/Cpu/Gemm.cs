@@ -51,6 +51,21 @@ internal static unsafe class Gemm
     /// <summary>Columns of a compute tile: its B (kc·256·4 B = 256 KiB) stays in the 1 MiB L2 across the tile's rows.</summary>
     public const int TileCols = 256;
 
+    /// <summary>
+    /// The compute tiles of one row block (shared with <see cref="GemmBf16"/>): enough of them for the threads to
+    /// balance (about 4 per thread), each at most <paramref name="tileCols"/> wide and 8 row panels tall.
+    /// </summary>
+    internal static (int TileRows, int TilesM, int TileCols, int TilesN) TileGrid(int rowPanels, int colPanels, int mr, int nr, int tileCols, int threads)
+    {
+        int colsPad = colPanels * nr;
+        int tn = Math.Min(tileCols, colsPad);
+        int tilesN = (colsPad + tn - 1) / tn;
+        int wantM = Math.Max(1, (4 * threads + tilesN - 1) / tilesN);
+        int tileRowPanels = Math.Max(1, Math.Min((rowPanels + wantM - 1) / wantM, 8));
+        if (threads == 1) tileRowPanels = Math.Min(rowPanels, 8);
+        return (tileRowPanels * mr, (rowPanels + tileRowPanels - 1) / tileRowPanels, tn, tilesN);
+    }
+
     /// <summary>Floats of per-thread scratch one GEMM needs (edge tile, small-M paths).</summary>
     public static long ScratchFloats(int k) => Math.Max(16 * 64 + Math.Max(k, 1) + 64, PrivateOffset + PrivateFloats);
 
@@ -181,18 +196,7 @@ internal static unsafe class Gemm
                     ctx.Ic = ic; ctx.Mc = mc;
                     ctx.APanels = (mc + mr - 1) / mr;
                     new Span<int>(ctx.AFlags, group * ctx.AFlagStride).Clear();
-                    // compute tiles: enough of them for the threads to balance, each at most TileCols wide
-                    int colsPad = ctx.BPanels * nr;
-                    int tn = Math.Min(TileCols, colsPad);
-                    int tilesN = (colsPad + tn - 1) / tn;
-                    int rowPanels = ctx.APanels;
-                    int wantM = Math.Max(1, (4 * threads + tilesN - 1) / tilesN);
-                    int tileRowPanels = Math.Max(1, Math.Min((rowPanels + wantM - 1) / wantM, 8));
-                    if (threads == 1) tileRowPanels = Math.Min(rowPanels, 8);
-                    ctx.TileRows = tileRowPanels * mr;
-                    ctx.TilesM = (rowPanels + tileRowPanels - 1) / tileRowPanels;
-                    ctx.TileColsNow = tn;
-                    ctx.TilesN = tilesN;
+                    (ctx.TileRows, ctx.TilesM, ctx.TileColsNow, ctx.TilesN) = TileGrid(ctx.APanels, ctx.BPanels, mr, nr, TileCols, threads);
                     be.Pool.For(ctx.TilesM * ctx.TilesN, &TileBody, &ctx);
                 }
             }

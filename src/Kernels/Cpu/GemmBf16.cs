@@ -135,17 +135,7 @@ internal static unsafe class GemmBf16
                     ctx.BPackTasks = packB ? (ctx.BPanels + 3) / 4 : 0;
                     be.Pool.For(ctx.APackTasks + ctx.BPackTasks, &PackBody, &ctx);
                     packB = false;
-                    int colsPad = ctx.BPanels * NR;
-                    int tn = Math.Min(TileCols, colsPad);
-                    int tilesN = (colsPad + tn - 1) / tn;
-                    int rowPanels = ctx.APanels;
-                    int wantM = Math.Max(1, (4 * threads + tilesN - 1) / tilesN);
-                    int tileRowPanels = Math.Max(1, Math.Min((rowPanels + wantM - 1) / wantM, 8));
-                    if (threads == 1) tileRowPanels = Math.Min(rowPanels, 8);
-                    ctx.TileRows = tileRowPanels * MR;
-                    ctx.TilesM = (rowPanels + tileRowPanels - 1) / tileRowPanels;
-                    ctx.TileColsNow = tn;
-                    ctx.TilesN = tilesN;
+                    (ctx.TileRows, ctx.TilesM, ctx.TileColsNow, ctx.TilesN) = Gemm.TileGrid(ctx.APanels, ctx.BPanels, MR, NR, TileCols, threads);
                     be.Pool.For(ctx.TilesM * ctx.TilesN, &TileBody, &ctx);
                 }
             }

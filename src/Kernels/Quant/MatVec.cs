@@ -285,54 +285,39 @@ public static unsafe class MatVec
         }
     }
 
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<float> Bf16(ushort* p) =>
-        Vector512.ShiftLeft(Avx512F.ConvertToVector512UInt32(Vector256.Load(p)), 16).AsSingle();
+    /// <summary>How 16-bit weights widen to f32: one value, and 16 at once (AVX-512).</summary>
+    private interface IWiden
+    {
+        static abstract float One(ushort h);
+        static abstract Vector512<float> Sixteen(ushort* p);
+    }
+
+    private struct Bf16Widen : IWiden
+    {
+        public static float One(ushort h) => HalfBits.Bf16ToF32(h);
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static Vector512<float> Sixteen(ushort* p) =>
+            Vector512.ShiftLeft(Avx512F.ConvertToVector512UInt32(Vector256.Load(p)), 16).AsSingle();
+    }
+
+    private struct F16Widen : IWiden
+    {
+        public static float One(ushort h) => QuantBlocks.F16ToF32(h);
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static Vector512<float> Sixteen(ushort* p) => PackedGemm.F16x16(p);
+    }
 
     /// <summary>y[r] (+)= W[r]·x (+ bias[r]) for r in [r0, r1); W (N, K) bf16 widened to f32 on the fly.</summary>
-    public static void RowsBf16(ushort* w, int k, int r0, int r1, float* x, float* y, float* bias, bool accumulate)
-    {
-        int r = r0;
-        int kv = Vector512.IsHardwareAccelerated ? k & ~15 : 0;
-        for (; r + 4 <= r1; r += 4)
-        {
-            ushort* w0 = w + (long)r * k, w1 = w0 + k, w2 = w1 + k, w3 = w2 + k;
-            Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
-            int j = 0;
-            for (; j < kv; j += 16)
-            {
-                var vx = Vector512.Load(x + j);
-                a0 = Vector512.FusedMultiplyAdd(Bf16(w0 + j), vx, a0);
-                a1 = Vector512.FusedMultiplyAdd(Bf16(w1 + j), vx, a1);
-                a2 = Vector512.FusedMultiplyAdd(Bf16(w2 + j), vx, a2);
-                a3 = Vector512.FusedMultiplyAdd(Bf16(w3 + j), vx, a3);
-            }
-            float s0 = Vector512.Sum(a0), s1 = Vector512.Sum(a1), s2 = Vector512.Sum(a2), s3 = Vector512.Sum(a3);
-            for (; j < k; j++)
-            {
-                s0 += HalfBits.Bf16ToF32(w0[j]) * x[j]; s1 += HalfBits.Bf16ToF32(w1[j]) * x[j];
-                s2 += HalfBits.Bf16ToF32(w2[j]) * x[j]; s3 += HalfBits.Bf16ToF32(w3[j]) * x[j];
-            }
-            Store(y, r, s0, bias, accumulate);
-            Store(y, r + 1, s1, bias, accumulate);
-            Store(y, r + 2, s2, bias, accumulate);
-            Store(y, r + 3, s3, bias, accumulate);
-        }
-        for (; r < r1; r++)
-        {
-            ushort* w0 = w + (long)r * k;
-            Vector512<float> a0 = default;
-            int j = 0;
-            for (; j < kv; j += 16) a0 = Vector512.FusedMultiplyAdd(Bf16(w0 + j), Vector512.Load(x + j), a0);
-            float s0 = kv > 0 ? Vector512.Sum(a0) : 0;
-            for (; j < k; j++) s0 += HalfBits.Bf16ToF32(w0[j]) * x[j];
-            Store(y, r, s0, bias, accumulate);
-        }
-    }
+    public static void RowsBf16(ushort* w, int k, int r0, int r1, float* x, float* y, float* bias, bool accumulate) =>
+        RowsHalf<Bf16Widen>(w, k, r0, r1, x, y, bias, accumulate);
 
     /// <summary>y[r] (+)= W[r]·x (+ bias[r]) for r in [r0, r1); W (N, K) f16 widened to f32 on the fly (decode reads half
     /// the bytes of f32; the widening is integer shifts and one multiply, <see cref="PackedGemm.F16x16"/>).</summary>
-    public static void RowsF16(ushort* w, int k, int r0, int r1, float* x, float* y, float* bias, bool accumulate)
+    public static void RowsF16(ushort* w, int k, int r0, int r1, float* x, float* y, float* bias, bool accumulate) =>
+        RowsHalf<F16Widen>(w, k, r0, r1, x, y, bias, accumulate);
+
+    /// <summary>The 16-bit matvec, four rows at a time; <typeparamref name="TW"/> is a struct so the JIT specialises it.</summary>
+    private static void RowsHalf<TW>(ushort* w, int k, int r0, int r1, float* x, float* y, float* bias, bool accumulate) where TW : struct, IWiden
     {
         int r = r0;
         int kv = Avx512F.IsSupported ? k & ~15 : 0;
@@ -344,16 +329,16 @@ public static unsafe class MatVec
             for (; j < kv; j += 16)
             {
                 var vx = Vector512.Load(x + j);
-                a0 = Vector512.FusedMultiplyAdd(PackedGemm.F16x16(w0 + j), vx, a0);
-                a1 = Vector512.FusedMultiplyAdd(PackedGemm.F16x16(w1 + j), vx, a1);
-                a2 = Vector512.FusedMultiplyAdd(PackedGemm.F16x16(w2 + j), vx, a2);
-                a3 = Vector512.FusedMultiplyAdd(PackedGemm.F16x16(w3 + j), vx, a3);
+                a0 = Vector512.FusedMultiplyAdd(TW.Sixteen(w0 + j), vx, a0);
+                a1 = Vector512.FusedMultiplyAdd(TW.Sixteen(w1 + j), vx, a1);
+                a2 = Vector512.FusedMultiplyAdd(TW.Sixteen(w2 + j), vx, a2);
+                a3 = Vector512.FusedMultiplyAdd(TW.Sixteen(w3 + j), vx, a3);
             }
             float s0 = Vector512.Sum(a0), s1 = Vector512.Sum(a1), s2 = Vector512.Sum(a2), s3 = Vector512.Sum(a3);
             for (; j < k; j++)
             {
-                s0 += QuantBlocks.F16ToF32(w0[j]) * x[j]; s1 += QuantBlocks.F16ToF32(w1[j]) * x[j];
-                s2 += QuantBlocks.F16ToF32(w2[j]) * x[j]; s3 += QuantBlocks.F16ToF32(w3[j]) * x[j];
+                s0 += TW.One(w0[j]) * x[j]; s1 += TW.One(w1[j]) * x[j];
+                s2 += TW.One(w2[j]) * x[j]; s3 += TW.One(w3[j]) * x[j];
             }
             Store(y, r, s0, bias, accumulate);
             Store(y, r + 1, s1, bias, accumulate);
@@ -365,9 +350,9 @@ public static unsafe class MatVec
             ushort* w0 = w + (long)r * k;
             Vector512<float> a0 = default;
             int j = 0;
-            for (; j < kv; j += 16) a0 = Vector512.FusedMultiplyAdd(PackedGemm.F16x16(w0 + j), Vector512.Load(x + j), a0);
+            for (; j < kv; j += 16) a0 = Vector512.FusedMultiplyAdd(TW.Sixteen(w0 + j), Vector512.Load(x + j), a0);
             float s0 = kv > 0 ? Vector512.Sum(a0) : 0;
-            for (; j < k; j++) s0 += QuantBlocks.F16ToF32(w0[j]) * x[j];
+            for (; j < k; j++) s0 += TW.One(w0[j]) * x[j];
             Store(y, r, s0, bias, accumulate);
         }
     }
