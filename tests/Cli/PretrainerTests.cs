@@ -1,9 +1,11 @@
 using FineTuneNative.Cli;
 using FineTuneNative.Kernels;
+using FineTuneNative.Kernels.Gpu;
 using FineTuneNative.Peft.Data;
 using FineTuneNative.Peft.Training;
 using FineTuneNative.Runtime.Model;
 using FineTuneNative.Runtime.Text;
+using FineTuneNative.Tests.Numerics;
 
 namespace FineTuneNative.Tests.Cli;
 
@@ -128,5 +130,111 @@ public class PretrainerTests
         double sdDown = Math.Sqrt(down.Select(v => (double)v * v).Average());
         Assert.InRange(sdDown, 0.02 / Math.Sqrt(4) * 0.95, 0.02 / Math.Sqrt(4) * 1.05); // std / sqrt(2L)
         Assert.NotEqual(w.Layers[0].Wq.ToArray(), w.Layers[1].Wq.ToArray());
+    }
+
+    private static readonly LlamaConfig FusedCfg = new() { HiddenSize = 16, IntermediateSize = 32, NumLayers = 2, NumHeads = 2, NumKvHeads = 1, HeadDim = 8, VocabSize = 13, MaxPositions = 16 };
+
+    // A clip below every step's gradient norm (clipping exercised) and weight decay large enough to show on the norms.
+    private static PretrainSettings FusedSettings(int steps) =>
+        new() { Steps = steps, WarmupSteps = 2, LearningRate = 2e-2f, BatchSize = 2, SeqLen = 8, EvalEvery = 0, Clip = 0.05f, WeightDecay = 0.5f, Seed = 3 };
+
+    private static PretrainBatch FusedBatch(int step)
+    {
+        var tokens = new int[16];
+        var targets = new int[16];
+        for (int i = 0; i < 16; i++) { tokens[i] = (i * 5 + step) % 13; targets[i] = i % 8 == 0 ? -100 : (3 * tokens[i] + 1) % 13; }
+        return new PretrainBatch(tokens, targets);
+    }
+
+    private sealed record FusedRun(double[] Losses, double[] Norms, float[][] Params);
+
+    private static FusedRun RunPretrainer(IBackend backend, int steps, Action<int>? afterStep = null)
+    {
+        using var w = LlamaWeights.Allocate(FusedCfg, backend);
+        Pretrainer.InitializeWeights(w, backend, seed: 5);
+        using var model = new LlamaModel(w, backend);
+        using var p = new Pretrainer(model, backend, FusedSettings(steps));
+        var losses = new double[steps];
+        var norms = new double[steps];
+        for (int s = 0; s < steps; s++)
+        {
+            (losses[s], norms[s]) = p.Step(FusedBatch(s));
+            afterStep?.Invoke(s);
+        }
+        return new FusedRun(losses, norms, w.Named().Select(x => x.Tensor.ToArray()).ToArray());
+    }
+
+    /// <summary>
+    /// The Pretrainer's step as it was before the fused optimizer (written out here with the backend's per-tensor ops):
+    /// Σ SumOfSquares for the norm, gradScale = clip/‖g‖ when above the clip, one AdamW per parameter with weight decay on
+    /// matrices only, gradients zeroed.
+    /// </summary>
+    private static FusedRun RunPerTensorReference(IBackend backend, int steps)
+    {
+        var s = FusedSettings(steps);
+        using var w = LlamaWeights.Allocate(FusedCfg, backend);
+        Pretrainer.InitializeWeights(w, backend, seed: 5);
+        using var model = new LlamaModel(w, backend);
+        using var schedule = new Pretrainer(model, backend, s); // sets TrainBase; used for LearningRateAt only, never stepped
+        var ps = model.BaseParameters().Select(x => (x.Param, x.Grad, M: backend.Allocate(DType.F32, x.Param.Shape), V: backend.Allocate(DType.F32, x.Param.Shape), Decay: x.Param.Rank >= 2)).ToList();
+        foreach (var x in ps) backend.Fill(x.Grad, 0);
+        var losses = new double[steps];
+        var norms = new double[steps];
+        for (int step = 0; step < steps; step++)
+        {
+            var batch = FusedBatch(step);
+            int count = batch.Targets.Count(t => t != -100);
+            var (lossSum, _) = model.ForwardBackward(batch.Tokens, batch.Targets, s.BatchSize, s.SeqLen, 1f / count, s.Seed * 0x9E3779B97F4A7C15UL + (ulong)step);
+            double sq = 0;
+            foreach (var x in ps) sq += backend.SumOfSquares(x.Grad);
+            double norm = Math.Sqrt(sq);
+            float gradScale = s.Clip > 0 && norm > s.Clip ? (float)(s.Clip / norm) : 1f;
+            float lr = schedule.LearningRateAt(step + 1);
+            foreach (var x in ps)
+            {
+                backend.AdamW(x.Param, x.Grad, x.M, x.V, lr, s.Beta1, s.Beta2, s.Eps, x.Decay ? s.WeightDecay : 0f, step + 1, gradScale);
+                backend.Fill(x.Grad, 0);
+            }
+            losses[step] = lossSum / count;
+            norms[step] = norm;
+        }
+        var result = new FusedRun(losses, norms, w.Named().Select(x => x.Tensor.ToArray()).ToArray());
+        foreach (var x in ps) { x.M.Dispose(); x.V.Dispose(); }
+        return result;
+    }
+
+    [Fact]
+    public void Pretrainer_FusedOptimizerStep_EqualsThePerTensorUpdate_OnCpu()
+    {
+        var backend = TestBackends.Get("cpu");
+        var fused = RunPretrainer(backend, 6);
+        var reference = RunPerTensorReference(backend, 6);
+        Assert.True(reference.Norms.All(n => n > 0.05), $"the test needs norms above the clip: {string.Join(", ", reference.Norms)}");
+        // The fused clip scale is clip/(‖g‖ + 1e-6) in double rounded once, the old one clip/‖g‖: a relative difference
+        // below 1e-6 of the scale, far inside f32 tolerance after 6 steps.
+        NumericAssert.Close(reference.Losses, GradCheck.ToFloat(fused.Losses), 1e-6, 1e-5, "losses");
+        NumericAssert.Close(reference.Norms, GradCheck.ToFloat(fused.Norms), 1e-6, 1e-5, "gradient norms");
+        for (int i = 0; i < reference.Params.Length; i++)
+            NumericAssert.Close(GradCheck.ToDouble(reference.Params[i]), fused.Params[i], 1e-6, 1e-5, $"parameter {i}");
+    }
+
+    [Fact]
+    public void Pretrainer_OnIlgpuSim_MatchesCpu_OneLaunchEach_NoDeviceAllocationAfterTheFirstStep()
+    {
+        FusedRun cpu;
+        using (var c = Backends.Create("cpu:1")) cpu = RunPretrainer(c, 3);
+        using var sim = (IlgpuBackend)Backends.Create("ilgpu-sim:4");
+        long afterFirst = 0;
+        var run = RunPretrainer(sim, 3, s =>
+        {
+            if (s == 0) afterFirst = sim.DeviceAllocations; // the first step allocates the workspace and the device tables
+            else Assert.Equal(afterFirst, sim.DeviceAllocations);
+            Assert.Equal((1, 1), sim.LastMultiTensorLaunches);
+        });
+        NumericAssert.Close(cpu.Losses, GradCheck.ToFloat(run.Losses), 1e-5, 1e-4, "losses");
+        NumericAssert.Close(cpu.Norms, GradCheck.ToFloat(run.Norms), 1e-5, 1e-4, "gradient norms");
+        // Adam's normalized update turns f32 summation-order differences of near-zero gradients into up to ~lr·1e-3.
+        for (int i = 0; i < cpu.Params.Length; i++)
+            NumericAssert.Close(GradCheck.ToDouble(cpu.Params[i]), run.Params[i], 1e-4, 1e-4, $"parameter {i}");
     }
 }

@@ -59,8 +59,10 @@ public sealed record PretrainResult(int Steps, double FirstLoss, double FinalLos
 /// </summary>
 /// <remarks>
 /// Each step is one forward/backward over a (B, T) batch whose loss is the mean over its non-ignored targets
-/// (lossScale = 1/count), then one AdamW update per parameter with the clip folded into gradScale, then the
-/// gradients are zeroed. Optimizer moments (m, v) are f32, allocated once, like every other buffer.
+/// (lossScale = 1/count), then the optimizer step the Trainer takes: the global gradient norm in one reduction
+/// (IBackend.GradNormClip, which leaves min(1, clip/‖g‖) on the device) and one fused AdamW over every parameter
+/// (IBackend.AdamWMultiTensor: one launch on GPU backends, weight decay on matrices only, nothing written when the norm
+/// is not finite), then the gradients are zeroed. Optimizer moments (m, v) are f32, allocated once, like every other buffer.
 /// </remarks>
 public sealed class Pretrainer : IDisposable
 {
@@ -70,6 +72,10 @@ public sealed class Pretrainer : IDisposable
     private readonly IBackend _backend;
     private readonly PretrainSettings _s;
     private readonly List<(string Name, Tensor Param, Tensor Grad, Tensor M, Tensor V, bool Decay)> _params = new();
+    private readonly Tensor _clip;                 // (2): ‖g‖ and the clipping scale, written on the device by GradNormClip
+    private readonly float[] _clipHost = new float[2];
+    private readonly Tensor[] _grads;              // the same lists every step: GPU backends build their device tables once
+    private readonly AdamWTensor[] _adam;
     private int _step;
 
     public Pretrainer(LlamaModel model, IBackend backend, PretrainSettings settings)
@@ -89,6 +95,10 @@ public sealed class Pretrainer : IDisposable
             _params.Add((name, p, g, m, v, p.Rank >= 2));
         }
         if (_params.Count == 0) throw new InvalidOperationException("the model exposes no base parameters");
+        _clip = backend.Allocate(DType.F32, 2);
+        _clip.Name = "grad_norm_clip";
+        _grads = _params.Select(p => p.Grad).ToArray();
+        _adam = _params.Select(p => new AdamWTensor(p.Param, p.Grad, p.M, p.V, p.Decay)).ToArray();
     }
 
     public int StepsDone => _step;
@@ -139,18 +149,17 @@ public sealed class Pretrainer : IDisposable
         if (count == 0) throw new ArgumentException("a training batch has no target to learn (every target is -100)");
         var (lossSum, n) = _model.ForwardBackward(batch.Tokens, batch.Targets, _s.BatchSize, _s.SeqLen, 1f / count, DropoutSeed());
         if (n != count) throw new InvalidOperationException($"the model counted {n} targets, the batch has {count}");
-        double sq = 0;
-        foreach (var p in _params) sq += _backend.SumOfSquares(p.Grad);
-        double norm = Math.Sqrt(sq);
-        if (!double.IsFinite(norm)) throw new InvalidOperationException($"step {_step + 1}: the gradient norm is {norm} (loss {lossSum / count})");
-        float gradScale = _s.Clip > 0 && norm > _s.Clip ? (float)(_s.Clip / norm) : 1f;
-        _step++;
-        float lr = LearningRateAt(_step);
-        foreach (var p in _params)
-        {
-            _backend.AdamW(p.Param, p.Grad, p.M, p.V, lr, _s.Beta1, _s.Beta2, _s.Eps, p.Decay ? _s.WeightDecay : 0f, _step, gradScale);
-            _backend.Fill(p.Grad, 0);
-        }
+        // One reduction over every gradient; the clipping scale stays on the device, where AdamW reads it. A non-finite
+        // norm makes the scale NaN and AdamW then writes nothing, so the parameters are intact when the step throws.
+        int step = _step + 1;
+        float lr = LearningRateAt(step);
+        _backend.GradNormClip(_grads, _clip, _s.Clip);
+        _backend.AdamWMultiTensor(_adam, new AdamWHyper(lr, _s.Beta1, _s.Beta2, _s.Eps, _s.WeightDecay, step), _clip);
+        _backend.Download(_clip, _clipHost);
+        double norm = _clipHost[0];
+        if (!float.IsFinite(_clipHost[1])) throw new InvalidOperationException($"step {step}: the gradient norm is {norm} (loss {lossSum / count}); no parameter was updated");
+        _step = step;
+        foreach (var p in _params) _backend.Fill(p.Grad, 0);
         return (lossSum / count, norm);
     }
 
@@ -217,6 +226,7 @@ public sealed class Pretrainer : IDisposable
     {
         foreach (var p in _params) { p.M.Dispose(); p.V.Dispose(); }
         _params.Clear();
+        _clip.Dispose();
     }
 
     /// <summary>Standard normal numbers (Box-Muller over SplitMix64): deterministic in (seed, stream).</summary>
