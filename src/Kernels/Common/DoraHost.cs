@@ -50,4 +50,23 @@ internal static class DoraHost
         be.Upload(dMagnitude, dmh);
         be.Upload(dz, dzh);
     }
+
+    public static void DropoutBackward(IBackend be, Tensor dInput, Tensor dOut, float p, ulong seed, long count)
+    {
+        DropoutCheck(dInput, dOut, p, count, "DropoutBackward");
+        float[] dh = dInput.ToArray(), sh = dOut.ToArray();
+        float keepScale = 1f / (1f - p);
+        for (int i = 0; i < count; i++)
+            if (DropoutHash.Keep(seed, i, p)) dh[i] += sh[i] * keepScale;
+        be.Upload(dInput, dh);
+    }
+
+    /// <summary>The argument checks every backend's DropoutBackward makes.</summary>
+    public static void DropoutCheck(Tensor dInput, Tensor dOut, float p, long count, string op)
+    {
+        if (!(p >= 0f && p < 1f)) throw new ArgumentOutOfRangeException(nameof(p), $"{op}: the drop probability must be in [0, 1), got {p}");
+        if (dInput.Length != count || dOut.Length != count)
+            throw new ArgumentException($"{op}: dInput ({dInput.Describe()}) and dOut ({dOut.Describe()}) must have count = {count} elements");
+        if (dInput.DType != DType.F32 || dOut.DType != DType.F32) throw new ArgumentException($"{op}: dInput ({dInput.Describe()}) and dOut ({dOut.Describe()}) must be f32");
+    }
 }

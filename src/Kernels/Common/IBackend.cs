@@ -128,6 +128,15 @@ public interface IBackend : IDisposable
     void DoraScaleBackward(Tensor dz, Tensor dMagnitude, Tensor dy, Tensor z, Tensor magnitude, Tensor norm, int m, int n)
         => DoraHost.ScaleBackward(this, dz, dMagnitude, dy, z, magnitude, norm, m, n);
 
+    /// <summary>
+    /// The backward of the LoRA-input dropout, accumulated: dInput[i] += dOut[i]·(1/(1 − p)) where DropoutHash.Keep(seed, i, p)
+    /// (the mask <see cref="LoraLinearForward"/> draws for xDrop, regenerated, not stored), unchanged elsewhere; i in [0, count).
+    /// Computed as written in f32 (the keep scale 1f/(1f − p) rounded once, then one product and one sum, each rounded), so
+    /// every backend gives the same bits. The default runs on the host through Download/Upload.
+    /// </summary>
+    void DropoutBackward(Tensor dInput, Tensor dOut, float dropout, ulong seed, long count)
+        => DoraHost.DropoutBackward(this, dInput, dOut, dropout, seed, count);
+
     // ---------------------------------------------------------------- normalization, position, activation
     /// <summary>y(M,C) = x / sqrt(mean(x²) + eps) ⊙ w(C). Saves rstd(M).</summary>
     void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int m, int c, float eps);

@@ -1,4 +1,5 @@
 using System.Numerics.Tensors;
+using System.Runtime.Intrinsics;
 
 namespace FineTuneNative.Kernels.Cpu;
 
@@ -106,5 +107,55 @@ public sealed unsafe partial class CpuBackend
             TensorPrimitives.MultiplyAdd(new ReadOnlySpan<float>(c->DY + o, nj), new ReadOnlySpan<float>(c->Z + o, nj), a, a);
         }
         for (int j = 0; j < nj; j++) c->DMag[j0 + j] += acc[j] / c->Norm[j0 + j];
+    }
+
+    /// <summary>
+    /// dInput(count) += dOut ⊙ mask / (1 − p): the LoRA-input dropout backward with the mask regenerated from DropoutHash
+    /// (element i kept iff Keep(seed, i, p)). Sixteen hashes at a time in Vector512&lt;ulong&gt; (the splitmix64 finaliser),
+    /// kept iff the hash's top 24 bits ≥ ⌈p·2²⁴⌉ (the same test as Uniform ≥ p, exactly); fixed chunks over the pool.
+    /// </summary>
+    public void DropoutBackward(Tensor dInput, Tensor dOut, float dropout, ulong seed, long count)
+    {
+        using var opScope = _opLock.EnterScope();
+        const string op = "DropoutBackward";
+        DoraHost.DropoutCheck(dInput, dOut, dropout, count, op);
+        var ctx = new DropBackCtx
+        {
+            Dst = F32(dInput, count, nameof(dInput), op), Src = F32(dOut, count, nameof(dOut), op), N = count, Seed = seed, P = dropout,
+            KeepScale = 1f / (1f - dropout), Threshold = (ulong)Math.Ceiling(dropout * 16777216.0),
+        };
+        _pool.For(Chunks(count), &DropBackBody, &ctx);
+    }
+
+    private struct DropBackCtx { public float* Dst, Src; public long N; public ulong Seed, Threshold; public float P, KeepScale; }
+
+    private static void DropBackBody(void* p, int chunk, int worker)
+    {
+        var c = (DropBackCtx*)p;
+        long s = (long)chunk * ElementChunk, e = Math.Min(s + ElementChunk, c->N);
+        const ulong Phi = 0x9E3779B97F4A7C15UL, Phi8 = unchecked(8 * Phi);
+        var lanes = Vector512.Create(0UL, 1, 2, 3, 4, 5, 6, 7) * Phi;
+        var threshold = Vector512.Create(c->Threshold);
+        var scale = Vector512.Create(c->KeepScale);
+        long i = s;
+        for (; i + 16 <= e; i += 16)
+        {
+            var z0 = Vector512.Create(c->Seed + Phi * (ulong)(i + 1)) + lanes;   // index i .. i+7 (the hash counts i + 1)
+            var z1 = z0 + Vector512.Create(Phi8);                                  // i+8 .. i+15
+            var keep = Vector512.Narrow(Vector512.GreaterThanOrEqual(Vector512.ShiftRightLogical(Mix(z0), 40), threshold),
+                                        Vector512.GreaterThanOrEqual(Vector512.ShiftRightLogical(Mix(z1), 40), threshold)).AsSingle();
+            var d = Vector512.Load(c->Dst + i);
+            Vector512.ConditionalSelect(keep, d + Vector512.Load(c->Src + i) * scale, d).Store(c->Dst + i);
+        }
+        for (; i < e; i++)
+            if (DropoutHash.Keep(c->Seed, i, c->P)) c->Dst[i] += c->Src[i] * c->KeepScale;
+    }
+
+    /// <summary>The splitmix64 finaliser of DropoutHash.Hash, eight lanes at once.</summary>
+    private static Vector512<ulong> Mix(Vector512<ulong> z)
+    {
+        z = (z ^ Vector512.ShiftRightLogical(z, 30)) * 0xBF58476D1CE4E5B9UL;
+        z = (z ^ Vector512.ShiftRightLogical(z, 27)) * 0x94D049BB133111EBUL;
+        return z ^ Vector512.ShiftRightLogical(z, 31);
     }
 }

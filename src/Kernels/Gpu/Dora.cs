@@ -1,5 +1,6 @@
 using ILGPU;
 using ILGPU.Runtime;
+using ILGPU.Runtime.Cuda;
 
 namespace FineTuneNative.Kernels.Gpu;
 
@@ -14,6 +15,7 @@ internal sealed class DoraKernels
     private readonly Action<Index1D, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, NormArgs> _norm;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, DeviceFloats, ScaleArgs> _scale;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ScaleArgs> _magGrad;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, DropArgs> _dropBackward;
 
     public DoraKernels(IlgpuBackend b)
     {
@@ -22,6 +24,13 @@ internal sealed class DoraKernels
         _norm = acc.LoadAutoGroupedStreamKernel<Index1D, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, NormArgs>(NormKernel);
         _scale = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, DeviceFloats, ScaleArgs>(ScaleKernel);
         _magGrad = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ScaleArgs>(MagnitudeGradKernel);
+        _dropBackward = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, DropArgs>(DropoutBackwardKernel);
+    }
+
+    public struct DropArgs
+    {
+        public ulong Seed;
+        public float P, KeepScale;
     }
 
     public struct NormArgs
@@ -70,6 +79,35 @@ internal sealed class DoraKernels
         int j = jIndex;
         for (int i = 0; i < p.M; i++) s += dy[(long)i * p.N + j] * z[(long)i * p.N + j];
         dMag[j] += s / norm[j];
+    }
+
+    /// <summary>dInput[i] += dOut[i]·KeepScale where DropoutHash.Keep(Seed, i, P) (the LoRA forward's mask, regenerated).</summary>
+    [GpuKernel(false)]
+    public static void DropoutBackwardKernel(Index1D i, ArrayView<float> dInput, ArrayView<float> dOut, DropArgs a)
+    {
+        if (DropoutHash.Keep(a.Seed, i, a.P)) dInput[i] = AddProductRounded(dInput[i], dOut[i], a.KeepScale);
+    }
+
+    /// <summary>
+    /// d + s·c with the product and the sum each rounded to f32, as the CPU computes it. ILGPU emits a plain mul.f32 and
+    /// add.f32, which ptxas may contract into one FMA (one rounding, different bits); mul.rn / add.rn are never contracted.
+    /// </summary>
+    private static float AddProductRounded(float d, float s, float c)
+    {
+        if (!CudaAsm.IsSupported) return d + s * c;
+        Output<float> r = default;
+        Input<float> di = d, si = s, ci = c;
+        CudaAsm.EmitRef("{ .reg .f32 t; mul.rn.f32 t, %2, %3; add.rn.f32 %0, %1, t; }", ref r, ref di, ref si, ref ci);
+        return r.Value;
+    }
+
+    public void DropoutBackward(Tensor dInput, Tensor dOut, float dropout, ulong seed, long count)
+    {
+        const string op = "DropoutBackward";
+        DoraHost.DropoutCheck(dInput, dOut, dropout, count, op);
+        int n = IlgpuBackend.CheckedCount(count, op);
+        if (n == 0) return;
+        _dropBackward(n, _b.F32(dInput, "dInput"), _b.F32(dOut, "dOut"), new DropArgs { Seed = seed, P = dropout, KeepScale = 1f / (1f - dropout) });
     }
 
     public void WeightNorm(Tensor norm, Tensor w, Tensor a, Tensor b, float scale, int n, int k, int r)

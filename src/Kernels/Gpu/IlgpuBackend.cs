@@ -499,6 +499,11 @@ public sealed class IlgpuBackend : IBackend
         lock (_gate) Dora.ScaleBackward(dz, dMagnitude, dy, z, magnitude, norm, m, n);
     }
 
+    public void DropoutBackward(Tensor dInput, Tensor dOut, float dropout, ulong seed, long count)
+    {
+        lock (_gate) Dora.DropoutBackward(dInput, dOut, dropout, seed, count);
+    }
+
     // ------------------------------------------------------------------ norm, rope, activation
     private RmsNormKernels Norm => Kernels(b => new RmsNormKernels(b));
 

@@ -1,4 +1,3 @@
-using System.Buffers;
 using FineTuneNative.Kernels;
 
 namespace FineTuneNative.Runtime.Model;
@@ -18,8 +17,8 @@ namespace FineTuneNative.Runtime.Model;
 /// xd, dx = dy·W + drop′(dzd·W + s·(dzd·B)·A − dy·W) where drop′ applies the same mask and 1/(1−p). This costs a second
 /// base product in the forward and two more in the backward (as PEFT's autograd does), an (M, K) copy of xd kept for
 /// the backward, and a transient scratch of M·max(N, K) floats. The mask is DropoutHash's (the one LoraLinearForward
-/// draws); its application in the backward runs on the host through Download/Upload (a copy on the CPU backend, a
-/// device round trip of two (M, K) tensors on ILGPU). Saved for the backward: z (M, N), the norm (N, in the slot),
+/// draws), regenerated in the backward by IBackend.DropoutBackward on the backend itself (no host round trip).
+/// Saved for the backward: z (M, N), the norm (N, in the slot),
 /// u (M, R) and, with dropout, xd (M, K). Reference: DoraReference (ForwardDropout for the dropout form).
 /// </remarks>
 public static class DoraLinear
@@ -91,29 +90,6 @@ public static class DoraLinear
         b.Scale(z, -1f);
         b.MatMulBackwardInput(q, z, w, m, n, k, accumulate: true);                   // q −= dy·W (the −xd·Wᵀ term)
         b.MatMulBackwardInput(dx, dy, w, m, n, k, accumulate);                        // dx (+)= dy·W (the undropped base)
-        AddDropped(b, dx, q, p.Seed, p.Dropout, (long)m * k);                         // dx += mask ⊙ q / (1 − p)
-    }
-
-    /// <summary>dst += drop′(src): element i gets src(i)/(1−p) where DropoutHash keeps it (the forward's mask), else nothing.</summary>
-    private static void AddDropped(IBackend b, Tensor dst, Tensor src, ulong seed, float p, long count)
-    {
-        if (count > int.MaxValue) throw new ArgumentException($"DoRA dropout backward: {count} elements exceed one host buffer");
-        int len = (int)count;
-        var sa = ArrayPool<float>.Shared.Rent(len);
-        var da = ArrayPool<float>.Shared.Rent(len);
-        try
-        {
-            b.Download(src, sa.AsSpan(0, len));
-            b.Download(dst, da.AsSpan(0, len));
-            float keepScale = 1f / (1f - p);
-            for (int i = 0; i < len; i++)
-                if (DropoutHash.Keep(seed, i, p)) da[i] += sa[i] * keepScale;
-            b.Upload(dst, da.AsSpan(0, len));
-        }
-        finally
-        {
-            ArrayPool<float>.Shared.Return(sa);
-            ArrayPool<float>.Shared.Return(da);
-        }
+        b.DropoutBackward(dx, q, p.Dropout, p.Seed, (long)m * k);                     // dx += mask ⊙ q / (1 − p), on the device
     }
 }
