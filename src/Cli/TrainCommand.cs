@@ -63,6 +63,9 @@ public sealed partial class TrainOptions : DataCliOptions
     [Option("base-dtype", MetaValue = "TYPE", HelpText = "Storage of the model's linear weights once loaded: f32 or bf16 (with --device cuda on sm_80+ bf16 weights run on tensor cores; halves their memory). Default: as in the file (bf16 files stay bf16, others f32).")]
     public string? BaseDType { get; set; }
 
+    [Option("attention-dtype", MetaValue = "TYPE", HelpText = "Storage of q, k, v for attention: f32 or bf16 (PyTorch autocast's bf16 SDPA: rounded q, k, v, f32 softmax and accumulation; with --device cuda on sm_80+ the tensor-core flash attention). Default: bf16 when the linear weights are bf16 (--base-dtype bf16, or a bf16 file), else f32.")]
+    public string? AttentionDType { get; set; }
+
     [Option("adapter", MetaValue = "DIR", HelpText = "Continue training this saved PEFT adapter (its own r, alpha, targets) on the new data: staged training.")]
     public string? Adapter { get; set; }
 
@@ -158,15 +161,17 @@ public static class TrainCommand
         var wall = Stopwatch.StartNew();
         using var backend = CliCommon.CreateBackend(o);
         var linearDType = ParseBaseDType(o.BaseDType);
+        var attentionDType = ParseAttentionDType(o.AttentionDType);
         if (linearDType is not null && (o.QLora || o.BaseQuant is { } q0 && !q0.Equals("none", StringComparison.OrdinalIgnoreCase)))
             throw new UserError("--base-dtype and --qlora/--base-quant both choose how the base's linear weights are stored: give one");
         using var loaded = ModelSource.Load(modelPath, backend, linearDType);
         var tok = ModelSource.LoadTokenizer(modelPath, o.Tokenizer);
         var cfg = loaded.Weights.Config;
+        var attnDType = attentionDType ?? (loaded.Weights.Layers[0].Wq.DType == DType.BF16 ? DType.BF16 : DType.F32);
         if (tok.VocabSize > cfg.VocabSize)
             throw new UserError($"the tokenizer has {tok.VocabSize} tokens, more than the model's vocabulary ({cfg.VocabSize})");
         stdout.WriteLine($"model    {loaded.Path}{(demo ? " (embedded)" : "")}: {cfg.Architecture} L={cfg.NumLayers} C={cfg.HiddenSize} V={cfg.VocabSize}, " +
-                         $"{CliCommon.Count(loaded.Weights.ParameterCount)} parameters, linear weights {loaded.Weights.Layers[0].Wq.DType.Name()}; device {backend.Name}");
+                         $"{CliCommon.Count(loaded.Weights.ParameterCount)} parameters, linear weights {loaded.Weights.Layers[0].Wq.DType.Name()}, attention {attnDType.Name()}; device {backend.Name}");
 
         // Data: read, encode, split (Peft), and the held-out records for exact match.
         var dataOptions = o.BuildDataOptions();
@@ -203,6 +208,7 @@ public static class TrainCommand
         // Full fine-tuning writes the weights: train a writable copy (loaded weights may be views of a mapped file).
         using var trainWeights = methodName == "full" ? FullFineTune.CloneWritable(loaded.Weights, backend) : null;
         using var model = new LlamaModel(trainWeights ?? baseWeights, backend) { NeftuneAlpha = dataOptions.NeftuneAlpha };
+        model.AttentionDType = attnDType;
         using var method = PeftxMethods.Create(o, model, tok, opts.Seed, stdout) ?? CreateMethod(o, model, lora, opts, stdout, tok, dataOptions, modelPath);
         model.ActivationCheckpointing = opts.ActivationCheckpointing;
         int seqLen = Math.Min(opts.MaxLength, Math.Max(1, data.Train.Concat(data.Eval).Max(s => s.Length)));
@@ -355,6 +361,15 @@ public static class TrainCommand
         }
         catch { adapter.Dispose(); throw; }
     }
+
+    /// <summary>--attention-dtype: null (follow the linear weights), f32 or bf16.</summary>
+    internal static DType? ParseAttentionDType(string? name) => name?.Trim().ToLowerInvariant() switch
+    {
+        null => null,
+        "f32" or "float32" or "fp32" => DType.F32,
+        "bf16" or "bfloat16" => DType.BF16,
+        _ => throw new UserError($"--attention-dtype: '{name}' is not an attention dtype; expected f32 or bf16"),
+    };
 
     /// <summary>--base-dtype: null (as stored in the file), f32 or bf16.</summary>
     internal static DType? ParseBaseDType(string? name) => name?.Trim().ToLowerInvariant() switch

@@ -31,6 +31,23 @@ public class BaseDTypeCliTests
         Assert.Contains(text, r.Stderr);
     }
 
+    [Theory]
+    [InlineData(null, null)]
+    [InlineData("bf16", DType.BF16)]
+    [InlineData("BFloat16", DType.BF16)]
+    [InlineData("f32", DType.F32)]
+    public void Parses_the_attention_dtypes(string? text, DType? expected) => Assert.Equal(expected, TrainCommand.ParseAttentionDType(text));
+
+    [Fact]
+    public void Refuses_an_unknown_attention_dtype_with_one_line()
+    {
+        var r = CliHarness.Run("train", "--attention-dtype", "f8", "--max-steps", "1", "--out", CliHarness.TempDir("attention-dtype-bad"));
+        Assert.NotEqual(0, r.ExitCode);
+        Assert.Single(r.StderrLines);
+        Assert.Contains("--attention-dtype", r.Stderr);
+        Assert.Contains("f8", r.Stderr);
+    }
+
     [Fact]
     public void Refuses_base_dtype_with_an_nf4_base()
     {
@@ -60,14 +77,19 @@ public class BaseDTypeCliTests
                 "--max-steps", "2", "--batch-size", "2", "--max-len", "16", "--exact-match", "0", "--rank", "2", "--targets", "q,v",
                 "--eval-fraction", "0.2", "--out", output);
             Assert.True(r.ExitCode == 0, r.ToString());
-            Assert.Contains("linear weights bf16; device ilgpu-sim:4", r.Stdout);
+            Assert.Contains("linear weights bf16, attention bf16; device ilgpu-sim:4", r.Stdout);
             Assert.True(File.Exists(Path.Combine(output, "adapter_model.safetensors")), r.Stdout);
 
             // Without the option the same f32 file loads as f32.
             var f32 = CliHarness.Run("train", "--model", model, "--data", data, "--max-steps", "1", "--batch-size", "2", "--max-len", "16",
                 "--exact-match", "0", "--rank", "2", "--targets", "q,v", "--eval-fraction", "0.2", "--out", Path.Combine(dir, "out32"));
             Assert.True(f32.ExitCode == 0, f32.ToString());
-            Assert.Contains("linear weights f32; device cpu", f32.Stdout);
+            Assert.Contains("linear weights f32, attention f32; device cpu", f32.Stdout);
+            // bf16 attention is selectable on its own (f32 weights, cpu: the q, k, v are widened on the fly)
+            var attn = CliHarness.Run("train", "--model", model, "--data", data, "--max-steps", "1", "--batch-size", "2", "--max-len", "16",
+                "--attention-dtype", "bf16", "--exact-match", "0", "--rank", "2", "--targets", "q,v", "--eval-fraction", "0.2", "--out", Path.Combine(dir, "outattn"));
+            Assert.True(attn.ExitCode == 0, attn.ToString());
+            Assert.Contains("linear weights f32, attention bf16; device cpu", attn.Stdout);
         }
         finally
         {

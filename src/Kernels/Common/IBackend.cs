@@ -161,6 +161,9 @@ public interface IBackend : IDisposable
     /// query t sits at position kvLen - Tq + t and sees keys 0..that position. out (B, Tq, NH, HS);
     /// lse (B, NH, Tq) = log Σ exp(score) saved for the backward (may be null at inference).
     /// Head h reads kv head h / (NH / NKV). scale is usually 1/sqrt(HS).
+    /// q, k, v may each be f32, bf16 or f16 (bf16 attention, as PyTorch's SDPA under autocast: the rounded inputs,
+    /// f32 accumulation, f32 softmax statistics); every backend takes them, widening on the fly where it has no 16-bit
+    /// kernel (CUDA sm_80+ runs bf16/f16 q, k, v on tensor cores). output and lse are f32.
     /// </summary>
     void AttentionForward(Tensor output, Tensor? lse, Tensor q, Tensor k, Tensor v,
         int batch, int tq, int tkv, int kvLen, int nHeads, int nKvHeads, int headSize, float scale);
@@ -170,6 +173,7 @@ public interface IBackend : IDisposable
     /// q, dq (B, Tq, NH, HS); k, v, dk, dv (B, Tkv, NKV, HS). Query i sits at position P + i, P = Tkv - Tq, so
     /// Tq == Tkv is plain causal training and Tq &lt; Tkv puts P prefix keys (prefix tuning) before the sequence.
     /// dq, dk, dv overwritten (dk/dv sum over the query heads sharing a kv head).
+    /// q, k, v as in the forward (f32, bf16 or f16: the values the forward saw); output, dOut, lse and dq, dk, dv are f32.
     /// </summary>
     void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOut, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
         int batch, int tq, int tkv, int nHeads, int nKvHeads, int headSize, float scale);

@@ -17,6 +17,66 @@ public sealed unsafe partial class CpuBackend
 
     private float* _attnD;
     private long _attnDLength;
+    private float* _attnWide;     // f32 copies of bf16/f16 q, k, v (grown once to the largest call, then reused)
+    private long _attnWideLength;
+
+    /// <summary>
+    /// q, k and v as f32 pointers: f32 tensors as they are; bf16/f16 ones widened (exactly) into one backend-owned
+    /// buffer, in parallel chunks, so the blocked kernels below see f32 and the numbers equal an f32 call on the
+    /// rounded values (PyTorch's bf16 SDPA: bf16 inputs, f32 accumulation and softmax).
+    /// </summary>
+    private void AttnInputs(string op, Tensor q, long qn, Tensor k, Tensor v, long kn, out float* pq, out float* pk, out float* pv)
+    {
+        long wide = Widened(op, q, qn, "q") + Widened(op, k, kn, "k") + Widened(op, v, kn, "v");
+        if (wide > _attnWideLength)
+        {
+            if (_attnWide != null) NativeMemory.AlignedFree(_attnWide);
+            _attnWide = (float*)NativeMemory.AlignedAlloc((nuint)(wide * sizeof(float)), 64);
+            _attnWideLength = wide;
+        }
+        long at = 0;
+        pq = Widen(q, qn, "q", ref at);
+        pk = Widen(k, kn, "k", ref at);
+        pv = Widen(v, kn, "v", ref at);
+    }
+
+    /// <summary>Checks one attention input; returns the floats its widened copy takes (0 for f32).</summary>
+    private long Widened(string op, Tensor t, long n, string name)
+    {
+        Ptr(t, name);
+        if (t.DType is not (DType.F32 or DType.BF16 or DType.F16))
+            throw new ArgumentException($"{op}: {name} {t.Describe()} must be f32, bf16 or f16", name);
+        CheckLength(t, n, name, op);
+        return t.DType == DType.F32 ? 0 : (n + 15) & ~15L;
+    }
+
+    private float* Widen(Tensor t, long n, string name, ref long at)
+    {
+        if (t.DType == DType.F32) return (float*)Ptr(t, name);
+        float* dst = _attnWide + at;
+        var ctx = new WidenCtx { Src = (ushort*)Ptr(t, name), Dst = dst, N = n, F16 = t.DType == DType.F16 };
+        _pool.For((int)((n + WidenChunk - 1) / WidenChunk), &WidenBody, &ctx);
+        at += (n + 15) & ~15L;
+        return dst;
+    }
+
+    private struct WidenCtx
+    {
+        public ushort* Src;
+        public float* Dst;
+        public long N;
+        public bool F16;
+    }
+
+    private const int WidenChunk = 1 << 15;
+
+    private static void WidenBody(void* p, int task, int worker)
+    {
+        var c = (WidenCtx*)p;
+        long i0 = (long)task * WidenChunk, n = Math.Min(WidenChunk, c->N - i0);
+        if (c->F16) HalfConvert.F16ToF32(c->Src + i0, c->Dst + i0, n);
+        else HalfConvert.Bf16ToF32(c->Src + i0, c->Dst + i0, n);
+    }
 
     private static void CheckAttention(string op, int batch, int tq, int tkv, int kvLen, int nHeads, int nKvHeads, int headSize)
     {
@@ -39,10 +99,11 @@ public sealed unsafe partial class CpuBackend
         CheckAttention(op, batch, tq, tkv, kvLen, nHeads, nKvHeads, headSize);
         long qn = (long)batch * tq * nHeads * headSize, kn = (long)batch * tkv * nKvHeads * headSize;
         EnsureScratch(AttnForwardScratch(headSize));
+        AttnInputs(op, q, qn, k, v, kn, out float* pq, out float* pk, out float* pv);
         var ctx = new AttnCtx
         {
             O = F32(output, qn, nameof(output), op), Lse = lse != null ? F32(lse, (long)batch * nHeads * tq, nameof(lse), op) : null,
-            Q = F32(q, qn, nameof(q), op), K = F32(k, kn, nameof(k), op), V = F32(v, kn, nameof(v), op),
+            Q = pq, K = pk, V = pv,
             B = batch, Tq = tq, Tkv = tkv, KvLen = kvLen, NH = nHeads, NKV = nKvHeads, HS = headSize, Group = nHeads / nKvHeads,
             RowBlocks = (tq + AttnBr - 1) / AttnBr, Scale = scale, Scratch = ScratchBase, Stride = ScratchStride,
         };
@@ -186,11 +247,12 @@ public sealed unsafe partial class CpuBackend
         CheckAttention(op, batch, tq, tkv, tkv, nHeads, nKvHeads, headSize);
         int t = tq;
         long qn = (long)batch * tq * nHeads * headSize, kn = (long)batch * tkv * nKvHeads * headSize, rows = (long)batch * nHeads * tq;
+        AttnInputs(op, q, qn, k, v, kn, out float* pq, out float* pk, out float* pv);
         var ctx = new AttnCtx
         {
             DQ = F32(dq, qn, nameof(dq), op), DK = F32(dk, kn, nameof(dk), op), DV = F32(dv, kn, nameof(dv), op),
             DO = F32(dOut, qn, nameof(dOut), op), O = F32(output, qn, nameof(output), op), Lse = F32(lse, rows, nameof(lse), op),
-            Q = F32(q, qn, nameof(q), op), K = F32(k, kn, nameof(k), op), V = F32(v, kn, nameof(v), op),
+            Q = pq, K = pk, V = pv,
             B = batch, Tq = tq, Tkv = tkv, KvLen = tkv, NH = nHeads, NKV = nKvHeads, HS = headSize, Group = nHeads / nKvHeads,
             RowBlocks = (t + AttnBr - 1) / AttnBr, Scale = scale,
         };

@@ -132,6 +132,8 @@ public sealed unsafe partial class CpuBackend : IBackend
         _scratch = null;
         if (_attnD != null) NativeMemory.AlignedFree(_attnD);
         _attnD = null;
+        if (_attnWide != null) NativeMemory.AlignedFree(_attnWide);
+        _attnWide = null;
         FreeGemmBuffers();
     }
 

@@ -22,8 +22,10 @@ public struct AttentionArgs
 /// Lanes of a warp split the keys of a tile for the scores and the channels for the accumulator, so any warp
 /// size works. Matches AttentionReference. Head size up to <see cref="MaxHeadSize"/>.
 /// Forward dispatch: Tq == 1 (a decode step) goes to <see cref="AttentionDecodeKernels"/> (split-K over the cache);
-/// bf16/f16 q, k, v on sm_80+ to <see cref="AttentionTensorCoreKernels"/> (the backward too, for head sizes up to 64);
-/// everything else (f32) runs here.
+/// bf16/f16 q, k, v on sm_80+ to <see cref="AttentionTensorCoreKernels"/> (the backward too);
+/// everything else runs here: f32 q, k, v, and bf16/f16 (or mixed) ones widened to f32 as they are loaded
+/// (<see cref="DeviceFloats.Load"/>), so a bf16 attention runs unchanged on a pre-sm_80 GPU and in the simulator;
+/// the output, lse, dOut and the gradients stay f32.
 /// </remarks>
 internal sealed class AttentionKernels
 {
@@ -32,22 +34,30 @@ internal sealed class AttentionKernels
     private const int KS = MaxHeadSize + 1;
 
     private readonly IlgpuBackend _b;
-    private readonly Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs> _forward;
-    private readonly Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs> _backwardQuery;
-    private readonly Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs> _backwardKeyValue;
+    private readonly Action<KernelConfig, DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, AttentionArgs> _forward;
+    private readonly Action<KernelConfig, DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs> _backwardQuery;
+    private readonly Action<KernelConfig, DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs> _backwardKeyValue;
+
+    /// <summary>
+    /// Whether bf16/f16 q, k, v go to the tensor-core kernels: CUDA sm_80+ (<see cref="IlgpuBackend.TensorCores"/>).
+    /// False sends them to the SIMT kernels here, widened on load (a pre-sm_80 GPU). Tests set it on a warp-32
+    /// simulator to run the tensor-core kernels' emulated path inside whole model steps.
+    /// </summary>
+    internal bool TensorCores { get; set; }
 
     public AttentionKernels(IlgpuBackend b)
     {
         _b = b;
+        TensorCores = b.TensorCores;
         var acc = b.Accelerator;
-        _forward = acc.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionForwardKernel);
-        _backwardQuery = acc.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionBackwardQueryKernel);
-        _backwardKeyValue = acc.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionBackwardKeyValueKernel);
+        _forward = acc.LoadStreamKernel<DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionForwardKernel);
+        _backwardQuery = acc.LoadStreamKernel<DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionBackwardQueryKernel);
+        _backwardKeyValue = acc.LoadStreamKernel<DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionBackwardKeyValueKernel);
     }
 
     /// <summary>Group = (b, h, tile of <see cref="Warps"/> queries); warp = one query row.</summary>
     [GpuKernel(true)]
-    public static void AttentionForwardKernel(ArrayView<float> q, ArrayView<float> k, ArrayView<float> v, ArrayView<float> output, ArrayView<float> lse, AttentionArgs a)
+    public static void AttentionForwardKernel(DeviceFloats q, DeviceFloats k, DeviceFloats v, ArrayView<float> output, ArrayView<float> lse, AttentionArgs a)
     {
         var sk = SharedMemory.Allocate<float>(BK * KS);
         var sv = SharedMemory.Allocate<float>(BK * KS);
@@ -71,7 +81,7 @@ internal sealed class AttentionKernels
 
         for (int d = lane; d < hs; d += lanes)
         {
-            sq[qs + d] = active ? q[qBase + d] * a.Scale : 0f;
+            sq[qs + d] = active ? q.Load(qBase + d) * a.Scale : 0f;
             sacc[qs + d] = 0f;
         }
         float mRun = float.NegativeInfinity, lRun = 0f;
@@ -87,8 +97,8 @@ internal sealed class AttentionKernels
                 if (key <= maxKey)
                 {
                     long idx = (((long)b * a.Tkv + key) * a.NKvHeads + kvh) * hs + d;
-                    kk = k[idx];
-                    vv = v[idx];
+                    kk = k.Load(idx);
+                    vv = v.Load(idx);
                 }
                 sk[j * KS + d] = kk;
                 sv[j * KS + d] = vv;
@@ -144,7 +154,7 @@ internal sealed class AttentionKernels
     /// p_ij = exp(scale·q_i·k_j − lse_i), ds_ij = p_ij·(dO_i·v_j − D_i), D_i = dO_i·O_i.
     /// </summary>
     [GpuKernel(true)]
-    public static void AttentionBackwardQueryKernel(ArrayView<float> q, ArrayView<float> k, ArrayView<float> v, ArrayView<float> o,
+    public static void AttentionBackwardQueryKernel(DeviceFloats q, DeviceFloats k, DeviceFloats v, ArrayView<float> o,
         ArrayView<float> dOut, ArrayView<float> lse, ArrayView<float> dq, AttentionArgs a)
     {
         var sk = SharedMemory.Allocate<float>(BK * KS);
@@ -172,7 +182,7 @@ internal sealed class AttentionKernels
         for (int d = lane; d < hs; d += lanes)
         {
             float dod = active ? dOut[qBase + d] : 0f;
-            sq[qs + d] = active ? q[qBase + d] * a.Scale : 0f;
+            sq[qs + d] = active ? q.Load(qBase + d) * a.Scale : 0f;
             sdo[qs + d] = dod;
             sacc[qs + d] = 0f;
             if (active) dPart += dod * o[qBase + d];
@@ -191,8 +201,8 @@ internal sealed class AttentionKernels
                 if (key <= maxKey)
                 {
                     long idx = (((long)b * a.Tkv + key) * a.NKvHeads + kvh) * hs + d;
-                    kk = k[idx];
-                    vv = v[idx];
+                    kk = k.Load(idx);
+                    vv = v.Load(idx);
                 }
                 sk[j * KS + d] = kk;
                 sv[j * KS + d] = vv;
@@ -235,7 +245,7 @@ internal sealed class AttentionKernels
     /// i ≥ j, dv_j = Σ p_ij·dO_i and dk_j = scale·Σ ds_ij·q_i.
     /// </summary>
     [GpuKernel(true)]
-    public static void AttentionBackwardKeyValueKernel(ArrayView<float> q, ArrayView<float> k, ArrayView<float> v, ArrayView<float> o,
+    public static void AttentionBackwardKeyValueKernel(DeviceFloats q, DeviceFloats k, DeviceFloats v, ArrayView<float> o,
         ArrayView<float> dOut, ArrayView<float> lse, ArrayView<float> dk, ArrayView<float> dv, AttentionArgs a)
     {
         var sq = SharedMemory.Allocate<float>(BK * KS);
@@ -264,8 +274,8 @@ internal sealed class AttentionKernels
 
         for (int d = lane; d < hs; d += lanes)
         {
-            skr[rs + d] = active ? k[kBase + d] * a.Scale : 0f;
-            svr[rs + d] = active ? v[kBase + d] : 0f;
+            skr[rs + d] = active ? k.Load(kBase + d) * a.Scale : 0f;
+            svr[rs + d] = active ? v.Load(kBase + d) : 0f;
             sdk[rs + d] = 0f;
             sdv[rs + d] = 0f;
         }
@@ -284,7 +294,7 @@ internal sealed class AttentionKernels
                     if (i < tLen)
                     {
                         long idx = (((long)b * tLen + i) * a.NHeads + h) * hs + d;
-                        qq = q[idx];
+                        qq = q.Load(idx);
                         gg = dOut[idx];
                     }
                     sq[ii * KS + d] = qq;
@@ -386,7 +396,7 @@ internal sealed class AttentionKernels
             Batch = batch, Tq = tq, Tkv = tkv, KvLen = kvLen, NHeads = nHeads, NKvHeads = nKvHeads, HeadSize = headSize,
             HasLse = lse is null ? 0 : 1, Scale = scale,
         };
-        if (AttentionTensorCoreKernels.Takes(_b, q, k, v, headSize))
+        if (AttentionTensorCoreKernels.Takes(TensorCores, q, k, v, headSize))
         {
             // bf16/f16 q, k, v on sm_80+: the tensor-core kernel (AttentionTensorCore.cs)
             _b.Kernels(x => new AttentionTensorCoreKernels(x)).Forward(q.DType == DType.F16, _b.Floats(q, "q"), _b.Floats(k, "k"), _b.Floats(v, "v"),
@@ -394,7 +404,7 @@ internal sealed class AttentionKernels
             return;
         }
         long groups = (long)batch * nHeads * ((tq + Warps - 1) / Warps);
-        _forward(new KernelConfig(IlgpuBackend.CheckedCount(groups, op), GroupSize), _b.F32(q, "q"), _b.F32(k, "k"), _b.F32(v, "v"),
+        _forward(new KernelConfig(IlgpuBackend.CheckedCount(groups, op), GroupSize), _b.Floats(q, "q"), _b.Floats(k, "k"), _b.Floats(v, "v"),
             _b.F32(output, "output"), lse is null ? ArrayView<float>.Empty : _b.F32(lse, "lse"), args);
     }
 
@@ -421,16 +431,16 @@ internal sealed class AttentionKernels
         {
             Batch = batch, Tq = tq, Tkv = tkv, KvLen = tkv, NHeads = nHeads, NKvHeads = nKvHeads, HeadSize = headSize, HasLse = 1, Scale = scale,
         };
-        if (AttentionTensorCoreKernels.TakesBackward(_b, q, k, v, headSize))
+        if (AttentionTensorCoreKernels.TakesBackward(TensorCores, q, k, v, headSize))
         {
             // bf16/f16 q, k, v on sm_80+, head size <= 64: the tensor-core kernels (AttentionTensorCoreBackward.cs)
             _b.Kernels(x => new AttentionTensorCoreKernels(x)).Backward(q.DType == DType.F16, _b.Floats(q, "q"), _b.Floats(k, "k"), _b.Floats(v, "v"),
                 _b.F32(output, "output"), _b.F32(dOut, "dOut"), _b.F32(lse, "lse"), _b.F32(dq, "dq"), _b.F32(dk, "dk"), _b.F32(dv, "dv"), args);
             return;
         }
-        var qv = _b.F32(q, "q");
-        var kv = _b.F32(k, "k");
-        var vv = _b.F32(v, "v");
+        var qv = _b.Floats(q, "q");
+        var kv = _b.Floats(k, "k");
+        var vv = _b.Floats(v, "v");
         var ov = _b.F32(output, "output");
         var gv = _b.F32(dOut, "dOut");
         var lv = _b.F32(lse, "lse");

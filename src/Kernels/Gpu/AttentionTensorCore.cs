@@ -446,10 +446,11 @@ internal sealed partial class AttentionTensorCoreKernels
     // ------------------------------------------------------------------ launch
 
     /// <summary>
-    /// Whether the tensor-core forward takes this call: CUDA sm_80+, q, k and v all bf16 or all f16, head size ≤ 128.
+    /// Whether the tensor-core forward takes this call: tensor cores in use (<paramref name="tensorCores"/>: CUDA sm_80+),
+    /// q, k and v all bf16 or all f16, head size ≤ 128. Anything else runs the SIMT kernels, which widen 16-bit inputs.
     /// </summary>
-    internal static bool Takes(IlgpuBackend b, Tensor q, Tensor k, Tensor v, int headSize)
-        => b.TensorCores && headSize <= MaxHeadSize && (q.DType is DType.BF16 or DType.F16) && k.DType == q.DType && v.DType == q.DType;
+    internal static bool Takes(bool tensorCores, Tensor q, Tensor k, Tensor v, int headSize)
+        => tensorCores && headSize <= MaxHeadSize && (q.DType is DType.BF16 or DType.F16) && k.DType == q.DType && v.DType == q.DType;
 
     /// <summary>Launches the forward (shapes validated by the caller, as <see cref="AttentionKernels.Forward"/> does).</summary>
     internal void Forward(bool f16, DeviceFloats q, DeviceFloats k, DeviceFloats v, ArrayView<float> output, ArrayView<float> lse, AttentionArgs a)

@@ -252,8 +252,8 @@ internal sealed partial class AttentionTensorCoreKernels : IDisposable
     // ------------------------------------------------------------------ launch
 
     /// <summary>Whether the tensor-core backward takes this call: as <see cref="Takes"/>, with head size ≤ 64.</summary>
-    internal static bool TakesBackward(IlgpuBackend b, Tensor q, Tensor k, Tensor v, int headSize)
-        => headSize <= MaxBackwardHeadSize && Takes(b, q, k, v, headSize);
+    internal static bool TakesBackward(bool tensorCores, Tensor q, Tensor k, Tensor v, int headSize)
+        => headSize <= MaxBackwardHeadSize && Takes(tensorCores, q, k, v, headSize);
 
     private void LoadBackward()
     {

@@ -55,7 +55,7 @@ public sealed record MemoryPlan(long WeightBytes, long TrainableBytes, long Grad
         seqLen += model.PromptLength;                                 // prompt tuning runs P + T rows per sequence
         long m = (long)batch * seqLen;
         long C = c.HiddenSize, F = c.IntermediateSize, QD = c.QDim, KVD = c.KvDim, NH = c.NumHeads, L = c.NumLayers;
-        long perLayer = C + 2 * QD + 2 * KVD + NH + 2 * F;            // ResidMid, Q, Att, K, V, Lse, Gate, Up
+        long perLayer = C + QD + NH + 2 * F;                          // ResidMid, Att, Lse, Gate, Up (+ Q, K, V below)
         long perToken = 4                                             // tokens, targets, positions, losses
             + (L + 1) * C                                             // residual stream
             + (shared ? 1 : L) * perLayer
@@ -78,7 +78,8 @@ public sealed record MemoryPlan(long WeightBytes, long TrainableBytes, long Grad
         floats += m * maxR;                                           // shared g scratch
         floats += doraScratch;                                        // shared DoRA-with-dropout scratch
         floats += model.PeftWorkspaceFloats(batch, seqLen);           // prefix / bottleneck buffers
-        return 4 * floats;
+        long qkv = (shared ? 1 : L) * m * (QD + 2 * KVD);             // saved Q, K, V: f32, or bf16 with bf16 attention
+        return 4 * floats + model.AttentionDType.StorageBytes(qkv);
     }
 
     /// <summary>A multi-line report: one line per component and the total.</summary>

@@ -384,7 +384,7 @@ public sealed partial class LlamaModel : IDisposable
         // Keep the training shape and one evaluation shape; a third shape evicts the least recently used.
         if (_workspaces.Count >= 2) { _workspaces[^1].Dispose(); _workspaces.RemoveAt(_workspaces.Count - 1); }
         int rows = _logitsChunkRows > 0 ? _logitsChunkRows : Math.Max(1, DefaultLogitsChunkElements / Config.VocabSize);
-        var ws = new TrainingWorkspace(_b, Config, batch, seqLen, rows, _activationCheckpointing);
+        var ws = new TrainingWorkspace(_b, Config, batch, seqLen, rows, _activationCheckpointing, _attentionDType);
         _workspaces.Insert(0, ws);
         return ws;
     }
@@ -425,11 +425,13 @@ public sealed partial class LlamaModel : IDisposable
             var s = ws.Layers[l];
             // attention block
             _b.RmsNormForward(ws.Xn, ws.Rstd, ws.Resid[l], lw.AttnNorm, m, C, c.RmsNormEps);
-            LinearForward(ws, l, ModQ, s.Q, ws.Xn, train, seed);
-            LinearForward(ws, l, ModK, s.K, ws.Xn, train, seed);
-            LinearForward(ws, l, ModV, s.V, ws.Xn, train, seed);
-            _b.Rope(s.Q, ropePos, m, c.NumHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
-            _b.Rope(s.K, ropePos, m, c.NumKvHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
+            var (q, k, v) = ProjectionTargets(ws, s); // f32; rounded into s.Q/K/V with bf16 attention (LlamaModel.Attention.cs)
+            LinearForward(ws, l, ModQ, q, ws.Xn, train, seed);
+            LinearForward(ws, l, ModK, k, ws.Xn, train, seed);
+            LinearForward(ws, l, ModV, v, ws.Xn, train, seed);
+            _b.Rope(q, ropePos, m, c.NumHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
+            _b.Rope(k, ropePos, m, c.NumKvHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
+            StoreAttentionInputs(s, q, k, v);
             if (_prefix is not null)
                 PrefixAttentionForward(ws, l, attnScale);
             else if (ws.Segments is null)

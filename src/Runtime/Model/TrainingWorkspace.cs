@@ -9,8 +9,8 @@ namespace FineTuneNative.Runtime.Model;
 /// </summary>
 /// <remarks>
 /// Saved per layer (read by the backward): ResidIn (the layer input; also the previous layer's output),
-/// ResidMid (after attention), Q and K after RoPE, V, the attention output Att and its log-sum-exp Lse, Gate and
-/// Up. Recomputed in the backward instead of saved (cheap, and it saves 2·C + F floats per token per layer):
+/// ResidMid (after attention), Q and K after RoPE, V (f32, or bf16 with bf16 attention), the attention output Att
+/// and its log-sum-exp Lse, Gate and Up. Recomputed in the backward instead of saved (cheap, and it saves 2·C + F floats per token per layer):
 /// both RMSNorm outputs and their rstd, and the SwiGLU output H.
 /// M = B·T rows; (M, X) below means M rows of X.
 /// </remarks>
@@ -77,9 +77,9 @@ internal sealed class TrainingWorkspace : IDisposable
     public sealed class LayerActivations
     {
         public required Tensor ResidMid { get; init; } // (M, C)
-        public required Tensor Q { get; init; }        // (B, T, NH, HS) after RoPE
-        public required Tensor K { get; init; }        // (B, T, NKV, HS) after RoPE
-        public required Tensor V { get; init; }        // (B, T, NKV, HS)
+        public required Tensor Q { get; init; }        // (B, T, NH, HS) after RoPE; f32 or bf16 (the attention dtype)
+        public required Tensor K { get; init; }        // (B, T, NKV, HS) after RoPE; f32 or bf16
+        public required Tensor V { get; init; }        // (B, T, NKV, HS); f32 or bf16
         public required Tensor Att { get; init; }      // (B, T, NH, HS)
         public required Tensor Lse { get; init; }      // (B, NH, T)
         public required Tensor Gate { get; init; }     // (M, F)
@@ -87,7 +87,9 @@ internal sealed class TrainingWorkspace : IDisposable
     }
 
     /// <param name="shareLayerActivations">Activation checkpointing: every ws.Layers[l] is the same set of buffers.</param>
-    public TrainingWorkspace(IBackend b, LlamaConfig c, int batch, int seqLen, int chunkRows, bool shareLayerActivations = false)
+    /// <param name="attentionDType">Storage of the saved Q, K, V (f32, or bf16 for bf16 attention: see LlamaModel.AttentionDType).</param>
+    public TrainingWorkspace(IBackend b, LlamaConfig c, int batch, int seqLen, int chunkRows, bool shareLayerActivations = false,
+        DType attentionDType = DType.F32)
     {
         SharedLayers = shareLayerActivations;
         _b = b;
@@ -115,9 +117,9 @@ internal sealed class TrainingWorkspace : IDisposable
             Layers[l] = new LayerActivations
             {
                 ResidMid = New(DType.F32, $"layer{l}.resid_mid", m, C),
-                Q = New(DType.F32, $"layer{l}.q", batch, seqLen, c.NumHeads, c.HeadDim),
-                K = New(DType.F32, $"layer{l}.k", batch, seqLen, c.NumKvHeads, c.HeadDim),
-                V = New(DType.F32, $"layer{l}.v", batch, seqLen, c.NumKvHeads, c.HeadDim),
+                Q = New(attentionDType, $"layer{l}.q", batch, seqLen, c.NumHeads, c.HeadDim),
+                K = New(attentionDType, $"layer{l}.k", batch, seqLen, c.NumKvHeads, c.HeadDim),
+                V = New(attentionDType, $"layer{l}.v", batch, seqLen, c.NumKvHeads, c.HeadDim),
                 Att = New(DType.F32, $"layer{l}.att", batch, seqLen, c.NumHeads, c.HeadDim),
                 Lse = New(DType.F32, $"layer{l}.lse", batch, c.NumHeads, seqLen),
                 Gate = New(DType.F32, $"layer{l}.gate", m, F),

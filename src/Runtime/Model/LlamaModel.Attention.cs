@@ -1,0 +1,46 @@
+using FineTuneNative.Kernels;
+
+namespace FineTuneNative.Runtime.Model;
+
+// bf16 attention for training: where q, k, v are produced and stored.
+public sealed partial class LlamaModel
+{
+    private DType _attentionDType = DType.F32;
+
+    /// <summary>
+    /// Storage of the q, k, v the attention reads (and the backward reads again): <see cref="DType.F32"/> (default) or
+    /// <see cref="DType.BF16"/>, the bf16 attention of PyTorch autocast/SDPA: q and k after RoPE and v are rounded to
+    /// bf16 once; the attention accumulates in f32, keeps f32 softmax statistics (lse) and writes an f32 output (the
+    /// o_proj input, whose matmul rounds it to its operand type itself); the backward reads the bf16 q, k, v and writes
+    /// f32 dq, dk, dv into the f32 backward of RoPE and the projections. On CUDA sm_80+ this is what reaches the
+    /// tensor-core flash attention (forward and backward); other backends widen the bf16 values on the fly.
+    /// Saves 2·(NH + 2·NKV)·HS bytes per token per saved layer. Changing it frees the cached workspaces.
+    /// </summary>
+    public DType AttentionDType
+    {
+        get => _attentionDType;
+        set
+        {
+            if (value is not (DType.F32 or DType.BF16))
+                throw new ArgumentException($"attention dtype {value.Name()}: expected f32 or bf16");
+            if (value != _attentionDType) { _attentionDType = value; ReleaseWorkspaces(); }
+        }
+    }
+
+    /// <summary>
+    /// The f32 tensors the q, k, v projections write (and RoPE rotates in place): the saved s.Q, s.K, s.V themselves
+    /// in f32 attention; with bf16 attention the activation-gradient scratch DQ, DK, DV, free during a layer's forward
+    /// (the backward consumes them within each layer before the next layer's recompute), so rounding costs no buffer.
+    /// </summary>
+    private static (Tensor Q, Tensor K, Tensor V) ProjectionTargets(TrainingWorkspace ws, TrainingWorkspace.LayerActivations s) =>
+        s.Q.DType == DType.F32 ? (s.Q, s.K, s.V) : (ws.DQ, ws.DK, ws.DV);
+
+    /// <summary>Rounds the rotated f32 q, k and v into the saved bf16 s.Q, s.K, s.V (one conversion pass each); nothing in f32 attention.</summary>
+    private void StoreAttentionInputs(TrainingWorkspace.LayerActivations s, Tensor q, Tensor k, Tensor v)
+    {
+        if (ReferenceEquals(q, s.Q)) return;
+        _b.Copy(s.Q, q);
+        _b.Copy(s.K, k);
+        _b.Copy(s.V, v);
+    }
+}
