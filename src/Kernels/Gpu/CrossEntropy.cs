@@ -71,10 +71,8 @@ internal sealed class CrossEntropyKernels
         IlgpuBackend.Need(targets, m, "targets", op);         // (M)
         IlgpuBackend.Need(losses, m, "losses", op);           // (M)
         if (m == 0) return;
-        var ids = _b.DownloadInts(targets, "targets");
-        for (int i = 0; i < ids.Length; i++)
-            if (ids[i] != ignoreIndex && (ids[i] < 0 || ids[i] >= v))
-                throw new ArgumentOutOfRangeException(nameof(targets), $"{op}: target {ids[i]} at row {i} is outside [0, {v}) and is not the ignore index {ignoreIndex}");
+        if (_b.FindBadId(targets, "targets", v, ignoreIndex) is (int i, int id))
+            throw new ArgumentOutOfRangeException(nameof(targets), $"{op}: target {id} at row {i} is outside [0, {v}) and is not the ignore index {ignoreIndex}");
         var args = new CrossEntropyArgs { V = v, IgnoreIndex = ignoreIndex, ComputeGrad = computeGrad ? 1 : 0, GradScale = gradScale };
         _kernel(new KernelConfig(m, _b.RowGroupSize), _b.F32(logits, "logits"), _b.I32(targets, "targets"), _b.F32(losses, "losses"), args);
     }

@@ -6,7 +6,8 @@ namespace FineTuneNative.Kernels.Gpu;
 /// <summary>Token embedding lookup and its scatter-add backward (atomic adds: repeated tokens collide).</summary>
 /// <remarks>
 /// Token ids are checked on the host before a launch (a bad id names its position), because a kernel cannot
-/// throw and an out-of-range id would read or write outside the table. Matches EmbeddingReference.
+/// throw and an out-of-range id would read or write outside the table: against what the host uploaded into the
+/// tensor (no device round trip), or by reading them back when something else wrote it. Matches EmbeddingReference.
 /// </remarks>
 internal sealed class EmbeddingKernels
 {
@@ -40,10 +41,8 @@ internal sealed class EmbeddingKernels
     private void CheckTokens(Tensor tokens, int m, long vocab, string op)
     {
         IlgpuBackend.Need(tokens, m, "tokens", op);
-        var ids = _b.DownloadInts(tokens, "tokens");
-        for (int i = 0; i < ids.Length; i++)
-            if (ids[i] < 0 || ids[i] >= vocab)
-                throw new ArgumentOutOfRangeException(nameof(tokens), $"{op}: token id {ids[i]} at position {i} is outside the vocabulary [0, {vocab})");
+        if (_b.FindBadId(tokens, "tokens", vocab, ignore: null) is (int i, int id))
+            throw new ArgumentOutOfRangeException(nameof(tokens), $"{op}: token id {id} at position {i} is outside the vocabulary [0, {vocab})");
     }
 
     private static long Vocab(Tensor table, int c, string name, string op)

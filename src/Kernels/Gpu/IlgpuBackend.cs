@@ -26,6 +26,8 @@ internal sealed class GpuStorage : IDisposable
     /// <summary>Byte offset of the range in the chunk (a multiple of <see cref="DevicePool.Alignment"/>).</summary>
     public long Offset { get; }
     public long Bytes { get; }
+    /// <summary>What the host uploaded into an i32 storage (null: unknown, written by something else); see <see cref="IntSummary"/>.</summary>
+    public IntSummary? Ints { get; set; } = IntSummary.Zeros;
     public ArrayView<byte> View => Chunk.Buffer.View.AsContiguous().SubView(Offset, Bytes);
 
     public void Dispose()
@@ -43,8 +45,13 @@ internal sealed class GpuStorage : IDisposable
 /// context, memory and dispatch.
 /// </summary>
 /// <remarks>
-/// Ops are enqueued on the accelerator's default stream; downloads and reductions returning a value
-/// synchronize. Calls are serialized by a lock, so one backend may be shared by threads (tests do).
+/// Ops are enqueued on the accelerator's default stream (the compute stream). Uploads up to
+/// <see cref="StagedMaxBytes"/> do not wait for the device: the host copies the data into a pinned staging buffer
+/// (<see cref="StagingRing"/>) and the device copies it on a second stream, which waits (on the device) for the
+/// compute stream's earlier work, while the compute stream's later work waits for the copy (CUDA events,
+/// <see cref="CudaDriverEvents"/>); ILGPU's CPU accelerator runs the same path with every operation complete on return.
+/// Downloads and reductions returning a value wait for the device once each (<see cref="BlockingSyncs"/>).
+/// Calls are serialized by a lock, so one backend may be shared by threads (tests do).
 /// </remarks>
 public sealed class IlgpuBackend : IBackend
 {
@@ -56,7 +63,14 @@ public sealed class IlgpuBackend : IBackend
     private readonly Dictionary<Type, object> _kernelSets = new();
     private readonly DevicePool _pool;
     private long _scratchAllocations;
+    private long _hostWaits;
+    private AcceleratorStream? _copyStream; // staged host-to-device copies (CUDA: a non-blocking stream)
+    private IDeviceEvent? _computeMark;     // recorded on the compute stream before each staged copy
+    private StagingRing? _staging;
     private bool _disposed;
+
+    /// <summary>Largest upload that goes through the pinned staging ring (token ids, targets, positions, small tables); larger ones (weights) wait for the device.</summary>
+    internal const long StagedMaxBytes = 4L << 20;
 
     private IlgpuBackend(Context context, Accelerator accelerator, string name)
     {
@@ -286,10 +300,27 @@ public sealed class IlgpuBackend : IBackend
         }
     }
 
-    /// <summary>Calls of the device allocator so far: pool chunks plus the kernel sets' own scratch buffers.</summary>
+    /// <summary>Calls of the device allocator so far: pool chunks, the kernel sets' own scratch buffers and the pinned staging buffers.</summary>
     public long DeviceAllocations
     {
-        get { lock (_gate) return _pool.DeviceAllocations + _scratchAllocations; }
+        get { lock (_gate) return _pool.DeviceAllocations + _scratchAllocations + (_staging?.Allocations ?? 0); }
+    }
+
+    /// <summary>
+    /// Times the host blocked until the device had finished its queued work: every download, value-returning reduction
+    /// and <see cref="Synchronize"/>, plus staging-ring waits when every staging buffer was still being copied. (The
+    /// one-time table uploads of a kernel set's first launch, which ILGPU's synchronous copy does, are not counted.)
+    /// </summary>
+    public long BlockingSyncs
+    {
+        get { lock (_gate) return _hostWaits + (_staging?.HostWaits ?? 0); }
+    }
+
+    /// <summary>Blocks until the compute stream (and every staged copy it waits for) has drained; counted in <see cref="BlockingSyncs"/>.</summary>
+    internal void WaitForDevice()
+    {
+        _hostWaits++;
+        Stream.Synchronize();
     }
 
     /// <summary>Bytes the pool holds from the device, and bytes of it in live tensors.</summary>
@@ -335,6 +366,9 @@ public sealed class IlgpuBackend : IBackend
             Need(dst, src.Length, "dst", "Upload");
             if (dst.DType != DType.I32) throw new ArgumentException($"Upload: ints need an i32 tensor, got {dst.Describe()}");
             CopyIn(RawView(dst, "dst"), MemoryMarshal.AsBytes(src));
+            var s = StorageOf(dst, "dst");
+            var summary = IntSummary.Of(src);
+            s.Ints = dst.Offset == 0 && dst.Bytes >= s.Bytes ? summary : s.Ints?.Union(summary);
         }
     }
 
@@ -344,6 +378,7 @@ public sealed class IlgpuBackend : IBackend
         {
             if (src.Length != dst.Bytes) throw new ArgumentException($"UploadRaw: {src.Length} bytes for {dst.Describe()} ({dst.Bytes} bytes)");
             CopyIn(RawView(dst, "dst"), src);
+            StorageOf(dst, "dst").Ints = null;
         }
     }
 
@@ -354,18 +389,78 @@ public sealed class IlgpuBackend : IBackend
     // its old address: the caller's array keeps its zeros (the parallel-test "read back all zeros" flake) or the
     // copy scribbles over a reused heap region (test host crashes). ILGPU's own Span overloads pin with `fixed`
     // before calling the same ref overload. Reproduced by IlgpuHostCopyTests (a thread forcing compacting GCs).
+    // Copies are ordered on the streams like kernels, so none needs the device idle before it starts: a small upload
+    // is staged (no wait at all), a large one or a download waits once, after its copy.
     private unsafe void CopyIn(ArrayView<byte> dst, ReadOnlySpan<byte> src)
     {
         if (src.Length == 0) return;
-        Stream.Synchronize(); // earlier kernels may still read the buffer
-        fixed (byte* p = src) dst.CopyFromCPU(Stream, ref *p, src.Length);
+        if (src.Length <= StagedMaxBytes)
+        {
+            var slot = Staging().Acquire(src.Length);
+            src.CopyTo(slot.Buffer.Span);
+            StagedCopy(slot, dst);
+            return;
+        }
+        fixed (byte* p = src)
+        {
+            dst.CopyFromCPUUnsafeAsync(Stream, ref *p, src.Length);
+            WaitForDevice(); // the source is pageable and pinned only inside this block
+        }
     }
 
     private unsafe void CopyOut(ArrayView<byte> src, Span<byte> dst)
     {
-        Stream.Synchronize();
-        if (dst.Length == 0) return;
-        fixed (byte* p = dst) src.CopyToCPU(Stream, ref *p, dst.Length);
+        if (dst.Length == 0)
+        {
+            WaitForDevice();
+            return;
+        }
+        fixed (byte* p = dst)
+        {
+            src.CopyToCPUUnsafeAsync(Stream, ref *p, dst.Length);
+            WaitForDevice();
+        }
+    }
+
+    /// <summary>The staging ring, its copy stream and events, made on the first staged upload.</summary>
+    private StagingRing Staging()
+    {
+        if (_staging is not null) return _staging;
+        Func<IDeviceEvent> newEvent = Accelerator is CudaAccelerator ? () => new CudaDeviceEvent(Accelerator) : () => new CompletedEvent();
+        _copyStream = Accelerator is CudaAccelerator cuda ? cuda.CreateStream(StreamFlags.CU_STREAM_NON_BLOCKING) : Accelerator.CreateStream();
+        _computeMark = newEvent();
+        return _staging = new StagingRing(bytes => new PageLockedBuffer(Accelerator, bytes), newEvent);
+    }
+
+    /// <summary>
+    /// Copies the first dst.Length bytes of a filled staging slot into <paramref name="dst"/> on the copy stream, ordered
+    /// after every op enqueued so far (the copy stream waits for the compute stream's mark: earlier kernels may still read
+    /// dst) and before every op enqueued later (the compute stream waits for the slot's copy event). The host does not wait.
+    /// </summary>
+    private void StagedCopy(StagingRing.Slot slot, ArrayView<byte> dst)
+    {
+        var copy = _copyStream!;
+        _computeMark!.Record(Stream);
+        _computeMark.MakeWait(copy);
+        dst.CopyFromCPUUnsafeAsync(copy, ref MemoryMarshal.GetReference(slot.Buffer.Span), dst.Length);
+        slot.Copied.Record(copy);
+        slot.Copied.MakeWait(Stream);
+        _staging!.Submitted(slot);
+    }
+
+    /// <summary>
+    /// The first id of the i32 tensor <paramref name="ids"/> outside [0, <paramref name="bound"/>) that is not
+    /// <paramref name="ignore"/>, or null when all are valid. Decided from what the host uploaded into the tensor when
+    /// that is known (no device round trip: token ids and targets are checked before every launch that reads them);
+    /// otherwise the ids are read back.
+    /// </summary>
+    internal (int Index, int Id)? FindBadId(Tensor ids, string name, long bound, int? ignore)
+    {
+        if (StorageOf(ids, name).Ints is { } known && known.AllIn(bound, ignore)) return null;
+        var a = DownloadInts(ids, name);
+        for (int i = 0; i < a.Length; i++)
+            if (a[i] != ignore && (a[i] < 0 || a[i] >= bound)) return (i, a[i]);
+        return null;
     }
 
     public void DownloadRaw(Tensor src, Span<byte> dst)
@@ -420,18 +515,26 @@ public sealed class IlgpuBackend : IBackend
 
     public void Synchronize()
     {
-        lock (_gate) Stream.Synchronize();
+        lock (_gate) WaitForDevice();
     }
 
     // ------------------------------------------------------------------ elementwise
     public void Fill(Tensor t, float value)
     {
-        lock (_gate) Ew.Fill(t, value);
+        lock (_gate)
+        {
+            Ew.Fill(t, value);
+            if (t.DType == DType.I32) StorageOf(t, "t").Ints = null;
+        }
     }
 
     public void Copy(Tensor dst, Tensor src)
     {
-        lock (_gate) Ew.Copy(dst, src);
+        lock (_gate)
+        {
+            Ew.Copy(dst, src);
+            if (dst.DType == DType.I32) StorageOf(dst, "dst").Ints = null;
+        }
     }
 
     public void Add(Tensor dst, Tensor a, Tensor b)
@@ -594,6 +697,13 @@ public sealed class IlgpuBackend : IBackend
         {
             if (_disposed) return;
             _disposed = true;
+            if (_staging is not null)
+            {
+                Stream.Synchronize(); // no copy may still read a staging buffer
+                _staging.Dispose();
+                _computeMark?.Dispose();
+                _copyStream?.Dispose();
+            }
             foreach (var set in _kernelSets.Values) (set as IDisposable)?.Dispose();
             _kernelSets.Clear();
             _pool.Dispose();

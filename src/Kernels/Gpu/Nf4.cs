@@ -67,7 +67,7 @@ internal sealed class Nf4Kernels : IDisposable
     {
         if (_panel is null || _panel.Length < floats)
         {
-            _b.Stream.Synchronize(); // earlier launches may still read the old panel
+            _b.WaitForDevice(); // earlier launches may still read the old panel
             _panel?.Dispose();
         _fused?.Dispose();
             _panel = _b.AllocateScratch<float>(Math.Max(floats, 1));
@@ -109,7 +109,7 @@ internal sealed class Nf4Kernels : IDisposable
         long need = DeviceFloats.Nf4TableFloats + stats.Length;
         if (_fused is null || _fused.Length < need)
         {
-            _b.Stream.Synchronize(); // earlier launches may still read the old table
+            _b.WaitForDevice(); // earlier launches may still read the old table
             _fused?.Dispose();
             _fused = _b.AllocateScratch<float>(need);
             _tables.View.CopyTo(_b.Stream, _fused.View.SubView(0, DeviceFloats.Nf4TableFloats));

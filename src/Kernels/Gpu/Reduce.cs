@@ -43,7 +43,7 @@ internal sealed class ReduceKernels : IDisposable
         int group = _b.RowGroupSize;
         int groups = (int)Math.Min(MaxPartials, (t.Length + group - 1) / group);
         _sumSquares(new KernelConfig(groups, group), _b.Floats(t, "t"), t.Length, _partials.View);
-        _b.Stream.Synchronize();
+        _b.WaitForDevice();
         _partials.View.SubView(0, groups).CopyToCPU(_b.Stream, _host.AsSpan(0, groups)); // the Span overload pins _host (see IlgpuBackend.CopyIn)
         double s = 0;
         for (int g = 0; g < groups; g++) s += _host[g];

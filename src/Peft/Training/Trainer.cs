@@ -94,8 +94,17 @@ public sealed class Trainer : IDisposable
     private readonly IBackend _backend;
     private readonly List<(string Name, Tensor Param, Tensor Grad, Tensor M, Tensor? V, bool Decay, Tensor? Rounded)> _state = new();
     private readonly Tensor? _scratch; // SGD: lr·update before it is added to the parameter
-    private readonly Tensor? _clip;    // (2): ‖g‖ and the clipping scale, written on the device by GradNormClip
-    private readonly float[] _clipHost = new float[2];
+    // f32 (2 + loss rows): ‖g‖ and the clipping scale (written on the device by GradNormClip), then the per-token losses
+    // of every micro-batch of the step: read back together, the step's one wait for the device.
+    private Tensor? _readback;
+    private Tensor? _clip;             // view (2) of _readback
+    private Tensor? _lossZeros;        // f32 zeros as long as the loss rows (the loss's finiteness probe in BeginStep)
+    private float[] _readbackHost = new float[2];
+    private int[] _pendingRows = Array.Empty<int>(); // per-token losses of each micro-batch of the step in flight
+    private int[] _viewRows = Array.Empty<int>();    // the layout _lossViews and _probe were made for
+    private Tensor[] _lossViews = Array.Empty<Tensor>(); // each micro-batch's rows of _readback
+    private (Tensor Scale, Tensor Losses, Tensor Zeros, Tensor All) _probe;
+    private (long Targets, double Penalty)? _pending;
     private Tensor[] _grads = Array.Empty<Tensor>();
     private AdamWTensor[] _adam = Array.Empty<AdamWTensor>();
     private int _step;
@@ -148,8 +157,7 @@ public sealed class Trainer : IDisposable
             }
             if (_state.Count == 0) throw new InvalidOperationException($"the {method.Kind} method has no trainable tensor");
             if (!adam) { _scratch = _backend.Allocate(DType.F32, checked((int)largest)); _scratch.Name = "sgd_scratch"; }
-            _clip = _backend.Allocate(DType.F32, 2);
-            _clip.Name = "grad_norm_clip";
+            EnsureReadback(0);
             // The same lists every step: GPU backends build their device tables for them once.
             _grads = _state.Select(s => s.Grad).ToArray();
             if (adam) _adam = _state.Select(s => new AdamWTensor(s.Param, s.Grad, s.M, s.V!, s.Decay, s.Rounded)).ToArray();
@@ -210,30 +218,70 @@ public sealed class Trainer : IDisposable
     /// </summary>
     public (double Loss, double GradNorm) Step(IReadOnlyList<Batch> window, double lr)
     {
+        BeginStep(window, lr);
+        return EndStep();
+    }
+
+    /// <summary>
+    /// Enqueues a step (<see cref="Step"/>): every micro-batch's forward and backward, the gradient norm and the update,
+    /// without waiting for the device (GPU backends run it while the host goes on, e.g. to build the next window); the
+    /// per-token losses stay on the device. <see cref="EndStep"/> reads the losses and the norm back, once.
+    /// </summary>
+    private void BeginStep(IReadOnlyList<Batch> window, double lr)
+    {
+        if (_pending is not null) throw new InvalidOperationException("a step is in flight: EndStep first");
         long n = window.Sum(b => (long)b.TargetCount);
         if (n == 0) throw new InvalidOperationException("a training step has no target tokens");
+        if (_pendingRows.Length != window.Count) _pendingRows = new int[window.Count];
+        int rows = 0;
+        for (int i = 0; i < window.Count; i++) rows += _pendingRows[i] = _model.LossRows(window[i].BatchSize, window[i].SeqLen);
+        EnsureReadback(rows);
+        if (!_viewRows.AsSpan().SequenceEqual(_pendingRows)) MakeLossViews(rows);
         _step++;
         _method.ZeroGrad();
         float lossScale = (float)(1.0 / n);
-        double lossSum = 0;
         for (int i = 0; i < window.Count; i++)
         {
             var b = window[i];
             ulong dropoutSeed = _opt.Seed * 0x9E3779B97F4A7C15UL + (ulong)_step * 0x100000001B3UL + (ulong)i;
-            var (ls, _) = _model.ForwardBackward(b.Tokens, b.Targets, b.BatchSize, b.SeqLen, lossScale, dropoutSeed, b.Positions);
-            lossSum += ls;
+            _model.ForwardBackwardInto(b.Tokens, b.Targets, b.BatchSize, b.SeqLen, lossScale, dropoutSeed, b.Positions, _lossViews[i]);
         }
-        double loss = lossSum / n + _method.AddPenalty();
+        double penalty = _method.AddPenalty();
         // One reduction over all gradients; the clipping scale stays on the device, where AdamW reads it (a non-finite
-        // norm makes it NaN and AdamW then writes nothing). The host reads the pair once, after the update is queued.
+        // norm makes it NaN and AdamW then writes nothing).
         _backend.GradNormClip(_grads, _clip!, (float)_opt.ClipNorm);
-        bool adam = _opt.Optimizer == "adamw";
-        if (adam && double.IsFinite(loss))
+        FlagNonFiniteLoss(_backend, _probe.Scale, _probe.Losses, _probe.Zeros, rows);
+        if (_opt.Optimizer == "adamw" && double.IsFinite(penalty))
             _backend.AdamWMultiTensor(_adam, new AdamWHyper((float)lr, (float)_opt.Beta1, (float)_opt.Beta2, (float)_opt.AdamEps,
                 (float)_opt.WeightDecay, _run.Updates + 1), _clip!);
-        _backend.Download(_clip!, _clipHost);
-        double norm = _clipHost[0];
-        float gradScale = _clipHost[1];
+        _pending = (n, penalty);
+        _pendingLr = lr;
+    }
+
+    private double _pendingLr;
+
+    /// <summary>Waits for the step <see cref="BeginStep"/> enqueued (one download: norm, scale and every per-token loss) and finishes it.</summary>
+    private (double Loss, double GradNorm) EndStep()
+    {
+        var (n, penalty) = _pending ?? throw new InvalidOperationException("no step in flight");
+        _pending = null;
+        double lr = _pendingLr;
+        var host = _readbackHost.AsSpan(0, (int)_probe.All.Length);
+        _backend.Download(_probe.All, host);
+        // The host sums each micro-batch's losses in double in token order, then the micro-batches: as when each was read back alone.
+        double lossSum = 0;
+        int at = 2;
+        foreach (int r in _pendingRows)
+        {
+            double ls = 0;
+            foreach (float x in host.Slice(at, r)) ls += x;
+            lossSum += ls;
+            at += r;
+        }
+        double loss = lossSum / n + penalty;
+        bool adam = _opt.Optimizer == "adamw";
+        double norm = host[0];
+        float gradScale = host[1];
         LastStepSkipped = !double.IsFinite(loss) || !float.IsFinite(gradScale);
         if (LastStepSkipped) return (loss, norm);
         _run.Updates++;
@@ -261,6 +309,70 @@ public sealed class Trainer : IDisposable
         }
         _method.AfterStep();
         return (loss, norm);
+    }
+
+    /// <summary>
+    /// A non-finite loss skips the step like a non-finite gradient norm, decided on the device (the host learns the loss
+    /// only after the update is queued): <paramref name="scale"/> (1) += Σ losses·0, which adds +0 when every per-token
+    /// loss is finite and NaN otherwise (0·±Inf and 0·NaN are NaN), so a finite scale is unchanged bit for bit and the
+    /// fused AdamW skips on a NaN one. One small matmul: <paramref name="losses"/> and <paramref name="zeros"/> are (1, rows).
+    /// </summary>
+    internal static void FlagNonFiniteLoss(IBackend backend, Tensor scale, Tensor losses, Tensor zeros, int rows) =>
+        backend.MatMul(scale, losses, zeros, null, 1, 1, rows, accumulate: true);
+
+    /// <summary>Makes the readback tensor hold the clip pair and <paramref name="rows"/> losses (reallocated only when a step needs more).</summary>
+    private void EnsureReadback(int rows)
+    {
+        if (_readback is not null && _readback.Length >= 2L + rows) return;
+        _readback?.Dispose();
+        _lossZeros?.Dispose();
+        _readback = _backend.Allocate(DType.F32, 2 + rows);
+        _readback.Name = "step_readback";
+        _clip = _readback.View(0, 2);
+        _clip.Name = "grad_norm_clip";
+        _lossZeros = _backend.Allocate(DType.F32, Math.Max(1, rows));
+        _lossZeros.Name = "loss_probe_zeros";
+        _readbackHost = new float[2 + rows];
+        _viewRows = Array.Empty<int>();
+    }
+
+    /// <summary>Views of the readback for the micro-batch layout in _pendingRows (made when the layout changes, not every step).</summary>
+    private void MakeLossViews(int rows)
+    {
+        _lossViews = new Tensor[_pendingRows.Length];
+        long offset = 2;
+        for (int i = 0; i < _pendingRows.Length; i++)
+        {
+            _lossViews[i] = _readback!.View(offset, _pendingRows[i]);
+            offset += _pendingRows[i];
+        }
+        _probe = (_clip!.View(1, 1), _readback!.View(2, 1, rows), _lossZeros!.View(0, 1, rows), _readback.View(0, 2 + rows));
+        _viewRows = (int[])_pendingRows.Clone();
+    }
+
+    /// <summary>
+    /// The next GradAccum micro-batches of the shuffled order from (epoch, cursor), advancing them; a window never spans
+    /// two epochs (the last one of an epoch may be short), and a new epoch draws a new order.
+    /// </summary>
+    private List<Batch> NextWindow(IReadOnlyList<TokenizedSample> train, int seqLen, int padId, ref int epoch, ref int cursor, ref int[] order)
+    {
+        var window = new List<Batch>(_opt.GradAccum);
+        for (int a = 0; a < _opt.GradAccum; a++)
+        {
+            if (cursor >= train.Count)
+            {
+                if (window.Count > 0) break;
+                epoch++;
+                order = Batching.Permutation(train.Count, EpochSeed(epoch));
+                cursor = 0;
+            }
+            int n = Math.Min(_opt.MicroBatch, train.Count - cursor);
+            var chunk = new TokenizedSample[n];
+            for (int i = 0; i < n; i++) chunk[i] = train[order[cursor + i]];
+            cursor += n;
+            window.Add(Batching.Pad(chunk, _opt.MicroBatch, seqLen, padId));
+        }
+        return window;
     }
 
     /// <summary>Optimizer steps for <paramref name="trainSamples"/> samples under these options.</summary>
@@ -371,28 +483,19 @@ public sealed class Trainer : IDisposable
             bool earlyStopped = false;
             EvalResult? lastEval = null;
             int[] order = Batching.Permutation(train.Count, EpochSeed(epoch));
+            // The window of a step is built while the device runs the step before (between enqueueing it and reading its
+            // loss back): (epoch, cursor, order) is where the window being trained ends, (nEpoch, nCursor, nOrder) where
+            // the one built ahead ends.
+            var (nEpoch, nCursor, nOrder) = (epoch, cursor, order);
+            var window = first <= total ? NextWindow(train, seqLen, padId, ref nEpoch, ref nCursor, ref nOrder) : new List<Batch>();
             for (int step = first; step <= total; step++)
             {
                 cancel.ThrowIfCancellationRequested();
-                var window = new List<Batch>(_opt.GradAccum);
-                for (int a = 0; a < _opt.GradAccum; a++)
-                {
-                    if (cursor >= train.Count)
-                    {
-                        // A window never spans two epochs: the last one of an epoch may be short.
-                        if (window.Count > 0) break;
-                        epoch++;
-                        order = Batching.Permutation(train.Count, EpochSeed(epoch));
-                        cursor = 0;
-                    }
-                    int n = Math.Min(_opt.MicroBatch, train.Count - cursor);
-                    var chunk = new TokenizedSample[n];
-                    for (int i = 0; i < n; i++) chunk[i] = train[order[cursor + i]];
-                    cursor += n;
-                    window.Add(Batching.Pad(chunk, _opt.MicroBatch, seqLen, padId));
-                }
+                (epoch, cursor, order) = (nEpoch, nCursor, nOrder);
                 double lr = LrSchedule.At(_opt.LrScheduler, step, total, warmup, _opt.LearningRate, _opt.MinLrRatio);
-                var (loss, norm) = Step(window, lr);
+                BeginStep(window, lr);
+                var next = step < total ? NextWindow(train, seqLen, padId, ref nEpoch, ref nCursor, ref nOrder) : window;
+                var (loss, norm) = EndStep();
                 bool skipped = LastStepSkipped;
                 losses.Add(skipped ? double.NaN : loss);
                 lastStep = step;
@@ -437,6 +540,7 @@ public sealed class Trainer : IDisposable
                 if (outputDir is not null && _opt.SaveEvery > 0 && step % _opt.SaveEvery == 0 && step != total && !earlyStopped)
                     SaveCheckpoint(Path.Combine(outputDir, $"{CheckpointPrefix}{step}"), new TrainerPosition(step, epoch, cursor, total, train.Count), baseModelName);
                 if (earlyStopped) break;
+                window = next;
             }
             clock.Stop();
             var after = lastEval ?? RunEval(lastStep);
@@ -714,6 +818,7 @@ public sealed class Trainer : IDisposable
         foreach (var s in _state) { s.M.Dispose(); s.V?.Dispose(); }
         _state.Clear();
         _scratch?.Dispose();
-        _clip?.Dispose();
+        _readback?.Dispose();
+        _lossZeros?.Dispose();
     }
 }

@@ -278,6 +278,29 @@ public sealed partial class LlamaModel : IDisposable
         return (loss, count);
     }
 
+    /// <summary>
+    /// <see cref="ForwardBackward"/> without reading the loss back: the per-token losses (0 where the target is ignored)
+    /// are copied on the device into <paramref name="losses"/> (f32, <see cref="LossRows"/>(batch, seqLen) elements), so
+    /// that a step of several micro-batches waits for the device once, when its caller reads them all together.
+    /// Returns the number of tokens that count. The host sum of those floats in order, in double, is what
+    /// <see cref="ForwardBackward"/> returns.
+    /// </summary>
+    public int ForwardBackwardInto(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen, float lossScale, ulong dropoutSeed,
+        ReadOnlySpan<int> positions, Tensor losses)
+    {
+        ExpandForPrompt(ref tokens, ref targets, ref seqLen, batch, positions);
+        var ws = Prepare(tokens, targets, batch, seqLen, out int count, train: true, positions);
+        if (losses.DType != DType.F32 || losses.Length != ws.M)
+            throw new ArgumentException($"losses ({losses.Describe()}) must be f32 with {ws.M} elements (LossRows of batch {batch})");
+        Forward(ws, train: true, dropoutSeed);
+        HeadAndLoss(ws, computeGrad: true, lossScale, losses);
+        Backward(ws, dropoutSeed);
+        return count;
+    }
+
+    /// <summary>Per-token losses of a (batch, seqLen) micro-batch: B·T, plus B·P with P prompt-tuning virtual tokens per row.</summary>
+    public int LossRows(int batch, int seqLen) => checked(batch * (seqLen + PromptLength));
+
     /// <summary>Evaluation loss (no dropout, no gradients): Σ per-token loss and the token count.</summary>
     public (double LossSum, int Count) Loss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen, ReadOnlySpan<int> positions = default)
     {
@@ -461,9 +484,10 @@ public sealed partial class LlamaModel : IDisposable
     /// <summary>
     /// LM head + cross-entropy, chunk by chunk of rows. With <paramref name="computeGrad"/>: each chunk's logits
     /// are overwritten by lossScale·dlogits, dXnF rows (ws.DXn) are written (=), and when TrainBase the head's
-    /// gradient is accumulated (+=). Returns Σ per-token loss (unscaled).
+    /// gradient is accumulated (+=). Returns Σ per-token loss (unscaled); with <paramref name="lossesOut"/> the per-token
+    /// losses are copied there on the device instead (no host synchronization) and NaN is returned.
     /// </summary>
-    private double HeadAndLoss(TrainingWorkspace ws, bool computeGrad, float lossScale)
+    private double HeadAndLoss(TrainingWorkspace ws, bool computeGrad, float lossScale, Tensor? lossesOut = null)
     {
         int C = Config.HiddenSize, V = Config.VocabSize;
         var head = Weights.Output;
@@ -475,6 +499,11 @@ public sealed partial class LlamaModel : IDisposable
             if (!computeGrad) continue;
             _b.MatMulBackwardInput(ch.DX, ch.Logits, head, ch.Rows, V, C, accumulate: false);
             if (dHead is not null) _b.MatMulBackwardWeight(dHead, null, ch.Logits, ch.X, ch.Rows, V, C);
+        }
+        if (lossesOut is not null)
+        {
+            _b.Copy(lossesOut, ws.Losses);
+            return double.NaN;
         }
         _b.Download(ws.Losses, ws.LossHost);
         double sum = 0;
