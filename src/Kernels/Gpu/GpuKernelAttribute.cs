@@ -31,10 +31,16 @@ public sealed class GpuKernelAttribute : Attribute
 
     /// <summary>The kernel copies global -> shared with inline cp.async (sm_80+): its SASS must contain LDGSTS (PtxasTests).</summary>
     public bool CpAsync { get; init; }
+
+    /// <summary>
+    /// The fewest LDGSTS its SASS may hold (PtxasTests): one per cp.async the kernel issues in straight-line code, so
+    /// losing one of several cp.async paths fails even while another keeps the count above zero.
+    /// </summary>
+    public int MinLdgsts { get; init; }
 }
 
 /// <summary>One compiled-to-be kernel: a closed method and how it is grouped.</summary>
-public sealed record GpuKernelInfo(string Name, MethodInfo Method, bool ExplicitlyGrouped, bool TensorCore = false, bool CpAsync = false)
+public sealed record GpuKernelInfo(string Name, MethodInfo Method, bool ExplicitlyGrouped, bool TensorCore = false, bool CpAsync = false, int MinLdgsts = 0)
 {
     public EntryPointDescription EntryPoint => ExplicitlyGrouped
         ? EntryPointDescription.FromExplicitlyGroupedKernel(Method)
@@ -58,9 +64,9 @@ public static class GpuKernelCatalog
                     if (attr.Instantiations.Length == 0)
                         throw new InvalidOperationException($"generic kernel {type.Name}.{m.Name} lists no instantiations");
                     foreach (var t in attr.Instantiations)
-                        list.Add(new GpuKernelInfo($"{type.Name}.{m.Name}<{t.Name}>", m.MakeGenericMethod(t), attr.ExplicitlyGrouped, attr.TensorCore, attr.CpAsync));
+                        list.Add(new GpuKernelInfo($"{type.Name}.{m.Name}<{t.Name}>", m.MakeGenericMethod(t), attr.ExplicitlyGrouped, attr.TensorCore, attr.CpAsync, attr.MinLdgsts));
                 }
-                else list.Add(new GpuKernelInfo($"{type.Name}.{m.Name}", m, attr.ExplicitlyGrouped, attr.TensorCore, attr.CpAsync));
+                else list.Add(new GpuKernelInfo($"{type.Name}.{m.Name}", m, attr.ExplicitlyGrouped, attr.TensorCore, attr.CpAsync, attr.MinLdgsts));
             }
         }
         list.Sort((a, b) => string.CompareOrdinal(a.Name, b.Name));

@@ -93,10 +93,12 @@ public struct MmaStage
 /// warps multiply one buffer, every thread already holds its 16 + 16 elements of the next tile in registers
 /// (loaded, rounded and packed to 16 bits) and stores them into the other buffer afterwards: one barrier per
 /// step. f32 activations are converted on the way into shared memory, so cp.async (a raw byte copy) cannot be used
-/// for them; an operand already stored in the operand type with k contiguous (the bf16 weight of the forward) goes
-/// global -> shared by 16-byte cp.async.cg instead, issued into the free buffer before the multiply and waited for
-/// (cp.async.wait_group 0) before the step's barrier. Loads are coalesced along whichever operand
-/// dimension is contiguous; a transposed operand is transposed by the shared-memory store.
+/// for them (they are read 16 bytes at a time along their contiguous dimension instead); an operand already stored in
+/// the operand type (the bf16 weight, both in the forward and in dx = dy·W) goes global -> shared by 16-byte
+/// cp.async.cg, issued into the free buffer before the multiply and waited for (cp.async.wait_group 0) before the
+/// step's barrier. Loads are coalesced along whichever operand dimension is contiguous. A B operand contiguous along n
+/// (W in dx = dy·W) is kept k-major ([k][n] rows of <see cref="LdT"/>: its global rows copied as they are) and read
+/// with ldmatrix.trans; an A contiguous along m is transposed by the shared-memory store.
 /// The shared buffer must be the kernel's only shared allocation: the inline PTX addresses it by the name
 /// ILGPU gives the first one (<c>__shared_alloca0</c>); ptxas fails on the PTX if that ever changes.
 /// On CUDA the kernel is loaded from its PTX after <see cref="PtxLocalForwarding"/> (ILGPU puts every inline-asm
@@ -106,8 +108,13 @@ public struct MmaStage
 internal sealed class MatMulTensorCoreKernels
 {
     public const int BM = 128, BN = 128, BK = 32, Ld = BK + 8, Threads = 256;
+    /// <summary>
+    /// Row stride of a B tile stored k-major ([k][n], for a B contiguous along n: the weight of dx = dy·W): 136 elements
+    /// = 272 bytes, so the eight 16-byte rows one ldmatrix.trans phase reads start 16 bytes apart modulo 128 (distinct banks).
+    /// </summary>
+    public const int LdT = BN + 8;
     public const int MinGroupsPerSm = 2;
-    public const int TileElems = BM * Ld;            // one operand tile in 16-bit elements
+    public const int TileElems = BM * Ld;            // one operand tile in 16-bit elements (a k-major B tile, BK·LdT = 4352, fits too)
     public const int SharedElems = 2 * 2 * TileElems; // two buffers of (A, B)
 
     private readonly Action<KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs> _bf16, _f16;
@@ -159,7 +166,8 @@ internal sealed class MatMulTensorCoreKernels
         return (config, x, w, output, bias, u, loraB, p) => launch(b.Stream, config, x, w, output, bias, u, loraB, p);
     }
 
-    [GpuKernel(true, typeof(Bf16Operand), typeof(F16Operand), TensorCore = true, CpAsync = true)]
+    // 12 LDGSTS = 2 per thread per tile copy × (A [row][k], B [n][k], B k-major) × (prologue, loop)
+    [GpuKernel(true, typeof(Bf16Operand), typeof(F16Operand), TensorCore = true, CpAsync = true, MinLdgsts = 12)]
     public static void MatMulTensorCoreKernel<TOp>(DeviceFloats a, DeviceFloats b, ArrayView<float> output, DeviceFloats bias,
         ArrayView<float> u, DeviceFloats loraB, TensorCoreArgs p) where TOp : struct, IMmaOperand
     {
@@ -180,12 +188,21 @@ internal sealed class MatMulTensorCoreKernels
         // conversion); the others are loaded into registers, converted, and stored after the multiply.
         bool asyncA = CudaAsm.IsSupported && p.AsyncA != 0;
         bool asyncB = CudaAsm.IsSupported && p.AsyncB != 0;
+        // A B that is not k-contiguous (W of dx = dy·W, x of dW) is kept k-major in shared memory, [k][n] rows of LdT:
+        // a straight copy of its global rows (so cp.async can move a 16-bit one), read back with ldmatrix.trans.
+        bool transB = p.Sbr != 1;
+        // this lane's B ldmatrix rows at k16 = 0 of buffer 0 for the two n16 halves, and the element step per k (lane
+        // constants: selecting the address per slice instead spills 4 B on sm_80)
+        int bLane0 = transB ? BFragElementKMajor(0, wn, 0, 0, lane) : BFragElement(0, wn, 0, 0, lane);
+        int bLane1 = transB ? BFragElementKMajor(0, wn, 1, 0, lane) : BFragElement(0, wn, 1, 0, lane);
+        int bStepK = transB ? LdT : 1;
         var stA = default(MmaStage);
         var stB = default(MmaStage);
         if (asyncA) CopyTileAsync(p.AddrA, p.Sai, bi, p.M, 0, p.R, tid, 0);
-        else StoreTile(sm, 0, LoadTile<TOp>(a, p.Sai, p.Sar, bi, p.M, 0, p.R, tid, p.VecA), p.Sar == 1, tid);
-        if (asyncB) CopyTileAsync(p.AddrB, p.Sbj, bj, p.N, 0, p.R, tid, TileElems);
-        else StoreTile(sm, TileElems, LoadTile<TOp>(b, p.Sbj, p.Sbr, bj, p.N, 0, p.R, tid, p.VecB), p.Sbr == 1, tid);
+        else StoreTile(sm, 0, LoadTile<TOp>(a, p.Sai, p.Sar, bi, p.M, 0, p.R, tid, p.VecA), p.Sar == 1 ? StoreRowK : StoreTransposed, tid);
+        if (asyncB && transB) CopyTileAsyncKMajor(p.AddrB, p.Sbr, bj, p.N, 0, p.R, tid, TileElems);
+        else if (asyncB) CopyTileAsync(p.AddrB, p.Sbj, bj, p.N, 0, p.R, tid, TileElems);
+        else StoreTile(sm, TileElems, LoadTile<TOp>(b, p.Sbj, p.Sbr, bj, p.N, 0, p.R, tid, p.VecB), p.Sbr == 1 ? StoreRowK : StoreKMajor, tid);
         if (asyncA || asyncB) CpAsyncCommitAndWait();
         Group.Barrier();
 
@@ -200,33 +217,18 @@ internal sealed class MatMulTensorCoreKernels
                 // The other buffer is free: every warp passed the barrier that ended the step which read it.
                 if (asyncA) CopyTileAsync(p.AddrA, p.Sai, bi, p.M, (s + 1) * BK, p.R, tid, next);
                 else stA = LoadTile<TOp>(a, p.Sai, p.Sar, bi, p.M, (s + 1) * BK, p.R, tid, p.VecA);
-                if (asyncB) CopyTileAsync(p.AddrB, p.Sbj, bj, p.N, (s + 1) * BK, p.R, tid, next + TileElems);
+                if (asyncB && transB) CopyTileAsyncKMajor(p.AddrB, p.Sbr, bj, p.N, (s + 1) * BK, p.R, tid, next + TileElems);
+                else if (asyncB) CopyTileAsync(p.AddrB, p.Sbj, bj, p.N, (s + 1) * BK, p.R, tid, next + TileElems);
                 else stB = LoadTile<TOp>(b, p.Sbj, p.Sbr, bj, p.N, (s + 1) * BK, p.R, tid, p.VecB);
                 if (asyncA || asyncB) CpAsyncCommit();
             }
+            // (ptxas keeps this a 2-trip loop since the k-major B path: unrolled by hand it spills 36 B at the 128-register cap)
             for (int k16 = 0; k16 < BK; k16 += 16)
-            {
-                if (CudaAsm.IsSupported)
-                {
-                    Ldmatrix4(BFragElement(cur, wn, 0, k16, lane), out uint b00, out uint b01, out uint b10, out uint b11);
-                    Ldmatrix4(BFragElement(cur, wn, 1, k16, lane), out uint b20, out uint b21, out uint b30, out uint b31);
-                    MmaStripStep<TOp>(ref acc0, AFragElement(cur, wm, 0, k16, lane), b00, b01, b10, b11, b20, b21, b30, b31);
-                    MmaStripStep<TOp>(ref acc1, AFragElement(cur, wm, 1, k16, lane), b00, b01, b10, b11, b20, b21, b30, b31);
-                    MmaStripStep<TOp>(ref acc2, AFragElement(cur, wm, 2, k16, lane), b00, b01, b10, b11, b20, b21, b30, b31);
-                    MmaStripStep<TOp>(ref acc3, AFragElement(cur, wm, 3, k16, lane), b00, b01, b10, b11, b20, b21, b30, b31);
-                }
-                else
-                {
-                    ScalarStrip<TOp>(ref acc0, sm, cur, wm, wn, lane, k16);
-                    ScalarStrip<TOp>(ref acc1, sm, cur, wm + 16, wn, lane, k16);
-                    ScalarStrip<TOp>(ref acc2, sm, cur, wm + 32, wn, lane, k16);
-                    ScalarStrip<TOp>(ref acc3, sm, cur, wm + 48, wn, lane, k16);
-                }
-            }
+                MultiplySlice<TOp>(ref acc0, ref acc1, ref acc2, ref acc3, sm, cur, k16, wm, wn, lane, bLane0, bLane1, bStepK, transB);
             if (more)
             {
-                if (!asyncA) StoreTile(sm, next, stA, p.Sar == 1, tid);
-                if (!asyncB) StoreTile(sm, next + TileElems, stB, p.Sbr == 1, tid);
+                if (!asyncA) StoreTile(sm, next, stA, p.Sar == 1 ? StoreRowK : StoreTransposed, tid);
+                if (!asyncB) StoreTile(sm, next + TileElems, stB, p.Sbr == 1 ? StoreRowK : StoreKMajor, tid);
                 if (asyncA || asyncB) CpAsyncWait();
             }
             Group.Barrier();
@@ -236,6 +238,30 @@ internal sealed class MatMulTensorCoreKernels
         StoreStrip(p, output, bias, u, loraB, acc1, bi + wm + 16, bj + wn, lane);
         StoreStrip(p, output, bias, u, loraB, acc2, bi + wm + 32, bj + wn, lane);
         StoreStrip(p, output, bias, u, loraB, acc3, bi + wm + 48, bj + wn, lane);
+    }
+
+    /// <summary>One k16 slice of the warp tile: tensor cores (two B ldmatrix.x4, four A strips) or the scalar path.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void MultiplySlice<TOp>(ref MmaStrip acc0, ref MmaStrip acc1, ref MmaStrip acc2, ref MmaStrip acc3, ArrayView<ushort> sm,
+        int cur, int k16, int wm, int wn, int lane, int bLane0, int bLane1, int bStepK, bool transB) where TOp : struct, IMmaOperand
+    {
+        if (CudaAsm.IsSupported)
+        {
+            // = BFragElement / BFragElementKMajor (cur, wn, half, k16, lane): both are linear in cur and k16
+            LdmatrixB4(cur + bLane0 + k16 * bStepK, transB, out uint b00, out uint b01, out uint b10, out uint b11);
+            LdmatrixB4(cur + bLane1 + k16 * bStepK, transB, out uint b20, out uint b21, out uint b30, out uint b31);
+            MmaStripStep<TOp>(ref acc0, AFragElement(cur, wm, 0, k16, lane), b00, b01, b10, b11, b20, b21, b30, b31);
+            MmaStripStep<TOp>(ref acc1, AFragElement(cur, wm, 1, k16, lane), b00, b01, b10, b11, b20, b21, b30, b31);
+            MmaStripStep<TOp>(ref acc2, AFragElement(cur, wm, 2, k16, lane), b00, b01, b10, b11, b20, b21, b30, b31);
+            MmaStripStep<TOp>(ref acc3, AFragElement(cur, wm, 3, k16, lane), b00, b01, b10, b11, b20, b21, b30, b31);
+        }
+        else
+        {
+            ScalarStrip<TOp>(ref acc0, sm, cur, wm, wn, lane, k16, transB);
+            ScalarStrip<TOp>(ref acc1, sm, cur, wm + 16, wn, lane, k16, transB);
+            ScalarStrip<TOp>(ref acc2, sm, cur, wm + 32, wn, lane, k16, transB);
+            ScalarStrip<TOp>(ref acc3, sm, cur, wm + 48, wn, lane, k16, transB);
+        }
     }
 
     // ------------------------------------------------------------------ lane addressing (shared with the emulation test)
@@ -253,6 +279,13 @@ internal sealed class MatMulTensorCoreKernels
     /// </summary>
     public static int BFragElement(int cur, int wn, int half, int k16, int lane)
         => cur + TileElems + (wn + half * 16 + MmaLayout.LdmatrixBRow(lane)) * Ld + k16 + MmaLayout.LdmatrixBK(lane);
+
+    /// <summary>
+    /// The element this lane hands to the B ldmatrix.x4.trans of n16 half <paramref name="half"/> when the B tile is
+    /// k-major ([k][n] rows of <see cref="LdT"/>): the same registers, in the same order, as <see cref="BFragElement"/>.
+    /// </summary>
+    public static int BFragElementKMajor(int cur, int wn, int half, int k16, int lane)
+        => cur + TileElems + (k16 + MmaLayout.LdmatrixBTransK(lane)) * LdT + wn + half * 16 + MmaLayout.LdmatrixBTransN(lane);
 
     // ------------------------------------------------------------------ global -> registers -> shared
 
@@ -304,9 +337,10 @@ internal sealed class MatMulTensorCoreKernels
             }
             long g = (long)(row0 + row) * srow + (long)(k0 + k) * sk;
             uint lo, hi;
-            if (vec != 0 && sk == 1 && in3 && v.Kind < DeviceFloats.KindQ8_0)
+            if (vec != 0 && in3 && v.Kind < DeviceFloats.KindQ8_0)
             {
-                // g is a multiple of 4 and the view starts 16-byte aligned (CanVectorize): one vector load
+                // the run is contiguous (sk == 1, or srow == 1 for a row-contiguous operand), g is a multiple of 4 and
+                // the view starts 16-byte aligned (CanVectorize): one vector load
                 if (v.Kind == DeviceFloats.KindF32)
                 {
                     var f = v.F32.Cast<Float4>()[g >> 2];
@@ -334,8 +368,15 @@ internal sealed class MatMulTensorCoreKernels
         return st;
     }
 
-    /// <summary>Stores what <see cref="LoadTile"/> loaded as [row][k] at element offset <paramref name="at"/>.</summary>
-    private static void StoreTile(ArrayView<ushort> sm, int at, MmaStage st, bool kContiguous, int tid)
+    /// <summary>Shared layouts a loaded run can be stored in (<see cref="StoreTile"/>).</summary>
+    private const int StoreRowK = 0, StoreTransposed = 1, StoreKMajor = 2;
+
+    /// <summary>
+    /// Stores what <see cref="LoadTile"/> loaded at element offset <paramref name="at"/>: runs along k as [row][k]
+    /// (<see cref="StoreRowK"/>), runs along rows transposed into [row][k] (<see cref="StoreTransposed"/>: four 16-bit
+    /// stores), or runs along rows as [k][row] rows of <see cref="LdT"/> (<see cref="StoreKMajor"/>: two 32-bit stores).
+    /// </summary>
+    private static void StoreTile(ArrayView<ushort> sm, int at, MmaStage st, int mode, int tid)
     {
         var sm32 = sm.Cast<uint>();
         for (int l = 0; l < 4; l++)
@@ -343,9 +384,15 @@ internal sealed class MatMulTensorCoreKernels
             uint lo = l == 0 ? st.U0 : l == 1 ? st.U2 : l == 2 ? st.U4 : st.U6;
             uint hi = l == 0 ? st.U1 : l == 1 ? st.U3 : l == 2 ? st.U5 : st.U7;
             int idx = tid + l * Threads;
-            if (kContiguous)
+            if (mode == StoreRowK)
             {
                 int e = at + idx / (BK / 4) * Ld + idx % (BK / 4) * 4; // even: two aligned 32-bit stores
+                sm32[e / 2] = lo;
+                sm32[e / 2 + 1] = hi;
+            }
+            else if (mode == StoreKMajor)
+            {
+                int e = at + idx / (BM / 4) * LdT + idx % (BM / 4) * 4; // k row, then 4 consecutive rows: even
                 sm32[e / 2] = lo;
                 sm32[e / 2 + 1] = hi;
             }
@@ -395,6 +442,35 @@ internal sealed class MatMulTensorCoreKernels
         }
     }
 
+    /// <summary>
+    /// Which 16-byte piece of a 32-k × 128-column k-major tile thread <paramref name="tid"/> copies in pass
+    /// <paramref name="pass"/> (0, 1): k row and first column (a multiple of 8). Sixteen consecutive threads cover one
+    /// k row's 256 bytes, so a warp reads 2 rows of 256 contiguous bytes. Shared with the coverage test.
+    /// </summary>
+    public static (int K, int Col) AsyncPieceKMajor(int tid, int pass)
+    {
+        int idx = tid + pass * Threads;
+        return (idx / (BN / 8), idx % (BN / 8) * 8);
+    }
+
+    /// <summary>
+    /// The tile k0..k0+31 × col0..col0+127 of a 16-bit operand whose k rows are contiguous along the column
+    /// (B(j, r) = b[r·<paramref name="sk"/> + j]: the weight W (N, K) read as dx = dy·W) straight into shared memory
+    /// at <paramref name="at"/> as [k][col] rows of <see cref="LdT"/>, for ldmatrix.trans: two 16-byte cp.async.cg per
+    /// thread, a column tail zero-filled, k rows past <paramref name="ks"/> all zeros. Needs sk % 8 == 0 and the tensor
+    /// 16-byte aligned (<see cref="CanCopyAsync"/>).
+    /// </summary>
+    private static void CopyTileAsyncKMajor(long base0, long sk, int col0, int cols, int k0, int ks, int tid, int at)
+    {
+        for (int pass = 0; pass < 2; pass++)
+        {
+            var (k, col) = AsyncPieceKMajor(tid, pass);
+            int bytes = AsyncBytes(k0 + k, col0 + col, ks, cols); // (whole k rows past the end, then the column tail)
+            long g = bytes > 0 ? (long)(k0 + k) * sk + col0 + col : 0;
+            CpAsync16(at + k * LdT + col, base0 + g * 2, bytes);
+        }
+    }
+
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void CpAsync16(int element, long global, int bytes)
     {
@@ -425,6 +501,26 @@ internal sealed class MatMulTensorCoreKernels
         Input<long> offset = element * 2L;
         CudaAsm.EmitRef("{ .reg .b64 t; mov.b64 t, __shared_alloca0; add.s64 t, t, %4; ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [t]; }",
             ref o0, ref o1, ref o2, ref o3, ref offset);
+        r0 = o0.Value;
+        r1 = o1.Value;
+        r2 = o2.Value;
+        r3 = o3.Value;
+    }
+
+    /// <summary>
+    /// The B fragments' ldmatrix.x4: with <paramref name="trans"/> (a k-major tile) .trans, each 8×8 matrix delivered
+    /// transposed. One instruction sequence with a (launch-uniform) predicate, not two code paths: a branch here cost the
+    /// sm_80 build 4 bytes of spill at the 128-register cap.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void LdmatrixB4(int element, bool trans, out uint r0, out uint r1, out uint r2, out uint r3)
+    {
+        Output<uint> o0 = default, o1 = default, o2 = default, o3 = default;
+        Input<long> offset = element * 2L;
+        Input<int> t = trans ? 1 : 0;
+        CudaAsm.EmitRef("{ .reg .b64 t; .reg .pred p; mov.b64 t, __shared_alloca0; add.s64 t, t, %4; setp.ne.s32 p, %5, 0; " +
+                        "@p ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [t]; @!p ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [t]; }",
+            ref o0, ref o1, ref o2, ref o3, ref offset, ref t);
         r0 = o0.Value;
         r1 = o1.Value;
         r2 = o2.Value;
@@ -467,27 +563,29 @@ internal sealed class MatMulTensorCoreKernels
     private static float Operand<TOp>(ushort bits) where TOp : struct, IMmaOperand => TOp.IsF16 ? HalfMath.F16ToF32(bits) : HalfMath.Bf16ToF32(bits);
 
     /// <summary>What the four mma of one strip compute, element by element, for the elements this lane holds.</summary>
-    private static void ScalarStrip<TOp>(ref MmaStrip acc, ArrayView<ushort> sm, int cur, int row0, int col0, int lane, int k16) where TOp : struct, IMmaOperand
+    private static void ScalarStrip<TOp>(ref MmaStrip acc, ArrayView<ushort> sm, int cur, int row0, int col0, int lane, int k16, bool transB) where TOp : struct, IMmaOperand
     {
-        ScalarFrag<TOp>(ref acc.T0, sm, cur, row0, col0, lane, k16);
-        ScalarFrag<TOp>(ref acc.T1, sm, cur, row0, col0 + 8, lane, k16);
-        ScalarFrag<TOp>(ref acc.T2, sm, cur, row0, col0 + 16, lane, k16);
-        ScalarFrag<TOp>(ref acc.T3, sm, cur, row0, col0 + 24, lane, k16);
+        ScalarFrag<TOp>(ref acc.T0, sm, cur, row0, col0, lane, k16, transB);
+        ScalarFrag<TOp>(ref acc.T1, sm, cur, row0, col0 + 8, lane, k16, transB);
+        ScalarFrag<TOp>(ref acc.T2, sm, cur, row0, col0 + 16, lane, k16, transB);
+        ScalarFrag<TOp>(ref acc.T3, sm, cur, row0, col0 + 24, lane, k16, transB);
     }
 
-    private static void ScalarFrag<TOp>(ref MmaFrag f, ArrayView<ushort> sm, int cur, int row0, int col0, int lane, int k16) where TOp : struct, IMmaOperand
+    private static void ScalarFrag<TOp>(ref MmaFrag f, ArrayView<ushort> sm, int cur, int row0, int col0, int lane, int k16, bool transB) where TOp : struct, IMmaOperand
     {
-        f.C0 += ScalarDot<TOp>(sm, cur, row0 + MmaLayout.CRow(lane, 0), col0 + MmaLayout.CCol(lane, 0), k16);
-        f.C1 += ScalarDot<TOp>(sm, cur, row0 + MmaLayout.CRow(lane, 1), col0 + MmaLayout.CCol(lane, 1), k16);
-        f.C2 += ScalarDot<TOp>(sm, cur, row0 + MmaLayout.CRow(lane, 2), col0 + MmaLayout.CCol(lane, 2), k16);
-        f.C3 += ScalarDot<TOp>(sm, cur, row0 + MmaLayout.CRow(lane, 3), col0 + MmaLayout.CCol(lane, 3), k16);
+        f.C0 += ScalarDot<TOp>(sm, cur, row0 + MmaLayout.CRow(lane, 0), col0 + MmaLayout.CCol(lane, 0), k16, transB);
+        f.C1 += ScalarDot<TOp>(sm, cur, row0 + MmaLayout.CRow(lane, 1), col0 + MmaLayout.CCol(lane, 1), k16, transB);
+        f.C2 += ScalarDot<TOp>(sm, cur, row0 + MmaLayout.CRow(lane, 2), col0 + MmaLayout.CCol(lane, 2), k16, transB);
+        f.C3 += ScalarDot<TOp>(sm, cur, row0 + MmaLayout.CRow(lane, 3), col0 + MmaLayout.CCol(lane, 3), k16, transB);
     }
 
-    private static float ScalarDot<TOp>(ArrayView<ushort> sm, int cur, int row, int col, int k16) where TOp : struct, IMmaOperand
+    private static float ScalarDot<TOp>(ArrayView<ushort> sm, int cur, int row, int col, int k16, bool transB) where TOp : struct, IMmaOperand
     {
         float s = 0f;
-        int a = cur + row * Ld + k16, b = cur + TileElems + col * Ld + k16;
-        for (int k = 0; k < 16; k++) s += Operand<TOp>(sm[a + k]) * Operand<TOp>(sm[b + k]);
+        int a = cur + row * Ld + k16;
+        // B(col, k) at [col][k] (row stride Ld), or k-major at [k][col] (row stride LdT)
+        int b = transB ? cur + TileElems + k16 * LdT + col : cur + TileElems + col * Ld + k16, bStep = transB ? LdT : 1;
+        for (int k = 0; k < 16; k++) s += Operand<TOp>(sm[a + k]) * Operand<TOp>(sm[b + k * bStep]);
         return s;
     }
 
@@ -543,22 +641,26 @@ internal sealed class MatMulTensorCoreKernels
     }
 
     /// <summary>
-    /// Whether an operand's runs of 4 along k can be read as one vector load: k contiguous, rows a multiple of 4
-    /// elements apart, the tensor starting 16-byte aligned in its (256-byte aligned) buffer, and stored as f32 or
-    /// already in the operand type (a 16-bit tensor of the other type is converted element by element).
+    /// Whether an operand's runs of 4 along its contiguous dimension can be read as one vector load (16 bytes of f32,
+    /// 8 of 16-bit): k contiguous with rows a multiple of 4 elements apart, or rows contiguous with k steps a multiple
+    /// of 4 (dy and x of dW = dyᵀ·x, W of dx = dy·W); the tensor starting 16-byte aligned in its (256-byte aligned)
+    /// buffer, and stored as f32 or already in the operand type (a 16-bit tensor of the other type is converted element by element).
     /// </summary>
     internal static bool CanVectorize(Tensor t, long rowStride, long kStride, bool f16)
-        => !t.DType.IsQuantized() && kStride == 1 && rowStride % 4 == 0 && t.Offset % 4 == 0 &&
+        => !t.DType.IsQuantized() && ((kStride == 1 && rowStride % 4 == 0) || (rowStride == 1 && kStride % 4 == 0)) && t.Offset % 4 == 0 &&
            (t.DType == DType.F32 || t.DType == (f16 ? DType.F16 : DType.BF16));
 
     /// <summary>
     /// Whether an operand's tiles can be copied to shared memory by 16-byte cp.async: stored in the operand type
-    /// (bf16 for the bf16 kernel, f16 for f16; f32 activations need converting), k contiguous, rows a multiple of 8
-    /// elements apart and the tensor starting 16-byte aligned (pool ranges are 256-byte aligned). In training this is
-    /// the forward's weight operand (W (N, K), K % 8 == 0); the backward reads W transposed.
+    /// (bf16 for the bf16 kernel, f16 for f16; f32 activations need converting), 16-byte runs along one dimension
+    /// (k contiguous with rows a multiple of 8 elements apart, or rows contiguous with k steps a multiple of 8) and the
+    /// tensor starting 16-byte aligned (pool ranges are 256-byte aligned). In training: the weight W (N, K), K % 8 == 0,
+    /// of the forward (k contiguous) and of dx = dy·W (rows contiguous: copied k-major, read with ldmatrix.trans).
+    /// Only B has a k-major tile: an A must be k contiguous (<see cref="Vectorized"/>).
     /// </summary>
     internal static bool CanCopyAsync(Tensor t, long rowStride, long kStride, bool f16)
-        => t.DType == (f16 ? DType.F16 : DType.BF16) && kStride == 1 && rowStride % 8 == 0 && t.Offset % 8 == 0;
+        => t.DType == (f16 ? DType.F16 : DType.BF16) && t.Offset % 8 == 0 &&
+           ((kStride == 1 && rowStride % 8 == 0) || (rowStride == 1 && kStride % 8 == 0));
 
     /// <summary>
     /// Sets <see cref="TensorCoreArgs.VecA"/>/<see cref="TensorCoreArgs.VecB"/> and <see cref="TensorCoreArgs.AsyncA"/>/
@@ -569,7 +671,7 @@ internal sealed class MatMulTensorCoreKernels
     {
         p.VecA = CanVectorize(a, p.Sai, p.Sar, f16) ? 1 : 0;
         p.VecB = CanVectorize(b, p.Sbj, p.Sbr, f16) ? 1 : 0;
-        p.AsyncA = CanCopyAsync(a, p.Sai, p.Sar, f16) ? 1 : 0;
+        p.AsyncA = p.Sar == 1 && CanCopyAsync(a, p.Sai, p.Sar, f16) ? 1 : 0; // A's tile is [row][k] only
         p.AsyncB = CanCopyAsync(b, p.Sbj, p.Sbr, f16) ? 1 : 0;
         return p;
     }

@@ -45,4 +45,15 @@ public static class MmaLayout
 
     /// <summary>The k offset (0 or 8) this lane addresses for the B fragment ldmatrix.x4.</summary>
     public static int LdmatrixBK(int lane) => ((lane >> 3) & 1) * 8;
+
+    /// <summary>
+    /// Sixteen k-rows of B stored k-major (n contiguous): the k (0..15) this lane addresses for an ldmatrix.x4.trans
+    /// whose registers are the B fragments of two n8 tiles in the order <see cref="LdmatrixBRow"/> gives them
+    /// (matrices: k 0-7/n 0-7, k 8-15/n 0-7, k 0-7/n 8-15, k 8-15/n 8-15; .trans hands lane L rows 2·(L%4), +1 of
+    /// column L/4 = the b0, b1 pair of n = L/4).
+    /// </summary>
+    public static int LdmatrixBTransK(int lane) => (lane & 7) + ((lane >> 3) & 1) * 8;
+
+    /// <summary>The n offset (0 or 8) this lane addresses for the k-major B ldmatrix.x4.trans.</summary>
+    public static int LdmatrixBTransN(int lane) => (lane >> 4) * 8;
 }

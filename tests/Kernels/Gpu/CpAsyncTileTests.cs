@@ -69,6 +69,53 @@ public class CpAsyncTileTests
         Assert.Equal((ushort)0xDEAD, shared[at + MatMulTensorCoreKernels.TileElems]);
     }
 
+    [Theory]
+    [InlineData(96, 300, 0, 0)]      // full tile: 32 k rows of 128 columns
+    [InlineData(70, 300, 64, 256)]   // k tail (6 of 32 rows) and column tail (44 of 128)
+    [InlineData(40, 133, 32, 128)]   // 5-column tail: a partial 16-byte piece (10 bytes) then whole-zero pieces
+    [InlineData(5, 8, 0, 0)]         // tiny: 5 k rows of one piece
+    public void Async_k_major_pieces_build_the_tile_the_ldmatrix_trans_addressing_reads(int ks, int cols, int k0, int col0)
+    {
+        // W (ks, cols) row-major as dx = dy·W reads it: B(j, r) = w[r·sk + j], sk % 8 == 0 (CanCopyAsync)
+        int sk = (cols + 7) / 8 * 8;
+        var operand = new ushort[ks * sk];
+        for (int i = 0; i < operand.Length; i++) operand[i] = (ushort)(1 + i % 65000);
+        const int at = MatMulTensorCoreKernels.TileElems;
+        const int LdT = MatMulTensorCoreKernels.LdT, BN = MatMulTensorCoreKernels.BN;
+        var shared = new ushort[MatMulTensorCoreKernels.SharedElems];
+        Array.Fill(shared, (ushort)0xDEAD);
+        var covered = new int[BK * BN];
+        for (int tid = 0; tid < MatMulTensorCoreKernels.Threads; tid++)
+        for (int pass = 0; pass < 2; pass++)
+        {
+            var (k, col) = MatMulTensorCoreKernels.AsyncPieceKMajor(tid, pass);
+            int bytes = MatMulTensorCoreKernels.AsyncBytes(k0 + k, col0 + col, ks, cols);
+            int dst = at + k * LdT + col;
+            Assert.True(dst * 2 % 16 == 0, $"thread {tid} pass {pass}: shared destination byte {dst * 2} not 16-byte aligned");
+            Assert.InRange(bytes, 0, 16);
+            long src = bytes > 0 ? (long)(k0 + k) * sk + col0 + col : 0;
+            Assert.True(src * 2 % 16 == 0, $"thread {tid} pass {pass}: global source byte {src * 2} not 16-byte aligned");
+            for (int e = 0; e < 8; e++)
+            {
+                shared[dst + e] = e * 2 < bytes ? operand[src + e] : (ushort)0;
+                covered[k * BN + col + e]++;
+            }
+        }
+        Assert.All(covered, c => Assert.Equal(1, c));
+        for (int k = 0; k < BK; k++)
+        for (int c = 0; c < BN; c++)
+        {
+            bool inside = k0 + k < ks && col0 + c < cols;
+            ushort expected = inside ? operand[(k0 + k) * sk + col0 + c] : (ushort)0;
+            Assert.True(expected == shared[at + k * LdT + c], $"tile (k {k}, col {c}): expected {expected}, cp.async wrote {shared[at + k * LdT + c]}");
+        }
+        for (int k = 0; k < BK; k++)
+            for (int c = BN; c < LdT; c++) Assert.Equal((ushort)0xDEAD, shared[at + k * LdT + c]); // padding untouched
+        Assert.Equal((ushort)0xDEAD, shared[at + BK * LdT]); // the rest of the slot and the next buffer untouched
+        Assert.Equal((ushort)0xDEAD, shared[at - 1]);
+        Assert.True(BK * LdT <= MatMulTensorCoreKernels.TileElems);
+    }
+
     [Fact]
     public void Only_16_byte_aligned_operands_in_the_operand_type_with_k_contiguous_are_copied_async()
     {
@@ -77,7 +124,8 @@ public class CpAsyncTileTests
         using var f = b.Allocate(DType.F32, 16, 64);
         using var h = b.Allocate(DType.F16, 16, 64);
         Assert.True(MatMulTensorCoreKernels.CanCopyAsync(w, 64, 1, f16: false));       // forward weight W (N, K)
-        Assert.False(MatMulTensorCoreKernels.CanCopyAsync(w, 1, 64, f16: false));      // backward reads W transposed
+        Assert.True(MatMulTensorCoreKernels.CanCopyAsync(w, 1, 64, f16: false));       // dx = dy·W reads W k-major (rows contiguous)
+        Assert.False(MatMulTensorCoreKernels.CanCopyAsync(w, 1, 60, f16: false));      // ... with k rows 120 bytes apart: not aligned
         Assert.False(MatMulTensorCoreKernels.CanCopyAsync(f, 64, 1, f16: false));      // f32 activations are converted
         Assert.False(MatMulTensorCoreKernels.CanCopyAsync(w, 64, 1, f16: true));       // bf16 into the f16 kernel is converted
         Assert.True(MatMulTensorCoreKernels.CanCopyAsync(h, 64, 1, f16: true));

@@ -49,12 +49,14 @@ public static class KernelsDoc
         // activations f32 (4 B), weights bf16 (2 B): read x and W, write y
         double MmBytes(double n, double k) => 4 * M * k + 2 * n * k + 4 * M * n;
         double qkv = (m.NH + 2.0 * m.NKV) * m.HS;
-        const string tc = "f32 activations are read (4 B) and rounded to bf16 on the way into shared memory (register-staged, twice the activation bytes of a bf16 pipeline); the bf16 weight tiles go global -> shared by cp.async.cg (LDGSTS) into the free buffer, one stage ahead; 2 groups/SM (16 warps) to hide latency; ILGPU does not unroll, ptxas does";
+        const string tc = "f32 activations are read (4 B, 16-byte loads issued before the current tile's mma) and rounded to bf16 on the way into shared memory (register-staged, twice the activation bytes of a bf16 pipeline); " +
+                          "the bf16 weight tiles go global -> shared by cp.async.cg (LDGSTS) into the free buffer, one stage ahead (two buffers, not a deeper pipeline); 2 groups/SM (16 warps) at the 128-register cap to hide latency";
+        const string tcDx = "as the forward, with W's rows copied k-major by cp.async and read with ldmatrix.trans; the k16 loop stays a 2-trip loop in the SASS (no unrolling at the 128-register cap)";
         yield return new("MatMulTensorCore (q,k,v)", "x·Wᵀ, N=(NH+2·NKV)·HS, K=C", Mm(qkv, m.C), MmBytes(qkv, m.C), tc);
         yield return new("MatMulTensorCore (o)", "x·Wᵀ, N=K=C", Mm(m.C, m.C), MmBytes(m.C, m.C), tc);
         yield return new("MatMulTensorCore (gate+up)", "x·Wᵀ, N=2F, K=C", Mm(2.0 * m.F, m.C), MmBytes(2.0 * m.F, m.C), tc);
         yield return new("MatMulTensorCore (down)", "x·Wᵀ, N=C, K=F", Mm(m.C, m.F), MmBytes(m.C, m.F), tc);
-        yield return new("MatMulTensorCore (down, dx)", "dy·W, N=F, K=C", Mm(m.F, m.C), MmBytes(m.F, m.C), tc);
+        yield return new("MatMulTensorCore (down, dx)", "dy·W, N=F, K=C", Mm(m.F, m.C), MmBytes(m.F, m.C), tcDx);
         yield return new("MatMulTensorCore, Q8_0 weight (gate+up)", "x·Wᵀ, W 34 B per 32 elements", Mm(2.0 * m.F, m.C), 4.0 * M * m.C + 2.0 * m.F * m.C * 34 / 32 + 8.0 * M * m.F,
             "dequantized per element in the tile load (byte loads, no vector loads), then as bf16");
         yield return new("MatMulTensorCore, NF4 weight (gate+up)", "x·Wᵀ, W 0.5 B per element + stats", Mm(2.0 * m.F, m.C), 4.0 * M * m.C + 2.0 * m.F * m.C * 0.5 + 8.0 * M * m.F,

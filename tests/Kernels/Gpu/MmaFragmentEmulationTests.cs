@@ -37,6 +37,23 @@ public class MmaFragmentEmulationTests
         return r;
     }
 
+    /// <summary>
+    /// ldmatrix .x4 .trans .b16: lanes 8q..8q+7 supply the addresses of rows 0..7 of matrix q; each lane L receives,
+    /// in register q, the elements of rows 2·(L%4) and 2·(L%4)+1 at column L/4 (the matrix read column-major), the
+    /// first in the lower half.
+    /// </summary>
+    internal static uint[,] LdmatrixTrans4(ushort[] shared, int[] laneAddress)
+    {
+        var r = new uint[Lanes, 4];
+        for (int q = 0; q < 4; q++)
+        for (int lane = 0; lane < Lanes; lane++)
+        {
+            int col = lane / 4, row = 2 * (lane % 4);
+            r[lane, q] = shared[laneAddress[8 * q + row] + col] | ((uint)shared[laneAddress[8 * q + row + 1] + col] << 16);
+        }
+        return r;
+    }
+
     // (row, col) of a0..a7 for groupID g = lane/4, threadID_in_group t = lane%4: the manual's table for .bf16/.f16 A.
     private static (int Row, int Col) AElement(int lane, int i)
     {
@@ -105,13 +122,14 @@ public class MmaFragmentEmulationTests
     /// lane's 4 × 4 × 4 accumulators [strip, tile, element].
     /// </summary>
     private static float[,,,] RunWarp(ushort[] shared, int wm, int wn,
-        Func<int, int, int, int, int, int> aElement, Func<int, int, int, int, int, int> bElement)
+        Func<int, int, int, int, int, int> aElement, Func<int, int, int, int, int, int> bElement, bool kMajorB)
     {
         var acc = new float[Lanes, 4, 4, 4];
+        Func<ushort[], int[], uint[,]> ldB = kMajorB ? LdmatrixTrans4 : Ldmatrix4; // the kernel's choice for a k-major B tile
         for (int k16 = 0; k16 < MatMulTensorCoreKernels.BK; k16 += 16)
         {
-            var b0 = Ldmatrix4(shared, Enumerable.Range(0, Lanes).Select(l => bElement(0, wn, 0, k16, l)).ToArray());
-            var b1 = Ldmatrix4(shared, Enumerable.Range(0, Lanes).Select(l => bElement(0, wn, 1, k16, l)).ToArray());
+            var b0 = ldB(shared, Enumerable.Range(0, Lanes).Select(l => bElement(0, wn, 0, k16, l)).ToArray());
+            var b1 = ldB(shared, Enumerable.Range(0, Lanes).Select(l => bElement(0, wn, 1, k16, l)).ToArray());
             for (int mt = 0; mt < 4; mt++)
             {
                 var a = Ldmatrix4(shared, Enumerable.Range(0, Lanes).Select(l => aElement(0, wm, mt, k16, l)).ToArray());
@@ -136,8 +154,11 @@ public class MmaFragmentEmulationTests
         return acc;
     }
 
-    /// <summary>Fills a shared buffer's A (128×32) and B (128×32) tiles with small integers; returns them as matrices.</summary>
-    private static (ushort[] Shared, float[,] A, float[,] B) Tiles(int seed)
+    /// <summary>
+    /// Fills a shared buffer's A (128×32) and B (128×32) tiles with small integers; returns them as matrices. B is
+    /// stored [n][k] (rows of Ld) or, with <paramref name="kMajorB"/>, [k][n] (rows of LdT: the k-major tile of dx = dy·W).
+    /// </summary>
+    private static (ushort[] Shared, float[,] A, float[,] B) Tiles(int seed, bool kMajorB)
     {
         var rng = new Random(seed);
         var shared = new ushort[MatMulTensorCoreKernels.SharedElems];
@@ -149,16 +170,16 @@ public class MmaFragmentEmulationTests
             a[r, k] = rng.Next(-8, 9);
             b[r, k] = rng.Next(-8, 9);
             shared[r * MatMulTensorCoreKernels.Ld + k] = HalfBits.F32ToBf16(a[r, k]);
-            shared[MatMulTensorCoreKernels.TileElems + r * MatMulTensorCoreKernels.Ld + k] = HalfBits.F32ToBf16(b[r, k]);
+            shared[MatMulTensorCoreKernels.TileElems + (kMajorB ? k * MatMulTensorCoreKernels.LdT + r : r * MatMulTensorCoreKernels.Ld + k)] = HalfBits.F32ToBf16(b[r, k]);
         }
         return (shared, a, b);
     }
 
     /// <summary>Number of output elements of the warp tile whose emulated value differs from A·Bᵀ (each element must be written exactly once).</summary>
-    private static int Mismatches(int wm, int wn, Func<int, int, int, int, int, int> aElement, Func<int, int, int, int, int, int> bElement)
+    private static int Mismatches(int wm, int wn, Func<int, int, int, int, int, int> aElement, Func<int, int, int, int, int, int> bElement, bool kMajorB = false)
     {
-        var (shared, a, b) = Tiles(seed: wm * 7 + wn);
-        var acc = RunWarp(shared, wm, wn, aElement, bElement);
+        var (shared, a, b) = Tiles(seed: wm * 7 + wn, kMajorB);
+        var acc = RunWarp(shared, wm, wn, aElement, bElement, kMajorB);
         var seen = new int[64, 32];
         int bad = 0;
         for (int lane = 0; lane < Lanes; lane++)
@@ -183,6 +204,30 @@ public class MmaFragmentEmulationTests
     [InlineData(0, 32)]
     public void KernelLaneAddressingReproducesTheMatmul(int wm, int wn)
         => Assert.Equal(0, Mismatches(wm, wn, MatMulTensorCoreKernels.AFragElement, MatMulTensorCoreKernels.BFragElement));
+
+    /// <summary>
+    /// The k-major B tile (dx = dy·W: W's rows copied as they are) read with ldmatrix.x4.trans through
+    /// <see cref="MatMulTensorCoreKernels.BFragElementKMajor"/> gives the same fragments, hence the same matmul.
+    /// </summary>
+    [Theory]
+    [InlineData(0, 0)]
+    [InlineData(64, 96)]
+    [InlineData(0, 32)]
+    public void KernelKMajorBAddressingReproducesTheMatmul(int wm, int wn)
+        => Assert.Equal(0, Mismatches(wm, wn, MatMulTensorCoreKernels.AFragElement, MatMulTensorCoreKernels.BFragElementKMajor, kMajorB: true));
+
+    /// <summary>The k-major check can fail: the n/k roles of its lane addressing swapped, or the tile read without .trans.</summary>
+    [Fact]
+    public void WrongKMajorLayoutsAreDetected()
+    {
+        int SwappedHalves(int cur, int wn, int half, int k16, int lane)
+            => cur + MatMulTensorCoreKernels.TileElems + (k16 + (lane & 7) + (lane >> 4) * 8) * MatMulTensorCoreKernels.LdT + wn + half * 16 + ((lane >> 3) & 1) * 8;
+        Assert.True(Mismatches(0, 0, MatMulTensorCoreKernels.AFragElement, SwappedHalves, kMajorB: true) > 0);
+        var (shared, _, _) = Tiles(seed: 0, kMajorB: true);
+        var noTrans = RunWarp(shared, 0, 0, MatMulTensorCoreKernels.AFragElement, MatMulTensorCoreKernels.BFragElementKMajor, kMajorB: false);
+        var withTrans = RunWarp(shared, 0, 0, MatMulTensorCoreKernels.AFragElement, MatMulTensorCoreKernels.BFragElementKMajor, kMajorB: true);
+        Assert.NotEqual(withTrans.Cast<float>(), noTrans.Cast<float>());
+    }
 
     /// <summary>The emulation can fail: swapping the k halves of the A addressing, or the n/k roles of B, is caught.</summary>
     [Fact]

@@ -212,6 +212,8 @@ public class PtxasTests
                         report.Ldgsts = Regex.Matches(sass, @"\bLDGSTS\b").Count;
                         if (kernel.CpAsync && report.Ldgsts == 0)
                             failures.AppendLine($"{kernel.Name} {arch}: a cp.async kernel without LDGSTS in its SASS (the asynchronous copy was lost)");
+                        if (report.Ldgsts < kernel.MinLdgsts)
+                            failures.AppendLine($"{kernel.Name} {arch}: {report.Ldgsts} LDGSTS in its SASS, fewer than the {kernel.MinLdgsts} its cp.async paths issue (one was lost)");
                         if (kernel.TensorCore && report.Hmma == 0)
                             failures.AppendLine($"{kernel.Name} {arch}: a tensor-core kernel without HMMA in its SASS (the mma.sync path was lost)");
                         // the m16n8k16 shape and operand type the kernel asks for: HMMA.16816.F32.BF16 (bf16) or HMMA.16816.F32 (f16)

@@ -39,6 +39,8 @@ public class TensorCoreSimulatorTests
     [InlineData(Layout.Tn, false, 20, 12, 40, false)]  // dW = dyᵀ·x
     [InlineData(Layout.Nt, false, 130, 5, 7, false)]   // two row tiles, ragged everything, one partial k step (scalar loads)
     [InlineData(Layout.Nt, true, 9, 20, 36, false)]    // f16 with vector loads and a k tail of 4
+    [InlineData(Layout.Nn, false, 37, 136, 45, true)]  // dx = dy·W, bf16 W k-major (vector loads, cp.async on CUDA): two column tiles, ragged k and columns
+    [InlineData(Layout.Nn, false, 5, 10, 19, false)]   // dx, k-major B with scalar loads (10 columns: no 8-byte runs)
     public void MatchesRoundedReference(Layout layout, bool f16, int m, int n, int r, bool epilogue)
     {
         var b = Sim.Value;
@@ -77,7 +79,11 @@ public class TensorCoreSimulatorTests
         using var tu = Up(b, DType.F32, u);
         using var tlb = Up(b, DType.F32, lb);
         args = MatMulTensorCoreKernels.Vectorized(args, ta, tw, f16);
-        Assert.Equal(r % 4 == 0 && layout != Layout.Tn ? 1 : 0, args.VecA); // the vector path is exercised where the layout allows it
+        // the vector paths are exercised where the layout allows them: along k for A of Nt/Nn, along rows for A of Tn and B of Nn/Tn
+        Assert.Equal((layout == Layout.Tn ? m : r) % 4 == 0 ? 1 : 0, args.VecA);
+        Assert.Equal((layout == Layout.Nt ? r : n) % 4 == 0 ? 1 : 0, args.VecB);
+        // cp.async (ignored by the simulator) for the 16-bit weight in both layouts that read it
+        Assert.Equal(layout != Layout.Tn && (layout == Layout.Nt ? r : n) % 8 == 0 ? 1 : 0, args.AsyncB);
         tc.Launch(f16, b.Floats(ta, "a"), b.Floats(tw, "w"), b.F32(to, "out"), b.Floats(tbias, "bias"),
             epilogue ? b.F32(tu, "u") : ArrayView<float>.Empty, b.Floats(tlb, "lb"), args);
         var got = new float[m * n];
