@@ -17,7 +17,7 @@ internal sealed class AdamWKernels : IDisposable
 {
     private readonly IlgpuBackend _b;
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AdamWArgs> _step;
-    private readonly Action<KernelConfig, MultiTensorViews, ArrayView<MultiTensorEntry>, ArrayView<MultiTensorChunk>, ArrayView<float>, AdamWArgs> _multi;
+    private readonly Action<KernelConfig, MultiTensorBases, ArrayView<MultiTensorEntry>, ArrayView<MultiTensorChunk>, ArrayView<float>, AdamWArgs> _multi;
     private AdamWTensor[] _tableOf = Array.Empty<AdamWTensor>();
     private MultiTensorTable? _table;
 
@@ -25,18 +25,11 @@ internal sealed class AdamWKernels : IDisposable
     {
         _b = b;
         _step = b.Accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AdamWArgs>(AdamWKernel);
-        _multi = b.Accelerator.LoadStreamKernel<MultiTensorViews, ArrayView<MultiTensorEntry>, ArrayView<MultiTensorChunk>, ArrayView<float>, AdamWArgs>(AdamWMultiTensorKernel);
+        _multi = b.Accelerator.LoadStreamKernel<MultiTensorBases, ArrayView<MultiTensorEntry>, ArrayView<MultiTensorChunk>, ArrayView<float>, AdamWArgs>(AdamWMultiTensorKernel);
     }
 
-    /// <summary>Launches of the last <see cref="MultiTensorStep"/> (1 when every operand role shares one pool chunk).</summary>
+    /// <summary>Launches of the last <see cref="MultiTensorStep"/> (1 while the tensors span at most MultiTensorBases.Count pool chunks).</summary>
     public int LastLaunches { get; private set; }
-
-    /// <summary>The base views of a multi-tensor AdamW launch: parameters, gradients, moments, rounded copies.</summary>
-    public struct MultiTensorViews
-    {
-        public ArrayView<float> P, G, M, V;
-        public ArrayView<ushort> R;
-    }
 
     /// <summary>
     /// AdamW over every tensor of the table: group g takes work chunks g, g + grid, ...; the clipping scale is read from
@@ -44,7 +37,7 @@ internal sealed class AdamWKernels : IDisposable
     /// The rounded copy, when an entry has one, receives the updated parameter in bf16/f16 in the same pass.
     /// </summary>
     [GpuKernel(true)]
-    public static void AdamWMultiTensorKernel(MultiTensorViews x, ArrayView<MultiTensorEntry> entries, ArrayView<MultiTensorChunk> chunks,
+    public static void AdamWMultiTensorKernel(MultiTensorBases x, ArrayView<MultiTensorEntry> entries, ArrayView<MultiTensorChunk> chunks,
         ArrayView<float> clip, AdamWArgs a)
     {
         float scale = clip[1];
@@ -53,19 +46,24 @@ internal sealed class AdamWKernels : IDisposable
         {
             var w = chunks[c];
             var e = entries[w.Entry];
+            // this tensor's operands: its slots' chunks, picked once per work chunk
+            var pv = x.Get(e.PSlot).Cast<float>().SubView(e.P + w.Start);
+            var gv = x.Get(e.GSlot).Cast<float>().SubView(e.G + w.Start);
+            var mv = x.Get(e.MSlot).Cast<float>().SubView(e.M + w.Start);
+            var vv = x.Get(e.VSlot).Cast<float>().SubView(e.V + w.Start);
+            var rv = x.Get(e.RSlot).Cast<ushort>();
             for (int j = Group.IdxX; j < w.Count; j += Group.DimX)
             {
-                long i = w.Start + j;
-                float g = x.G[e.G + i] * scale;
-                float mi = a.Beta1 * x.M[e.M + i] + (1f - a.Beta1) * g;
-                float vi = a.Beta2 * x.V[e.V + i] + (1f - a.Beta2) * g * g;
-                x.M[e.M + i] = mi;
-                x.V[e.V + i] = vi;
-                float p = x.P[e.P + i];
+                float g = gv[j] * scale;
+                float mi = a.Beta1 * mv[j] + (1f - a.Beta1) * g;
+                float vi = a.Beta2 * vv[j] + (1f - a.Beta2) * g * g;
+                mv[j] = mi;
+                vv[j] = vi;
+                float p = pv[j];
                 p -= a.Lr * (mi / a.Correction1 / (MathF.Sqrt(vi / a.Correction2) + a.Eps) + e.Decay * a.WeightDecay * p);
-                x.P[e.P + i] = p;
-                if (e.RoundKind == DeviceFloats.KindBF16) x.R[e.R + i] = HalfMath.F32ToBf16(p);
-                else if (e.RoundKind == DeviceFloats.KindF16) x.R[e.R + i] = HalfMath.F32ToF16(p);
+                pv[j] = p;
+                if (e.RoundKind == DeviceFloats.KindBF16) rv[e.R + w.Start + j] = HalfMath.F32ToBf16(p);
+                else if (e.RoundKind == DeviceFloats.KindF16) rv[e.R + w.Start + j] = HalfMath.F32ToF16(p);
             }
         }
     }
@@ -105,13 +103,7 @@ internal sealed class AdamWKernels : IDisposable
         LastLaunches = 0;
         foreach (var l in _table!.Launches)
         {
-            var views = new MultiTensorViews
-            {
-                P = MultiTensorTable.Base(l, 0).Cast<float>(), G = MultiTensorTable.Base(l, 1).Cast<float>(),
-                M = MultiTensorTable.Base(l, 2).Cast<float>(), V = MultiTensorTable.Base(l, 3).Cast<float>(),
-                R = MultiTensorTable.Base(l, 4).Cast<ushort>(),
-            };
-            _multi(new KernelConfig(MultiTensorTable.Groups(_b, l.ChunkCount), group), views, l.Entries.View, l.Chunks.View, clipView, args);
+            _multi(new KernelConfig(MultiTensorTable.Groups(_b, l.ChunkCount), group), l.Views(), l.Entries.View, l.Chunks.View, clipView, args);
             LastLaunches++;
         }
     }

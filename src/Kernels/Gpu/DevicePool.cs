@@ -25,8 +25,9 @@ internal sealed class PoolChunk
 /// <summary>
 /// The device memory of one <see cref="IlgpuBackend"/>: a few large buffers (chunks) that tensors are sub-allocated
 /// from, so that the device allocator is called only when a chunk is added and never inside a training step once the
-/// pool has been reserved (<see cref="Reserve"/>, sized from the memory plan). Tensors that share a chunk can be
-/// addressed by one kernel through one base view plus offsets: the multi-tensor ops (AdamW, gradient norm) rely on it.
+/// pool has been reserved (<see cref="Reserve"/>, sized from the memory plan). A kernel addresses a tensor as its
+/// chunk's view plus an offset: the multi-tensor ops (AdamW, gradient norm) take up to 8 chunk views per launch
+/// (MultiTensorBases), so the few chunks a trainer's tensors span cost no extra launch.
 /// </summary>
 /// <remarks>
 /// First fit over each chunk's sorted free list, ranges aligned to <see cref="Alignment"/> bytes (a CUDA allocation's

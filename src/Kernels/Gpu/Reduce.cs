@@ -52,21 +52,21 @@ internal sealed class ReduceKernels : IDisposable
 
     // ---------------------------------------------------------------- global gradient norm over many tensors
 
-    private Action<KernelConfig, ArrayView<float>, ArrayView<MultiTensorEntry>, ArrayView<MultiTensorChunk>, ArrayView<double>>? _normPartials;
+    private Action<KernelConfig, MultiTensorBases, ArrayView<MultiTensorEntry>, ArrayView<MultiTensorChunk>, ArrayView<double>>? _normPartials;
     private Action<Index1D, ArrayView<double>, int, float, ArrayView<float>>? _normFinish;
     private Tensor[] _normOf = Array.Empty<Tensor>();
     private MultiTensorTable? _normTable;
     private MemoryBuffer1D<double, Stride1D.Dense>? _normPartialsBuffer;
 
-    /// <summary>Launches of the partial-sum kernel in the last <see cref="GradNormClip"/> (1 when all grads share a pool chunk).</summary>
+    /// <summary>Launches of the partial-sum kernel in the last <see cref="GradNormClip"/> (1 while the grads span at most MultiTensorBases.Count pool chunks).</summary>
     public int LastNormLaunches { get; private set; }
 
     /// <summary>
     /// partials[Grid.IdxX] = Σ g² (double) over the work chunks this group takes (g, g + grid, ...) of every tensor of
-    /// the table; one launch covers all tensors whose gradients share a pool chunk.
+    /// the table; one launch covers every gradient of the table, whichever of its base chunks it lives in.
     /// </summary>
     [GpuKernel(true)]
-    public static void SumOfSquaresMultiTensorKernel(ArrayView<float> g, ArrayView<MultiTensorEntry> entries, ArrayView<MultiTensorChunk> chunks,
+    public static void SumOfSquaresMultiTensorKernel(MultiTensorBases x, ArrayView<MultiTensorEntry> entries, ArrayView<MultiTensorChunk> chunks,
         ArrayView<double> partials)
     {
         var scratch = SharedMemory.Allocate<double>(GroupReduce.MaxWarps);
@@ -74,11 +74,12 @@ internal sealed class ReduceKernels : IDisposable
         for (int c = Grid.IdxX; c < chunks.IntLength; c += Grid.DimX)
         {
             var w = chunks[c];
-            long at = entries[w.Entry].G + w.Start;
+            var e = entries[w.Entry];
+            var g = x.Get(e.GSlot).Cast<float>().SubView(e.G + w.Start);
             for (int j = Group.IdxX; j < w.Count; j += Group.DimX)
             {
-                double x = g[at + j];
-                acc += x * x;
+                double v = g[j];
+                acc += v * v;
             }
         }
         acc = GroupReduce.Sum(acc, scratch);
@@ -106,7 +107,7 @@ internal sealed class ReduceKernels : IDisposable
         const string op = "GradNormClip";
         IlgpuBackend.Need(clip, 2, "clip", op);
         var clipView = _b.F32(clip, "clip");
-        _normPartials ??= _b.Accelerator.LoadStreamKernel<ArrayView<float>, ArrayView<MultiTensorEntry>, ArrayView<MultiTensorChunk>, ArrayView<double>>(SumOfSquaresMultiTensorKernel);
+        _normPartials ??= _b.Accelerator.LoadStreamKernel<MultiTensorBases, ArrayView<MultiTensorEntry>, ArrayView<MultiTensorChunk>, ArrayView<double>>(SumOfSquaresMultiTensorKernel);
         _normFinish ??= _b.Accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<double>, int, float, ArrayView<float>>(GradNormFinishKernel);
         if (!SameGrads(grads))
         {
@@ -127,7 +128,7 @@ internal sealed class ReduceKernels : IDisposable
         foreach (var l in _normTable!.Launches)
         {
             int groups = Math.Min(MaxPartials, MultiTensorTable.Groups(_b, l.ChunkCount));
-            _normPartials(new KernelConfig(groups, group), MultiTensorTable.Base(l, 1).Cast<float>(), l.Entries.View, l.Chunks.View,
+            _normPartials(new KernelConfig(groups, group), l.Views(), l.Entries.View, l.Chunks.View,
                 _normPartialsBuffer!.View.SubView(count, groups));
             count += groups;
             LastNormLaunches++;
