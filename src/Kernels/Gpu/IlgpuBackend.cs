@@ -69,6 +69,12 @@ public sealed class IlgpuBackend : IBackend
     private StagingRing? _staging;
     private bool _disposed;
 
+    /// <summary>
+    /// FTN_ILGPU_BLOCKING_COPIES=1: every upload waits for the device before and after its copy, as before the staging
+    /// ring (the A of bench/gpu.sh's A/B of host/device overlap). Measurement only.
+    /// </summary>
+    internal static readonly bool BlockingCopies = Environment.GetEnvironmentVariable("FTN_ILGPU_BLOCKING_COPIES") == "1";
+
     /// <summary>Largest upload that goes through the pinned staging ring (token ids, targets, positions, small tables); larger ones (weights) wait for the device.</summary>
     internal const long StagedMaxBytes = 4L << 20;
 
@@ -394,11 +400,13 @@ public sealed class IlgpuBackend : IBackend
     private unsafe void CopyIn(ArrayView<byte> dst, ReadOnlySpan<byte> src)
     {
         if (src.Length == 0) return;
+        if (BlockingCopies) WaitForDevice();
         if (src.Length <= StagedMaxBytes)
         {
             var slot = Staging().Acquire(src.Length);
             src.CopyTo(slot.Buffer.Span);
             StagedCopy(slot, dst);
+            if (BlockingCopies) WaitForDevice();
             return;
         }
         fixed (byte* p = src)
@@ -426,11 +434,17 @@ public sealed class IlgpuBackend : IBackend
     private StagingRing Staging()
     {
         if (_staging is not null) return _staging;
-        Func<IDeviceEvent> newEvent = Accelerator is CudaAccelerator ? () => new CudaDeviceEvent(Accelerator) : () => new CompletedEvent();
+        Func<IDeviceEvent> newEvent = EventsForTest ?? (Accelerator is CudaAccelerator ? () => new CudaDeviceEvent(Accelerator) : () => new CompletedEvent());
         _copyStream = Accelerator is CudaAccelerator cuda ? cuda.CreateStream(StreamFlags.CU_STREAM_NON_BLOCKING) : Accelerator.CreateStream();
         _computeMark = newEvent();
         return _staging = new StagingRing(bytes => new PageLockedBuffer(Accelerator, bytes), newEvent);
     }
+
+    /// <summary>Tests: the events staged copies use instead of the accelerator's (set before the first upload).</summary>
+    internal Func<IDeviceEvent>? EventsForTest { get; set; }
+
+    /// <summary>The stream staged copies run on (null before the first staged upload).</summary>
+    internal AcceleratorStream? CopyStream => _copyStream;
 
     /// <summary>
     /// Copies the first dst.Length bytes of a filled staging slot into <paramref name="dst"/> on the copy stream, ordered

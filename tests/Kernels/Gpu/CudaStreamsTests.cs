@@ -218,6 +218,44 @@ public class CudaStreamsTests(ITestOutputHelper output)
         output.WriteLine($"blocking syncs: {b.BlockingSyncs}; device allocations (pool chunks, scratch, pinned staging): {b.DeviceAllocations}");
     }
 
+    /// <summary>Logs what the backend asks of its events, naming the stream (compute or copy).</summary>
+    private sealed class LoggingEvent(int id, List<string> log, Func<AcceleratorStream, string> streamName) : IDeviceEvent
+    {
+        public bool Done = true;
+        public void Record(AcceleratorStream stream) { log.Add($"e{id}.record({streamName(stream)})"); Done = false; }
+        public void MakeWait(AcceleratorStream stream) => log.Add($"{streamName(stream)}.wait(e{id})");
+        public bool IsComplete => Done;
+        public void HostWait() { log.Add($"host.wait(e{id})"); Done = true; }
+        public void Dispose() { }
+    }
+
+    [Fact]
+    public void A_staged_upload_orders_its_copy_between_the_compute_streams_past_and_future_with_events()
+    {
+        using var b = IlgpuBackend.CreateSimulator(4);
+        var log = new List<string>();
+        var events = new List<LoggingEvent>();
+        string Name(AcceleratorStream s) => ReferenceEquals(s, b.Stream) ? "compute" : ReferenceEquals(s, b.CopyStream) ? "copy" : "other";
+        b.EventsForTest = () => { var e = new LoggingEvent(events.Count, log, Name); events.Add(e); return e; };
+        using var x = b.Allocate(DType.F32, 5);
+        b.Upload(x, [1f, 2, 3, 4, 5]);
+        // e0 is the compute stream's mark, e1 and e2 the ring's first two slots: the copy stream waits for the compute
+        // stream's work so far (earlier kernels may read x), the compute stream for the copy (later kernels read x)
+        Assert.Equal(["e0.record(compute)", "copy.wait(e0)", "e1.record(copy)", "compute.wait(e1)"], log);
+        Assert.Equal([1f, 2, 3, 4, 5], x.ToArray());
+        // the fake copies never complete: the ring grows to its limit, then the host waits for the oldest copy
+        long syncs = b.BlockingSyncs, allocations = b.DeviceAllocations;
+        log.Clear();
+        for (int i = 0; i < 15; i++) b.Upload(x, [(float)i, 0, 0, 0, 0]); // 16 copies in flight with the first
+        Assert.Equal(17, events.Count); // the mark + 16 slots
+        Assert.Equal(allocations + 14, b.DeviceAllocations); // two slots came with the first upload
+        Assert.DoesNotContain(log, l => l.StartsWith("host.", StringComparison.Ordinal));
+        b.Upload(x, [7f, 0, 0, 0, 0]);
+        Assert.Contains("host.wait(e1)", log); // the oldest slot, reused
+        Assert.Equal(syncs + 1, b.BlockingSyncs);
+        Assert.Equal(7f, x.ToArray()[0]);
+    }
+
     [Fact]
     public void Ids_written_by_something_other_than_an_int_upload_are_read_back_and_checked()
     {
