@@ -90,6 +90,32 @@ public class TrainerOverlapTests(ITestOutputHelper output)
     [Theory]
     [InlineData("cpu")]
     [InlineData("ilgpu-sim:4")]
+    public void Evaluation_reads_the_losses_back_once_and_matches_reading_each_batch(string device)
+    {
+        using var b = Backends.Create(device);
+        using var w = TinyModel.Weights(b, seed: 5);
+        using var model = new LlamaModel(w, b);
+        using var lora = LoraAdapter.Create(model, new LoraConfig { Rank = 4, Alpha = 8 }, 3);
+        using var trainer = new Trainer(model, lora, new TrainOptions { MicroBatch = 2, Seed = 4 });
+        var samples = TinyModel.Samples(9, 3, 8, seed: 9); // 5 batches, the last one short
+        double sum = 0;
+        long count = 0;
+        foreach (var x in Batching.Batches(samples, 2, 8, 0))
+        {
+            var (ls, c) = model.Loss(x.Tokens, x.Targets, x.BatchSize, x.SeqLen);
+            sum += ls;
+            count += c;
+        }
+        long syncs = (b as IlgpuBackend)?.BlockingSyncs ?? 0;
+        var r = trainer.Evaluate(samples, 8, 0);
+        if (b is IlgpuBackend gpu) Assert.Equal(syncs + 1, gpu.BlockingSyncs); // 5 batches, one wait
+        Assert.Equal(sum / count, r.Loss); // bit for bit
+        Assert.Equal((int)count, r.Targets);
+    }
+
+    [Theory]
+    [InlineData("cpu")]
+    [InlineData("ilgpu-sim:4")]
     public void A_non_finite_loss_skips_the_update_on_the_device(string device)
     {
         // Losses Inf and NaN with finite gradients: the probe turns the clipping scale NaN, which the fused AdamW skips on.

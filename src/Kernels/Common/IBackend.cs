@@ -55,6 +55,8 @@ public interface IBackend : IDisposable
     /// <summary>A new zero-filled tensor owned by this backend.</summary>
     Tensor Allocate(DType dtype, params int[] shape);
     /// <summary>Copies host floats into <paramref name="dst"/>, converting to its dtype (F32/BF16/F16).</summary>
+    /// <remarks>Like every op, ordered after the ops before it and before the ops after it; it may return before the device
+    /// has the data (GPU backends stage small uploads), but <paramref name="src"/> may be reused as soon as it returns.</remarks>
     void Upload(Tensor dst, ReadOnlySpan<float> src);
     /// <summary>Copies host ints into an I32 tensor.</summary>
     void Upload(Tensor dst, ReadOnlySpan<int> src);

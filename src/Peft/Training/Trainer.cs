@@ -196,20 +196,56 @@ public sealed class Trainer : IDisposable
     }
 
     /// <summary>Mean loss per target token of the model (with its adapters) on <paramref name="samples"/>, no dropout.</summary>
+    /// <remarks>The per-token losses of up to <see cref="EvalBatchesPerRead"/> batches stay on the device and are read back
+    /// together (one wait for the device instead of one per batch); each batch is summed in double in token order, then
+    /// the batches, as when each was read back alone.</remarks>
     public EvalResult Evaluate(IReadOnlyList<TokenizedSample> samples, int seqLen, int padId)
     {
         double sum = 0;
         long count = 0;
+        var queued = new List<int>(); // rows of each batch whose losses wait in _evalLosses
+        long used = 0;
+        void Read()
+        {
+            if (queued.Count == 0) return;
+            var host = _evalHost.AsSpan(0, (int)used);
+            _backend.Download(_evalLosses!.View(0, (int)used), host);
+            int at = 0;
+            foreach (int r in queued)
+            {
+                double ls = 0;
+                foreach (float x in host.Slice(at, r)) ls += x;
+                sum += ls;
+                at += r;
+            }
+            queued.Clear();
+            used = 0;
+        }
         foreach (var b in Batching.Batches(samples, _opt.MicroBatch, seqLen, padId))
         {
-            var (ls, c) = _model.Loss(b.Tokens, b.Targets, b.BatchSize, b.SeqLen, b.Positions);
-            sum += ls;
-            count += c;
+            int rows = _model.LossRows(b.BatchSize, b.SeqLen);
+            if (queued.Count == EvalBatchesPerRead || (_evalLosses is not null && used + rows > _evalLosses.Length)) Read();
+            if (_evalLosses is null || _evalLosses.Length < rows)
+            {
+                _evalLosses?.Dispose();
+                _evalLosses = _backend.Allocate(DType.F32, checked(rows * EvalBatchesPerRead));
+                _evalLosses.Name = "eval_losses";
+                _evalHost = new float[_evalLosses.Length];
+            }
+            count += _model.LossInto(b.Tokens, b.Targets, b.BatchSize, b.SeqLen, b.Positions, _evalLosses.View(used, rows));
+            queued.Add(rows);
+            used += rows;
         }
+        Read();
         if (count == 0) return new EvalResult(double.NaN, double.NaN, samples.Count, 0);
         double loss = sum / count;
         return new EvalResult(loss, Math.Exp(loss), samples.Count, (int)count);
     }
+
+    /// <summary>Evaluation batches whose losses are read back together.</summary>
+    public const int EvalBatchesPerRead = 32;
+    private Tensor? _evalLosses;
+    private float[] _evalHost = Array.Empty<float>();
 
     /// <summary>
     /// One optimizer step over the micro-batches of <paramref name="window"/> at learning rate
@@ -820,5 +856,6 @@ public sealed class Trainer : IDisposable
         _scratch?.Dispose();
         _readback?.Dispose();
         _lossZeros?.Dispose();
+        _evalLosses?.Dispose();
     }
 }

@@ -298,6 +298,21 @@ public sealed partial class LlamaModel : IDisposable
         return count;
     }
 
+    /// <summary>
+    /// <see cref="Loss"/> without reading the loss back: the per-token losses are copied on the device into
+    /// <paramref name="losses"/> (f32, <see cref="LossRows"/>(batch, seqLen) elements). Returns the number of tokens that count.
+    /// </summary>
+    public int LossInto(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen, ReadOnlySpan<int> positions, Tensor losses)
+    {
+        ExpandForPrompt(ref tokens, ref targets, ref seqLen, batch, positions);
+        var ws = Prepare(tokens, targets, batch, seqLen, out int count, train: false, positions);
+        if (losses.DType != DType.F32 || losses.Length != ws.M)
+            throw new ArgumentException($"losses ({losses.Describe()}) must be f32 with {ws.M} elements (LossRows of batch {batch})");
+        Forward(ws, train: false, 0);
+        HeadAndLoss(ws, computeGrad: false, 0f, losses);
+        return count;
+    }
+
     /// <summary>Per-token losses of a (batch, seqLen) micro-batch: B·T, plus B·P with P prompt-tuning virtual tokens per row.</summary>
     public int LossRows(int batch, int seqLen) => checked(batch * (seqLen + PromptLength));
 
