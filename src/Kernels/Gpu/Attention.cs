@@ -433,7 +433,7 @@ internal sealed class AttentionKernels
         };
         if (AttentionTensorCoreKernels.TakesBackward(TensorCores, q, k, v, headSize))
         {
-            // bf16/f16 q, k, v on sm_80+, head size <= 64: the tensor-core kernels (AttentionTensorCoreBackward.cs)
+            // bf16/f16 q, k, v on sm_80+: the tensor-core kernels (AttentionTensorCoreBackward*.cs)
             _b.Kernels(x => new AttentionTensorCoreKernels(x)).Backward(q.DType == DType.F16, _b.Floats(q, "q"), _b.Floats(k, "k"), _b.Floats(v, "v"),
                 _b.F32(output, "output"), _b.F32(dOut, "dOut"), _b.F32(lse, "lse"), _b.F32(dq, "dq"), _b.F32(dk, "dk"), _b.F32(dv, "dv"), args);
             return;

@@ -6,7 +6,8 @@ namespace FineTuneNative.Kernels.Gpu;
 
 /// <summary>
 /// Backward of the tensor-core flash attention (FlashAttention-2 style, P recomputed from the saved lse), for head
-/// sizes up to <see cref="MaxBackwardHeadSize"/>: dq, dk, dv overwritten, as <see cref="IBackend.AttentionBackward"/>.
+/// sizes up to <see cref="NarrowHeadSize"/> (65..<see cref="MaxBackwardHeadSize"/>: AttentionTensorCoreBackwardWide.cs):
+/// dq, dk, dv overwritten, as <see cref="IBackend.AttentionBackward"/>.
 /// </summary>
 /// <remarks>
 /// With p_ij = exp(scale·q_i·k_j − lse_i), D_i = dO_i·O_i and ds_ij = p_ij·(dO_i·v_j − D_i):
@@ -23,7 +24,8 @@ namespace FineTuneNative.Kernels.Gpu;
 /// </remarks>
 internal sealed partial class AttentionTensorCoreKernels : IDisposable
 {
-    public const int MaxBackwardHeadSize = 64, LdB = MaxBackwardHeadSize + 8;
+    /// <summary>Head sizes up to <see cref="NarrowHeadSize"/> run the kernels here; up to <see cref="MaxBackwardHeadSize"/> the head-split ones (AttentionTensorCoreBackwardWide.cs).</summary>
+    public const int NarrowHeadSize = 64, MaxBackwardHeadSize = MaxHeadSize, LdB = NarrowHeadSize + 8;
     /// <summary>dq kernel: Q and dO of 64 queries, K and V of 32 keys.</summary>
     public const int DqQAt = 0, DqDoAt = BQ * LdB, DqKAt = 2 * BQ * LdB, DqVAt = DqKAt + BKV * LdB, DqSharedElems = DqVAt + BKV * LdB;
     /// <summary>dk/dv kernel: K and V of 64 keys, Q and dO of 32 queries, then lse·log2(e) and D of those queries as f32.</summary>
@@ -33,6 +35,7 @@ internal sealed partial class AttentionTensorCoreKernels : IDisposable
 
     private Action<KernelConfig, DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>? _dqBf16, _dqF16;
     private Action<KernelConfig, DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>? _dkvBf16, _dkvF16;
+    private Action<KernelConfig, DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>? _dqWideBf16, _dqWideF16, _dkvWideBf16, _dkvWideF16;
     private MemoryBuffer1D<float, Stride1D.Dense>? _delta;
 
     /// <summary>Group = (b, h, tile of 64 queries, the longest first); warp = 16 query rows. Writes dq and D = rowsum(dO ⊙ O).</summary>
@@ -202,13 +205,13 @@ internal sealed partial class AttentionTensorCoreKernels : IDisposable
     }
 
     /// <summary>acc (16 × 32) += A·Bᵀ over the head: per k16 slice one ldmatrix.x4 of A rows, two of B rows, four mma.</summary>
-    private static void ScoreStrip<TOp>(ref MmaStrip acc, ArrayView<ushort> sm, int aElement, int bElement, int hsp, int lane) where TOp : struct, IMmaOperand
+    private static void ScoreStrip<TOp>(ref MmaStrip acc, ArrayView<ushort> sm, int aElement, int bElement, int hsp, int lane, int ld = LdB) where TOp : struct, IMmaOperand
     {
         for (int k16 = 0; k16 < hsp; k16 += 16)
         {
             Ldsm4(sm, aElement + k16, lane, false, out uint a0, out uint a1, out uint a2, out uint a3);
             Ldsm4(sm, bElement + k16, lane, false, out uint b00, out uint b01, out uint b10, out uint b11);
-            Ldsm4(sm, bElement + 16 * LdB + k16, lane, false, out uint b20, out uint b21, out uint b30, out uint b31);
+            Ldsm4(sm, bElement + 16 * ld + k16, lane, false, out uint b20, out uint b21, out uint b30, out uint b31);
             Mma<TOp>(ref acc.T0, a0, a1, a2, a3, b00, b01, lane);
             Mma<TOp>(ref acc.T1, a0, a1, a2, a3, b10, b11, lane);
             Mma<TOp>(ref acc.T2, a0, a1, a2, a3, b20, b21, lane);
@@ -251,7 +254,7 @@ internal sealed partial class AttentionTensorCoreKernels : IDisposable
 
     // ------------------------------------------------------------------ launch
 
-    /// <summary>Whether the tensor-core backward takes this call: as <see cref="Takes"/>, with head size ≤ 64.</summary>
+    /// <summary>Whether the tensor-core backward takes this call: as <see cref="Takes"/> (head size ≤ 128).</summary>
     internal static bool TakesBackward(bool tensorCores, Tensor q, Tensor k, Tensor v, int headSize)
         => headSize <= MaxBackwardHeadSize && Takes(tensorCores, q, k, v, headSize);
 
@@ -264,6 +267,10 @@ internal sealed partial class AttentionTensorCoreKernels : IDisposable
             _dqF16 = BindBackward(_b, _b.Accelerator.LoadKernel(CompileForwarded(backend, BackwardMethod(true, typeof(F16Operand)))));
             _dkvF16 = BindBackward(_b, _b.Accelerator.LoadKernel(CompileForwarded(backend, BackwardMethod(false, typeof(F16Operand)))));
             _dkvBf16 = BindBackward(_b, _b.Accelerator.LoadKernel(CompileForwarded(backend, BackwardMethod(false, typeof(Bf16Operand)))));
+            _dqWideF16 = BindBackward(_b, _b.Accelerator.LoadKernel(CompileForwarded(backend, BackwardMethod(true, typeof(F16Operand), wide: true))));
+            _dkvWideF16 = BindBackward(_b, _b.Accelerator.LoadKernel(CompileForwarded(backend, BackwardMethod(false, typeof(F16Operand), wide: true))));
+            _dkvWideBf16 = BindBackward(_b, _b.Accelerator.LoadKernel(CompileForwarded(backend, BackwardMethod(false, typeof(Bf16Operand), wide: true))));
+            _dqWideBf16 = BindBackward(_b, _b.Accelerator.LoadKernel(CompileForwarded(backend, BackwardMethod(true, typeof(Bf16Operand), wide: true))));
             _dqBf16 = BindBackward(_b, _b.Accelerator.LoadKernel(CompileForwarded(backend, BackwardMethod(true, typeof(Bf16Operand)))));
             return;
         }
@@ -271,11 +278,17 @@ internal sealed partial class AttentionTensorCoreKernels : IDisposable
         _dqF16 = acc.LoadStreamKernel<DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionTensorCoreBackwardQueryKernel<F16Operand>);
         _dkvF16 = acc.LoadStreamKernel<DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionTensorCoreBackwardKeyValueKernel<F16Operand>);
         _dkvBf16 = acc.LoadStreamKernel<DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionTensorCoreBackwardKeyValueKernel<Bf16Operand>);
+        _dqWideF16 = acc.LoadStreamKernel<DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionTensorCoreBackwardQueryWideKernel<F16Operand>);
+        _dkvWideF16 = acc.LoadStreamKernel<DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionTensorCoreBackwardKeyValueWideKernel<F16Operand>);
+        _dkvWideBf16 = acc.LoadStreamKernel<DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionTensorCoreBackwardKeyValueWideKernel<Bf16Operand>);
+        _dqWideBf16 = acc.LoadStreamKernel<DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionTensorCoreBackwardQueryWideKernel<Bf16Operand>);
         _dqBf16 = acc.LoadStreamKernel<DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs>(AttentionTensorCoreBackwardQueryKernel<Bf16Operand>);
     }
 
-    internal static System.Reflection.MethodInfo BackwardMethod(bool query, Type op) =>
-        typeof(AttentionTensorCoreKernels).GetMethod(query ? nameof(AttentionTensorCoreBackwardQueryKernel) : nameof(AttentionTensorCoreBackwardKeyValueKernel))!.MakeGenericMethod(op);
+    internal static System.Reflection.MethodInfo BackwardMethod(bool query, Type op, bool wide = false) =>
+        typeof(AttentionTensorCoreKernels).GetMethod(wide
+            ? query ? nameof(AttentionTensorCoreBackwardQueryWideKernel) : nameof(AttentionTensorCoreBackwardKeyValueWideKernel)
+            : query ? nameof(AttentionTensorCoreBackwardQueryKernel) : nameof(AttentionTensorCoreBackwardKeyValueKernel))!.MakeGenericMethod(op);
 
     private static Action<KernelConfig, DeviceFloats, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, AttentionArgs> BindBackward(
         IlgpuBackend b, Kernel kernel)
@@ -296,6 +309,15 @@ internal sealed partial class AttentionTensorCoreKernels : IDisposable
         {
             _delta?.Dispose();
             _delta = _b.Accelerator.Allocate1D<float>(rowsCount); // D = rowsum(dO ⊙ O), grows once to the largest shape
+        }
+        if (a.HeadSize > NarrowHeadSize)
+        {
+            // head 65..128: 32 rows per group, the head split between warp pairs (AttentionTensorCoreBackwardWide.cs)
+            long dqWide = (long)a.Batch * a.NHeads * ((a.Tq + BW - 1) / BW);
+            long kvWide = (long)a.Batch * a.NKvHeads * ((a.Tkv + BW - 1) / BW);
+            (f16 ? _dqWideF16 : _dqWideBf16)!(new KernelConfig(IlgpuBackend.CheckedCount(dqWide, "AttentionBackward"), Threads), q, k, v, output, dOut, lse, _delta.View, dq, a);
+            (f16 ? _dkvWideF16 : _dkvWideBf16)!(new KernelConfig(IlgpuBackend.CheckedCount(kvWide, "AttentionBackward"), Threads), q, k, v, dOut, lse, _delta.View, dk, dv, a);
+            return;
         }
         long dqGroups = (long)a.Batch * a.NHeads * ((a.Tq + BQ - 1) / BQ);
         long kvGroups = (long)a.Batch * a.NKvHeads * ((a.Tkv + BKB - 1) / BKB);

@@ -75,6 +75,7 @@ public class PtxasTests
                      "AttentionTensorCoreKernels.AttentionTensorCoreForwardKernel<Bf16Operand>", "AttentionTensorCoreKernels.AttentionTensorCoreForwardKernel<F16Operand>",
                      "AttentionDecodeKernels.AttentionDecodeSplitKernel", "AttentionDecodeKernels.AttentionDecodeCombineKernel",
                      "AttentionTensorCoreKernels.AttentionTensorCoreBackwardQueryKernel<Bf16Operand>", "AttentionTensorCoreKernels.AttentionTensorCoreBackwardKeyValueKernel<F16Operand>",
+                     "AttentionTensorCoreKernels.AttentionTensorCoreBackwardQueryWideKernel<Bf16Operand>", "AttentionTensorCoreKernels.AttentionTensorCoreBackwardKeyValueWideKernel<Bf16Operand>",
                  })
             Assert.Contains(expected, names);
     }
