@@ -58,14 +58,27 @@ public sealed class GenerateOptions : DeviceOptions
     [Option("quant", Default = "f32", MetaValue = "TYPE",
         HelpText = "Weight precision for generation on the cpu device: f32, bf16, f16 (IEEE half storage, f32 compute), q8_0 or q4_0 (GGUF block layouts, quantized in memory after adapters are merged).")]
     public string Quant { get; set; } = "f32";
+
+    [Option("kv-cache", Default = "f32", MetaValue = "TYPE",
+        HelpText = "KV cache storage: f32 or bf16 (half the memory; bf16 attention as ftn train --attention-dtype bf16; with --device cuda on sm_80+ the prompt runs through the tensor-core flash attention; on the cpu device it turns off the fused decoder).")]
+    public string KvCache { get; set; } = "f32";
 }
 
 /// <summary><c>ftn generate</c>: streams a completion to standard output; statistics go to standard error.</summary>
 public static partial class GenerateCommand
 {
+    /// <summary>--kv-cache: f32 or bf16.</summary>
+    internal static FineTuneNative.Kernels.DType ParseKvCache(string? name) => name?.Trim().ToLowerInvariant() switch
+    {
+        null or "f32" or "float32" => FineTuneNative.Kernels.DType.F32,
+        "bf16" or "bfloat16" => FineTuneNative.Kernels.DType.BF16,
+        _ => throw new UserError($"--kv-cache: '{name}' is not a KV cache type; expected f32 or bf16"),
+    };
+
     public static int Run(GenerateOptions o, TextWriter stdout)
     {
         if (o.MaxNewTokens <= 0) throw new UserError($"--max-new-tokens must be > 0 (got {o.MaxNewTokens})");
+        var kvCache = ParseKvCache(o.KvCache); // refused before anything loads
         if (o.Temperature < 0 || !float.IsFinite(o.Temperature)) throw new UserError($"--temperature must be >= 0 (got {o.Temperature})");
         if (o.TopK < 0) throw new UserError($"--top-k must be >= 0 (got {o.TopK})");
         if (!(o.TopP > 0 && o.TopP <= 1)) throw new UserError($"--top-p must be in (0, 1] (got {o.TopP})");
@@ -118,7 +131,7 @@ public static partial class GenerateCommand
         int maxLen = Math.Min(weights.Config.MaxPositions, adapterPositions + prompt.Length + o.MaxNewTokens);
         if (adapterPositions + prompt.Length >= weights.Config.MaxPositions)
             throw new UserError($"the prompt has {prompt.Length} tokens{(adapterPositions > 0 ? $" after the adapter's {adapterPositions} virtual tokens" : "")}; the model holds at most {weights.Config.MaxPositions} positions");
-        using var session = new InferenceSession(weights, backend, maxLen);
+        using var session = new InferenceSession(weights, backend, maxLen, kvCacheDType: kvCache);
         var adapterTensors = sessionAdapter ? Wrap(adapter!, () => AdapterFiles.ApplyForInference(adapter!, session).Owned) : null;
         using var releaseAdapter = new DisposeAll(adapterTensors);
         var options = new GenerationOptions

@@ -34,6 +34,7 @@ public sealed unsafe partial class InferenceSession : IDisposable
     private readonly Tensor _x, _xn, _q, _att, _gate, _up, _h, _rstd, _tokens, _positions; // (chunk, ·)
     private readonly Tensor _xLast, _logits;       // (1, C), (1, V)
     private readonly Tensor _xnRow, _rstdRow;      // views of row 0 of _xn and _rstd for the final norm
+    private readonly Tensor? _q16, _kNew, _vNew;   // bf16 cache: q rounded (chunk, NH·HS); f32 k, v of the new rows (chunk, NKV·HS)
     private readonly int[] _hostInts;
     private readonly float[] _hostLogits;
     private readonly List<Tensor> _owned = new();
@@ -53,11 +54,19 @@ public sealed unsafe partial class InferenceSession : IDisposable
     /// (<see cref="PackedGemm"/>): the prefill GEMM of Q8_0/Q4_0/F16 linear weights and the Q4_0 decode matvec (layers
     /// and LM head). Costs a second copy of those weights. False dequantizes per prefill chunk and runs the f32 GEMM,
     /// and decodes Q4_0 with the row kernel (kept to compare the two).</param>
-    public InferenceSession(LlamaWeights w, IBackend backend, int maxSeqLen, int prefillChunk = 0, bool fusedCpuDecode = true, bool packedWeights = true)
+    /// <param name="kvCacheDType">Storage of the KV cache: f32 (default) or bf16 (half the memory; bf16 attention as in
+    /// training with LlamaModel.AttentionDType: q, k after RoPE and v rounded to bf16, f32 softmax and output). With a bf16
+    /// cache a prefill on CUDA sm_80+ runs the tensor-core flash attention and a decode step reads the bf16 cache; other
+    /// backends widen on the fly. The cpu backend's fused decoder reads an f32 cache only, so a bf16 cache runs the
+    /// batched ops there.</param>
+    public InferenceSession(LlamaWeights w, IBackend backend, int maxSeqLen, int prefillChunk = 0, bool fusedCpuDecode = true, bool packedWeights = true,
+        DType kvCacheDType = DType.F32)
     {
         ArgumentNullException.ThrowIfNull(w);
         ArgumentNullException.ThrowIfNull(backend);
         if (maxSeqLen <= 0) throw new ArgumentOutOfRangeException(nameof(maxSeqLen), "maxSeqLen must be > 0");
+        if (kvCacheDType is not (DType.F32 or DType.BF16))
+            throw new ArgumentException($"KV cache dtype {kvCacheDType.Name()}: expected f32 or bf16", nameof(kvCacheDType));
         if (!ReferenceEquals(w.Embedding.Backend, backend))
             throw new ArgumentException($"the weights live on backend '{w.Embedding.Backend.Name}', not '{backend.Name}'", nameof(backend));
         _w = w;
@@ -65,6 +74,7 @@ public sealed unsafe partial class InferenceSession : IDisposable
         _c = w.Config;
         MaxSeqLen = maxSeqLen;
         _chunk = prefillChunk > 0 ? Math.Min(prefillChunk, maxSeqLen) : Math.Min(maxSeqLen, 512);
+        KvCacheDType = kvCacheDType;
         int C = _c.HiddenSize, F = _c.IntermediateSize, Q = _c.QDim, T = _chunk;
         try
         {
@@ -72,8 +82,15 @@ public sealed unsafe partial class InferenceSession : IDisposable
             _vCache = new Tensor[_c.NumLayers];
             for (int l = 0; l < _c.NumLayers; l++)
             {
-                _kCache[l] = Own(DType.F32, $"k_cache.{l}", maxSeqLen, _c.NumKvHeads, _c.HeadDim);
-                _vCache[l] = Own(DType.F32, $"v_cache.{l}", maxSeqLen, _c.NumKvHeads, _c.HeadDim);
+                _kCache[l] = Own(kvCacheDType, $"k_cache.{l}", maxSeqLen, _c.NumKvHeads, _c.HeadDim);
+                _vCache[l] = Own(kvCacheDType, $"v_cache.{l}", maxSeqLen, _c.NumKvHeads, _c.HeadDim);
+            }
+            if (kvCacheDType != DType.F32)
+            {
+                _q16 = Own(kvCacheDType, "q_bf16", T, Q);
+                _kNew = Own(DType.F32, "k_new", T, _c.KvDim);
+                _vNew = Own(DType.F32, "v_new", T, _c.KvDim);
+                fusedCpuDecode = false; // CpuDecoder reads f32 cache rows
             }
             _x = Own(DType.F32, "x", T, C);
             _xn = Own(DType.F32, "xn", T, C);
@@ -150,6 +167,8 @@ public sealed unsafe partial class InferenceSession : IDisposable
     public LlamaConfig Config => _c;
     public IBackend Backend => _b;
     public int MaxSeqLen { get; }
+    /// <summary>Storage of the KV cache (f32 or bf16, see the constructor).</summary>
+    public DType KvCacheDType { get; }
     /// <summary>Number of positions already in the KV cache (the position of the next token).</summary>
     public int Position { get; private set; }
     public int VocabSize => _c.VocabSize;
@@ -236,15 +255,26 @@ public sealed unsafe partial class InferenceSession : IDisposable
         for (int l = 0; l < c.NumLayers; l++)
         {
             var L = _w.Layers[l];
-            var kNew = _kCache[l].View((long)p * KV, T, KV);
-            var vNew = _vCache[l].View((long)p * KV, T, KV);
+            var kRows = _kCache[l].View((long)p * KV, T, KV);
+            var vRows = _vCache[l].View((long)p * KV, T, KV);
+            // f32 cache: the projections write the cache rows; bf16: f32 scratch rows, rounded into the cache after RoPE
+            var kNew = v.KNew ?? kRows;
+            var vNew = v.VNew ?? vRows;
             b.RmsNormForward(xn, rstd, x, L.AttnNorm, T, C, c.RmsNormEps);
             Linear(q, xn, L.Wq, L.Bq, T, Q, C, accumulate: false);
             Linear(kNew, xn, L.Wk, L.Bk, T, KV, C, accumulate: false, sameInput: L.Wk.DType == L.Wq.DType);
             Linear(vNew, xn, L.Wv, L.Bv, T, KV, C, accumulate: false, sameInput: L.Wv.DType == L.Wq.DType);
             b.Rope(q, pos, T, c.NumHeads, HS, c.RopeTheta, c.RopeLayout, inverse: false);
             b.Rope(kNew, pos, T, c.NumKvHeads, HS, c.RopeTheta, c.RopeLayout, inverse: false);
-            b.AttentionForward(att, null, q, _kCache[l], _vCache[l], 1, T, MaxSeqLen, kvLen, c.NumHeads, c.NumKvHeads, HS, scale);
+            var qAtt = q;
+            if (v.Q16 is { } q16)
+            {
+                b.Copy(kRows, kNew);
+                b.Copy(vRows, vNew);
+                b.Copy(q16, q);
+                qAtt = q16; // bf16 q, k, v: the tensor-core forward on sm_80+ (prefill), the decode kernel reads them as they are
+            }
+            b.AttentionForward(att, null, qAtt, _kCache[l], _vCache[l], 1, T, MaxSeqLen, kvLen, c.NumHeads, c.NumKvHeads, HS, scale);
             AddProjection(x, att, L.Wo, T, Q, l, BottleneckSite.Attention);
 
             b.RmsNormForward(xn, rstd, x, L.FfnNorm, T, C, c.RmsNormEps);
@@ -306,7 +336,7 @@ public sealed unsafe partial class InferenceSession : IDisposable
 
     /// <summary>Views of the activation buffers for T rows: cached for the last T used, so decode (T = 1) reuses them.</summary>
     private sealed record RowViews(Tensor Tokens, Tensor Positions, Tensor X, Tensor Xn, Tensor Q, Tensor Att,
-        Tensor Gate, Tensor Up, Tensor H, Tensor Rstd, Tensor XLastRow);
+        Tensor Gate, Tensor Up, Tensor H, Tensor Rstd, Tensor XLastRow, Tensor? Q16 = null, Tensor? KNew = null, Tensor? VNew = null);
 
     private RowViews? _views;
 
@@ -316,7 +346,7 @@ public sealed unsafe partial class InferenceSession : IDisposable
         int C = _c.HiddenSize, F = _c.IntermediateSize, Q = _c.QDim;
         return _views = new RowViews(_tokens.View(0, T), _positions.View(0, T), _x.View(0, T, C), _xn.View(0, T, C),
             _q.View(0, T, Q), _att.View(0, T, Q), _gate.View(0, T, F), _up.View(0, T, F), _h.View(0, T, F), _rstd.View(0, T),
-            _x.View((long)(T - 1) * C, 1, C));
+            _x.View((long)(T - 1) * C, 1, C), _q16?.View(0, T, Q), _kNew?.View(0, T, _c.KvDim), _vNew?.View(0, T, _c.KvDim));
     }
 
     private float[] Logits()

@@ -1,0 +1,90 @@
+using FineTuneNative.Kernels;
+using FineTuneNative.Kernels.Gpu;
+using FineTuneNative.Runtime.Inference;
+using FineTuneNative.Runtime.Model;
+using FineTuneNative.Tests.Numerics;
+using Xunit.Abstractions;
+
+namespace FineTuneNative.Tests.Runtime.Inference;
+
+/// <summary>
+/// An InferenceSession with a bf16 KV cache (kvCacheDType: BF16): q, k after RoPE and v rounded to bf16, f32 attention
+/// output. The prefill on a warp-32 simulator with the tensor-core attention forced on (the emulated mma path of the
+/// kernel CUDA sm_80+ runs) and the simulator's SIMT fallback both match the CPU backend's bf16 session; decode steps read
+/// the bf16 cache; the result is close to the f32 cache.
+/// </summary>
+public class Bf16KvCacheTests
+{
+    private readonly ITestOutputHelper _out;
+    public Bf16KvCacheTests(ITestOutputHelper output) => _out = output;
+
+    private static readonly LlamaConfig Config = new()
+    {
+        HiddenSize = 32, IntermediateSize = 40, NumLayers = 2, NumHeads = 4, NumKvHeads = 2, HeadDim = 8,
+        VocabSize = 40, MaxPositions = 64, RmsNormEps = 1e-5f, BosTokenId = 1, EosTokenIds = new[] { 2 },
+    };
+
+    private static readonly int[] Prompt = { 1, 7, 30, 12, 4, 19, 22, 8, 3 };
+
+    private static float[][] Run(IBackend b, DType kv)
+    {
+        using var w = LlamaWeights.Allocate(Config, b, DType.F32);
+        var r = new Random(5);
+        foreach (var (name, t) in w.Named())
+        {
+            bool norm = name.EndsWith("norm.weight", StringComparison.Ordinal);
+            b.Upload(t, Enumerable.Range(0, (int)t.Length).Select(_ => norm ? 1f + (float)(r.NextDouble() * 0.2 - 0.1) : (float)(r.NextDouble() - 0.5)).ToArray());
+        }
+        using var s = new InferenceSession(w, b, 16, kvCacheDType: kv);
+        Assert.Equal(kv, s.KvCacheDType);
+        var outs = new List<float[]> { (float[])s.Prefill(Prompt).Clone(), (float[])s.Decode(5).Clone(), (float[])s.Decode(33).Clone() };
+        if (kv == DType.BF16) // the cache holds bf16 values
+            Assert.All(s.CacheRows(1, 0, Prompt.Length + 2), x => Assert.Equal(x, HalfBits.Bf16ToF32(HalfBits.F32ToBf16(x))));
+        return outs.ToArray();
+    }
+
+    private void Close(float[][] expected, float[][] actual, double atol, double rtol, string what)
+    {
+        for (int i = 0; i < expected.Length; i++)
+        {
+            double worst = 0;
+            for (int j = 0; j < expected[i].Length; j++) worst = Math.Max(worst, Math.Abs(expected[i][j] - actual[i][j]));
+            _out.WriteLine($"{what} step {i}: max abs logit difference {worst:G3}");
+            NumericAssert.Close(expected[i], actual[i], atol, rtol, $"{what} step {i}");
+        }
+    }
+
+    [Fact]
+    public void Bf16Cache_TensorCorePrefill_And_Fallback_MatchCpu()
+    {
+        var cpu = Run(TestBackends.Get("cpu"), DType.BF16);
+        var cpu32 = Run(TestBackends.Get("cpu"), DType.F32);
+        var fallback = Run(TestBackends.Get("ilgpu-sim:32"), DType.BF16); // no tensor cores in the simulator: SIMT kernels widen
+        using var sim = IlgpuBackend.CreateSimulator(32);
+        sim.Kernels(x => new AttentionKernels(x)).TensorCores = true;
+        var tc = Run(sim, DType.BF16);
+        // Same rounded q, k, v, f32 kernels: f32 summation order only (logits ~1), unless an f32 value rounds to the
+        // other bf16 neighbour on one backend (2^-8 relative on one element).
+        Close(cpu, fallback, 1e-4, 1e-3, "cpu vs simulator fallback (bf16 cache)");
+        // The tensor-core forward also rounds P to bf16 before P·V: bf16 tolerance.
+        Close(cpu, tc, Tolerance.BF16.Atol, Tolerance.BF16.Rtol, "cpu vs tensor-core prefill (bf16 cache)");
+        Assert.Contains(Enumerable.Range(0, tc[0].Length), j => tc[0][j] != fallback[0][j]); // the prefill really took the other kernel
+        // Against the f32 cache: q, k, v each off by up to 2^-9 relative, carried through two layers into logits of
+        // magnitude up to max|logit|: measured 0.027-0.033 abs at max|logit| 3.6; 2e-2·max|logit| (about 5 bf16 ulps of
+        // the largest logit) still fails on a wrong rotation or a cache row written in the wrong place (order max|logit|).
+        double maxLogit = cpu32.SelectMany(x => x).Max(x => Math.Abs((double)x));
+        _out.WriteLine($"max |logit| {maxLogit:G3}");
+        Close(cpu32, cpu, 2e-2 * maxLogit, Tolerance.BF16.Rtol, "cpu f32 vs bf16 cache");
+        Assert.Contains(Enumerable.Range(0, cpu[0].Length), j => cpu[0][j] != cpu32[0][j]);
+    }
+
+    [Theory]
+    [InlineData(null, DType.F32)]
+    [InlineData("f32", DType.F32)]
+    [InlineData("BF16", DType.BF16)]
+    public void Generate_parses_the_kv_cache_types(string? text, DType expected) => Assert.Equal(expected, FineTuneNative.Cli.GenerateCommand.ParseKvCache(text));
+
+    [Fact]
+    public void Generate_refuses_another_kv_cache_type() =>
+        Assert.Contains("--kv-cache", Assert.ThrowsAny<Exception>(() => FineTuneNative.Cli.GenerateCommand.ParseKvCache("q8_0")).Message);
+}
