@@ -67,6 +67,30 @@ internal static class GpuBench
             run.Op($"LoraLinearForward bf16 o r16", 2.0 * m * c * c + 4.0 * m * 16 * c, 8.0 * m * c + 2.0 * c * c,
                 () => b.LoraLinearForward(View(y, m * c), View(x, m * c), w, null, lora, u, null, m, c, c, 16));
         }
+        // o_proj / down_proj write the residual stream: the add fused into the epilogue against the matmul, then Add
+        // (both against the fused op's floor: the unfused pair moves 8·M·C bytes more)
+        using (var res = Rand(b, DType.F32, m, c))
+        using (var la = Rand(b, DType.F32, 16, c))
+        using (var lb = Rand(b, DType.F32, c, 16))
+        using (var u = b.Allocate(DType.F32, m, 16))
+        {
+            foreach (var (name, k) in new[] { ("o", c), ("down", f) })
+            {
+                using var w = Rand(b, DType.BF16, c, k);
+                double flops = 2.0 * m * c * k, bytes = 4.0 * m * k + 2.0 * c * k + 8.0 * m * c;
+                run.Op($"MatMulResidual bf16 {name} {m}x{c}x{k}", flops, bytes,
+                    () => b.MatMulResidual(View(y, m * c), res, View(x, m * k), w, null, m, c, k));
+                run.Op($"MatMul+Add bf16 {name} (unfused)", flops, bytes, () =>
+                {
+                    b.MatMul(View(y, m * c), View(x, m * k), w, null, m, c, k, false);
+                    b.Add(View(y, m * c), View(y, m * c), res);
+                });
+            }
+            using var wo = Rand(b, DType.BF16, c, c);
+            var lora = new LoraParams(la, lb, 2f, 0f, 1);
+            run.Op($"LoraLinearForwardResidual bf16 o r16", 2.0 * m * c * c + 4.0 * m * 16 * c, 12.0 * m * c + 2.0 * c * c,
+                () => b.LoraLinearForwardResidual(View(y, m * c), res, View(x, m * c), wo, null, lora, u, null, m, c, c, 16));
+        }
         using (var nw = Rand(b, DType.F32, c))
         using (var rstd = b.Allocate(DType.F32, m))
             run.Op("RmsNormForward", 4.0 * m * c, 8.0 * m * c, () => b.RmsNormForward(View(y, m * c), rstd, View(x, m * c), nw, m, c, 1e-5f));

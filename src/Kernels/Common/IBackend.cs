@@ -102,6 +102,25 @@ public interface IBackend : IDisposable
     /// </summary>
     void LoraLinearForward(Tensor y, Tensor x, Tensor w, Tensor? bias, LoraParams lora, Tensor u, Tensor? xDrop, int m, int n, int k, int r);
 
+    // ---------------------------------------------------------------- linears that feed a residual add
+    // y = residual + linear(x): the attention o_proj and MLP down_proj outputs. residual (M, N) must not overlap y.
+    // The defaults run the linear, then Add (y + residual: the same f32 sum as residual + y); the ILGPU backend adds
+    // the residual in the matmul's epilogue (one write of y instead of write y, read y and residual, write the sum).
+
+    /// <summary>y(M,N) = residual(M,N) + x(M,K)·w(N,K)ᵀ [+ bias(N)].</summary>
+    void MatMulResidual(Tensor y, Tensor residual, Tensor x, Tensor w, Tensor? bias, int m, int n, int k)
+    {
+        MatMul(y, x, w, bias, m, n, k, accumulate: false);
+        Add(y, y, residual);
+    }
+
+    /// <summary>y(M,N) = residual(M,N) + <see cref="LoraLinearForward"/>(x) (saving u and xDrop as it does).</summary>
+    void LoraLinearForwardResidual(Tensor y, Tensor residual, Tensor x, Tensor w, Tensor? bias, LoraParams lora, Tensor u, Tensor? xDrop, int m, int n, int k, int r)
+    {
+        LoraLinearForward(y, x, w, bias, lora, u, xDrop, m, n, k, r);
+        Add(y, y, residual);
+    }
+
     /// <summary>
     /// Backward of <see cref="LoraLinearForward"/>: g(M,R) = dy·B (scratch, overwritten);
     /// dB(N,R) += s·dyᵀ·u; dA(R,K) += s·gᵀ·drop(x); dx(M,K) (+)= dy·w + s·mask⊙(g·A)/(1-p).

@@ -574,6 +574,12 @@ public sealed class IlgpuBackend : IBackend
         lock (_gate) Mm.Forward(y, x, w, bias, m, n, k, accumulate);
     }
 
+    /// <summary>y = residual + x·wᵀ [+ bias] with the add in the matmul's epilogue (<see cref="IBackend.MatMulResidual"/>).</summary>
+    public void MatMulResidual(Tensor y, Tensor residual, Tensor x, Tensor w, Tensor? bias, int m, int n, int k)
+    {
+        lock (_gate) Mm.Forward(y, x, w, bias, m, n, k, accumulate: false, residual);
+    }
+
     public void MatMulBackwardInput(Tensor dx, Tensor dy, Tensor w, int m, int n, int k, bool accumulate)
     {
         lock (_gate) Mm.BackwardInput(dx, dy, w, m, n, k, accumulate);
@@ -590,6 +596,12 @@ public sealed class IlgpuBackend : IBackend
     public void LoraLinearForward(Tensor y, Tensor x, Tensor w, Tensor? bias, LoraParams lora, Tensor u, Tensor? xDrop, int m, int n, int k, int r)
     {
         lock (_gate) Lora.Forward(y, x, w, bias, lora, u, xDrop, m, n, k, r);
+    }
+
+    /// <summary>y = residual + the LoRA linear, the add in a matmul epilogue (<see cref="IBackend.LoraLinearForwardResidual"/>).</summary>
+    public void LoraLinearForwardResidual(Tensor y, Tensor residual, Tensor x, Tensor w, Tensor? bias, LoraParams lora, Tensor u, Tensor? xDrop, int m, int n, int k, int r)
+    {
+        lock (_gate) Lora.Forward(y, x, w, bias, lora, u, xDrop, m, n, k, r, residual);
     }
 
     public void LoraLinearBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, LoraParams lora, Tensor u, Tensor? xDrop, Tensor g,

@@ -54,14 +54,20 @@ internal sealed class LoraLinearKernels
         }
     }
 
-    public void Forward(Tensor y, Tensor x, Tensor w, Tensor? bias, LoraParams lora, Tensor u, Tensor? xDrop, int m, int n, int k, int r)
+    /// <summary>
+    /// y = x·Wᵀ [+ bias] + s·u·Bᵀ, or with <paramref name="residual"/> (M, N), not overlapping y, y = residual + ... with
+    /// the add in a matmul epilogue (tensor cores: the one launch; SIMT: the base matmul's; NF4: a second pass).
+    /// </summary>
+    public void Forward(Tensor y, Tensor x, Tensor w, Tensor? bias, LoraParams lora, Tensor u, Tensor? xDrop, int m, int n, int k, int r, Tensor? residual = null)
     {
-        const string op = "LoraLinearForward";
+        string op = residual is null ? "LoraLinearForward" : "LoraLinearForwardResidual";
         Check(op, lora, u, xDrop, m, n, k, r);
         IlgpuBackend.Need(y, (long)m * n, "y", op);
         IlgpuBackend.Need(x, (long)m * k, "x", op);
         IlgpuBackend.Need(w, (long)n * k, "w", op);
         if (bias is not null) IlgpuBackend.Need(bias, n, "bias", op);
+        if (residual is not null) IlgpuBackend.Need(residual, (long)m * n, "residual", op); // (M, N)
+        var rv = residual is null ? default : _b.F32(residual, "residual");
 
         var xv = _b.F32(x, "x");
         var xin = xv;
@@ -79,20 +85,21 @@ internal sealed class LoraLinearKernels
         var tc = _mm.TensorCoreFor(w.DType);
         if (tc is not null)
         {
-            // y = x·Wᵀ + bias + s·u·Bᵀ in one tensor-core launch: the rank-r term is added in the epilogue
-            // instead of a second pass reading and writing y.
+            // y = [residual +] x·Wᵀ + bias + s·u·Bᵀ in one tensor-core launch: the rank-r term (and the residual) are
+            // added in the epilogue instead of passes reading and writing y again.
             var t = MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(p), x, w, w.DType == DType.F16);
             t.LoraRank = r;
             t.Slj = r;
             t.Slq = 1;
             t.LoraScale = lora.Scale;
             tc.Launch(w.DType == DType.F16, _b.Floats(x, "x"), _b.Weight(w, "w"), yv, bias is null ? MatMulKernels.None : _b.Floats(bias, "bias"),
-                uv, _b.Floats(lora.B, "lora.B"), t);
+                uv, _b.Floats(lora.B, "lora.B"), t, rv);
             return;
         }
         if (w.DType == DType.NF4) _b.Kernels(b => new Nf4Kernels(b)).Forward(w, xv, yv, bias, m, n, k, 1f, false, op);
-        else _mm.Launch(xv, _b.Weight(w, "w"), yv, bias is null ? MatMulKernels.None : _b.Floats(bias, "bias"), p);
+        else _mm.Launch(xv, _b.Weight(w, "w"), yv, bias is null ? MatMulKernels.None : _b.Floats(bias, "bias"), p, rv);
         _mm.Launch(uv, _b.Floats(lora.B, "lora.B"), yv, MatMulKernels.None, MatMulKernels.Nt(m, n, r, lora.Scale, true));
+        if (residual is not null && w.DType == DType.NF4) _b.Add(y, y, residual);
     }
 
     public void Backward(Tensor dx, Tensor dy, Tensor x, Tensor w, LoraParams lora, Tensor u, Tensor? xDrop, Tensor g,

@@ -4,7 +4,7 @@ using ILGPU.Runtime;
 namespace FineTuneNative.Kernels.Gpu;
 
 /// <summary>
-/// Shape and epilogue of one tiled matmul: out(i, j) (+)= Alpha · Σ_r A(i, r)·B(j, r) [⊙ dropout mask] [+ bias(j)].
+/// Shape and epilogue of one tiled matmul: out(i, j) = Alpha · Σ_r A(i, r)·B(j, r) [⊙ dropout mask] [+ bias(j)] [+ out(i, j) or residual(i, j)].
 /// A(i, r) = a[i·Sai + r·Sar], B(j, r) = b[j·Sbj + r·Sbr], out(i, j) = out[i·Ldo + j]. The strides express the
 /// three training layouts without transposing anything in memory.
 /// </summary>
@@ -37,19 +37,19 @@ internal sealed class MatMulKernels
     private const int SA = BM + 1, SB = BN + 1;
 
     private readonly IlgpuBackend _b;
-    private readonly Action<KernelConfig, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, MatMulArgs> _tiled;
+    private readonly Action<KernelConfig, ArrayView<float>, DeviceFloats, ArrayView<float>, ArrayView<float>, DeviceFloats, MatMulArgs> _tiled;
     private readonly ColumnSumKernels _columnSum;
     private MatMulTensorCoreKernels? _tensorCore;
 
     public MatMulKernels(IlgpuBackend b)
     {
         _b = b;
-        _tiled = b.Accelerator.LoadStreamKernel<ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, MatMulArgs>(MatMulTiledKernel);
+        _tiled = b.Accelerator.LoadStreamKernel<ArrayView<float>, DeviceFloats, ArrayView<float>, ArrayView<float>, DeviceFloats, MatMulArgs>(MatMulTiledKernel);
         _columnSum = b.Kernels(x => new ColumnSumKernels(x));
     }
 
     [GpuKernel(true)]
-    public static void MatMulTiledKernel(ArrayView<float> a, DeviceFloats b, ArrayView<float> output, DeviceFloats bias, MatMulArgs p)
+    public static void MatMulTiledKernel(ArrayView<float> a, DeviceFloats b, ArrayView<float> output, ArrayView<float> residual, DeviceFloats bias, MatMulArgs p)
     {
         var sa = SharedMemory.Allocate<float>(BK * SA);
         var sb = SharedMemory.Allocate<float>(BK * SB);
@@ -96,30 +96,35 @@ internal sealed class MatMulKernels
         }
 
         int i0 = bi + ty, j0 = bj + tx;
-        Store(p, output, bias, i0, j0, c00); Store(p, output, bias, i0, j0 + 16, c01); Store(p, output, bias, i0, j0 + 32, c02); Store(p, output, bias, i0, j0 + 48, c03);
-        Store(p, output, bias, i0 + 16, j0, c10); Store(p, output, bias, i0 + 16, j0 + 16, c11); Store(p, output, bias, i0 + 16, j0 + 32, c12); Store(p, output, bias, i0 + 16, j0 + 48, c13);
-        Store(p, output, bias, i0 + 32, j0, c20); Store(p, output, bias, i0 + 32, j0 + 16, c21); Store(p, output, bias, i0 + 32, j0 + 32, c22); Store(p, output, bias, i0 + 32, j0 + 48, c23);
-        Store(p, output, bias, i0 + 48, j0, c30); Store(p, output, bias, i0 + 48, j0 + 16, c31); Store(p, output, bias, i0 + 48, j0 + 32, c32); Store(p, output, bias, i0 + 48, j0 + 48, c33);
+        Store(p, output, residual, bias, i0, j0, c00); Store(p, output, residual, bias, i0, j0 + 16, c01); Store(p, output, residual, bias, i0, j0 + 32, c02); Store(p, output, residual, bias, i0, j0 + 48, c03);
+        Store(p, output, residual, bias, i0 + 16, j0, c10); Store(p, output, residual, bias, i0 + 16, j0 + 16, c11); Store(p, output, residual, bias, i0 + 16, j0 + 32, c12); Store(p, output, residual, bias, i0 + 16, j0 + 48, c13);
+        Store(p, output, residual, bias, i0 + 32, j0, c20); Store(p, output, residual, bias, i0 + 32, j0 + 16, c21); Store(p, output, residual, bias, i0 + 32, j0 + 32, c22); Store(p, output, residual, bias, i0 + 32, j0 + 48, c23);
+        Store(p, output, residual, bias, i0 + 48, j0, c30); Store(p, output, residual, bias, i0 + 48, j0 + 16, c31); Store(p, output, residual, bias, i0 + 48, j0 + 32, c32); Store(p, output, residual, bias, i0 + 48, j0 + 48, c33);
     }
 
-    private static void Store(MatMulArgs p, ArrayView<float> output, DeviceFloats bias, int i, int j, float acc)
+    private static void Store(MatMulArgs p, ArrayView<float> output, ArrayView<float> residual, DeviceFloats bias, int i, int j, float acc)
     {
         if (i >= p.M || j >= p.N) return;
         long idx = (long)i * p.Ldo + j;
         float v = p.Alpha * acc;
         if (p.Dropout != 0) v = DropoutHash.Keep(p.Seed, idx, p.DropP) ? v * p.DropScale : 0f;
         if (p.HasBias != 0) v += bias.Load(j);
-        if (p.Accumulate != 0) v += output[idx];
+        if (p.Accumulate != 0) v += residual[idx]; // (the output itself for +=, or the residual stream: see Launch)
         output[idx] = v;
     }
 
-    /// <summary>Launches the tiled kernel (no validation: callers check shapes).</summary>
-    internal void Launch(ArrayView<float> a, DeviceFloats b, ArrayView<float> output, DeviceFloats bias, MatMulArgs p)
+    /// <summary>
+    /// Launches the tiled kernel (no validation: callers check shapes). With a <paramref name="residual"/> (laid out as
+    /// the output) it writes out = residual + ... (Accumulate is set); without one, Accumulate adds the output's previous value.
+    /// </summary>
+    internal void Launch(ArrayView<float> a, DeviceFloats b, ArrayView<float> output, DeviceFloats bias, MatMulArgs p, ArrayView<float> residual = default)
     {
         if (p.M == 0 || p.N == 0) return;
+        if (residual.Length > 0) p.Accumulate = 1;
+        else residual = output;
         long groups = (long)((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN);
         if (groups > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(p), $"matmul {p.M}×{p.N} needs too many groups");
-        _tiled(new KernelConfig((int)groups, Threads), a, b, output, bias, p);
+        _tiled(new KernelConfig((int)groups, Threads), a, b, output, residual, bias, p);
     }
 
     /// <summary>
@@ -155,29 +160,41 @@ internal sealed class MatMulKernels
         M = m, N = n, R = r, Ldo = n, Sai = 1, Sar = m, Sbj = 1, Sbr = n, Alpha = alpha, Accumulate = accumulate ? 1 : 0,
     };
 
-    public void Forward(Tensor y, Tensor x, Tensor w, Tensor? bias, int m, int n, int k, bool accumulate)
+    /// <summary>
+    /// y (+)= x·Wᵀ [+ bias], or with <paramref name="residual"/> (M, N), not overlapping y: y = residual + x·Wᵀ [+ bias]
+    /// with the add in the matmul's epilogue (one write of y instead of a write, then a read of y and residual and a
+    /// write by a separate add). NF4 weights add the residual in a second pass.
+    /// </summary>
+    public void Forward(Tensor y, Tensor x, Tensor w, Tensor? bias, int m, int n, int k, bool accumulate, Tensor? residual = null)
     {
-        const string op = "MatMul";
+        string op = residual is null ? "MatMul" : "MatMulResidual";
         IlgpuBackend.Positive(op, ("m", m), ("n", n), ("k", k));
         IlgpuBackend.Need(y, (long)m * n, "y", op);  // (M, N)
         IlgpuBackend.Need(x, (long)m * k, "x", op);  // (M, K)
         IlgpuBackend.Need(w, (long)n * k, "w", op);  // (N, K)
         if (bias is not null) IlgpuBackend.Need(bias, n, "bias", op); // (N)
-        if (w.DType == DType.NF4) { _b.Kernels(b => new Nf4Kernels(b)).Forward(w, _b.F32(x, "x"), _b.F32(y, "y"), bias, m, n, k, 1f, accumulate, op); return; }
+        if (residual is not null) IlgpuBackend.Need(residual, (long)m * n, "residual", op); // (M, N)
+        var rv = residual is null ? default : _b.F32(residual, "residual");
+        if (w.DType == DType.NF4)
+        {
+            _b.Kernels(b => new Nf4Kernels(b)).Forward(w, _b.F32(x, "x"), _b.F32(y, "y"), bias, m, n, k, 1f, accumulate, op);
+            if (residual is not null) _b.Add(y, y, residual);
+            return;
+        }
         var p = Nt(m, n, k, 1f, accumulate);
         p.HasBias = bias is null ? 0 : 1;
         if (w.DType.IsBlockQuantized())
         {
             // Q8_0/Q4_0: dequantized inside the tensor-core kernel's tile loads (its scalar path off CUDA)
             Quantized.Launch(false, _b.Floats(x, "x"), _b.QuantWeight(w, "w"), _b.F32(y, "y"), bias is null ? None : _b.Floats(bias, "bias"),
-                ArrayView<float>.Empty, None, MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(p), x, w, false));
+                ArrayView<float>.Empty, None, MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(p), x, w, false), rv);
             return;
         }
         var tc = TensorCoreFor(w.DType);
         if (tc is not null)
             tc.Launch(w.DType == DType.F16, _b.Floats(x, "x"), _b.Weight(w, "w"), _b.F32(y, "y"), bias is null ? None : _b.Floats(bias, "bias"),
-                ArrayView<float>.Empty, None, MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(p), x, w, w.DType == DType.F16));
-        else Launch(_b.F32(x, "x"), _b.Weight(w, "w"), _b.F32(y, "y"), bias is null ? None : _b.Floats(bias, "bias"), p);
+                ArrayView<float>.Empty, None, MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(p), x, w, w.DType == DType.F16), rv);
+        else Launch(_b.F32(x, "x"), _b.Weight(w, "w"), _b.F32(y, "y"), bias is null ? None : _b.Floats(bias, "bias"), p, rv);
     }
 
     public void BackwardInput(Tensor dx, Tensor dy, Tensor w, int m, int n, int k, bool accumulate)

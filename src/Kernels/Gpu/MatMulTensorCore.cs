@@ -10,7 +10,7 @@ namespace FineTuneNative.Kernels.Gpu;
 
 /// <summary>
 /// Shape and epilogue of one tensor-core matmul:
-/// out(i, j) = Alpha · Σ_r A(i, r)·B(j, r) [+ bias(j)] [+ LoraScale · drop(i, j) · Σ_q U(i, q)·L(j, q)] [+ out(i, j)].
+/// out(i, j) = Alpha · Σ_r A(i, r)·B(j, r) [+ bias(j)] [+ LoraScale · drop(i, j) · Σ_q U(i, q)·L(j, q)] [+ out(i, j) or residual(i, j)].
 /// A(i, r) = a[i·Sai + r·Sar], B(j, r) = b[j·Sbj + r·Sbr] (the three training layouts without a transpose in
 /// memory); U(i, q) = u[i·LoraRank + q], L(j, q) = l[j·Slj + q·Slq]; out(i, j) = out[i·Ldo + j].
 /// A and B are rounded to the operand type of the kernel instantiation (bf16 or f16) and multiplied with f32 accumulation.
@@ -117,19 +117,19 @@ internal sealed class MatMulTensorCoreKernels
     public const int TileElems = BM * Ld;            // one operand tile in 16-bit elements (a k-major B tile, BK·LdT = 4352, fits too)
     public const int SharedElems = 2 * 2 * TileElems; // two buffers of (A, B)
 
-    private readonly Action<KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs> _bf16, _f16;
+    private readonly Action<KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs> _bf16, _f16;
 
     public MatMulTensorCoreKernels(IlgpuBackend b)
     {
         if (b.Accelerator is CudaAccelerator)
         {
-            _bf16 = LoadForwarded(b, (Action<DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>)MatMulTensorCoreKernel<Bf16Operand>);
-            _f16 = LoadForwarded(b, (Action<DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>)MatMulTensorCoreKernel<F16Operand>);
+            _bf16 = LoadForwarded(b, (Action<DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>)MatMulTensorCoreKernel<Bf16Operand>);
+            _f16 = LoadForwarded(b, (Action<DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>)MatMulTensorCoreKernel<F16Operand>);
         }
         else
         {
-            _bf16 = b.Accelerator.LoadStreamKernel<DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>(MatMulTensorCoreKernel<Bf16Operand>);
-            _f16 = b.Accelerator.LoadStreamKernel<DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>(MatMulTensorCoreKernel<F16Operand>);
+            _bf16 = b.Accelerator.LoadStreamKernel<DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>(MatMulTensorCoreKernel<Bf16Operand>);
+            _f16 = b.Accelerator.LoadStreamKernel<DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>(MatMulTensorCoreKernel<F16Operand>);
         }
     }
 
@@ -150,7 +150,7 @@ internal sealed class MatMulTensorCoreKernels
         return compiled;
     }
 
-    private static Action<KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs> LoadForwarded(
+    private static Action<KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs> LoadForwarded(
         IlgpuBackend b, Delegate kernel)
     {
         var cuda = (CudaAccelerator)b.Accelerator;
@@ -159,16 +159,16 @@ internal sealed class MatMulTensorCoreKernels
     }
 
     /// <summary>A launcher on the backend's stream for a loaded tensor-core kernel (the way ILGPU's LoadStreamKernel binds one; tested on the simulator).</summary>
-    internal static Action<KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs> Bind(
+    internal static Action<KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs> Bind(
         IlgpuBackend b, Kernel kernel)
     {
-        var launch = kernel.CreateLauncherDelegate<Action<AcceleratorStream, KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>>();
-        return (config, x, w, output, bias, u, loraB, p) => launch(b.Stream, config, x, w, output, bias, u, loraB, p);
+        var launch = kernel.CreateLauncherDelegate<Action<AcceleratorStream, KernelConfig, DeviceFloats, DeviceFloats, ArrayView<float>, ArrayView<float>, DeviceFloats, ArrayView<float>, DeviceFloats, TensorCoreArgs>>();
+        return (config, x, w, output, residual, bias, u, loraB, p) => launch(b.Stream, config, x, w, output, residual, bias, u, loraB, p);
     }
 
     // 12 LDGSTS = 2 per thread per tile copy × (A [row][k], B [n][k], B k-major) × (prologue, loop)
     [GpuKernel(true, typeof(Bf16Operand), typeof(F16Operand), TensorCore = true, CpAsync = true, MinLdgsts = 12)]
-    public static void MatMulTensorCoreKernel<TOp>(DeviceFloats a, DeviceFloats b, ArrayView<float> output, DeviceFloats bias,
+    public static void MatMulTensorCoreKernel<TOp>(DeviceFloats a, DeviceFloats b, ArrayView<float> output, ArrayView<float> residual, DeviceFloats bias,
         ArrayView<float> u, DeviceFloats loraB, TensorCoreArgs p) where TOp : struct, IMmaOperand
     {
         var sm = SharedMemory.Allocate<ushort>(SharedElems);
@@ -234,10 +234,10 @@ internal sealed class MatMulTensorCoreKernels
             Group.Barrier();
         }
 
-        StoreStrip(p, output, bias, u, loraB, acc0, bi + wm, bj + wn, lane);
-        StoreStrip(p, output, bias, u, loraB, acc1, bi + wm + 16, bj + wn, lane);
-        StoreStrip(p, output, bias, u, loraB, acc2, bi + wm + 32, bj + wn, lane);
-        StoreStrip(p, output, bias, u, loraB, acc3, bi + wm + 48, bj + wn, lane);
+        StoreStrip(p, output, residual, bias, u, loraB, acc0, bi + wm, bj + wn, lane);
+        StoreStrip(p, output, residual, bias, u, loraB, acc1, bi + wm + 16, bj + wn, lane);
+        StoreStrip(p, output, residual, bias, u, loraB, acc2, bi + wm + 32, bj + wn, lane);
+        StoreStrip(p, output, residual, bias, u, loraB, acc3, bi + wm + 48, bj + wn, lane);
     }
 
     /// <summary>One k16 slice of the warp tile: tensor cores (two B ldmatrix.x4, four A strips) or the scalar path.</summary>
@@ -591,25 +591,25 @@ internal sealed class MatMulTensorCoreKernels
 
     // ------------------------------------------------------------------ epilogue
 
-    private static void StoreStrip(TensorCoreArgs p, ArrayView<float> output, DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB,
+    private static void StoreStrip(TensorCoreArgs p, ArrayView<float> output, ArrayView<float> residual, DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB,
         MmaStrip acc, int row0, int col0, int lane)
     {
-        StoreFrag(p, output, bias, u, loraB, acc.T0, row0, col0, lane);
-        StoreFrag(p, output, bias, u, loraB, acc.T1, row0, col0 + 8, lane);
-        StoreFrag(p, output, bias, u, loraB, acc.T2, row0, col0 + 16, lane);
-        StoreFrag(p, output, bias, u, loraB, acc.T3, row0, col0 + 24, lane);
+        StoreFrag(p, output, residual, bias, u, loraB, acc.T0, row0, col0, lane);
+        StoreFrag(p, output, residual, bias, u, loraB, acc.T1, row0, col0 + 8, lane);
+        StoreFrag(p, output, residual, bias, u, loraB, acc.T2, row0, col0 + 16, lane);
+        StoreFrag(p, output, residual, bias, u, loraB, acc.T3, row0, col0 + 24, lane);
     }
 
-    private static void StoreFrag(TensorCoreArgs p, ArrayView<float> output, DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB,
+    private static void StoreFrag(TensorCoreArgs p, ArrayView<float> output, ArrayView<float> residual, DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB,
         MmaFrag f, int row0, int col0, int lane)
     {
-        Store(p, output, bias, u, loraB, row0 + MmaLayout.CRow(lane, 0), col0 + MmaLayout.CCol(lane, 0), f.C0);
-        Store(p, output, bias, u, loraB, row0 + MmaLayout.CRow(lane, 1), col0 + MmaLayout.CCol(lane, 1), f.C1);
-        Store(p, output, bias, u, loraB, row0 + MmaLayout.CRow(lane, 2), col0 + MmaLayout.CCol(lane, 2), f.C2);
-        Store(p, output, bias, u, loraB, row0 + MmaLayout.CRow(lane, 3), col0 + MmaLayout.CCol(lane, 3), f.C3);
+        Store(p, output, residual, bias, u, loraB, row0 + MmaLayout.CRow(lane, 0), col0 + MmaLayout.CCol(lane, 0), f.C0);
+        Store(p, output, residual, bias, u, loraB, row0 + MmaLayout.CRow(lane, 1), col0 + MmaLayout.CCol(lane, 1), f.C1);
+        Store(p, output, residual, bias, u, loraB, row0 + MmaLayout.CRow(lane, 2), col0 + MmaLayout.CCol(lane, 2), f.C2);
+        Store(p, output, residual, bias, u, loraB, row0 + MmaLayout.CRow(lane, 3), col0 + MmaLayout.CCol(lane, 3), f.C3);
     }
 
-    private static void Store(TensorCoreArgs p, ArrayView<float> output, DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB, int i, int j, float acc)
+    private static void Store(TensorCoreArgs p, ArrayView<float> output, ArrayView<float> residual, DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB, int i, int j, float acc)
     {
         if (i >= p.M || j >= p.N) return;
         long idx = (long)i * p.Ldo + j;
@@ -623,21 +623,28 @@ internal sealed class MatMulTensorCoreKernels
             if (p.Dropout != 0) low = DropoutHash.Keep(p.Seed, idx, p.DropP) ? low * p.DropScale : 0f;
             v += p.LoraScale * low;
         }
-        if (p.Accumulate != 0) v += output[idx];
+        if (p.Accumulate != 0) v += residual[idx]; // (the output itself for +=, or the residual stream: see Launch)
         output[idx] = v;
     }
 
     // ------------------------------------------------------------------ launch
 
-    /// <summary>Launches the kernel (no validation: callers check shapes). An empty <paramref name="u"/> needs LoraRank = 0.</summary>
-    internal void Launch(bool f16, DeviceFloats a, DeviceFloats b, ArrayView<float> output, DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB, TensorCoreArgs p)
+    /// <summary>
+    /// Launches the kernel (no validation: callers check shapes). An empty <paramref name="u"/> needs LoraRank = 0.
+    /// With a <paramref name="residual"/> (laid out as the output, Ldo) the epilogue writes out = residual + ... (the
+    /// residual add fused: Accumulate is set); without one, Accumulate adds the output's previous value.
+    /// </summary>
+    internal void Launch(bool f16, DeviceFloats a, DeviceFloats b, ArrayView<float> output, DeviceFloats bias, ArrayView<float> u, DeviceFloats loraB, TensorCoreArgs p,
+        ArrayView<float> residual = default)
     {
         if (p.M == 0 || p.N == 0) return;
+        if (residual.Length > 0) p.Accumulate = 1;
+        else residual = output;
         if (p.AsyncA != 0) p.AddrA = a.U16.LoadEffectiveAddressAsPtr().ToInt64();
         if (p.AsyncB != 0) p.AddrB = b.U16.LoadEffectiveAddressAsPtr().ToInt64();
         long groups = (long)((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN);
         if (groups > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(p), $"matmul {p.M}×{p.N} needs too many groups");
-        (f16 ? _f16 : _bf16)(new KernelConfig((int)groups, Threads), a, b, output, bias, u, loraB, p);
+        (f16 ? _f16 : _bf16)(new KernelConfig((int)groups, Threads), a, b, output, residual, bias, u, loraB, p);
     }
 
     /// <summary>

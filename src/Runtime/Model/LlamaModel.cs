@@ -482,17 +482,13 @@ public sealed partial class LlamaModel : IDisposable
                     _b.AttentionForward(s.Att.View((long)o * c.QDim, 1, n, c.NumHeads, c.HeadDim), s.Lse.View((long)o * c.NumHeads, 1, c.NumHeads, n),
                         s.Q.View((long)o * c.QDim, 1, n, c.NumHeads, c.HeadDim), s.K.View((long)o * c.KvDim, 1, n, c.NumKvHeads, c.HeadDim),
                         s.V.View((long)o * c.KvDim, 1, n, c.NumKvHeads, c.HeadDim), 1, n, n, n, c.NumHeads, c.NumKvHeads, c.HeadDim, attnScale);
-            LinearForward(ws, l, ModO, ws.Tmp, s.Att, train, seed);
-            BottleneckForward(ws, l, BottleneckSite.Attention, ws.Tmp);
-            _b.Add(s.ResidMid, ws.Resid[l], ws.Tmp);
+            LinearResidualForward(ws, l, ModO, BottleneckSite.Attention, s.ResidMid, ws.Resid[l], s.Att, train, seed);
             // MLP block
             _b.RmsNormForward(ws.Xn, ws.Rstd, s.ResidMid, lw.FfnNorm, m, C, c.RmsNormEps);
             LinearForward(ws, l, ModGate, s.Gate, ws.Xn, train, seed);
             LinearForward(ws, l, ModUp, s.Up, ws.Xn, train, seed);
             _b.SwiGluForward(ws.H, s.Gate, s.Up, (long)m * F);
-            LinearForward(ws, l, ModDown, ws.Tmp, ws.H, train, seed);
-            BottleneckForward(ws, l, BottleneckSite.Mlp, ws.Tmp);
-            _b.Add(ws.Resid[l + 1], s.ResidMid, ws.Tmp);
+            LinearResidualForward(ws, l, ModDown, BottleneckSite.Mlp, ws.Resid[l + 1], s.ResidMid, ws.H, train, seed);
         }
     }
 
@@ -599,8 +595,25 @@ public sealed partial class LlamaModel : IDisposable
     private LoraParams Params(LoraSlot s, bool train, ulong seed, int layer, int module) =>
         new(s.A, s.B, s.Scale, train ? s.Dropout : 0f, DropoutSeedFor(seed, layer, module));
 
-    /// <summary>y(M, N) = x(M, K)·Wᵀ [+ bias] [+ LoRA].</summary>
-    private void LinearForward(TrainingWorkspace ws, int layer, int module, Tensor y, Tensor x, bool train, ulong seed)
+    /// <summary>
+    /// output = residual + linear(x) for o_proj/down_proj. Without a bottleneck adapter at the site the add is part of
+    /// the linear (IBackend.MatMulResidual / LoraLinearForwardResidual: in the matmul epilogue on ILGPU, no pass over
+    /// ws.Tmp); with one: linear -> ws.Tmp -> adapter -> add.
+    /// </summary>
+    private void LinearResidualForward(TrainingWorkspace ws, int layer, int module, BottleneckSite site, Tensor output, Tensor residual, Tensor x, bool train, ulong seed)
+    {
+        if (_bottleneck?[layer * 2 + (int)site] is null)
+        {
+            LinearForward(ws, layer, module, output, x, train, seed, residual);
+            return;
+        }
+        LinearForward(ws, layer, module, ws.Tmp, x, train, seed);
+        BottleneckForward(ws, layer, site, ws.Tmp);
+        _b.Add(output, residual, ws.Tmp);
+    }
+
+    /// <summary>y(M, N) = [residual +] x(M, K)·Wᵀ [+ bias] [+ LoRA]; residual must not overlap y.</summary>
+    private void LinearForward(TrainingWorkspace ws, int layer, int module, Tensor y, Tensor x, bool train, ulong seed, Tensor? residual = null)
     {
         string name = LlamaWeights.LinearModules[module];
         var lw = Weights.Layers[layer];
@@ -610,7 +623,8 @@ public sealed partial class LlamaModel : IDisposable
         int key = layer * NumModules + module;
         if (_lora[key] is not { } s)
         {
-            _b.MatMul(y, x, w, bias, ws.M, n, k, accumulate: false);
+            if (residual is null) _b.MatMul(y, x, w, bias, ws.M, n, k, accumulate: false);
+            else _b.MatMulResidual(y, residual, x, w, bias, ws.M, n, k);
             return;
         }
         if (s.IsDora)
@@ -618,11 +632,13 @@ public sealed partial class LlamaModel : IDisposable
             var dp = Params(s, train, seed, layer, module);
             var db = ws.Lora(key, s.Rank, k, needXDrop: dp.Dropout > 0, doraN: n);
             DoraLinear.Forward(_b, y, x, w, bias, s, dp, db.U, db.Z!, db.XDrop, dp.Dropout > 0 ? ws.DoraScratch((long)ws.M * Math.Max(n, k)) : null, ws.M, n, k);
+            if (residual is not null) _b.Add(y, y, residual);
             return;
         }
         var p = Params(s, train, seed, layer, module);
         var buf = ws.Lora(key, s.Rank, k, needXDrop: p.Dropout > 0);
-        _b.LoraLinearForward(y, x, w, bias, p, buf.U, p.Dropout > 0 ? buf.XDrop : null, ws.M, n, k, s.Rank);
+        if (residual is null) _b.LoraLinearForward(y, x, w, bias, p, buf.U, p.Dropout > 0 ? buf.XDrop : null, ws.M, n, k, s.Rank);
+        else _b.LoraLinearForwardResidual(y, residual, x, w, bias, p, buf.U, p.Dropout > 0 ? buf.XDrop : null, ws.M, n, k, s.Rank);
     }
 
     /// <summary>

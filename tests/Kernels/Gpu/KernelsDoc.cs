@@ -53,9 +53,11 @@ public static class KernelsDoc
                           "the bf16 weight tiles go global -> shared by cp.async.cg (LDGSTS) into the free buffer, one stage ahead (two buffers, not a deeper pipeline); 2 groups/SM (16 warps) at the 128-register cap to hide latency";
         const string tcDx = "as the forward, with W's rows copied k-major by cp.async and read with ldmatrix.trans; the k16 loop stays a 2-trip loop in the SASS (no unrolling at the 128-register cap)";
         yield return new("MatMulTensorCore (q,k,v)", "x·Wᵀ, N=(NH+2·NKV)·HS, K=C", Mm(qkv, m.C), MmBytes(qkv, m.C), tc);
-        yield return new("MatMulTensorCore (o)", "x·Wᵀ, N=K=C", Mm(m.C, m.C), MmBytes(m.C, m.C), tc);
+        // o_proj and down_proj write the residual stream: residual + x·Wᵀ in the epilogue reads the residual (4 B) instead
+        // of a separate add's 12 B per element (read y and residual, write the sum) after the matmul's write of y
+        yield return new("MatMulTensorCore (o, + residual)", "residual + x·Wᵀ, N=K=C; add fused in the epilogue", Mm(m.C, m.C), MmBytes(m.C, m.C) + 4 * M * m.C, tc);
         yield return new("MatMulTensorCore (gate+up)", "x·Wᵀ, N=2F, K=C", Mm(2.0 * m.F, m.C), MmBytes(2.0 * m.F, m.C), tc);
-        yield return new("MatMulTensorCore (down)", "x·Wᵀ, N=C, K=F", Mm(m.C, m.F), MmBytes(m.C, m.F), tc);
+        yield return new("MatMulTensorCore (down, + residual)", "residual + x·Wᵀ, N=C, K=F; add fused in the epilogue", Mm(m.C, m.F), MmBytes(m.C, m.F) + 4 * M * m.C, tc);
         yield return new("MatMulTensorCore (down, dx)", "dy·W, N=F, K=C", Mm(m.F, m.C), MmBytes(m.F, m.C), tcDx);
         yield return new("MatMulTensorCore, Q8_0 weight (gate+up)", "x·Wᵀ, W 34 B per 32 elements", Mm(2.0 * m.F, m.C), 4.0 * M * m.C + 2.0 * m.F * m.C * 34 / 32 + 8.0 * M * m.F,
             "dequantized per element in the tile load (byte loads, no vector loads), then as bf16");

@@ -203,6 +203,45 @@ public class TensorCoreSimulatorTests
     }
 
     /// <summary>
+    /// The residual add in the epilogue (o_proj / down_proj feeding the residual stream): out = residual + x·Wᵀ + bias +
+    /// s·u·Bᵀ in one launch equals the launch without it followed by the add, bit for bit (the same f32 operations in the
+    /// same order); the output's previous contents (NaN) are not read and the residual is not written.
+    /// </summary>
+    [Theory]
+    [InlineData(false, 37, 20, 40)]   // bf16: ragged rows and columns, cp.async-able W (ignored here), vector loads
+    [InlineData(true, 130, 9, 19)]    // f16: two row tiles, scalar loads
+    public void ResidualInTheEpilogueEqualsLaunchThenAdd(bool f16, int m, int n, int r)
+    {
+        var b = Sim.Value;
+        var tc = b.Kernels(x => new MatMulTensorCoreKernels(x));
+        const int rank = 2;
+        float[] a = Rand(m * r, 21), w = Rand(n * r, 22), res = Rand(m * n, 23), bias = Rand(n, 24), u = Rand(m * rank, 25), lb = Rand(n * rank, 26);
+        for (int i = 0; i < w.Length; i++) w[i] = Round(w[i], f16);
+        using var ta = Up(b, DType.F32, a);
+        using var tw = Up(b, f16 ? DType.F16 : DType.BF16, w);
+        using var tres = Up(b, DType.F32, res);
+        using var tbias = Up(b, DType.F32, bias);
+        using var tu = Up(b, DType.F32, u);
+        using var tlb = Up(b, DType.F32, lb);
+        using var fused = Up(b, DType.F32, Enumerable.Repeat(float.NaN, m * n).ToArray());
+        using var plain = Up(b, DType.F32, new float[m * n]);
+        var args = MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(MatMulKernels.Nt(m, n, r, 1f, false)), ta, tw, f16);
+        args.HasBias = 1;
+        args.LoraRank = rank;
+        args.Slj = rank;
+        args.Slq = 1;
+        args.LoraScale = 0.5f;
+        tc.Launch(f16, b.Floats(ta, "a"), b.Floats(tw, "w"), b.F32(fused, "out"), b.Floats(tbias, "bias"), b.F32(tu, "u"), b.Floats(tlb, "lb"), args, b.F32(tres, "res"));
+        tc.Launch(f16, b.Floats(ta, "a"), b.Floats(tw, "w"), b.F32(plain, "out"), b.Floats(tbias, "bias"), b.F32(tu, "u"), b.Floats(tlb, "lb"), args);
+        float[] got = new float[m * n], linear = new float[m * n], resAfter = new float[m * n];
+        b.Download(fused, got);
+        b.Download(plain, linear);
+        b.Download(tres, resAfter);
+        for (int i = 0; i < got.Length; i++) Assert.Equal(linear[i] + res[i], got[i]);
+        Assert.Equal(res, resAfter);
+    }
+
+    /// <summary>
     /// The CUDA path loads the kernel itself (LoadKernel + CreateLauncherDelegate, after the PTX pass) instead of
     /// LoadStreamKernel: the same binding, on a kernel the simulator loads, launches and computes the product.
     /// </summary>
@@ -217,7 +256,7 @@ public class TensorCoreSimulatorTests
         using var ta = Up(b, DType.F32, a);
         using var tw = Up(b, DType.BF16, w);
         using var ty = b.Allocate(DType.F32, m * n);
-        launch(new KernelConfig(1, MatMulTensorCoreKernels.Threads), b.Floats(ta, "a"), b.Floats(tw, "w"), b.F32(ty, "y"), MatMulKernels.None,
+        launch(new KernelConfig(1, MatMulTensorCoreKernels.Threads), b.Floats(ta, "a"), b.Floats(tw, "w"), b.F32(ty, "y"), b.F32(ty, "y"), MatMulKernels.None,
             ArrayView<float>.Empty, MatMulKernels.None, MatMulTensorCoreKernels.From(MatMulKernels.Nt(m, n, r, 1f, false)));
         var got = new float[m * n];
         b.Download(ty, got);
