@@ -33,6 +33,6 @@ for dtype in "" bf16; do
     echo "ftn train --device cuda ${dtype:+--base-dtype $dtype} ($copies)"
     FTN_ILGPU_BLOCKING_COPIES=$([ "$copies" = blocking ] && echo 1 || echo 0) \
     dotnet "$ftn" train --model "$model" --data "$work/data.jsonl" --out "$work/run$dtype$copies" --device cuda ${dtype:+--base-dtype $dtype} \
-      --max-steps 200 --batch-size 8 --grad-accum 4 --max-len 128 --eval-fraction 0.02 --exact-match 0 | tail -n 3
+      --max-steps 200 --batch-size 8 --grad-accum 4 --max-len 128 --eval-fraction 0.02 --exact-match 0 | tail -n 3 | head -n 2
   done
 done

@@ -251,6 +251,7 @@ public static class TrainCommand
             if (inPlace) { Directory.CreateDirectory(outDir); write(outDir); }
             else CliCommon.WriteDirectoryAtomic(outDir, write);
         }
+        long waitsBefore = (backend as FineTuneNative.Kernels.Gpu.IlgpuBackend)?.BlockingSyncs ?? 0;
         Write(tmp =>
         {
             try { result = trainer.Train(data.Train, data.Eval, data.PadId, tmp, modelPath, resumeFrom: resumeFrom); }
@@ -297,6 +298,8 @@ public static class TrainCommand
         SummaryTable(r, outDir, stdout);
         stdout.WriteLine();
         stdout.WriteLine($"trained {r.Steps} steps, {CliCommon.Count(r.TrainTokens)} tokens, {r.TokensPerSecond:0} tok/s in {CliCommon.Duration(r.Elapsed)}; total {CliCommon.Duration(wall.Elapsed)}");
+        if (backend is FineTuneNative.Kernels.Gpu.IlgpuBackend gpu) // bench/gpu.sh compares this across its overlap A/B
+            stdout.WriteLine($"device   the host waited for the device {gpu.BlockingSyncs - waitsBefore} times in training (evaluations and saves included)");
         if (methodName == "full") stdout.WriteLine($"model    {outDir}  (Hugging Face safetensors; try: ftn generate --model {o.Out} --prompt \"...\")");
         else stdout.WriteLine($"adapter  {outDir}  (try: ftn generate{(demo ? "" : $" --model {modelPath}")} --adapter {o.Out} --prompt \"...\"{(emRecords.Count > 0 && emRecords[0].Input.Length > 0 ? " --input \"...\"" : "")})");
         return 0;
