@@ -124,9 +124,9 @@ internal static class GpuBench
                 using var kv16 = Rand(b, DType.BF16, bt * t * shape.NKV * shape.HS);
                 run.Op($"AttentionForward bf16 (mma) B{bt} T{t}", 4 * pairs * shape.HS, qBytes / 2 + kvBytes + qBytes,
                     () => b.AttentionForward(o, lse, q16, kv16, kv16, bt, t, t, t, shape.NH, shape.NKV, shape.HS, scale));
-                if (shape.HS <= 64)
-                    run.Op($"AttentionBackward bf16 (mma) B{bt} T{t}", 10 * pairs * shape.HS, 2 * qBytes + kvBytes + 2 * kvBytes,
-                        () => b.AttentionBackward(dq, dkv, dkv2, o, o, lse, q16, kv16, kv16, bt, t, t, shape.NH, shape.NKV, shape.HS, scale));
+                // head <= 64: AttentionTensorCoreBackward.cs; 65..128: the head-split kernels (AttentionTensorCoreBackwardWide.cs)
+                run.Op($"AttentionBackward bf16 (mma{(shape.HS > 64 ? ", head split" : "")}) B{bt} T{t}", 10 * pairs * shape.HS, 2 * qBytes + kvBytes + 2 * kvBytes,
+                    () => b.AttentionBackward(dq, dkv, dkv2, o, o, lse, q16, kv16, kv16, bt, t, t, shape.NH, shape.NKV, shape.HS, scale));
             }
             // decode: one new token per sequence over a full f32 cache of t rows (AttentionDecode.cs, split-K)
             run.Op($"AttentionDecode B{bt} cache {t}", 4.0 * bt * shape.NH * t * shape.HS, 2 * kvBytes + 8.0 * bt * shape.NH * shape.HS,
