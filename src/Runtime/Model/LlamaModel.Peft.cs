@@ -100,7 +100,8 @@ public sealed partial class LlamaModel
         if (_prefix is not null)
         {
             long rows = (long)batch * (_prefix.Length + seqLen);
-            floats += m + (2 * L + 2) * rows * c.KvDim;              // positions, per-layer K/V with prefix, their gradients
+            long kv = AttentionDType == DType.BF16 ? L : 2 * L;        // per-layer K/V with prefix: 2·L tensors, in 2 bytes with bf16 attention
+            floats += m + (kv + 2) * rows * c.KvDim;                   // positions, per-layer K/V with prefix, their gradients
         }
         int n = BottleneckSize();
         if (n > 0) floats += 2 * L * m * (c.HiddenSize + n) + 5 * m * n + m * c.HiddenSize; // saved y, h; a, ones, da, dh, d-scratch; dy

@@ -182,8 +182,9 @@ internal sealed class PeftBuffers : IDisposable
             LayerK = new Tensor[L][]; LayerV = new Tensor[L][];
             for (int l = 0; l < L; l++)
             {
-                KFull[l] = New(DType.F32, $"layer{l}.k_prefixed", B, S, c.NumKvHeads, c.HeadDim);
-                VFull[l] = New(DType.F32, $"layer{l}.v_prefixed", B, S, c.NumKvHeads, c.HeadDim);
+                // the attention dtype (bf16 attention: the prefix rows are rounded with the sequence's own K, V)
+                KFull[l] = New(ws.Layers[l].K.DType, $"layer{l}.k_prefixed", B, S, c.NumKvHeads, c.HeadDim);
+                VFull[l] = New(ws.Layers[l].V.DType, $"layer{l}.v_prefixed", B, S, c.NumKvHeads, c.HeadDim);
                 (KPre[l], KReal[l]) = Split(KFull[l], B, P, T, KVD);
                 (VPre[l], VReal[l]) = Split(VFull[l], B, P, T, KVD);
                 LayerK[l] = Rows(ws.Layers[l].K, B, T, KVD);

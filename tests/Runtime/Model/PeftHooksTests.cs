@@ -307,6 +307,47 @@ public class PeftHooksTests(ITestOutputHelper output)
             NumericAssert.Close(GradCheck.ToDouble(results[0].Grads[i]), results[1].Grads[i], 1e-5, 1e-3, $"{method} gradient {i}");
     }
 
+    /// <summary>
+    /// bf16 attention (LlamaModel.AttentionDType) with each method: the prefix's K/V rows are stored in bf16 with the
+    /// sequence's own. The simulator (SIMT kernels widening bf16) matches the CPU backend (f32 summation order; 1e-4
+    /// relative on the loss, 1e-4 + 1e-2 on the gradients, room for a rare bf16 rounding flip of one q/k/v element
+    /// between backends); the CPU step is close to f32 attention (bf16 tolerance); the workspace is what the plan says.
+    /// </summary>
+    [Theory]
+    [InlineData(Method.Prompt)]
+    [InlineData(Method.Prefix)]
+    [InlineData(Method.Bottleneck)]
+    public void Bf16Attention_SimulatorMatchesCpu_AndIsCloseToF32(Method method)
+    {
+        const int B = 2, T = 4;
+        var cfg = Config(false);
+        var results = new List<(double Loss, List<float[]> Grads)>();
+        foreach (var (name, attention) in new[] { ("cpu", DType.BF16), ("ilgpu-sim:4", DType.BF16), ("cpu", DType.F32) })
+        {
+            var b = ModelBackends.Get(name);
+            var owned = new List<Tensor>();
+            using var w = RandomWeights(cfg, b, 3);
+            using var model = new LlamaModel(w, b) { AttentionDType = attention };
+            try
+            {
+                var ps = Attach(method, model, b, owned, 5);
+                var (tok, tgt) = Data(B, T, cfg.VocabSize, 7);
+                var (loss, _) = model.ForwardBackward(tok, tgt, B, T, 0.1f, 1);
+                results.Add((loss, ps.Select(p => p.Grad.ToArray()).ToList()));
+                Assert.Equal(model.WorkspaceBytes, FineTuneNative.Peft.Training.MemoryPlan.Activations(model, B, T, shared: false));
+            }
+            finally { owned.ForEach(t => t.Dispose()); }
+        }
+        Assert.Equal(results[0].Loss, results[1].Loss, 1e-4 * Math.Abs(results[0].Loss));
+        Assert.Equal(results[2].Loss, results[0].Loss, Tolerance.BF16.Rtol * Math.Abs(results[2].Loss));
+        for (int i = 0; i < results[0].Grads.Count; i++)
+        {
+            NumericAssert.Close(GradCheck.ToDouble(results[0].Grads[i]), results[1].Grads[i], 1e-4, 1e-2, $"{method} gradient {i}: cpu vs simulator");
+            double max = results[2].Grads[i].Max(x => Math.Abs((double)x));
+            NumericAssert.Close(GradCheck.ToDouble(results[2].Grads[i]), results[0].Grads[i], 3e-2 * max, 3e-2, $"{method} gradient {i}: f32 vs bf16 attention");
+        }
+    }
+
     /// <summary>With activation checkpointing (layers recomputed in the backward) each method's loss and gradients are bit-identical.</summary>
     [Theory]
     [InlineData(Method.Prompt)]
