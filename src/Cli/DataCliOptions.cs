@@ -18,7 +18,7 @@ public abstract class DataCliOptions : DeviceOptions
     [Option("pack", Default = false, HelpText = "Pack short samples into full --max-len rows (attention stays within each sample; positions restart).")]
     public bool Pack { get; set; }
 
-    [Option("neftune-alpha", MetaValue = "A", HelpText = "NEFTune: uniform noise of magnitude A/sqrt(T*C) on the input embeddings during training (typical 5). Default 0 (off).")]
+    [Option("neftune-alpha", MetaValue = "A", HelpText = "NEFTune: uniform noise of magnitude A/sqrt(L*C) on the input embeddings of the real tokens during training (L a row's unpadded length; typical 5). Default 0 (off).")]
     public float NeftuneAlpha { get; set; }
 
     [Option("normalize-whitespace", Default = false, HelpText = "Clean text: NFC, collapse runs of spaces, strip line ends, at most one blank line, trim.")]

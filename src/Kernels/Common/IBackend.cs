@@ -158,6 +158,15 @@ public interface IBackend : IDisposable
     void DropoutBackward(Tensor dInput, Tensor dOut, float dropout, ulong seed, long count)
         => DoraHost.DropoutBackward(this, dInput, dOut, dropout, seed, count);
 
+    /// <summary>
+    /// NEFTune on the embedding output x (B, S, C), in place: element i = (b·S + t)·C + c with offset ≤ t &lt; offset + L_b,
+    /// L_b = lengths[b] (I32 (B): row b's real tokens), gets x[i] += (float)((2u − 1)·α/√(L_b·C)) with u ∈ [0, 1) from the
+    /// counter hash of (seed, i) (<see cref="NeftuneHash"/>); padding and the <paramref name="offset"/> virtual tokens in
+    /// front are unchanged. Bit-identical on every backend and thread count. The default runs on the host.
+    /// </summary>
+    void NeftuneNoise(Tensor x, Tensor lengths, float alpha, int batch, int seqLen, int hidden, int offset, ulong seed)
+        => NeftuneHash.AddHost(this, x, lengths, alpha, batch, seqLen, hidden, offset, seed);
+
     // ---------------------------------------------------------------- normalization, position, activation
     /// <summary>y(M,C) = x / sqrt(mean(x²) + eps) ⊙ w(C). Saves rstd(M).</summary>
     void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int m, int c, float eps);

@@ -633,6 +633,11 @@ public sealed class IlgpuBackend : IBackend
         lock (_gate) Dora.DropoutBackward(dInput, dOut, dropout, seed, count);
     }
 
+    public void NeftuneNoise(Tensor x, Tensor lengths, float alpha, int batch, int seqLen, int hidden, int offset, ulong seed)
+    {
+        lock (_gate) Kernels(b => new NeftuneKernels(b)).Add(x, lengths, alpha, batch, seqLen, hidden, offset, seed);
+    }
+
     // ------------------------------------------------------------------ norm, rope, activation
     private RmsNormKernels Norm => Kernels(b => new RmsNormKernels(b));
 

@@ -4,9 +4,11 @@ namespace FineTuneNative.Peft.Data;
 /// A padded micro-batch: Tokens and Targets are (B, T) row-major. Rows shorter than T, and whole rows past
 /// the last sample, hold the pad id with target -100, so they add nothing to the loss or the gradients.
 /// </summary>
-/// <remarks>Positions (B, T) is set when a row holds packed samples: each sample's positions restart at 0, and the
+/// <remarks>RowLengths (B) counts each row's real (unpadded) tokens (NEFTune scales its noise by it).
+/// Positions (B, T) is set when a row holds packed samples: each sample's positions restart at 0, and the
 /// model keeps attention inside each (see LlamaModel.ForwardBackward); the padding after them is a segment of its own.</remarks>
-public sealed record Batch(int[] Tokens, int[] Targets, int BatchSize, int SeqLen, int Samples, int TargetCount, int TokenCount, int[]? Positions = null);
+public sealed record Batch(int[] Tokens, int[] Targets, int BatchSize, int SeqLen, int Samples, int TargetCount, int TokenCount, int[]? Positions = null,
+    int[]? RowLengths = null);
 
 /// <summary>Deterministic shuffles, the train/eval split and padding into fixed-shape batches.</summary>
 public static class Batching
@@ -58,6 +60,7 @@ public static class Batching
         int tcount = 0, ntok = 0;
         bool packed = samples.Any(s => s.Positions is not null);
         int[]? positions = packed ? new int[batchSize * seqLen] : null;
+        var rowLengths = new int[batchSize];
         for (int b = 0; b < batchSize; b++)
         {
             int len = 0;
@@ -70,6 +73,7 @@ public static class Batching
                 tcount += s.TargetCount;
                 ntok += s.Length;
                 len = s.Length;
+                rowLengths[b] = len;
                 if (positions is not null)
                 {
                     if (s.Positions is { } p) p.CopyTo(positions, b * seqLen);
@@ -78,7 +82,7 @@ public static class Batching
             }
             if (positions is not null) for (int t = len; t < seqLen; t++) positions[b * seqLen + t] = t - len;
         }
-        return new Batch(tokens, targets, batchSize, seqLen, samples.Count, tcount, ntok, positions);
+        return new Batch(tokens, targets, batchSize, seqLen, samples.Count, tcount, ntok, positions, rowLengths);
     }
 
     /// <summary>Consecutive batches over <paramref name="samples"/> in the given order; the last one padded with empty rows.</summary>

@@ -280,7 +280,7 @@ public sealed class Trainer : IDisposable
         {
             var b = window[i];
             ulong dropoutSeed = _opt.Seed * 0x9E3779B97F4A7C15UL + (ulong)_step * 0x100000001B3UL + (ulong)i;
-            _model.ForwardBackwardInto(b.Tokens, b.Targets, b.BatchSize, b.SeqLen, lossScale, dropoutSeed, b.Positions, _lossViews[i]);
+            _model.ForwardBackwardInto(b.Tokens, b.Targets, b.BatchSize, b.SeqLen, lossScale, dropoutSeed, b.Positions, _lossViews[i], b.RowLengths);
         }
         double penalty = _method.AddPenalty();
         // One reduction over all gradients; the clipping scale stays on the device, where AdamW reads it (a non-finite

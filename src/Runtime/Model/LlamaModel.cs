@@ -37,7 +37,8 @@ public sealed partial class LlamaModel : IDisposable
     private readonly List<TrainingWorkspace> _workspaces = new(); // most recently used first, at most 2
     private LlamaWeights? _grads;            // f32 gradients of every base parameter when TrainBase
     private int _logitsChunkRows;
-    private float[]? _noiseHost;            // (M, C) host NEFTune noise, reused across steps
+    private Tensor? _neftuneLengths;        // (B) i32: real tokens per row of the current micro-batch (NEFTune)
+    private int[]? _neftuneLengthsHost;
     private bool _disposed;
 
     public LlamaModel(LlamaWeights weights, IBackend backend)
@@ -67,9 +68,10 @@ public sealed partial class LlamaModel : IDisposable
     }
 
     /// <summary>
-    /// NEFTune (Jain et al. 2023): in training steps only, the input embeddings get uniform noise in
-    /// [-α/√(T·C), α/√(T·C)] (T the batch's sequence length, C the hidden size), as Hugging Face's
-    /// <c>neftune_noise_alpha</c>. 0 = off. The noise is drawn from the step's dropout seed (see <see cref="NeftuneNoise"/>),
+    /// NEFTune (Jain et al. 2023): in training steps only, the input embeddings of each row's real tokens get uniform noise
+    /// in [-α/√(L·C), α/√(L·C)] (L the row's unpadded length, given to ForwardBackward as rowLengths, else the batch's
+    /// sequence length T; C the hidden size), as the paper's code does with the attention mask; padding gets none. 0 = off.
+    /// Drawn on the backend by IBackend.NeftuneNoise from the step's dropout seed (a counter hash, <see cref="NeftuneHash"/>),
     /// so a resumed run draws the same noise. The embedding gradient is unchanged by an additive constant.
     /// </summary>
     public float NeftuneAlpha
@@ -84,43 +86,32 @@ public sealed partial class LlamaModel : IDisposable
     private float _neftuneAlpha;
 
     /// <summary>
-    /// Fills <paramref name="noise"/> (T·C per sequence) with NEFTune's uniform noise of magnitude α/√(T·C). Counter-based:
-    /// element i is a function of (seed, i) alone (splitmix64 of s0 + (i+1)·φ), so large buffers are drawn in parallel
-    /// chunks with the same values as one sequential pass. The noise is drawn on the host and uploaded: on a GPU device
-    /// that is one host-to-device copy of B·T·C floats per micro-batch (a device kernel would avoid it; not written).
+    /// Fills <paramref name="noise"/> (T·C per sequence, every token real) with NEFTune's noise of magnitude α/√(T·C) on the
+    /// host: element i is NeftuneHash.Noise(stream(seed), i, ·), what IBackend.NeftuneNoise adds for full-length rows.
     /// </summary>
     public static void NeftuneNoise(Span<float> noise, float alpha, int seqLen, int hidden, ulong seed)
     {
-        double mag = alpha / Math.Sqrt((double)seqLen * hidden);
-        ulong s0 = Mix64(seed ^ 0x4E454654554E45UL); // "NEFTUNE": a stream independent of the dropout masks
-        const int Chunk = 1 << 16;
-        if (noise.Length <= Chunk)
-        {
-            NeftuneChunk(noise, 0, s0, mag);
-            return;
-        }
-        unsafe
-        {
-            fixed (float* p = noise)
-            {
-                nint ptr = (nint)p;
-                int n = noise.Length;
-                Parallel.For(0, (n + Chunk - 1) / Chunk, c =>
-                {
-                    int start = c * Chunk, len = Math.Min(Chunk, n - start);
-                    NeftuneChunk(new Span<float>((float*)ptr + start, len), start, s0, mag);
-                });
-            }
-        }
+        double mag = NeftuneHash.Magnitude(alpha, seqLen, hidden);
+        ulong s0 = NeftuneHash.Stream(seed);
+        for (int i = 0; i < noise.Length; i++) noise[i] = NeftuneHash.Noise(s0, i, mag);
     }
 
-    private static void NeftuneChunk(Span<float> dst, long first, ulong s0, double mag)
+    /// <summary>Uploads the real tokens per row for the next training forward (all T when none are given).</summary>
+    private void SetNeftuneLengths(ReadOnlySpan<int> rowLengths, int batch, int seqLen)
     {
-        for (int i = 0; i < dst.Length; i++)
+        if (_neftuneAlpha <= 0 || batch <= 0 || seqLen <= 0) return; // Prepare reports bad shapes
+        if (!rowLengths.IsEmpty && rowLengths.Length != batch) throw new ArgumentException($"rowLengths has {rowLengths.Length} entries, expected batch = {batch}");
+        if (_neftuneLengthsHost is null || _neftuneLengthsHost.Length != batch)
         {
-            double u = (Mix64(s0 + (ulong)(first + i + 1) * 0x9E3779B97F4A7C15UL) >> 11) * (1.0 / (1UL << 53)); // [0, 1)
-            dst[i] = (float)((2 * u - 1) * mag);
+            _neftuneLengths?.Dispose();
+            _neftuneLengths = _b.Allocate(DType.I32, batch);
+            _neftuneLengths.Name = "neftune_lengths";
+            _neftuneLengthsHost = new int[batch];
         }
+        if (rowLengths.IsEmpty) Array.Fill(_neftuneLengthsHost, seqLen);
+        else rowLengths.CopyTo(_neftuneLengthsHost);
+        NeftuneHash.CheckLengths(_neftuneLengthsHost, seqLen, 0, "rowLengths");
+        _b.Upload(_neftuneLengths!, _neftuneLengthsHost);
     }
 
     // ------------------------------------------------------------------------------------------ LoRA
@@ -266,10 +257,12 @@ public sealed partial class LlamaModel : IDisposable
     /// <paramref name="positions"/> (optional, (B, T)) packs several samples per row: a row is cut into segments
     /// where the position restarts at 0 (it must otherwise grow by 1); RoPE uses these positions and attention
     /// stays inside each segment (block-diagonal), so a packed row computes exactly what its samples would alone.
+    /// <paramref name="rowLengths"/> (optional, (B)): the real (unpadded) tokens of each row, for NEFTune's noise and scale.
     /// </summary>
     public (double LossSum, int Count) ForwardBackward(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen, float lossScale, ulong dropoutSeed,
-        ReadOnlySpan<int> positions = default)
+        ReadOnlySpan<int> positions = default, ReadOnlySpan<int> rowLengths = default)
     {
+        SetNeftuneLengths(rowLengths, batch, seqLen);
         ExpandForPrompt(ref tokens, ref targets, ref seqLen, batch, positions);
         var ws = Prepare(tokens, targets, batch, seqLen, out int count, train: true, positions);
         Forward(ws, train: true, dropoutSeed);
@@ -286,8 +279,9 @@ public sealed partial class LlamaModel : IDisposable
     /// <see cref="ForwardBackward"/> returns.
     /// </summary>
     public int ForwardBackwardInto(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int batch, int seqLen, float lossScale, ulong dropoutSeed,
-        ReadOnlySpan<int> positions, Tensor losses)
+        ReadOnlySpan<int> positions, Tensor losses, ReadOnlySpan<int> rowLengths = default)
     {
+        SetNeftuneLengths(rowLengths, batch, seqLen);
         ExpandForPrompt(ref tokens, ref targets, ref seqLen, batch, positions);
         var ws = Prepare(tokens, targets, batch, seqLen, out int count, train: true, positions);
         if (losses.DType != DType.F32 || losses.Length != ws.M)
@@ -435,14 +429,8 @@ public sealed partial class LlamaModel : IDisposable
         int m = ws.M, C = c.HiddenSize, F = c.IntermediateSize;
         float attnScale = 1f / MathF.Sqrt(c.HeadDim);
         _b.EmbeddingForward(ws.Resid[0], ws.Tokens, Weights.Embedding, m, C);
-        if (train && _neftuneAlpha > 0)
-        {
-            // host-drawn so that every backend adds the same noise; Tmp is free until o_proj of layer 0
-            if (_noiseHost is null || _noiseHost.Length != (long)m * C) _noiseHost = new float[(long)m * C];
-            NeftuneNoise(_noiseHost, _neftuneAlpha, ws.SeqLen, C, seed);
-            _b.Upload(ws.Tmp, _noiseHost);
-            _b.Add(ws.Resid[0], ws.Resid[0], ws.Tmp);
-        }
+        if (train && _neftuneAlpha > 0) // the real tokens follow the prompt-tuning virtual ones (whose rows PromptForward overwrites)
+            _b.NeftuneNoise(ws.Resid[0], _neftuneLengths!, _neftuneAlpha, ws.Batch, ws.SeqLen, C, PromptLength, seed);
         PromptForward(ws);
         var ropePos = RopePositions(ws);
         for (int l = 0; l < c.NumLayers; l++) ForwardLayer(ws, l, train, seed, ropePos, attnScale);
@@ -706,5 +694,7 @@ public sealed partial class LlamaModel : IDisposable
         ReleaseWorkspaces();
         _grads?.Dispose();
         _grads = null;
+        _neftuneLengths?.Dispose();
+        _neftuneLengths = null;
     }
 }
