@@ -69,7 +69,8 @@ internal sealed class Nf4Kernels : IDisposable
         {
             _b.WaitForDevice(); // earlier launches may still read the old panel
             _panel?.Dispose();
-        _fused?.Dispose();
+            _fused?.Dispose();
+            _fused = null; // Fused() rebuilds it: a disposed buffer must not be handed to the next launch
             _panel = _b.AllocateScratch<float>(Math.Max(floats, 1));
         }
         return _panel.View;

@@ -279,3 +279,27 @@ public class CudaStreamsTests(ITestOutputHelper output)
         Assert.Equal(syncs, b.BlockingSyncs);
     }
 }
+
+/// <summary>Nf4Kernels' scratch: a panel regrown for the SIMT path must not leave the tensor-core path a freed table.</summary>
+public class Nf4ScratchTests
+{
+    [Fact]
+    public void The_fused_nf4_table_survives_a_panel_regrowth()
+    {
+        using var b = IlgpuBackend.CreateSimulator(4);
+        const int n = 8, k = 64, m = 2;
+        var values = Enumerable.Range(0, n * k).Select(i => MathF.Sin(i * 0.37f)).ToArray();
+        using var w = b.Allocate(DType.NF4, n, k);
+        b.UploadRaw(w, global::FineTuneNative.Kernels.Nf4.Quantize(values));
+        using var x = b.Allocate(DType.F32, m, k);
+        using var y = b.Allocate(DType.F32, m, n);
+        var nf4 = b.Kernels(s => new Nf4Kernels(s));
+        nf4.Fused(w); // the tensor-core path's table
+        nf4.Forward(w, b.F32(x, "x"), b.F32(y, "y"), null, m, n, k, 1f, false, "test"); // the SIMT path: first panel
+        var table = new float[global::FineTuneNative.Kernels.Nf4.Levels.Length];
+        var fused = nf4.Fused(w);
+        Assert.False(fused.F32.Length == 0);
+        fused.F32.SubView(0, table.Length).CopyToCPU(table); // before the fix: a view of the buffer the panel regrowth freed
+        Assert.Equal(global::FineTuneNative.Kernels.Nf4.Levels, table);
+    }
+}
