@@ -30,6 +30,14 @@ internal static class Quick
             double f = Time(() => b.AttentionForward(o, lse, q, k, v, a.B, a.T, a.T, a.T, a.NH, a.NKV, a.HS, sc));
             double bw = Time(() => b.AttentionBackward(dq, dk, dv, o, o, lse, q, k, v, a.B, a.T, a.T, a.NH, a.NKV, a.HS, sc));
             Console.WriteLine($"attention {a,-18} fwd {a.Flops / f / 1e9,7:F1}  bwd {2.5 * a.Flops / bw / 1e9,7:F1} GFLOP/s (bwd counted as 2.5x fwd flops)");
+            // bf16 q, k, v (bf16 attention): the same kernels after one widening pass per call
+            using var q16 = b.Allocate(DType.BF16, (int)q.Length);
+            using var k16 = b.Allocate(DType.BF16, (int)k.Length);
+            using var v16 = b.Allocate(DType.BF16, (int)v.Length);
+            b.Copy(q16, q); b.Copy(k16, k); b.Copy(v16, v);
+            double f16 = Time(() => b.AttentionForward(o, lse, q16, k16, v16, a.B, a.T, a.T, a.T, a.NH, a.NKV, a.HS, sc));
+            double bw16 = Time(() => b.AttentionBackward(dq, dk, dv, o, o, lse, q16, k16, v16, a.B, a.T, a.T, a.NH, a.NKV, a.HS, sc));
+            Console.WriteLine($"attention {a,-18} bf16 q,k,v: fwd {a.Flops / f16 / 1e9,7:F1}  bwd {2.5 * a.Flops / bw16 / 1e9,7:F1} GFLOP/s ({f16 / f:F2}x / {bw16 / bw:F2}x the f32 time)");
         }
         if (onlyAttention) return;
         foreach (var s in new[] { new MatMulShape(1024, 1024, 1024), new MatMulShape(4096, 576, 576), new MatMulShape(512, 49152, 576), new MatMulShape(1000, 333, 517), new MatMulShape(1, 49152, 576) })

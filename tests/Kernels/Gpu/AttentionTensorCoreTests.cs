@@ -213,7 +213,7 @@ public class AttentionTensorCoreTests
     [InlineData(true, DType.F16, 2, 20, 27, 2, 2, 40)]   // f16 stored as f16; a prefix of 7 keys every query sees; head 40 padded to 48
     [InlineData(false, DType.BF16, 1, 70, 70, 1, 1, 8)]  // two query tiles (dq kernel), two key tiles (dk/dv kernel), ragged
     [InlineData(false, DType.BF16, 1, 33, 33, 1, 1, 128)] // head 128: the head-split kernels, two 32-row tiles (the second ragged); ~1 min in the simulator
-    [InlineData(true, DType.F16, 1, 20, 27, 1, 1, 72)]    // head 72 (padded to 80): the second channel half holds one 16-channel slice; prefix of 7
+    [InlineData(true, DType.F16, 1, 20, 27, 2, 1, 72)]    // head 72 (padded to 80): the second channel half holds one 16-channel slice; prefix of 7; dk/dv sum two query heads
     public void BackwardMatchesReferenceOnRoundedOperands(bool f16, DType storage, int batch, int tq, int tkv, int nh, int nkv, int hs)
     {
         var b = Sim.Value;
