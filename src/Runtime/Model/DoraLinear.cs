@@ -58,7 +58,7 @@ public static class DoraLinear
             return;
         }
         if (xDrop is null || scratch is null || scratch.Length < (long)m * n) throw new ArgumentException("DoRA with dropout needs xDrop (M, K) and a scratch of at least M·N floats");
-        var e = scratch.View(0, m, n);
+        var e = scratch.Length == (long)m * n ? scratch : scratch.View(0, m, n); // an exact-size scratch is used as it is (no view object)
         b.LoraLinearForward(y, x, w, bias, p, u, xDrop, m, n, k, r);                  // y = x·Wᵀ + bias + s·u·Bᵀ, xd, u = xd·Aᵀ
         b.LoraLinearForward(z, xDrop, w, null, p with { Dropout = 0f }, u, null, m, n, k, r); // zd = xd·Wᵀ + s·u·Bᵀ
         b.DoraScale(e, z, s.Magnitude!, s.WeightNorm!, null, m, n);                  // m/norm ⊙ zd
@@ -84,7 +84,7 @@ public static class DoraLinear
             return;
         }
         if (xDrop is null || scratch is null || scratch.Length < (long)m * k) throw new ArgumentException("DoRA with dropout needs xDrop (M, K) and a scratch of at least M·K floats");
-        var q = scratch.View(0, m, k);
+        var q = scratch.Length == (long)m * k ? scratch : scratch.View(0, m, k);
         b.LoraLinearBackward(q, z, xDrop, w, p with { Dropout = 0f }, u, null, g, s.DA, s.DB, null, null, m, n, k, r, accumulate: false); // q = dzd·W + s·(dzd·B)·A
         b.Copy(z, dy);
         b.Scale(z, -1f);

@@ -619,7 +619,7 @@ public sealed partial class LlamaModel : IDisposable
         {
             var dp = Params(s, train, seed, layer, module);
             var db = ws.Lora(key, s.Rank, k, needXDrop: dp.Dropout > 0, doraN: n);
-            DoraLinear.Forward(_b, y, x, w, bias, s, dp, db.U, db.Z!, db.XDrop, dp.Dropout > 0 ? ws.DoraScratch((long)ws.M * Math.Max(n, k)) : null, ws.M, n, k);
+            DoraLinear.Forward(_b, y, x, w, bias, s, dp, db.U, db.Z!, db.XDrop, dp.Dropout > 0 ? ws.DoraScratchView(ws.M, n) : null, ws.M, n, k);
             if (residual is not null) _b.Add(y, y, residual);
             return;
         }
@@ -653,7 +653,7 @@ public sealed partial class LlamaModel : IDisposable
             if (dW is not null) throw new InvalidOperationException($"layer {layer} {name}: DoRA with a trained base (TrainBase) is not supported");
             var dp = Params(s, train: true, seed, layer, module);
             var db = ws.Lora(key, s.Rank, k, needXDrop: dp.Dropout > 0, doraN: n);
-            DoraLinear.Backward(_b, dx, dy, x, w, s, dp, db.U, db.Z!, db.G, db.XDrop, dp.Dropout > 0 ? ws.DoraScratch((long)ws.M * Math.Max(n, k)) : null, ws.M, n, k, accumulate);
+            DoraLinear.Backward(_b, dx, dy, x, w, s, dp, db.U, db.Z!, db.G, db.XDrop, dp.Dropout > 0 ? ws.DoraScratchView(ws.M, k) : null, ws.M, n, k, accumulate);
             return;
         }
         var p = Params(s, train: true, seed, layer, module);

@@ -217,6 +217,21 @@ internal sealed class TrainingWorkspace : IDisposable
 
     private Tensor? _doraScratch;
 
+    /// <summary>
+    /// A (rows, cols) view of <see cref="DoraScratch"/>, cached per shape (a Tensor view is an object: DoraLinear's per-call
+    /// views allocated ~144 B per DoRA linear per pass); the cache restarts when the scratch grows.
+    /// </summary>
+    public Tensor DoraScratchView(int rows, int cols)
+    {
+        var s = DoraScratch((long)rows * cols);
+        if (!ReferenceEquals(s, _doraViewsOf)) { _doraViews.Clear(); _doraViewsOf = s; }
+        if (!_doraViews.TryGetValue((rows, cols), out var v)) _doraViews[(rows, cols)] = v = s.View(0, rows, cols);
+        return v;
+    }
+
+    private readonly Dictionary<(int Rows, int Cols), Tensor> _doraViews = new();
+    private Tensor? _doraViewsOf;
+
     public void ForgetLora(int key)
     {
         if (_lora.Remove(key, out var e)) { e.U.Dispose(); e.XDrop?.Dispose(); e.Z?.Dispose(); }
