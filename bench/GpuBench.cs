@@ -91,6 +91,22 @@ internal static class GpuBench
             run.Op($"LoraLinearForwardResidual bf16 o r16", 2.0 * m * c * c + 4.0 * m * 16 * c, 12.0 * m * c + 2.0 * c * c,
                 () => b.LoraLinearForwardResidual(View(y, m * c), res, View(x, m * c), wo, null, lora, u, null, m, c, c, 16));
         }
+        // The LoRA backward (o_proj, r = 16): dx on the tensor cores with the rank-r term in the epilogue; g = dy·B; dB and dA
+        // reduce over all M tokens into one row of tiles (split-K); and dB alone as a weight-gradient-shaped product.
+        using (var w = Rand(b, DType.BF16, c, c))
+        using (var la = Rand(b, DType.F32, 16, c))
+        using (var lb = Rand(b, DType.F32, c, 16))
+        using (var u = Rand(b, DType.F32, m, 16))
+        using (var g = b.Allocate(DType.F32, m, 16))
+        using (var dA = b.Allocate(DType.F32, 16, c))
+        using (var dB = b.Allocate(DType.F32, c, 16))
+        {
+            var lora = new LoraParams(la, lb, 2f, 0f, 1);
+            run.Op($"LoraLinearBackward bf16 o r16", 2.0 * m * c * c + 4 * 2.0 * m * 16 * c, 12.0 * m * c + 2.0 * c * c + 12.0 * m * 16,
+                () => b.LoraLinearBackward(View(y, m * c), View(x, m * c), View(x, m * c), w, lora, u, null, g, dA, dB, null, null, m, c, c, 16, false));
+            run.Op($"MatMulBackwardWeight f32 (split-K) dB {c}x16 over {m}", 2.0 * m * c * 16, 4.0 * m * c + 4.0 * m * 16 + 8.0 * c * 16,
+                () => b.MatMulBackwardWeight(dB, null, View(x, m * c), u, m, c, 16));
+        }
         using (var nw = Rand(b, DType.F32, c))
         using (var rstd = b.Allocate(DType.F32, m))
             run.Op("RmsNormForward", 4.0 * m * c, 8.0 * m * c, () => b.RmsNormForward(View(y, m * c), rstd, View(x, m * c), nw, m, c, 1e-5f));

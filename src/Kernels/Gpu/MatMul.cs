@@ -18,6 +18,11 @@ public struct MatMulArgs
     public int Dropout;
     public float DropP, DropScale;
     public ulong Seed;
+    /// <summary>
+    /// Split-K (set by <see cref="MatMulKernels.Launch"/> only): when Splits &gt; 1 the grid is Splits copies of the tile
+    /// grid, copy s reduces r in [s·SliceR, (s+1)·SliceR) and stores its raw partial sums at out[s·M·Ldo + i·Ldo + j].
+    /// </summary>
+    public int Splits, SliceR;
 }
 
 /// <summary>
@@ -28,24 +33,60 @@ public struct MatMulArgs
 /// One explicitly grouped kernel: a group of 256 threads computes a 64×64 output tile, each thread a 4×4
 /// register block; 64×16 slices of A and B are staged through shared memory (rows padded by one float so
 /// neither the transposing stores nor the reads conflict on banks). Loads are coalesced along whichever
-/// operand dimension is contiguous. Matches MatMulReference. Against bf16/f16 weights on CUDA sm_80+ the forward
+/// operand dimension is contiguous. A product with few output tiles and a long reduction (the LoRA gradients dA, dB
+/// over all tokens) is split along r into one launch of (tiles × slices) groups writing partial sums, and
+/// <see cref="SplitKReduceKernel"/> sums them in a fixed order and applies the epilogue. Matches MatMulReference. Against bf16/f16 weights on CUDA sm_80+ the forward
 /// and input-gradient matmuls run on tensor cores instead (<see cref="MatMulTensorCoreKernels"/>).
 /// </remarks>
-internal sealed class MatMulKernels
+internal sealed class MatMulKernels : IDisposable
 {
     public const int BM = 64, BN = 64, BK = 16, Threads = 256;
     private const int SA = BM + 1, SB = BN + 1;
 
     private readonly IlgpuBackend _b;
     private readonly Action<KernelConfig, ArrayView<float>, DeviceFloats, ArrayView<float>, ArrayView<float>, DeviceFloats, MatMulArgs> _tiled;
+    private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, DeviceFloats, MatMulArgs> _splitReduce;
     private readonly ColumnSumKernels _columnSum;
     private MatMulTensorCoreKernels? _tensorCore;
+    private MemoryBuffer1D<float, Stride1D.Dense>? _partials;
+
+    /// <summary>
+    /// Split-K policy: a product with fewer output tiles than <see cref="SplitBelowTiles"/> (an H100 has 132 SMs, 5 groups
+    /// each) and a reduction of at least <see cref="SplitMinR"/> is cut along r into slices of at least <see cref="SplitMinSlice"/>,
+    /// enough for about <see cref="SplitTargetGroups"/> groups. The LoRA gradients need it: dB (N, R) += s·dyᵀ·u and
+    /// dA (R, K) reduce over all M = B·T tokens into a single row of tiles (SmolLM2 at 8×2048: 9 groups, each walking
+    /// 16384 rows in steps of 16).
+    /// </summary>
+    internal const int SplitBelowTiles = 128, SplitMinR = 2048, SplitMinSlice = 512, SplitTargetGroups = 264, MaxSplits = 64;
 
     public MatMulKernels(IlgpuBackend b)
     {
         _b = b;
         _tiled = b.Accelerator.LoadStreamKernel<ArrayView<float>, DeviceFloats, ArrayView<float>, ArrayView<float>, DeviceFloats, MatMulArgs>(MatMulTiledKernel);
+        _splitReduce = b.Accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, DeviceFloats, MatMulArgs>(SplitKReduceKernel);
         _columnSum = b.Kernels(x => new ColumnSumKernels(x));
+    }
+
+    /// <summary>How many r slices a product of <paramref name="tiles"/> output tiles and reduction <paramref name="r"/> is cut into (1: none).</summary>
+    internal static int SplitsFor(long tiles, int r)
+    {
+        if (tiles >= SplitBelowTiles || r < SplitMinR) return 1;
+        long bySlice = r / SplitMinSlice, byGroups = (SplitTargetGroups + tiles - 1) / tiles;
+        return (int)Math.Max(1, Math.Min(MaxSplits, Math.Min(bySlice, byGroups)));
+    }
+
+    /// <summary>
+    /// Split-K second pass: out(i, j) = Alpha · Σ_s partial[s](i, j) [⊙ dropout] [+ bias(j)] [+ residual(i, j)], the slices
+    /// summed in order (deterministic), the epilogue of <see cref="MatMulTiledKernel"/>. partial[s] is (M, N) dense.
+    /// </summary>
+    [GpuKernel(false)]
+    public static void SplitKReduceKernel(Index1D e, ArrayView<float> partials, ArrayView<float> output, ArrayView<float> residual, DeviceFloats bias, MatMulArgs p)
+    {
+        int i = e / p.N, j = e % p.N;
+        long slice = (long)p.M * p.N;
+        float acc = 0f;
+        for (int s = 0; s < p.Splits; s++) acc += partials[s * slice + e];
+        Store(p, output, residual, bias, i, j, acc);
     }
 
     [GpuKernel(true)]
@@ -56,13 +97,19 @@ internal sealed class MatMulKernels
         int tid = Group.IdxX;
         int tx = tid % 16, ty = tid / 16;
         int tilesN = (p.N + BN - 1) / BN;
-        int bi = Grid.IdxX / tilesN * BM;
-        int bj = Grid.IdxX % tilesN * BN;
+        int tiles = (p.M + BM - 1) / BM * tilesN;
+        int tile = Grid.IdxX % tiles, split = Grid.IdxX / tiles;
+        int bi = tile / tilesN * BM;
+        int bj = tile % tilesN * BN;
+        // this group's r range: all of it, or its split-K slice (whose raw sums go to its own (M, Ldo) block of the output)
+        int rBegin = p.Splits > 1 ? split * p.SliceR : 0;
+        int rEnd = p.Splits > 1 ? Math.Min(p.R, rBegin + p.SliceR) : p.R;
+        if (p.Splits > 1) output = output.SubView((long)split * p.M * p.Ldo, (long)p.M * p.Ldo);
 
         float c00 = 0, c01 = 0, c02 = 0, c03 = 0, c10 = 0, c11 = 0, c12 = 0, c13 = 0;
         float c20 = 0, c21 = 0, c22 = 0, c23 = 0, c30 = 0, c31 = 0, c32 = 0, c33 = 0;
 
-        for (int r0 = 0; r0 < p.R; r0 += BK)
+        for (int r0 = rBegin; r0 < rEnd; r0 += BK)
         {
             for (int l = 0; l < BM * BK / Threads; l++)
             {
@@ -71,7 +118,7 @@ internal sealed class MatMulKernels
                 if (p.Sar == 1) { rr = idx % BK; ii = idx / BK; }
                 else { ii = idx % BM; rr = idx / BM; }
                 int gi = bi + ii, gr = r0 + rr;
-                sa[rr * SA + ii] = gi < p.M && gr < p.R ? a[gi * p.Sai + gr * p.Sar] : 0f;
+                sa[rr * SA + ii] = gi < p.M && gr < rEnd ? a[gi * p.Sai + gr * p.Sar] : 0f;
             }
             for (int l = 0; l < BN * BK / Threads; l++)
             {
@@ -80,7 +127,7 @@ internal sealed class MatMulKernels
                 if (p.Sbr == 1) { rr = idx % BK; jj = idx / BK; }
                 else { jj = idx % BN; rr = idx / BN; }
                 int gj = bj + jj, gr = r0 + rr;
-                sb[rr * SB + jj] = gj < p.N && gr < p.R ? b.Load(gj * p.Sbj + gr * p.Sbr) : 0f;
+                sb[rr * SB + jj] = gj < p.N && gr < rEnd ? b.Load(gj * p.Sbj + gr * p.Sbr) : 0f;
             }
             Group.Barrier();
             for (int rr = 0; rr < BK; rr++)
@@ -124,7 +171,46 @@ internal sealed class MatMulKernels
         else residual = output;
         long groups = (long)((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN);
         if (groups > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(p), $"matmul {p.M}×{p.N} needs too many groups");
-        _tiled(new KernelConfig((int)groups, Threads), a, b, output, residual, bias, p);
+        p.Splits = 0;
+        int splits = SplitsFor(groups, p.R);
+        LastSplits = splits;
+        if (splits <= 1)
+        {
+            _tiled(new KernelConfig((int)groups, Threads), a, b, output, residual, bias, p);
+            return;
+        }
+        // Split-K: raw partial sums of each r slice into a dense (splits, M, N) scratch, then one pass applies the epilogue.
+        long slice = (long)p.M * p.N;
+        var partials = Partials(splits * slice);
+        var q = p;
+        q.Splits = splits;
+        q.SliceR = (p.R + splits - 1) / splits;
+        q.SliceR = (q.SliceR + BK - 1) / BK * BK;
+        q.Ldo = p.N;
+        q.Alpha = 1f;
+        q.Accumulate = 0;
+        q.HasBias = 0;
+        q.Dropout = 0;
+        _tiled(new KernelConfig((int)(groups * splits), Threads), a, b, partials, partials, bias, q);
+        p.Splits = splits;
+        _splitReduce(checked((int)slice), partials, output, residual, bias, p);
+    }
+
+    /// <summary>The r slices of the last <see cref="Launch"/> (1: not split); for tests.</summary>
+    internal int LastSplits { get; private set; }
+
+    public void Dispose() => _partials?.Dispose();
+
+    /// <summary>The split-K scratch (grow-only: the first step of a shape allocates it, later steps reuse it).</summary>
+    private ArrayView<float> Partials(long floats)
+    {
+        if (_partials is null || _partials.Length < floats)
+        {
+            _b.WaitForDevice(); // earlier launches may still read the old buffer
+            _partials?.Dispose();
+            _partials = _b.AllocateScratch<float>(floats);
+        }
+        return _partials.View.SubView(0, floats);
     }
 
     /// <summary>

@@ -63,6 +63,11 @@ public static class KernelsDoc
             "dequantized per element in the tile load (byte loads, no vector loads), then as bf16");
         yield return new("MatMulTensorCore, NF4 weight (gate+up)", "x·Wᵀ, W 0.5 B per element + stats", Mm(2.0 * m.F, m.C), 4.0 * M * m.C + 2.0 * m.F * m.C * 0.5 + 8.0 * M * m.F,
             "per element: a code nibble, an absmax code and two table lookups in the tile load; then as bf16");
+        // LoRA rank 16 on a C × C linear: dB (C, 16) += s·dyᵀ·u reduces over all M tokens into one row of output tiles
+        int splits = FineTuneNative.Kernels.Gpu.MatMulKernels.SplitsFor((m.C + 63) / 64, Tokens);
+        yield return new("MatMulTiled split-K + SplitKReduce (LoRA dB, r=16)", $"dyᵀ·u over M: N=C, 16 columns; {splits} slices × {(m.C + 63) / 64} tiles",
+            2 * M * m.C * 16, 4 * M * m.C + 4 * M * 16 + 8.0 * splits * m.C * 16,
+            "f32 SIMT on a 64×64 tile of which 16 columns are real (the FMAs are cheap, the dy read is the floor); partial sums of every slice round-trip through memory before the reduce pass");
         yield return new("MatMulTiled (LM head, f32 SIMT)", "x·Eᵀ, N=V, K=C", Mm(m.V, m.C), 4 * M * m.C + 4.0 * m.V * m.C + 4 * M * m.V,
             "f32 FMA on CUDA cores (no tensor cores for f32 weights): 67 TFLOP/s f32 peak, 15x below the bf16 floor");
         double T = Seq, pairs = Batch * m.NH * T * (T + 1) / 2;
