@@ -59,26 +59,34 @@ public sealed class GenerateOptions : DeviceOptions
         HelpText = "Weight precision for generation on the cpu device: f32, bf16, f16 (IEEE half storage, f32 compute), q8_0 or q4_0 (GGUF block layouts, quantized in memory after adapters are merged).")]
     public string Quant { get; set; } = "f32";
 
-    [Option("kv-cache", Default = "f32", MetaValue = "TYPE",
-        HelpText = "KV cache storage: f32 or bf16 (half the memory; bf16 attention as ftn train --attention-dtype bf16; with --device cuda on sm_80+ the prompt runs through the tensor-core flash attention; on the cpu device it turns off the fused decoder).")]
-    public string KvCache { get; set; } = "f32";
+    [Option("kv-cache", Default = "auto", MetaValue = "TYPE",
+        HelpText = "KV cache storage: auto (the default: bf16 on a cuda device, f32 on the cpu), f32 or bf16. bf16 halves the cache (half the bytes each decoded token reads) and rounds k, v and q as ftn train --attention-dtype bf16; with a cuda device on sm_80+ the prompt runs through the tensor-core flash attention. The cpu device's fused decoder reads an f32 cache only, so bf16 there turns it off.")]
+    public string KvCache { get; set; } = "auto";
 }
 
 /// <summary><c>ftn generate</c>: streams a completion to standard output; statistics go to standard error.</summary>
 public static partial class GenerateCommand
 {
-    /// <summary>--kv-cache: f32 or bf16.</summary>
-    internal static FineTuneNative.Kernels.DType ParseKvCache(string? name) => name?.Trim().ToLowerInvariant() switch
+    /// <summary>--kv-cache: f32, bf16, or auto (null) = bf16 on a CUDA device, f32 elsewhere.</summary>
+    /// <remarks>On CUDA the bf16 cache pays twice: the prefill reaches the tensor-core flash attention (sm_80+) and the
+    /// decode kernel reads half the cache bytes per token. The CPU's fused decoder reads an f32 cache only (a bf16 cache
+    /// turns it off and widens on the fly), and the simulator is a test device: both keep f32.</remarks>
+    internal static FineTuneNative.Kernels.DType ParseKvCache(string? name, string device) => name?.Trim().ToLowerInvariant() switch
     {
-        null or "f32" or "float32" => FineTuneNative.Kernels.DType.F32,
+        null or "" or "auto" => IsCudaDevice(device) ? FineTuneNative.Kernels.DType.BF16 : FineTuneNative.Kernels.DType.F32,
+        "f32" or "float32" => FineTuneNative.Kernels.DType.F32,
         "bf16" or "bfloat16" => FineTuneNative.Kernels.DType.BF16,
-        _ => throw new UserError($"--kv-cache: '{name}' is not a KV cache type; expected f32 or bf16"),
+        _ => throw new UserError($"--kv-cache: '{name}' is not a KV cache type; expected auto, f32 or bf16"),
     };
+
+    /// <summary>True for the --device names Backends.Create maps to ILGPU's CUDA accelerator (cuda, cuda:N, gpu, gpu:N).</summary>
+    internal static bool IsCudaDevice(string device) =>
+        device.Trim().Split(':')[0].ToLowerInvariant() is "cuda" or "gpu";
 
     public static int Run(GenerateOptions o, TextWriter stdout)
     {
         if (o.MaxNewTokens <= 0) throw new UserError($"--max-new-tokens must be > 0 (got {o.MaxNewTokens})");
-        var kvCache = ParseKvCache(o.KvCache); // refused before anything loads
+        var kvCache = ParseKvCache(o.KvCache, o.Device); // refused before anything loads
         if (o.Temperature < 0 || !float.IsFinite(o.Temperature)) throw new UserError($"--temperature must be >= 0 (got {o.Temperature})");
         if (o.TopK < 0) throw new UserError($"--top-k must be >= 0 (got {o.TopK})");
         if (!(o.TopP > 0 && o.TopP <= 1)) throw new UserError($"--top-p must be in (0, 1] (got {o.TopP})");

@@ -79,12 +79,35 @@ public class Bf16KvCacheTests
     }
 
     [Theory]
-    [InlineData(null, DType.F32)]
-    [InlineData("f32", DType.F32)]
-    [InlineData("BF16", DType.BF16)]
-    public void Generate_parses_the_kv_cache_types(string? text, DType expected) => Assert.Equal(expected, FineTuneNative.Cli.GenerateCommand.ParseKvCache(text));
+    [InlineData("f32", "cuda", DType.F32)]
+    [InlineData("BF16", "cpu", DType.BF16)]
+    [InlineData("bfloat16", "cpu:2", DType.BF16)]
+    [InlineData("float32", "cuda:1", DType.F32)]
+    public void Generate_parses_the_kv_cache_types(string text, string device, DType expected) =>
+        Assert.Equal(expected, FineTuneNative.Cli.GenerateCommand.ParseKvCache(text, device));
+
+    // the default (auto, or no value): bf16 on every name Backends.Create maps to CUDA, f32 on the cpu and the simulator
+    [Theory]
+    [InlineData("auto", "cuda", DType.BF16)]
+    [InlineData(null, "cuda:0", DType.BF16)]
+    [InlineData("Auto", " CUDA:1 ", DType.BF16)]
+    [InlineData("auto", "gpu", DType.BF16)]
+    [InlineData("auto", "cpu", DType.F32)]
+    [InlineData(null, "cpu:4", DType.F32)]
+    [InlineData("auto", "ilgpu-sim:4", DType.F32)]
+    public void Generate_defaults_the_kv_cache_to_bf16_on_cuda_and_f32_elsewhere(string? text, string device, DType expected) =>
+        Assert.Equal(expected, FineTuneNative.Cli.GenerateCommand.ParseKvCache(text, device));
+
+    [Fact]
+    public void Generate_option_default_is_auto()
+    {
+        var parsed = new CommandLine.Parser(s => s.HelpWriter = null).ParseArguments<FineTuneNative.Cli.GenerateOptions>(["--prompt", "x"]);
+        var o = Assert.IsType<CommandLine.Parsed<FineTuneNative.Cli.GenerateOptions>>(parsed).Value;
+        Assert.Equal("auto", o.KvCache);
+        Assert.Equal(DType.F32, FineTuneNative.Cli.GenerateCommand.ParseKvCache(o.KvCache, o.Device)); // --device defaults to cpu
+    }
 
     [Fact]
     public void Generate_refuses_another_kv_cache_type() =>
-        Assert.Contains("--kv-cache", Assert.ThrowsAny<Exception>(() => FineTuneNative.Cli.GenerateCommand.ParseKvCache("q8_0")).Message);
+        Assert.Contains("--kv-cache", Assert.ThrowsAny<Exception>(() => FineTuneNative.Cli.GenerateCommand.ParseKvCache("q8_0", "cuda")).Message);
 }
