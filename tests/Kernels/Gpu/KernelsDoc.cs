@@ -56,6 +56,11 @@ public static class KernelsDoc
         // o_proj and down_proj write the residual stream: residual + x·Wᵀ in the epilogue reads the residual (4 B) instead
         // of a separate add's 12 B per element (read y and residual, write the sum) after the matmul's write of y
         yield return new("MatMulTensorCore (o, + residual)", "residual + x·Wᵀ, N=K=C; add fused in the epilogue", Mm(m.C, m.C), MmBytes(m.C, m.C) + 4 * M * m.C, tc);
+        yield return new("MatMulTensorCore (o, + LoRA r=16, + residual)", "residual + x·Wᵀ + s·u·Bᵀ in one launch; u = x·Aᵀ (SIMT) before it",
+            Mm(m.C, m.C) + 2 * M * 16 * m.C, MmBytes(m.C, m.C) + 4 * M * m.C + 4 * M * 16 + 4.0 * m.C * 16,
+            "the rank-r term is computed per output element in the epilogue from u and B in global memory (2·r scalar loads, L1/L2 hits, per element: " +
+            "at r=16 and K=C=576 more load instructions than the main loop); folding u·Bᵀ into the mma as r extra k (bf16-rounded u, B) would remove them; " +
+            "u = x·Aᵀ is a separate SIMT pass over x");
         yield return new("MatMulTensorCore (gate+up)", "x·Wᵀ, N=2F, K=C", Mm(2.0 * m.F, m.C), MmBytes(2.0 * m.F, m.C), tc);
         yield return new("MatMulTensorCore (down, + residual)", "residual + x·Wᵀ, N=C, K=F; add fused in the epilogue", Mm(m.C, m.F), MmBytes(m.C, m.F) + 4 * M * m.C, tc);
         yield return new("MatMulTensorCore (down, dx)", "dy·W, N=F, K=C", Mm(m.F, m.C), MmBytes(m.F, m.C), tcDx);
