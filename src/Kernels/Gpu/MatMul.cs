@@ -206,8 +206,11 @@ internal sealed class MatMulKernels : IDisposable
     {
         if (_partials is null || _partials.Length < floats)
         {
-            _b.WaitForDevice(); // earlier launches may still read the old buffer
-            _partials?.Dispose();
+            if (_partials is not null)
+            {
+                _b.WaitForDevice(); // earlier launches may still read the old buffer (none can before the first)
+                _partials.Dispose();
+            }
             _partials = _b.AllocateScratch<float>(floats);
         }
         return _partials.View.SubView(0, floats);
