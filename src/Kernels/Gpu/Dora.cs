@@ -1,6 +1,5 @@
 using ILGPU;
 using ILGPU.Runtime;
-using ILGPU.Runtime.Cuda;
 
 namespace FineTuneNative.Kernels.Gpu;
 
@@ -31,6 +30,8 @@ internal sealed class DoraKernels
     {
         public ulong Seed;
         public float P, KeepScale;
+        /// <summary>Always 0 (a contraction barrier, see DropoutBackwardKernel).</summary>
+        public uint Zero;
     }
 
     public struct NormArgs
@@ -85,20 +86,13 @@ internal sealed class DoraKernels
     [GpuKernel(false)]
     public static void DropoutBackwardKernel(Index1D i, ArrayView<float> dInput, ArrayView<float> dOut, DropArgs a)
     {
-        if (DropoutHash.Keep(a.Seed, i, a.P)) dInput[i] = AddProductRounded(dInput[i], dOut[i], a.KeepScale);
-    }
-
-    /// <summary>
-    /// d + s·c with the product and the sum each rounded to f32, as the CPU computes it. ILGPU emits a plain mul.f32 and
-    /// add.f32, which ptxas may contract into one FMA (one rounding, different bits); mul.rn / add.rn are never contracted.
-    /// </summary>
-    private static float AddProductRounded(float d, float s, float c)
-    {
-        if (!CudaAsm.IsSupported) return d + s * c;
-        Output<float> r = default;
-        Input<float> di = d, si = s, ci = c;
-        CudaAsm.EmitRef("{ .reg .f32 t; mul.rn.f32 t, %2, %3; add.rn.f32 %0, %1, t; }", ref r, ref di, ref si, ref ci);
-        return r.Value;
+        if (!DropoutHash.Keep(a.Seed, i, a.P)) return;
+        // d + s·c with the product and the sum each rounded to f32, as the CPU computes it. ILGPU emits plain mul.f32 and
+        // add.f32, which ptxas may contract into one FFMA (one rounding: other bits). The product goes through its bits
+        // xor a launch argument that is always 0, which ptxas cannot see through, so it stays a separate FMUL (one LOP
+        // per element; inline mul.rn/add.rn did the same but ILGPU wraps asm operands in local memory: 7 LDL/STL).
+        float t = Interop.IntAsFloat(Interop.FloatAsInt(dOut[i] * a.KeepScale) ^ a.Zero);
+        dInput[i] = dInput[i] + t;
     }
 
     public void DropoutBackward(Tensor dInput, Tensor dOut, float dropout, ulong seed, long count)
