@@ -60,6 +60,21 @@ public class DropoutBackwardTests
             }
     }
 
+    /// <summary>IBackend's default body (DoraHost.DropoutBackward, for backends without their own) gives the same bits.</summary>
+    [Fact]
+    public void DropoutBackward_default_host_body_is_the_definition_bit_for_bit()
+    {
+        using IBackend plain = new FineTuneNative.Tests.Runtime.Model.PlainBackend(); // the interface's default body
+        var dInput = Array.ConvertAll(Rand(333, 1), v => (float)v);
+        var dOut = Array.ConvertAll(Rand(333, 2, 3), v => (float)v);
+        var di = plain.Allocate(DType.F32, 333);
+        var dO = plain.Allocate(DType.F32, 333);
+        plain.Upload(di, dInput);
+        plain.Upload(dO, dOut);
+        plain.DropoutBackward(di, dO, 0.3f, 42, 333);
+        Assert.Equal(Bits(Expected(dInput, dOut, 0.3f, 42)), Bits(di.ToArray()));
+    }
+
     [Fact]
     public void DropoutBackward_applies_the_mask_the_lora_forward_draws()
     {

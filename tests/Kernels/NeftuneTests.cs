@@ -78,6 +78,16 @@ public class NeftuneTests
         }
     }
 
+    /// <summary>IBackend's default body (NeftuneHash.AddHost, for backends without their own) draws the same bits.</summary>
+    [Fact]
+    public void NeftuneNoise_default_host_body_is_the_definition_bit_for_bit()
+    {
+        using var plain = new FineTuneNative.Tests.Runtime.Model.PlainBackend();
+        var x = Array.ConvertAll(Rand(3 * 9 * 37, 4), v => (float)v);
+        var lengths = new[] { 6, 0, 3 };
+        Assert.Equal(Bits(Expected(x, lengths, 5f, 9, 37, 2, 99)), Bits(Apply(plain, x, lengths, 5f, 9, 37, 2, 99)));
+    }
+
     [Fact]
     public void NeftuneNoise_is_uniform_with_the_unpadded_scale_and_the_same_on_any_thread_count()
     {
