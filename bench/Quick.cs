@@ -6,7 +6,7 @@ namespace FineTuneNative.Bench;
 
 /// <summary>
 /// A fast sanity timer for kernel work between BenchmarkDotNet runs (best of N, no statistics):
-/// dotnet run -c Release --project bench -- quick [threads]
+/// dotnet run -c Release --project bench -- quick [threads] [attention|rope]
 /// </summary>
 internal static class Quick
 {
@@ -16,6 +16,8 @@ internal static class Quick
         using var b = new CpuBackend(threads);
         Console.WriteLine($"cpu threads={b.Threads} Vector512={System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated}");
         bool onlyAttention = args.Length > 2 && args[2] == "attention";
+        RopeStore(b);
+        if (args.Length > 2 && args[2] == "rope") return;
         foreach (var a in new[] { new AttentionShape(8, 512, 9, 3, 64), new AttentionShape(3, 333, 6, 2, 40) })
         {
             using var q = BenchEnv.Random(b, DType.F32, 1, a.B, a.T, a.T, a.NH, a.HS);
@@ -52,6 +54,39 @@ internal static class Quick
                 double bw = dt == DType.F32 ? Time(() => b.MatMulBackwardWeight(dw, null, y, x, s.M, s.N, s.K)) : double.NaN;
                 Console.WriteLine($"matmul {s,-16} {dt.Name(),-5} fwd {s.Flops / f / 1e9,7:F1}  bwdIn {s.Flops / bi / 1e9,7:F1}  bwdW {s.Flops / bw / 1e9,7:F1} GFLOP/s");
             }
+    }
+
+    /// <summary>
+    /// bf16 attention's q, k, v store after the projections: the two-pass path (RoPE in place on the f32 q and k, then
+    /// one rounding Copy each of q, k, v) against RopeInto (RoPE writes bf16 directly; v keeps its one Copy).
+    /// Shapes: SmolLM2-135M (NH 9, NKV 3) and Llama-3.2-1B (NH 32, NKV 8) at head 64, 4096 tokens.
+    /// </summary>
+    private static void RopeStore(CpuBackend b)
+    {
+        foreach (var (m, nh, nkv, hs) in new[] { (4096, 9, 3, 64), (4096, 32, 8, 64) })
+        {
+            using var q = BenchEnv.Random(b, DType.F32, 1, m, nh, hs);
+            using var k = BenchEnv.Random(b, DType.F32, 2, m, nkv, hs);
+            using var v = BenchEnv.Random(b, DType.F32, 3, m, nkv, hs);
+            using var q16 = b.Allocate(DType.BF16, m, nh, hs);
+            using var k16 = b.Allocate(DType.BF16, m, nkv, hs);
+            using var v16 = b.Allocate(DType.BF16, m, nkv, hs);
+            using var pos = b.Allocate(DType.I32, m);
+            b.Upload(pos, Enumerable.Range(0, m).Select(i => i % 512).ToArray());
+            double twoPass = Time(() =>
+            {
+                b.Rope(q, pos, m, nh, hs, 10000f, RopeLayout.RotateHalf, inverse: false);
+                b.Rope(k, pos, m, nkv, hs, 10000f, RopeLayout.RotateHalf, inverse: false);
+                b.Copy(q16, q); b.Copy(k16, k); b.Copy(v16, v);
+            });
+            double fused = Time(() =>
+            {
+                b.RopeInto(q16, q, pos, m, nh, hs, 10000f, RopeLayout.RotateHalf);
+                b.RopeInto(k16, k, pos, m, nkv, hs, 10000f, RopeLayout.RotateHalf);
+                b.Copy(v16, v);
+            });
+            Console.WriteLine($"rope+bf16 store M{m} h{nh}/{nkv} d{hs}: two-pass {twoPass * 1e3,7:F3} ms  fused {fused * 1e3,7:F3} ms  ({twoPass / fused:F2}x)");
+        }
     }
 
     /// <summary>

@@ -179,6 +179,20 @@ public interface IBackend : IDisposable
     /// </summary>
     void Rope(Tensor x, Tensor positions, int m, int nHeads, int headSize, float theta, RopeLayout layout, bool inverse);
 
+    /// <summary>
+    /// dst(M, NH, HS) = the forward <see cref="Rope"/> rotation of x(M, NH, HS) f32, stored in dst's float dtype (f32, bf16
+    /// or f16, round to nearest even): bf16 attention's q and k rotated and rounded into the saved tensors in one pass.
+    /// </summary>
+    /// <remarks>
+    /// x is scratch: this default rotates it in place and converts it with one <see cref="Copy"/> (two passes over it);
+    /// the CPU and ILGPU backends read it once and leave it unrotated. dst's bits are the same either way.
+    /// </remarks>
+    void RopeInto(Tensor dst, Tensor x, Tensor positions, int m, int nHeads, int headSize, float theta, RopeLayout layout)
+    {
+        Rope(x, positions, m, nHeads, headSize, theta, layout, inverse: false);
+        Copy(dst, x);
+    }
+
     /// <summary>h(M,F) = silu(gate) ⊙ up.</summary>
     void SwiGluForward(Tensor h, Tensor gate, Tensor up, long count);
     /// <summary>dGate = dh ⊙ up ⊙ silu'(gate); dUp = dh ⊙ silu(gate) (both overwritten; may not alias inputs).</summary>

@@ -39,9 +39,34 @@ internal static unsafe class HalfConvert
         for (int i = 0; i < src.Length; i++) dst[i] = HalfBits.F32ToBf16(src[i]);
     }
 
+    /// <summary>
+    /// Round to nearest even, 32 values per step: (bits + 0x7FFF + bit 16) &gt;&gt; 16, NaNs quieted as
+    /// (bits &gt;&gt; 16) | 0x40; the same bits as <see cref="HalfBits.F32ToBf16"/> (the tail uses it).
+    /// </summary>
     public static void F32ToBf16(float* s, ushort* d, long n)
     {
-        for (long i = 0; i < n; i++) d[i] = HalfBits.F32ToBf16(s[i]);
+        long i = 0;
+        if (Vector512.IsHardwareAccelerated)
+        {
+            var bias = Vector512.Create(0x7FFFu);
+            var absMask = Vector512.Create(0x7FFFFFFFu);
+            var inf = Vector512.Create(0x7F800000u);
+            var quiet = Vector512.Create(0x40u);
+            for (; i + 32 <= n; i += 32)
+            {
+                var lo = Round(Vector512.Load((uint*)(s + i)), bias, absMask, inf, quiet);
+                var hi = Round(Vector512.Load((uint*)(s + i + 16)), bias, absMask, inf, quiet);
+                Vector512.Narrow(lo, hi).Store(d + i); // the values fit 16 bits: truncation keeps them
+            }
+        }
+        for (; i < n; i++) d[i] = HalfBits.F32ToBf16(s[i]);
+    }
+
+    private static Vector512<uint> Round(Vector512<uint> bits, Vector512<uint> bias, Vector512<uint> absMask, Vector512<uint> inf, Vector512<uint> quiet)
+    {
+        var rounded = (bits + bias + ((bits >> 16) & Vector512<uint>.One)) >> 16;
+        var nan = Vector512.GreaterThan(bits & absMask, inf); // exponent all ones, mantissa not zero
+        return Vector512.ConditionalSelect(nan, (bits >> 16) | quiet, rounded);
     }
 
     public static void F16ToF32(ReadOnlySpan<ushort> src, Span<float> dst)

@@ -656,6 +656,11 @@ public sealed class IlgpuBackend : IBackend
         lock (_gate) Kernels(b => new RopeKernels(b)).Apply(x, positions, m, nHeads, headSize, theta, layout, inverse);
     }
 
+    public void RopeInto(Tensor dst, Tensor x, Tensor positions, int m, int nHeads, int headSize, float theta, RopeLayout layout)
+    {
+        lock (_gate) Kernels(b => new RopeKernels(b)).ApplyInto(dst, x, positions, m, nHeads, headSize, theta, layout);
+    }
+
     private SwiGluKernels Glu => Kernels(b => new SwiGluKernels(b));
 
     public void SwiGluForward(Tensor h, Tensor gate, Tensor up, long count)

@@ -28,19 +28,39 @@ public sealed partial class LlamaModel
     }
 
     /// <summary>
-    /// The f32 tensors the q, k, v projections write (and RoPE rotates in place): the saved s.Q, s.K, s.V themselves
+    /// The f32 tensors the q, k, v projections write: the saved s.Q, s.K, s.V themselves (RoPE rotates q, k in place)
     /// in f32 attention; with bf16 attention the activation-gradient scratch DQ, DK, DV, free during a layer's forward
     /// (the backward consumes them within each layer before the next layer's recompute), so rounding costs no buffer.
     /// </summary>
     private static (Tensor Q, Tensor K, Tensor V) ProjectionTargets(TrainingWorkspace ws, TrainingWorkspace.LayerActivations s) =>
         s.Q.DType == DType.F32 ? (s.Q, s.K, s.V) : (ws.DQ, ws.DK, ws.DV);
 
-    /// <summary>Rounds the rotated f32 q, k and v into the saved bf16 s.Q, s.K, s.V (one conversion pass each); nothing in f32 attention.</summary>
-    private void StoreAttentionInputs(TrainingWorkspace.LayerActivations s, Tensor q, Tensor k, Tensor v)
+    /// <summary>
+    /// false: bf16 attention stores q, k, v in two passes (RoPE in place on the f32 scratch, then one Copy each), the
+    /// path before <see cref="IBackend.RopeInto"/>; kept so tests prove the fused one bit-identical on real backends.
+    /// </summary>
+    internal bool FusedRopeStore { get; set; } = true;
+
+    /// <summary>
+    /// RoPE on the projected f32 q and k, then the attention inputs: in f32 attention q and k rotate in place (they are
+    /// s.Q, s.K); with bf16 attention RoPE writes its rotation straight into the saved bf16 s.Q, s.K (one pass each,
+    /// <see cref="IBackend.RopeInto"/>; the f32 scratch is left unrotated) and v is rounded by one conversion pass.
+    /// </summary>
+    private void RopeAndStoreAttentionInputs(TrainingWorkspace.LayerActivations s, Tensor q, Tensor k, Tensor v, Tensor ropePos, int m)
     {
-        if (ReferenceEquals(q, s.Q)) return;
-        _b.Copy(s.Q, q);
-        _b.Copy(s.K, k);
+        var c = Config;
+        if (ReferenceEquals(q, s.Q) || !FusedRopeStore)
+        {
+            _b.Rope(q, ropePos, m, c.NumHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
+            _b.Rope(k, ropePos, m, c.NumKvHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
+            if (ReferenceEquals(q, s.Q)) return;
+            _b.Copy(s.Q, q);
+            _b.Copy(s.K, k);
+            _b.Copy(s.V, v);
+            return;
+        }
+        _b.RopeInto(s.Q, q, ropePos, m, c.NumHeads, c.HeadDim, c.RopeTheta, c.RopeLayout);
+        _b.RopeInto(s.K, k, ropePos, m, c.NumKvHeads, c.HeadDim, c.RopeTheta, c.RopeLayout);
         _b.Copy(s.V, v);
     }
 }

@@ -455,9 +455,7 @@ public sealed partial class LlamaModel : IDisposable
             LinearForward(ws, l, ModQ, q, ws.Xn, train, seed);
             LinearForward(ws, l, ModK, k, ws.Xn, train, seed);
             LinearForward(ws, l, ModV, v, ws.Xn, train, seed);
-            _b.Rope(q, ropePos, m, c.NumHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
-            _b.Rope(k, ropePos, m, c.NumKvHeads, c.HeadDim, c.RopeTheta, c.RopeLayout, inverse: false);
-            StoreAttentionInputs(s, q, k, v);
+            RopeAndStoreAttentionInputs(s, q, k, v, ropePos, m);
             if (_prefix is not null)
                 PrefixAttentionForward(ws, l, attnScale);
             else if (ws.Segments is null)

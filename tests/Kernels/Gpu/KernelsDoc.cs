@@ -101,6 +101,8 @@ public static class KernelsDoc
         yield return new("RmsNormForward", "read x, write y", 4 * M * m.C, 8 * M * m.C, "bandwidth bound: one group per row, reaches the floor only with C >= ~1k");
         yield return new("SwiGluForward", "read gate, up; write h", 6 * M * m.F, 12 * M * m.F, "bandwidth bound, scalar 4-byte loads");
         yield return new("RopeKernel", "q and k in place", 6 * M * (m.NH + m.NKV) * m.HS, 8 * M * (m.NH + m.NKV) * m.HS, "bandwidth bound; recomputes sin/cos per element");
+        yield return new("RopeIntoKernel (bf16 attention)", "q and k rotated from f32 into the saved bf16 tensors", 6 * M * (m.NH + m.NKV) * m.HS, 6 * M * (m.NH + m.NKV) * m.HS,
+            "bandwidth bound; replaces RopeKernel + the rounding copy (8 + 6 bytes per element)");
         yield return new("CrossEntropyKernel", "read logits, write dlogits", 5 * M * m.V, 8 * M * m.V, "bandwidth bound; the logits pass is separate from the LM-head matmul");
     }
 

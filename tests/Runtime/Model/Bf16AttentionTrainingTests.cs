@@ -24,7 +24,7 @@ public class Bf16AttentionTrainingTests
 
     private sealed record Step(double Loss, Dictionary<string, float[]> Grads, long WorkspaceBytes, long PlannedBytes);
 
-    private static Step Run(IBackend b, DType attention, bool checkpointing = false, string caseName = Case)
+    private static Step Run(IBackend b, DType attention, bool checkpointing = false, string caseName = Case, bool fusedRope = true)
     {
         var fx = TinyLoraCase.Get(caseName);
         var owned = new List<Tensor>();
@@ -34,6 +34,7 @@ public class Bf16AttentionTrainingTests
         {
             model.AttentionDType = attention;
             model.ActivationCheckpointing = checkpointing;
+            model.FusedRopeStore = fusedRope;
             var (loss, count) = model.ForwardBackward(fx.Tokens, fx.Targets, fx.Batch, fx.SeqLen, fx.LossScale, fx.DropoutSeed);
             Assert.Equal(fx.Count, count);
             var grads = new Dictionary<string, float[]>();
@@ -108,6 +109,26 @@ public class Bf16AttentionTrainingTests
         foreach (var (name, g) in plain.Grads) Assert.Equal(g, ckpt.Grads[name]);
         Assert.True(ckpt.WorkspaceBytes < plain.WorkspaceBytes);
         Assert.Equal(ckpt.WorkspaceBytes, ckpt.PlannedBytes);
+    }
+
+    /// <summary>
+    /// RoPE writing q and k straight into the saved bf16 tensors (IBackend.RopeInto) gives the LoRA step of the two-pass
+    /// path (RoPE in place, then one rounding Copy each) bit for bit: loss and every LoRA gradient, on the CPU backend
+    /// and the simulator, both RoPE layouts (the dropout case also with activation checkpointing's recompute).
+    /// </summary>
+    [Theory]
+    [InlineData("cpu", "untied_bias_rotatehalf", false)]
+    [InlineData("cpu", "tied_interleaved_dropout", true)]
+    [InlineData("ilgpu-sim:4", "untied_bias_rotatehalf", false)]
+    [InlineData("ilgpu-sim:4", "tied_interleaved_dropout", true)]
+    public void Bf16Attention_FusedRopeStore_IsBitIdenticalToRopeThenCopy(string backend, string caseName, bool checkpointing)
+    {
+        var b = TestBackends.Get(backend);
+        var twoPass = Run(b, DType.BF16, checkpointing, caseName, fusedRope: false);
+        var fused = Run(b, DType.BF16, checkpointing, caseName, fusedRope: true);
+        Assert.Equal(twoPass.Loss, fused.Loss);
+        foreach (var (name, g) in twoPass.Grads) Assert.Equal(g, fused.Grads[name]);
+        Assert.Equal(twoPass.WorkspaceBytes, fused.WorkspaceBytes);
     }
 
     [Fact]
