@@ -51,7 +51,6 @@ internal sealed class AdamWKernels : IDisposable
             var gv = x.Get(e.GSlot).Cast<float>().SubView(e.G + w.Start);
             var mv = x.Get(e.MSlot).Cast<float>().SubView(e.M + w.Start);
             var vv = x.Get(e.VSlot).Cast<float>().SubView(e.V + w.Start);
-            var rv = x.Get(e.RSlot).Cast<ushort>();
             for (int j = Group.IdxX; j < w.Count; j += Group.DimX)
             {
                 float g = gv[j] * scale;
@@ -62,8 +61,8 @@ internal sealed class AdamWKernels : IDisposable
                 float p = pv[j];
                 p -= a.Lr * (mi / a.Correction1 / (MathF.Sqrt(vi / a.Correction2) + a.Eps) + e.Decay * a.WeightDecay * p);
                 pv[j] = p;
-                if (e.RoundKind == DeviceFloats.KindBF16) rv[e.R + w.Start + j] = HalfMath.F32ToBf16(p);
-                else if (e.RoundKind == DeviceFloats.KindF16) rv[e.R + w.Start + j] = HalfMath.F32ToF16(p);
+                if (e.RoundKind != 0) // the rounded copy's view is picked per element: keeping it live costs registers in every tensor
+                    x.Get(e.RSlot).Cast<ushort>()[e.R + w.Start + j] = e.RoundKind == DeviceFloats.KindBF16 ? HalfMath.F32ToBf16(p) : HalfMath.F32ToF16(p);
             }
         }
     }
