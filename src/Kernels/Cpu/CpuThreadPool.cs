@@ -36,6 +36,10 @@ internal sealed unsafe class CpuThreadPool : IDisposable
         Threads = Math.Max(1, threads);
         _workers = new Thread[Threads - 1];
         _workerAllocated = new long[Threads];
+        // ManualResetEventSlim creates its lock object (24 B) the first time a Wait actually blocks: on a loaded machine
+        // that could be inside a training step long after warm-up (seen once as "24 B in one window" by the step
+        // allocation tests). A timed wait on the unset event creates it now, once.
+        _done.Wait(1);
         for (int w = 0; w < _workers.Length; w++)
         {
             int id = w + 1;
