@@ -2,9 +2,16 @@ using ILGPU;
 
 namespace FineTuneNative.Kernels.Gpu;
 
+/// <summary>One lane's A fragment of an m16n8k16 mma (16 rows × one k16 slice), as ldmatrix.x4 returns it.</summary>
+public struct AFrag
+{
+    public uint R0, R1, R2, R3;
+}
+
 /// <summary>
 /// The tensor-core attention backward for head sizes 65..128 (Llama-3-8B, Qwen2.5-7B: 128), by splitting the head
-/// dimension of the accumulators between the warps of a group and recomputing S and dP in each.
+/// dimension of the accumulators between the warps of a group: the dk/dv kernel recomputes S and dP in each channel half,
+/// the dq kernel adds the halves' partial S and dP.
 /// </summary>
 /// <remarks>
 /// The head-64 kernels (AttentionTensorCoreBackward.cs) keep a 16 × HS accumulator per warp for each output (dq; dk
@@ -15,11 +22,17 @@ namespace FineTuneNative.Kernels.Gpu;
 /// head, which needs only shared memory, and accumulates only its 64 output channels, the same accumulator set as a
 /// head-64 warp (dq kernel: 32 f32 + 32 for S, dP; dk/dv kernel: 64 + 32). Shared memory: four 32-row tiles at
 /// <see cref="Ld"/> = 136 (34 KiB, 34.25 KiB with the dk/dv kernel's lse and D rows).
-/// The price is FLOPs: S and dP are computed twice (once per channel half). Per (query, key) pair and head channel the
-/// dq kernel executes 10 mma FLOPs (S 2 + dP 2, twice, + dq 2) and the dk/dv kernel 12 (S 2 + dP 2, twice, + dv 2 +
-/// dk 2): 22·HS in all, against 14·HS for the head-64 kernels and 10·HS useful, i.e. 1.57x the mma work of a
-/// head-64-style schedule, 2.2x the useful FLOPs. Global traffic per group is unchanged per row (each tile is
-/// loaded once into shared memory and read by both channel halves).
+/// The price is FLOPs. The dk/dv kernel computes S and dP twice (once per channel half): per (query, key) pair and
+/// head channel it executes 12 mma FLOPs (S 2 + dP 2, twice, + dv 2 + dk 2). The dq kernel does not: each warp holds
+/// the A fragments of its 16 rows of Q and dO over its own 64 channels in registers (32 registers, read once), forms
+/// partial S and dP over those channels, and the two channel halves of a row half add each other's partials through
+/// shared memory (the Q and dO tiles, free once the fragments are read: 16 KiB of the 17 KiB), so it executes 6 (S 2 +
+/// dP 2 + dq 2). 18·HS in all (22·HS when the dq kernel recomputed too), against 14·HS for the head-64 kernels and
+/// 10·HS useful: 1.29x the mma work of a head-64-style schedule, 1.8x the useful FLOPs. The cost: ptxas keeps the
+/// fragments and the unrolled slices' operands live, 232-236 registers instead of 128-134, so 2 groups per SM instead
+/// of 3 (docs/kernels.md); 0 spills. Which wins on an H100 (40% less mma work in the dq kernel, one third fewer
+/// resident warps) is not measured yet: bench gpu times this backward at head 128. Global traffic per group is
+/// unchanged per row (each tile is loaded once into shared memory and read by both channel halves).
 /// </remarks>
 internal sealed partial class AttentionTensorCoreKernels
 {
@@ -30,7 +43,10 @@ internal sealed partial class AttentionTensorCoreKernels
     /// <summary>dk/dv kernel: K, V of 32 keys; Q, dO of 32 queries; then lse·log2(e) and D of those queries as f32.</summary>
     public const int WkKAt = 0, WkVAt = BW * Ld, WkQAt = 2 * BW * Ld, WkDoAt = 3 * BW * Ld, WkRowAt = 4 * BW * Ld, WkSharedElems = WkRowAt + 4 * BQB;
 
-    /// <summary>Group = (b, h, tile of 32 queries, the longest first); warp = 16 query rows × 64 channels of dq. Writes dq and D.</summary>
+    /// <summary>
+    /// Group = (b, h, tile of 32 queries, the longest first); warp = 16 query rows × 64 channels of dq, forming S and dP
+    /// over its 64 channels and adding the other channel half's partials. Writes dq and D.
+    /// </summary>
     [GpuKernel(true, typeof(Bf16Operand), typeof(F16Operand), TensorCore = true)]
     public static void AttentionTensorCoreBackwardQueryWideKernel<TOp>(DeviceFloats q, DeviceFloats k, DeviceFloats v, ArrayView<float> o, ArrayView<float> dOut,
         ArrayView<float> lse, ArrayView<float> delta, ArrayView<float> dq, AttentionArgs a) where TOp : struct, IMmaOperand
@@ -82,19 +98,49 @@ internal sealed partial class AttentionTensorCoreKernels
 
         var dq0 = default(MmaStrip);
         var dq1 = default(MmaStrip);
-        int qA = ARowElement(WqQAt, Ld, half * 16, 0, lane), doA = ARowElement(WqDoAt, Ld, half * 16, 0, lane);
-        int kB = BRowElement(WqKAt, Ld, 0, 0, lane), vB = BRowElement(WqVAt, Ld, 0, 0, lane), kT = BTransElement(WqKAt, Ld, 0, 0, lane);
+        // Q and dO of this warp's 16 rows over its 64 channels, as A fragments held in registers for the whole key loop;
+        // their shared tiles then hold the S / dP partials the two channel halves exchange
+        Group.Barrier();
+        int qA = ARowElement(WqQAt, Ld, half * 16, c0, lane), doA = ARowElement(WqDoAt, Ld, half * 16, c0, lane);
+        var q0f = ASlice(sm, qA, c0, hsp, lane);
+        var q1f = ASlice(sm, qA + 16, c0 + 16, hsp, lane);
+        var q2f = ASlice(sm, qA + 32, c0 + 32, hsp, lane);
+        var q3f = ASlice(sm, qA + 48, c0 + 48, hsp, lane);
+        var o0f = ASlice(sm, doA, c0, hsp, lane);
+        var o1f = ASlice(sm, doA + 16, c0 + 16, hsp, lane);
+        var o2f = ASlice(sm, doA + 32, c0 + 32, hsp, lane);
+        var o3f = ASlice(sm, doA + 48, c0 + 48, hsp, lane);
+        var xch = sm.Cast<float>(); // WqXchFloats per warp, over the Q and dO tiles once the fragments are read
+        int mine = warp * WqXchFloats + lane, theirs = (warp ^ 2) * WqXchFloats + lane;
+        int kB = BRowElement(WqKAt, Ld, 0, c0, lane), vB = BRowElement(WqVAt, Ld, 0, c0, lane), kT = BTransElement(WqKAt, Ld, 0, 0, lane);
         for (int kb = 0; kb <= maxKey; kb += BKV)
         {
-            Group.Barrier();
+            Group.Barrier(); // the previous keys' K, V and partials are read
             LoadRows<TOp>(sm, WqKAt, k, kvBase, kvStride, kb, maxKey + 1, BKV, hs, hsp, tid);
             LoadRows<TOp>(sm, WqVAt, v, kvBase, kvStride, kb, maxKey + 1, BKV, hs, hsp, tid);
             Group.Barrier();
-            if (!warpActive || kb > warpMaxKey) continue;
+            bool live = warpActive && kb <= warpMaxKey; // the same for both channel halves of a row half
             var s = default(MmaStrip);
             var dp = default(MmaStrip);
-            ScoreStrip<TOp>(ref s, sm, qA, kB, hsp, lane, Ld);   // S = Q·Kᵀ over the whole head
-            ScoreStrip<TOp>(ref dp, sm, doA, vB, hsp, lane, Ld); // dP = dO·Vᵀ
+            if (live)
+            {
+                // partial S = Q·Kᵀ and dP = dO·Vᵀ over this warp's 64 channels only
+                ScoreSlice<TOp>(ref s, q0f, sm, kB, c0, hsp, lane);
+                ScoreSlice<TOp>(ref s, q1f, sm, kB + 16, c0 + 16, hsp, lane);
+                ScoreSlice<TOp>(ref s, q2f, sm, kB + 32, c0 + 32, hsp, lane);
+                ScoreSlice<TOp>(ref s, q3f, sm, kB + 48, c0 + 48, hsp, lane);
+                ScoreSlice<TOp>(ref dp, o0f, sm, vB, c0, hsp, lane);
+                ScoreSlice<TOp>(ref dp, o1f, sm, vB + 16, c0 + 16, hsp, lane);
+                ScoreSlice<TOp>(ref dp, o2f, sm, vB + 32, c0 + 32, hsp, lane);
+                ScoreSlice<TOp>(ref dp, o3f, sm, vB + 48, c0 + 48, hsp, lane);
+                PutStrip(xch, mine, s);
+                PutStrip(xch, mine + 16 * MmaLayout.WarpThreads, dp);
+            }
+            Group.Barrier();
+            if (!live) continue;
+            // whole-head S and dP: own + other half's partial (a sum that commutes, so both halves hold the same bits)
+            AddStrip(ref s, xch, theirs);
+            AddStrip(ref dp, xch, theirs + 16 * MmaLayout.WarpThreads);
             int key = kb + MmaLayout.CCol(lane, 0);
             RowDs(ref s.T0, dp.T0, key, posA, posB, scaleLog2, lA, lB, dA, dB);
             RowDs(ref s.T1, dp.T1, key + 8, posA, posB, scaleLog2, lA, lB, dA, dB);
@@ -109,6 +155,49 @@ internal sealed partial class AttentionTensorCoreKernels
         int col = MmaLayout.CCol(lane, 0) + c0;
         StoreStrip(dq, dq0, rA, rB, inA, inB, col, hs, a.Scale, a.Scale);
         StoreStrip(dq, dq1, rA, rB, inA, inB, col + 32, hs, a.Scale, a.Scale);
+    }
+
+    /// <summary>Floats of S and dP partials each warp of the dq kernel exchanges per key tile: 32 per lane.</summary>
+    public const int WqXchFloats = 32 * MmaLayout.WarpThreads;
+
+    /// <summary>An A fragment (16 rows × k16 slice at channel c) read once by ldmatrix.x4; zero past the padded head.</summary>
+    private static AFrag ASlice(ArrayView<ushort> sm, int element, int c, int hsp, int lane)
+    {
+        var f = default(AFrag);
+        if (c < hsp) Ldsm4(sm, element, lane, false, out f.R0, out f.R1, out f.R2, out f.R3);
+        return f;
+    }
+
+    /// <summary>acc (16 × 32) += A·Bᵀ over one k16 slice at channel c (A from registers, B rows from shared memory); nothing past the padded head.</summary>
+    private static void ScoreSlice<TOp>(ref MmaStrip acc, AFrag a, ArrayView<ushort> sm, int bElement, int c, int hsp, int lane) where TOp : struct, IMmaOperand
+    {
+        if (c >= hsp) return;
+        Ldsm4(sm, bElement, lane, false, out uint b00, out uint b01, out uint b10, out uint b11);
+        Ldsm4(sm, bElement + 16 * Ld, lane, false, out uint b20, out uint b21, out uint b30, out uint b31);
+        Mma<TOp>(ref acc.T0, a.R0, a.R1, a.R2, a.R3, b00, b01, lane);
+        Mma<TOp>(ref acc.T1, a.R0, a.R1, a.R2, a.R3, b10, b11, lane);
+        Mma<TOp>(ref acc.T2, a.R0, a.R1, a.R2, a.R3, b20, b21, lane);
+        Mma<TOp>(ref acc.T3, a.R0, a.R1, a.R2, a.R3, b30, b31, lane);
+    }
+
+    /// <summary>Lane-strided store of a strip's 16 accumulators (x[at + 32·r], conflict-free).</summary>
+    private static void PutStrip(ArrayView<float> x, int at, MmaStrip m)
+    {
+        const int W = MmaLayout.WarpThreads;
+        x[at] = m.T0.C0; x[at + W] = m.T0.C1; x[at + 2 * W] = m.T0.C2; x[at + 3 * W] = m.T0.C3;
+        x[at + 4 * W] = m.T1.C0; x[at + 5 * W] = m.T1.C1; x[at + 6 * W] = m.T1.C2; x[at + 7 * W] = m.T1.C3;
+        x[at + 8 * W] = m.T2.C0; x[at + 9 * W] = m.T2.C1; x[at + 10 * W] = m.T2.C2; x[at + 11 * W] = m.T2.C3;
+        x[at + 12 * W] = m.T3.C0; x[at + 13 * W] = m.T3.C1; x[at + 14 * W] = m.T3.C2; x[at + 15 * W] = m.T3.C3;
+    }
+
+    /// <summary>m += the strip another warp stored with <see cref="PutStrip"/> at <paramref name="at"/> (same lane).</summary>
+    private static void AddStrip(ref MmaStrip m, ArrayView<float> x, int at)
+    {
+        const int W = MmaLayout.WarpThreads;
+        m.T0.C0 += x[at]; m.T0.C1 += x[at + W]; m.T0.C2 += x[at + 2 * W]; m.T0.C3 += x[at + 3 * W];
+        m.T1.C0 += x[at + 4 * W]; m.T1.C1 += x[at + 5 * W]; m.T1.C2 += x[at + 6 * W]; m.T1.C3 += x[at + 7 * W];
+        m.T2.C0 += x[at + 8 * W]; m.T2.C1 += x[at + 9 * W]; m.T2.C2 += x[at + 10 * W]; m.T2.C3 += x[at + 11 * W];
+        m.T3.C0 += x[at + 12 * W]; m.T3.C1 += x[at + 13 * W]; m.T3.C2 += x[at + 14 * W]; m.T3.C3 += x[at + 15 * W];
     }
 
     /// <summary>

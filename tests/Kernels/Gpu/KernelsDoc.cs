@@ -93,8 +93,8 @@ public static class KernelsDoc
         else
             yield return new("AttentionTensorCoreBackward, head split (bf16 q, k, v; HS 65..128)", "recomputes P: 10·HS FLOPs per pair, mma m16n8k16; 32 rows per group, warps = 2 row halves × 2 channel halves",
                 10 * pairs * m.HS, 2 * M * (m.NH + 2.0 * m.NKV) * m.HS * 2 + 4 * M * m.NH * m.HS * 4 + 4 * M * m.NKV * m.HS * 2,
-                "each channel half recomputes S and dP over the whole head: 22·HS FLOPs of mma per pair are executed for 10·HS useful " +
-                "(1.57x the 14·HS of the head-64 kernels), so the real floor is 2.2x the one shown; 32-row groups re-read K/V (dq) and Q/dO (dk/dv) tiles twice as often; " +
+                "the dk/dv kernel's channel halves each recompute S and dP over the whole head (the dq kernel's add their partials): 18·HS FLOPs of mma per pair are executed for 10·HS useful " +
+                "(1.29x the 14·HS of the head-64 kernels), so the real floor is 1.8x the one shown; the dq kernel's 232-236 registers allow 2 groups/SM; 32-row groups re-read K/V (dq) and Q/dO (dk/dv) tiles twice as often; " +
                 "no double buffering; the dk/dv groups of a kv head walk all its query heads serially");
         yield return new("AttentionBackward (q + kv)", "recomputes P: 10·HS FLOPs per pair", 10 * pairs * m.HS,
             4 * M * (m.NH * 4.0 + m.NKV * 4.0) * m.HS, "f32 SIMT FMAs; two kernels (dq, dk/dv) each recompute P");
