@@ -166,21 +166,26 @@ public static class PretrainCommand
             stdout.WriteLine($"corpus: gen:{string.Join(",", tasks)}, {o.Steps} steps x {o.BatchSize} x {o.SeqLen} tokens");
 
             // 4. Train.
-            var result = trainer.Run(BatchAt, evalBatches, p =>
+            void Report(PretrainProgress p)
             {
-                if (p.Step % Math.Max(1, o.LogEvery) == 0 || p.Step == p.TotalSteps || p.Step == 1 || p.EvalLoss is not null)
+                if (p.Step % Math.Max(1, o.LogEvery) == 0 || p.Step == p.TotalSteps || p.Step == 1 || p.EvalLoss is not null || p.Skipped)
                 {
                     var line = new StringBuilder();
                     line.Append(CultureInfo.InvariantCulture, $"step {p.Step,5}/{p.TotalSteps}  loss {CliCommon.F(p.Loss)}  lr {p.LearningRate:0.000e0}  ");
                     line.Append(CultureInfo.InvariantCulture, $"|g| {CliCommon.F(p.GradNorm, "0.00")}  {p.TokensPerSecond,6:0} tok/s  ");
                     line.Append($"elapsed {CliCommon.Duration(p.Elapsed)}  ETA {CliCommon.Duration(p.Eta)}");
                     if (p.EvalLoss is double e) line.Append($"  eval loss {CliCommon.F(e)}");
+                    if (p.Skipped) line.Append("  SKIPPED (NaN/Inf: nothing updated)");
                     stdout.WriteLine(line.ToString());
                 }
-            });
+            }
+            PretrainResult result;
+            try { result = trainer.Run(BatchAt, evalBatches, Report); }
+            catch (TrainingStoppedException e) { throw new UserError(e.Message); }
             stdout.WriteLine($"trained {result.Steps} steps, {CliCommon.Count(result.TrainedTokens)} tokens ({packer.Examples} examples, " +
                              $"{CliCommon.F(packer.ExamplesPerRowEstimate(), "0.0")} per row) in {CliCommon.Duration(result.Elapsed)}; " +
-                             $"eval loss {CliCommon.F(result.EvalLossBefore ?? double.NaN)} -> {CliCommon.F(result.EvalLossAfter ?? double.NaN)}");
+                             $"eval loss {CliCommon.F(result.EvalLossBefore ?? double.NaN)} -> {CliCommon.F(result.EvalLossAfter ?? double.NaN)}" +
+                             (result.SkippedSteps > 0 ? $"; {result.SkippedSteps} skipped (NaN/Inf)" : ""));
 
             // 5. Exact match of greedy generations per task on held-out examples.
             var table = TaskExactMatch(weights, backend, tok, tasks, o.Seed ^ EvalSeedSalt, o.EvalExamples);

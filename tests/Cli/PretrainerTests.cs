@@ -237,4 +237,79 @@ public class PretrainerTests
         for (int i = 0; i < cpu.Params.Length; i++)
             NumericAssert.Close(GradCheck.ToDouble(cpu.Params[i]), run.Params[i], 1e-4, 1e-4, $"parameter {i}");
     }
+    /// <summary>
+    /// A NaN planted in one gradient before step 2 (the backward accumulates onto it, so ‖g‖ is NaN): that step is skipped with
+    /// every parameter bit for bit as before it, the gradients are zeroed, and the steps after it train normally. On ILGPU
+    /// every step, the skipped one included, waits for the device once.
+    /// </summary>
+    [Theory]
+    [InlineData("cpu:1")]
+    [InlineData("ilgpu-sim:4")]
+    public void Pretrainer_PlantedNonFiniteStep_IsSkipped_ParametersUntouched_RunContinues_OneWaitPerStep(string name)
+    {
+        using var backend = Backends.Create(name);
+        var gpu = backend as IlgpuBackend;
+        using var w = LlamaWeights.Allocate(FusedCfg, backend);
+        Pretrainer.InitializeWeights(w, backend, seed: 5);
+        using var model = new LlamaModel(w, backend);
+        using var p = new Pretrainer(model, backend, FusedSettings(3));
+        var grad = model.BaseParameters().First(x => x.Name.EndsWith("q_proj.weight", StringComparison.Ordinal)).Grad;
+        float[][] Snapshot() => w.Named().Select(x => x.Tensor.ToArray()).ToArray();
+        var before = Snapshot();
+        var skipped = new bool[3];
+        var results = new (double Loss, double Norm)[3];
+        for (int s = 0; s < 3; s++)
+        {
+            if (s == 1)
+            {
+                var nan = new float[grad.Length];
+                nan[3] = float.NaN;
+                backend.Upload(grad, nan);
+            }
+            long syncs = gpu?.BlockingSyncs ?? 0;
+            results[s] = p.Step(FusedBatch(s));
+            if (gpu is not null) Assert.Equal(syncs + 1, gpu.BlockingSyncs);
+            skipped[s] = p.LastStepSkipped;
+            var after = Snapshot();
+            for (int i = 0; i < after.Length; i++)
+            {
+                if (s == 1) Assert.Equal(before[i], after[i]);                    // skipped: nothing written
+                else Assert.False(before[i].AsSpan().SequenceEqual(after[i]), $"step {s + 1}: parameter {i} was not updated");
+            }
+            before = after;
+        }
+        Assert.Equal(new[] { false, true, false }, skipped);
+        Assert.True(double.IsNaN(results[1].Norm), $"the planted step's norm is {results[1].Norm}");
+        Assert.True(double.IsFinite(results[0].Loss) && double.IsFinite(results[2].Loss) && double.IsFinite(results[2].Norm));
+        Assert.All(grad.ToArray(), v => Assert.Equal(0f, v));                 // zeroed after the last step
+        Assert.Equal(3, p.StepsDone);
+    }
+
+    /// <summary>Run reports a skipped step (progress flag, result count) and goes on; MaxSkippedSteps in a row stop it.</summary>
+    [Fact]
+    public void PretrainerRun_ReportsSkippedSteps_AndStopsAfterMaxSkippedInARow()
+    {
+        using var backend = Backends.Create("cpu:1");
+        using var w = LlamaWeights.Allocate(FusedCfg, backend);
+        Pretrainer.InitializeWeights(w, backend, seed: 5);
+        using var model = new LlamaModel(w, backend) { TrainBase = true };
+        var grad = model.BaseParameters().First().Grad;
+        var nan = new float[grad.Length];
+        nan[0] = float.PositiveInfinity;
+        using (var p = new Pretrainer(model, backend, FusedSettings(4)))
+        {
+            var progress = new List<PretrainProgress>();
+            var r = p.Run(i => { if (i == 2) backend.Upload(grad, nan); return FusedBatch(i); }, Array.Empty<PretrainBatch>(), progress.Add);
+            Assert.Equal(new[] { false, false, true, false }, progress.Select(x => x.Skipped));
+            Assert.Equal(1, r.SkippedSteps);
+            Assert.Equal(4, r.Steps);
+            Assert.True(double.IsFinite(r.FirstLoss) && double.IsFinite(r.FinalLoss));
+            Assert.Equal(progress[3].Loss, r.FinalLoss);
+        }
+        using (var p = new Pretrainer(model, backend, FusedSettings(6) with { MaxSkippedSteps = 2 }))
+        {
+            var e = Assert.Throws<TrainingStoppedException>(() => p.Run(i => { if (i >= 1) backend.Upload(grad, nan); return FusedBatch(i); }, Array.Empty<PretrainBatch>()));
+            Assert.Contains("step 3: 2 steps in a row", e.Message);
+        }
+    }
 }

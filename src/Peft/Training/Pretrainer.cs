@@ -27,6 +27,8 @@ public sealed record PretrainSettings
     public ulong Seed { get; init; }
     /// <summary>Evaluate the held-out batches every this many steps (0 = only at the end).</summary>
     public int EvalEvery { get; init; } = 100;
+    /// <summary>A step whose loss or gradient is NaN/Inf is skipped (nothing updated); this many skipped in a row stop the run (as the Trainer).</summary>
+    public int MaxSkippedSteps { get; init; } = 5;
 
     public void Validate()
     {
@@ -39,18 +41,20 @@ public sealed record PretrainSettings
         Req(WarmupSteps >= 0, $"warmup must be >= 0 (got {WarmupSteps})");
         Req(WeightDecay >= 0, $"weight decay must be >= 0 (got {WeightDecay})");
         Req(Clip >= 0, $"clip must be >= 0 (got {Clip})");
+        Req(MaxSkippedSteps >= 1, $"max skipped steps must be >= 1 (got {MaxSkippedSteps})");
     }
 }
 
 /// <summary>One step's input: token ids and next-token targets (-100 = no loss), each (B·T) row-major.</summary>
 public sealed record PretrainBatch(int[] Tokens, int[] Targets);
 
-/// <summary>Reported after every optimizer step.</summary>
+/// <summary>Reported after every optimizer step (<paramref name="Skipped"/>: the loss or the gradient norm was NaN/Inf, nothing was updated).</summary>
 public sealed record PretrainProgress(int Step, int TotalSteps, double Loss, float LearningRate, double GradNorm,
-    double TokensPerSecond, TimeSpan Elapsed, TimeSpan Eta, double? EvalLoss);
+    double TokensPerSecond, TimeSpan Elapsed, TimeSpan Eta, double? EvalLoss, bool Skipped = false);
 
+/// <summary>FirstLoss and FinalLoss are those of the first and last steps that were not skipped (NaN when every step was).</summary>
 public sealed record PretrainResult(int Steps, double FirstLoss, double FinalLoss, double? EvalLossBefore, double? EvalLossAfter,
-    long TrainedTokens, TimeSpan Elapsed);
+    long TrainedTokens, TimeSpan Elapsed, int SkippedSteps = 0);
 
 /// <summary>
 /// Full-parameter training of a <see cref="LlamaModel"/> from scratch (<see cref="LlamaModel.TrainBase"/> = true):
@@ -63,6 +67,11 @@ public sealed record PretrainResult(int Steps, double FirstLoss, double FinalLos
 /// (IBackend.GradNormClip, which leaves min(1, clip/‖g‖) on the device) and one fused AdamW over every parameter
 /// (IBackend.AdamWMultiTensor: one launch on GPU backends, weight decay on matrices only, nothing written when the norm
 /// is not finite), then the gradients are zeroed. Optimizer moments (m, v) are f32, allocated once, like every other buffer.
+/// As in the Trainer, the per-token losses stay on the device (LlamaModel.ForwardBackwardInto) next to the norm and the
+/// clipping scale (<see cref="StepReadback"/>), so a step waits for the device once; a non-finite loss or gradient norm
+/// turns the scale into NaN on the device, AdamW then writes nothing, and the step is skipped (<see cref="LastStepSkipped"/>,
+/// reported in <see cref="PretrainProgress.Skipped"/>) instead of stopping the run; MaxSkippedSteps in a row stop it
+/// with <see cref="TrainingStoppedException"/>.
 /// </remarks>
 public sealed class Pretrainer : IDisposable
 {
@@ -72,11 +81,12 @@ public sealed class Pretrainer : IDisposable
     private readonly IBackend _backend;
     private readonly PretrainSettings _s;
     private readonly List<(string Name, Tensor Param, Tensor Grad, Tensor M, Tensor V, bool Decay)> _params = new();
-    private readonly Tensor _clip;                 // (2): ‖g‖ and the clipping scale, written on the device by GradNormClip
-    private readonly float[] _clipHost = new float[2];
+    private readonly StepReadback _readback;       // [‖g‖, clipping scale, per-token losses]: the step's one download
+    private readonly int[] _lossRows = new int[1];
     private readonly Tensor[] _grads;              // the same lists every step: GPU backends build their device tables once
     private readonly AdamWTensor[] _adam;
     private int _step;
+    private int _updates;                          // AdamW's t: steps taken minus steps skipped
 
     public Pretrainer(LlamaModel model, IBackend backend, PretrainSettings settings)
     {
@@ -95,13 +105,16 @@ public sealed class Pretrainer : IDisposable
             _params.Add((name, p, g, m, v, p.Rank >= 2));
         }
         if (_params.Count == 0) throw new InvalidOperationException("the model exposes no base parameters");
-        _clip = backend.Allocate(DType.F32, 2);
-        _clip.Name = "grad_norm_clip";
+        _readback = new StepReadback(backend);
+        _lossRows[0] = model.LossRows(settings.BatchSize, settings.SeqLen);
         _grads = _params.Select(p => p.Grad).ToArray();
         _adam = _params.Select(p => new AdamWTensor(p.Param, p.Grad, p.M, p.V, p.Decay)).ToArray();
     }
 
+    /// <summary>Steps taken so far, skipped steps included.</summary>
     public int StepsDone => _step;
+    /// <summary>The last step's loss or gradient norm was not finite: no parameter was updated.</summary>
+    public bool LastStepSkipped { get; private set; }
     public long ParameterCount => _params.Sum(p => p.Param.Length);
 
     /// <summary>
@@ -142,25 +155,29 @@ public sealed class Pretrainer : IDisposable
         return (float)(min + 0.5 * (peak - min) * (1 + Math.Cos(Math.PI * progress)));
     }
 
-    /// <summary>One optimizer step on one batch. Returns (mean loss, gradient norm before clipping).</summary>
+    /// <summary>
+    /// One optimizer step on one batch. Returns (mean loss, gradient norm before clipping); when either is not finite no
+    /// parameter is updated and <see cref="LastStepSkipped"/> is set (the gradients are zeroed either way).
+    /// </summary>
     public (double Loss, double GradNorm) Step(PretrainBatch batch)
     {
         int count = CountTargets(batch);
         if (count == 0) throw new ArgumentException("a training batch has no target to learn (every target is -100)");
-        var (lossSum, n) = _model.ForwardBackward(batch.Tokens, batch.Targets, _s.BatchSize, _s.SeqLen, 1f / count, DropoutSeed());
+        var losses = _readback.Layout(_lossRows)[0];
+        int n = _model.ForwardBackwardInto(batch.Tokens, batch.Targets, _s.BatchSize, _s.SeqLen, 1f / count, DropoutSeed(), default, losses);
         if (n != count) throw new InvalidOperationException($"the model counted {n} targets, the batch has {count}");
-        // One reduction over every gradient; the clipping scale stays on the device, where AdamW reads it. A non-finite
-        // norm makes the scale NaN and AdamW then writes nothing, so the parameters are intact when the step throws.
-        int step = _step + 1;
-        float lr = LearningRateAt(step);
-        _backend.GradNormClip(_grads, _clip, _s.Clip);
-        _backend.AdamWMultiTensor(_adam, new AdamWHyper(lr, _s.Beta1, _s.Beta2, _s.Eps, _s.WeightDecay, step), _clip);
-        _backend.Download(_clip, _clipHost);
-        double norm = _clipHost[0];
-        if (!float.IsFinite(_clipHost[1])) throw new InvalidOperationException($"step {step}: the gradient norm is {norm} (loss {lossSum / count}); no parameter was updated");
-        _step = step;
+        int step = ++_step;
+        // One reduction over every gradient; the clipping scale stays on the device, where AdamW reads it, and turns NaN when
+        // the norm or a loss is not finite, so AdamW writes nothing. Then the step's one wait: norm, scale and losses together.
+        _backend.GradNormClip(_grads, _readback.Clip, _s.Clip);
+        _readback.FlagNonFiniteLoss();
+        _backend.AdamWMultiTensor(_adam, new AdamWHyper(LearningRateAt(step), _s.Beta1, _s.Beta2, _s.Eps, _s.WeightDecay, _updates + 1), _readback.Clip);
         foreach (var p in _params) _backend.Fill(p.Grad, 0);
-        return (lossSum / count, norm);
+        var (lossSum, norm, scale) = _readback.Read();
+        double loss = lossSum / count;
+        LastStepSkipped = !double.IsFinite(loss) || !float.IsFinite(scale);
+        if (!LastStepSkipped) _updates++;
+        return (loss, norm);
     }
 
     /// <summary>Mean loss per target token over <paramref name="batches"/> (no gradient, no dropout).</summary>
@@ -185,7 +202,8 @@ public sealed class Pretrainer : IDisposable
     {
         var sw = Stopwatch.StartNew();
         double? evalBefore = eval.Count > 0 ? Evaluate(eval) : null;
-        double first = double.NaN, last = double.NaN, smooth = double.NaN;
+        double first = double.NaN, last = double.NaN;
+        int skipped = 0, skippedInARow = 0;
         long tokens = 0;
         var timed = Stopwatch.StartNew();
         long timedTokens = 0;
@@ -195,9 +213,14 @@ public sealed class Pretrainer : IDisposable
             var (loss, norm) = Step(batch);
             tokens += batch.Tokens.Length;
             timedTokens += batch.Tokens.Length;
-            if (i == 0) { first = loss; smooth = loss; }
-            else smooth = 0.95 * smooth + 0.05 * loss;
-            last = loss;
+            bool skip = LastStepSkipped;
+            if (skip) { skipped++; skippedInARow++; }
+            else
+            {
+                skippedInARow = 0;
+                if (double.IsNaN(first)) first = loss;
+                last = loss;
+            }
             double? evalLoss = null;
             if (eval.Count > 0 && (_s.EvalEvery > 0 && _step % _s.EvalEvery == 0 || _step == _s.Steps))
             {
@@ -207,10 +230,13 @@ public sealed class Pretrainer : IDisposable
             }
             double tps = timedTokens / Math.Max(1e-9, timed.Elapsed.TotalSeconds);
             var eta = TimeSpan.FromSeconds((_s.Steps - _step) * (double)batch.Tokens.Length / Math.Max(1e-9, tps));
-            onProgress?.Invoke(new PretrainProgress(_step, _s.Steps, loss, LearningRateAt(_step), norm, tps, sw.Elapsed, eta, evalLoss));
+            onProgress?.Invoke(new PretrainProgress(_step, _s.Steps, loss, LearningRateAt(_step), norm, tps, sw.Elapsed, eta, evalLoss, skip));
+            if (skippedInARow >= _s.MaxSkippedSteps)
+                throw new TrainingStoppedException($"step {_step}: {skippedInARow} steps in a row had a NaN/Inf loss or gradient " +
+                    $"(last: loss {loss}, gradient norm {norm}); stopping. Lower the learning rate (now {_s.LearningRate:0.###e0}) or the clip");
         }
         double? evalAfter = eval.Count > 0 ? Evaluate(eval) : null;
-        return new PretrainResult(_step, first, last, evalBefore, evalAfter, tokens, sw.Elapsed);
+        return new PretrainResult(_step, first, last, evalBefore, evalAfter, tokens, sw.Elapsed, skipped);
     }
 
     private ulong DropoutSeed() => _s.Seed * 0x9E3779B97F4A7C15UL + (ulong)_step;
@@ -226,7 +252,7 @@ public sealed class Pretrainer : IDisposable
     {
         foreach (var p in _params) { p.M.Dispose(); p.V.Dispose(); }
         _params.Clear();
-        _clip.Dispose();
+        _readback.Dispose();
     }
 
     /// <summary>Standard normal numbers (Box-Muller over SplitMix64): deterministic in (seed, stream).</summary>

@@ -94,16 +94,8 @@ public sealed class Trainer : IDisposable
     private readonly IBackend _backend;
     private readonly List<(string Name, Tensor Param, Tensor Grad, Tensor M, Tensor? V, bool Decay, Tensor? Rounded)> _state = new();
     private readonly Tensor? _scratch; // SGD: lr·update before it is added to the parameter
-    // f32 (2 + loss rows): ‖g‖ and the clipping scale (written on the device by GradNormClip), then the per-token losses
-    // of every micro-batch of the step: read back together, the step's one wait for the device.
-    private Tensor? _readback;
-    private Tensor? _clip;             // view (2) of _readback
-    private Tensor? _lossZeros;        // f32 zeros as long as the loss rows (the loss's finiteness probe in BeginStep)
-    private float[] _readbackHost = new float[2];
+    private StepReadback? _readback;   // [‖g‖, clipping scale, per-token losses]: the step's one download
     private int[] _pendingRows = Array.Empty<int>(); // per-token losses of each micro-batch of the step in flight
-    private int[] _viewRows = Array.Empty<int>();    // the layout _lossViews and _probe were made for
-    private Tensor[] _lossViews = Array.Empty<Tensor>(); // each micro-batch's rows of _readback
-    private (Tensor Scale, Tensor Losses, Tensor Zeros, Tensor All) _probe;
     private (long Targets, double Penalty)? _pending;
     private Tensor[] _grads = Array.Empty<Tensor>();
     private AdamWTensor[] _adam = Array.Empty<AdamWTensor>();
@@ -157,7 +149,7 @@ public sealed class Trainer : IDisposable
             }
             if (_state.Count == 0) throw new InvalidOperationException($"the {method.Kind} method has no trainable tensor");
             if (!adam) { _scratch = _backend.Allocate(DType.F32, checked((int)largest)); _scratch.Name = "sgd_scratch"; }
-            EnsureReadback(0);
+            _readback = new StepReadback(_backend);
             // The same lists every step: GPU backends build their device tables for them once.
             _grads = _state.Select(s => s.Grad).ToArray();
             if (adam) _adam = _state.Select(s => new AdamWTensor(s.Param, s.Grad, s.M, s.V!, s.Decay, s.Rounded)).ToArray();
@@ -269,10 +261,8 @@ public sealed class Trainer : IDisposable
         long n = window.Sum(b => (long)b.TargetCount);
         if (n == 0) throw new InvalidOperationException("a training step has no target tokens");
         if (_pendingRows.Length != window.Count) _pendingRows = new int[window.Count];
-        int rows = 0;
-        for (int i = 0; i < window.Count; i++) rows += _pendingRows[i] = _model.LossRows(window[i].BatchSize, window[i].SeqLen);
-        EnsureReadback(rows);
-        if (!_viewRows.AsSpan().SequenceEqual(_pendingRows)) MakeLossViews(rows);
+        for (int i = 0; i < window.Count; i++) _pendingRows[i] = _model.LossRows(window[i].BatchSize, window[i].SeqLen);
+        var lossViews = _readback!.Layout(_pendingRows);
         _step++;
         _method.ZeroGrad();
         float lossScale = (float)(1.0 / n);
@@ -280,16 +270,16 @@ public sealed class Trainer : IDisposable
         {
             var b = window[i];
             ulong dropoutSeed = _opt.Seed * 0x9E3779B97F4A7C15UL + (ulong)_step * 0x100000001B3UL + (ulong)i;
-            _model.ForwardBackwardInto(b.Tokens, b.Targets, b.BatchSize, b.SeqLen, lossScale, dropoutSeed, b.Positions, _lossViews[i], b.RowLengths);
+            _model.ForwardBackwardInto(b.Tokens, b.Targets, b.BatchSize, b.SeqLen, lossScale, dropoutSeed, b.Positions, lossViews[i], b.RowLengths);
         }
         double penalty = _method.AddPenalty();
         // One reduction over all gradients; the clipping scale stays on the device, where AdamW reads it (a non-finite
         // norm makes it NaN and AdamW then writes nothing).
-        _backend.GradNormClip(_grads, _clip!, (float)_opt.ClipNorm);
-        FlagNonFiniteLoss(_backend, _probe.Scale, _probe.Losses, _probe.Zeros, rows);
+        _backend.GradNormClip(_grads, _readback.Clip, (float)_opt.ClipNorm);
+        _readback.FlagNonFiniteLoss();
         if (_opt.Optimizer == "adamw" && double.IsFinite(penalty))
             _backend.AdamWMultiTensor(_adam, new AdamWHyper((float)lr, (float)_opt.Beta1, (float)_opt.Beta2, (float)_opt.AdamEps,
-                (float)_opt.WeightDecay, _run.Updates + 1), _clip!);
+                (float)_opt.WeightDecay, _run.Updates + 1), _readback.Clip);
         _pending = (n, penalty);
         _pendingLr = lr;
     }
@@ -302,22 +292,9 @@ public sealed class Trainer : IDisposable
         var (n, penalty) = _pending ?? throw new InvalidOperationException("no step in flight");
         _pending = null;
         double lr = _pendingLr;
-        var host = _readbackHost.AsSpan(0, (int)_probe.All.Length);
-        _backend.Download(_probe.All, host);
-        // The host sums each micro-batch's losses in double in token order, then the micro-batches: as when each was read back alone.
-        double lossSum = 0;
-        int at = 2;
-        foreach (int r in _pendingRows)
-        {
-            double ls = 0;
-            foreach (float x in host.Slice(at, r)) ls += x;
-            lossSum += ls;
-            at += r;
-        }
+        var (lossSum, norm, gradScale) = _readback!.Read();
         double loss = lossSum / n + penalty;
         bool adam = _opt.Optimizer == "adamw";
-        double norm = host[0];
-        float gradScale = host[1];
         LastStepSkipped = !double.IsFinite(loss) || !float.IsFinite(gradScale);
         if (LastStepSkipped) return (loss, norm);
         _run.Updates++;
@@ -355,36 +332,6 @@ public sealed class Trainer : IDisposable
     /// </summary>
     internal static void FlagNonFiniteLoss(IBackend backend, Tensor scale, Tensor losses, Tensor zeros, int rows) =>
         backend.MatMul(scale, losses, zeros, null, 1, 1, rows, accumulate: true);
-
-    /// <summary>Makes the readback tensor hold the clip pair and <paramref name="rows"/> losses (reallocated only when a step needs more).</summary>
-    private void EnsureReadback(int rows)
-    {
-        if (_readback is not null && _readback.Length >= 2L + rows) return;
-        _readback?.Dispose();
-        _lossZeros?.Dispose();
-        _readback = _backend.Allocate(DType.F32, 2 + rows);
-        _readback.Name = "step_readback";
-        _clip = _readback.View(0, 2);
-        _clip.Name = "grad_norm_clip";
-        _lossZeros = _backend.Allocate(DType.F32, Math.Max(1, rows));
-        _lossZeros.Name = "loss_probe_zeros";
-        _readbackHost = new float[2 + rows];
-        _viewRows = Array.Empty<int>();
-    }
-
-    /// <summary>Views of the readback for the micro-batch layout in _pendingRows (made when the layout changes, not every step).</summary>
-    private void MakeLossViews(int rows)
-    {
-        _lossViews = new Tensor[_pendingRows.Length];
-        long offset = 2;
-        for (int i = 0; i < _pendingRows.Length; i++)
-        {
-            _lossViews[i] = _readback!.View(offset, _pendingRows[i]);
-            offset += _pendingRows[i];
-        }
-        _probe = (_clip!.View(1, 1), _readback!.View(2, 1, rows), _lossZeros!.View(0, 1, rows), _readback.View(0, 2 + rows));
-        _viewRows = (int[])_pendingRows.Clone();
-    }
 
     /// <summary>
     /// The next GradAccum micro-batches of the shuffled order from (epoch, cursor), advancing them; a window never spans
@@ -855,7 +802,6 @@ public sealed class Trainer : IDisposable
         _state.Clear();
         _scratch?.Dispose();
         _readback?.Dispose();
-        _lossZeros?.Dispose();
         _evalLosses?.Dispose();
     }
 }
