@@ -30,7 +30,9 @@ public struct AFrag
 /// dP 2 + dq 2). 18·HS in all (22·HS when the dq kernel recomputed too), against 14·HS for the head-64 kernels and
 /// 10·HS useful: 1.29x the mma work of a head-64-style schedule, 1.8x the useful FLOPs. The cost: ptxas keeps the
 /// fragments and the unrolled slices' operands live, 232-236 registers instead of 128-134, so 2 groups per SM instead
-/// of 3 (docs/kernels.md); 0 spills. Which wins on an H100 (40% less mma work in the dq kernel, one third fewer
+/// of 3 (docs/kernels.md); 0 spills. Tried and not kept: only dO in registers, Q read from shared memory per slice, the S
+/// partials exchanged over the dO tile and the dP partials over the V tile (one more barrier per key tile): 210-214
+/// registers, still 2 groups per SM. Which wins on an H100 (40% less mma work in the dq kernel, one third fewer
 /// resident warps) is not measured yet: bench gpu times this backward at head 128. Global traffic per group is
 /// unchanged per row (each tile is loaded once into shared memory and read by both channel halves).
 /// </remarks>
