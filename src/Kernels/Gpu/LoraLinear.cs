@@ -85,13 +85,11 @@ internal sealed class LoraLinearKernels
         var tc = _mm.TensorCoreFor(w.DType);
         if (tc is not null)
         {
-            // y = [residual +] x·Wᵀ + bias + s·u·Bᵀ in one tensor-core launch: the rank-r term (and the residual) are
-            // added in the epilogue instead of passes reading and writing y again.
-            var t = MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(p), x, w, w.DType == DType.F16);
-            t.LoraRank = r;
-            t.Slj = r;
-            t.Slq = 1;
-            t.LoraScale = lora.Scale;
+            // y = [residual +] x·Wᵀ + bias + s·u·Bᵀ in one tensor-core launch: the rank-r term as r more reduction steps
+            // of the mma over [s·u | B] (rounded to bf16/f16, as autocast rounds PEFT's lora_B input and weight), the
+            // residual in the epilogue, instead of passes reading and writing y again.
+            bool f16 = w.DType == DType.F16;
+            var t = MatMulTensorCoreKernels.WithLoraInMma(MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(p), x, w, f16), u, lora.B, r, lora.Scale, f16);
             tc.Launch(w.DType == DType.F16, _b.Floats(x, "x"), _b.Weight(w, "w"), yv, bias is null ? MatMulKernels.None : _b.Floats(bias, "bias"),
                 uv, _b.Floats(lora.B, "lora.B"), t, rv);
             return;

@@ -14,6 +14,9 @@ namespace FineTuneNative.Kernels.Gpu;
 /// A(i, r) = a[i·Sai + r·Sar], B(j, r) = b[j·Sbj + r·Sbr] (the three training layouts without a transpose in
 /// memory); U(i, q) = u[i·LoraRank + q], L(j, q) = l[j·Slj + q·Slq]; out(i, j) = out[i·Ldo + j].
 /// A and B are rounded to the operand type of the kernel instantiation (bf16 or f16) and multiplied with f32 accumulation.
+/// With <see cref="LoraInMma"/> the rank-r term is not added in the epilogue but reduced by the mma as more k:
+/// out(i, j) = Σ_r A(i, r)·B(j, r) + Σ_q rnd(LoraScale·U(i, q))·rnd(L(j, q)) [+ bias(j)] [+ residual(i, j)], rnd = the
+/// operand rounding (Alpha = 1, no dropout mask: see <see cref="MatMulTensorCoreKernels.WithLoraInMma"/>).
 /// </summary>
 public struct TensorCoreArgs
 {
@@ -35,6 +38,14 @@ public struct TensorCoreArgs
     public int Dropout;
     public float DropP, DropScale;
     public ulong Seed;
+    /// <summary>
+    /// 1: the rank-r term is reduced on the tensor cores as ⌈LoraRank/32⌉ extra k steps over [LoraScale·U | L] (rounded to
+    /// the operand type, zeros past rank column r), not in the f32 epilogue. Needs L(j, q) = l[j·Slj + q] and a
+    /// B operand that is k contiguous (Sbr = 1).
+    /// </summary>
+    public int LoraInMma;
+    /// <summary>1 when runs of 4 of U (of L) along q may be read with one vector load (as <see cref="VecA"/>).</summary>
+    public int VecU, VecL;
 }
 
 /// <summary>The 16-bit operand type of a tensor-core matmul instantiation (a compile-time constant to ILGPU).</summary>
@@ -103,6 +114,8 @@ public struct MmaStage
 /// ILGPU gives the first one (<c>__shared_alloca0</c>); ptxas fails on the PTX if that ever changes.
 /// On CUDA the kernel is loaded from its PTX after <see cref="PtxLocalForwarding"/> (ILGPU puts every inline-asm
 /// operand in a local variable: without the pass, 1040 bytes of stack and 428 LDL/STL in the SASS).
+/// The LoRA forward's rank-r term can be reduced by the same mma as ⌈r/32⌉ more k steps over [s·u | B]
+/// (<see cref="WithLoraInMma"/>; u and B rounded like x and W) instead of the f32 epilogue's 2·r loads per output element.
 /// Matches MatMulReference within bf16/f16 operand rounding.
 /// </remarks>
 internal sealed class MatMulTensorCoreKernels
@@ -206,12 +219,23 @@ internal sealed class MatMulTensorCoreKernels
         if (asyncA || asyncB) CpAsyncCommitAndWait();
         Group.Barrier();
 
-        int steps = (p.R + BK - 1) / BK;
+        int stepsK = (p.R + BK - 1) / BK;
+        // with the rank-r term in the mma, ⌈r/32⌉ more steps reduce [s·u | B] after the K steps of [x | W]
+        int steps = p.LoraInMma != 0 ? stepsK + (p.LoraRank + BK - 1) / BK : stepsK;
         for (int s = 0; s < steps; s++)
         {
             int cur = (s & 1) * 2 * TileElems;
             int next = cur ^ (2 * TileElems);
-            bool more = s + 1 < steps;
+            bool more = s + 1 < stepsK;
+            if (s + 1 >= stepsK && s + 1 < steps)
+            {
+                // The next tile is one of the rank-r term: s·u (f32, rounded) and B (f32 or 16-bit) through registers
+                // straight into the free buffer, both [row][k]. Stored before the multiply, so nothing stays live across
+                // it (one load latency per rank step, against the K/32 steps that hide theirs).
+                int q0 = (s + 1 - stepsK) * BK;
+                StoreTile(sm, next, LoadRankTile<TOp>(u, p.LoraScale, bi, p.M, q0, p.LoraRank, tid, p.VecU), StoreRowK, tid);
+                StoreTile(sm, next + TileElems, LoadTile<TOp>(loraB, p.Slj, 1, bj, p.N, q0, p.LoraRank, tid, p.VecL), StoreRowK, tid);
+            }
             if (more)
             {
                 // The other buffer is free: every warp passed the barrier that ended the step which read it.
@@ -223,6 +247,9 @@ internal sealed class MatMulTensorCoreKernels
                 if (asyncA || asyncB) CpAsyncCommit();
             }
             // (ptxas keeps this a 2-trip loop since the k-major B path: unrolled by hand it spills 36 B at the 128-register cap)
+            // A rank step multiplies both k16 slices, zero padding included (r = 16: one slice of zeros, 1/36 of the mma of
+            // K = 576): stopping after the slices that hold rank columns costs a register, and at the 128-register cap
+            // 4 B of spill on sm_80 (measured for a variable k16 bound, a bound from the total reduction length, and a break).
             for (int k16 = 0; k16 < BK; k16 += 16)
                 MultiplySlice<TOp>(ref acc0, ref acc1, ref acc2, ref acc3, sm, cur, k16, wm, wn, lane, bLane0, bLane1, bStepK, transB);
             if (more)
@@ -359,6 +386,41 @@ internal sealed class MatMulTensorCoreKernels
                 long count = (long)rows * ks; // the operand's element count (NF4 locates its statistics from it)
                 lo = Pair<TOp>(v, g, step, in0, in1, count);
                 hi = Pair<TOp>(v, g + 2 * step, step, in2, in3, count);
+            }
+            if (l == 0) { st.U0 = lo; st.U1 = hi; }
+            else if (l == 1) { st.U2 = lo; st.U3 = hi; }
+            else if (l == 2) { st.U4 = lo; st.U5 = hi; }
+            else { st.U6 = lo; st.U7 = hi; }
+        }
+        return st;
+    }
+
+    /// <summary>
+    /// This thread's 16 elements of the 128-row × 32-q tile at (row0, q0) of <paramref name="scale"/>·u, u (rows, r) f32 with
+    /// q contiguous, rounded to the operand type, zero past the last row and past rank column r (the padding the mma
+    /// reduces over). Runs of 4 along q as <see cref="LoadTile"/>'s k-contiguous case; one 16-byte load per run when
+    /// <paramref name="vec"/> (r % 4 == 0, u 16-byte aligned).
+    /// </summary>
+    private static MmaStage LoadRankTile<TOp>(ArrayView<float> u, float scale, int row0, int rows, int q0, int r, int tid, int vec) where TOp : struct, IMmaOperand
+    {
+        var st = default(MmaStage);
+        for (int l = 0; l < 4; l++)
+        {
+            int idx = tid + l * Threads;
+            int row = idx / (BK / 4), q = q0 + idx % (BK / 4) * 4;
+            bool rowIn = row0 + row < rows;
+            long g = (long)(row0 + row) * r + q;
+            uint lo, hi;
+            if (vec != 0 && rowIn && q + 3 < r)
+            {
+                var f = u.Cast<Float4>()[g >> 2];
+                lo = Round<TOp>(scale * f.X) | (Round<TOp>(scale * f.Y) << 16);
+                hi = Round<TOp>(scale * f.Z) | (Round<TOp>(scale * f.W) << 16);
+            }
+            else
+            {
+                lo = (rowIn && q < r ? Round<TOp>(scale * u[g]) : 0u) | ((rowIn && q + 1 < r ? Round<TOp>(scale * u[g + 1]) : 0u) << 16);
+                hi = (rowIn && q + 2 < r ? Round<TOp>(scale * u[g + 2]) : 0u) | ((rowIn && q + 3 < r ? Round<TOp>(scale * u[g + 3]) : 0u) << 16);
             }
             if (l == 0) { st.U0 = lo; st.U1 = hi; }
             else if (l == 1) { st.U2 = lo; st.U3 = hi; }
@@ -615,7 +677,7 @@ internal sealed class MatMulTensorCoreKernels
         long idx = (long)i * p.Ldo + j;
         float v = p.Alpha * acc;
         if (p.HasBias != 0) v += bias.Load(j);
-        if (p.LoraRank > 0)
+        if (p.LoraRank > 0 && p.LoraInMma == 0)
         {
             float low = 0f;
             long ui = (long)i * p.LoraRank, lj = j * p.Slj;
@@ -680,6 +742,29 @@ internal sealed class MatMulTensorCoreKernels
         p.VecB = CanVectorize(b, p.Sbj, p.Sbr, f16) ? 1 : 0;
         p.AsyncA = p.Sar == 1 && CanCopyAsync(a, p.Sai, p.Sar, f16) ? 1 : 0; // A's tile is [row][k] only
         p.AsyncB = CanCopyAsync(b, p.Sbj, p.Sbr, f16) ? 1 : 0;
+        return p;
+    }
+
+    /// <summary>
+    /// Adds the LoRA forward's rank-r term s·u·Bᵀ (<paramref name="u"/> (M, R) f32, <paramref name="loraB"/> (N, R)) to
+    /// <paramref name="p"/> (y = x·Wᵀ, B operand k contiguous, Alpha = 1) as R more reduction steps of the mma:
+    /// y = [x | s·u]·[W | B]ᵀ with s·u and B rounded to the operand type (bf16 or f16), R zero-padded to the 32-k step.
+    /// For bf16 this is the rounding PyTorch autocast applies to PEFT's lora_B(lora_A(x)) (u and B cast to bf16 for the
+    /// lora_B matmul, f32 accumulation), except that s is applied to u before its rounding instead of to the product:
+    /// the same bits when s is a power of two (lora_alpha = r, 2r, r/2 ...), otherwise within one bf16 rounding of s·u.
+    /// The f32 epilogue (LoraInMma = 0) stays for the SIMT path and the backward's dropout-masked term.
+    /// </summary>
+    internal static TensorCoreArgs WithLoraInMma(TensorCoreArgs p, Tensor u, Tensor loraB, int r, float scale, bool f16)
+    {
+        if (p.Sbr != 1 || p.Alpha != 1f || p.Dropout != 0)
+            throw new ArgumentException($"the rank-r term goes into the mma only for y = x·Wᵀ (Sbr = 1, Alpha = 1, no mask), got Sbr={p.Sbr} Alpha={p.Alpha} Dropout={p.Dropout}", nameof(p));
+        p.LoraRank = r;
+        p.Slj = r;
+        p.Slq = 1;
+        p.LoraScale = scale;
+        p.LoraInMma = 1;
+        p.VecU = u.DType == DType.F32 && r % 4 == 0 && u.Offset % 4 == 0 ? 1 : 0;
+        p.VecL = CanVectorize(loraB, r, 1, f16) ? 1 : 0;
         return p;
     }
 

@@ -56,11 +56,12 @@ public static class KernelsDoc
         // o_proj and down_proj write the residual stream: residual + x·Wᵀ in the epilogue reads the residual (4 B) instead
         // of a separate add's 12 B per element (read y and residual, write the sum) after the matmul's write of y
         yield return new("MatMulTensorCore (o, + residual)", "residual + x·Wᵀ, N=K=C; add fused in the epilogue", Mm(m.C, m.C), MmBytes(m.C, m.C) + 4 * M * m.C, tc);
-        yield return new("MatMulTensorCore (o, + LoRA r=16, + residual)", "residual + x·Wᵀ + s·u·Bᵀ in one launch; u = x·Aᵀ (SIMT) before it",
-            Mm(m.C, m.C) + 2 * M * 16 * m.C, MmBytes(m.C, m.C) + 4 * M * m.C + 4 * M * 16 + 4.0 * m.C * 16,
-            "the rank-r term is computed per output element in the epilogue from u and B in global memory (2·r scalar loads, L1/L2 hits, per element: " +
-            "at r=16 and K=C=576 more load instructions than the main loop); folding u·Bᵀ into the mma as r extra k (bf16-rounded u, B) would remove them; " +
-            "u = x·Aᵀ is a separate SIMT pass over x");
+        // the rank-r term is r more k of the mma: [x, s·u]·[W, B]ᵀ (joined along k) (u's and B's bytes counted once per tile row/column, as x's and W's)
+        yield return new("MatMulTensorCore (o, + LoRA r=16, + residual)", "residual + [x, s·u]·[W, B]ᵀ (joined along k) in one launch: r=16 more k (an extra 32-k step, half zero padding); u = x·Aᵀ (SIMT) before it",
+            Mm(m.C, m.C + 16), MmBytes(m.C, m.C) + 4 * M * m.C + 4 * M * 16 + 4.0 * m.C * 16,
+            "the rank step loads s·u (f32) and B per 128×128 tile, 8 vector loads per thread (4 of u, 4 of B), rounded to bf16 into shared memory " +
+            "(was 2·r = 32 scalar loads per output element in the epilogue, 2048 per thread: 19x the main loop's 108 at K=C=576); " +
+            "its loads are stored before its multiply (one exposed load latency per tile, 1 of 19 steps); it multiplies both k16 slices (1/18 more mma, half of it zeros: stopping at r costs a register and spills at the 128 cap); u = x·Aᵀ is a separate SIMT pass over x");
         yield return new("MatMulTensorCore (gate+up)", "x·Wᵀ, N=2F, K=C", Mm(2.0 * m.F, m.C), MmBytes(2.0 * m.F, m.C), tc);
         yield return new("MatMulTensorCore (down, + residual)", "residual + x·Wᵀ, N=C, K=F; add fused in the epilogue", Mm(m.C, m.F), MmBytes(m.C, m.F) + 4 * M * m.C, tc);
         yield return new("MatMulTensorCore (down, dx)", "dy·W, N=F, K=C", Mm(m.F, m.C), MmBytes(m.F, m.C), tcDx);

@@ -242,6 +242,75 @@ public class TensorCoreSimulatorTests
     }
 
     /// <summary>
+    /// The LoRA forward's rank-r term reduced by the mma (<see cref="MatMulTensorCoreKernels.WithLoraInMma"/>, the args
+    /// LoraLinearKernels.Forward launches on CUDA): y = [residual +] rnd(x)·rnd(W)ᵀ + rnd(s·u)·rnd(B)ᵀ + bias, rnd = the
+    /// operand rounding (bf16: what autocast does to PEFT's lora_B input and weight), against double loops over the rounded
+    /// operands. Ragged M, N, K; r = 1 and 8 (one k16 slice of mostly zero padding), 16, 24 (both slices, the second half
+    /// padding), 40 (two rank steps); u read with vector loads where r % 4 == 0; B f32 or already 16-bit. s = 0.75 is not a
+    /// power of two, so rounding s·u (not u) is what the reference checks.
+    /// </summary>
+    [Theory]
+    [InlineData(false, 1, 37, 20, 40, DType.F32, true)]
+    [InlineData(false, 8, 21, 13, 19, DType.BF16, false)]
+    [InlineData(true, 16, 9, 136, 45, DType.F32, true)]
+    [InlineData(false, 24, 130, 11, 33, DType.F32, false)]
+    [InlineData(false, 40, 5, 10, 7, DType.BF16, true)]
+    public void LoraTermInTheMmaMatchesRoundedReference(bool f16, int rank, int m, int n, int k, DType bType, bool residual)
+    {
+        var b = Sim.Value;
+        var tc = b.Kernels(x => new MatMulTensorCoreKernels(x));
+        const float scale = 0.75f;
+        float[] x = Rand(m * k, 31), w = Rand(n * k, 32), res = Rand(m * n, 33), bias = Rand(n, 34), u = Rand(m * rank, 35), lb = Rand(n * rank, 36);
+        for (int i = 0; i < w.Length; i++) w[i] = Round(w[i], f16);
+        if (bType != DType.F32) for (int i = 0; i < lb.Length; i++) lb[i] = Round(lb[i], bType == DType.F16);
+        using var tx = Up(b, DType.F32, x);
+        using var tw = Up(b, f16 ? DType.F16 : DType.BF16, w);
+        using var tres = Up(b, DType.F32, res);
+        using var tbias = Up(b, DType.F32, bias);
+        using var tu = Up(b, DType.F32, u);
+        using var tlb = Up(b, bType, lb);
+        using var ty = Up(b, DType.F32, Enumerable.Repeat(float.NaN, m * n).ToArray()); // not read: no accumulate
+        var args = MatMulTensorCoreKernels.From(MatMulKernels.Nt(m, n, k, 1f, false));
+        args.HasBias = 1;
+        args = MatMulTensorCoreKernels.WithLoraInMma(MatMulTensorCoreKernels.Vectorized(args, tx, tw, f16), tu, tlb, rank, scale, f16);
+        Assert.Equal(1, args.LoraInMma);
+        Assert.Equal(rank % 4 == 0 ? 1 : 0, args.VecU);
+        Assert.Equal(rank % 4 == 0 && bType != (f16 ? DType.BF16 : DType.F16) ? 1 : 0, args.VecL);
+        tc.Launch(f16, b.Floats(tx, "x"), b.Floats(tw, "w"), b.F32(ty, "y"), b.Floats(tbias, "bias"), b.F32(tu, "u"), b.Floats(tlb, "lb"), args,
+            residual ? b.F32(tres, "res") : default);
+        var got = new float[m * n];
+        b.Download(ty, got);
+
+        var expected = new double[m * n];
+        for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++)
+        {
+            double v = 0;
+            for (int q = 0; q < k; q++) v += (double)Round(x[i * k + q], f16) * Round(w[j * k + q], f16);
+            for (int q = 0; q < rank; q++) v += (double)Round(scale * u[i * rank + q], f16) * Round(lb[j * rank + q], f16);
+            v += bias[j];
+            if (residual) v += res[i * n + j];
+            expected[i * n + j] = v;
+        }
+        // f32 accumulation of exactly representable products (as MatchesRoundedReference): f32 tolerance
+        NumericAssert.Close(expected, got, Tolerance.F32.Atol, Tolerance.F32.Rtol, $"r={rank} f16={f16} {m}x{n}x{k} B {bType}");
+    }
+
+    /// <summary>The rank-r term goes into the mma only for y = x·Wᵀ: a k-major B operand, an Alpha or a dropout mask keep the epilogue.</summary>
+    [Fact]
+    public void LoraTermInTheMmaRefusesOtherLayouts()
+    {
+        var b = Sim.Value;
+        using var u = Up(b, DType.F32, new float[8]);
+        using var lb = Up(b, DType.F32, new float[8]);
+        Assert.Throws<ArgumentException>(() => MatMulTensorCoreKernels.WithLoraInMma(MatMulTensorCoreKernels.From(MatMulKernels.Nn(2, 4, 4, 1f, false)), u, lb, 2, 1f, false));
+        Assert.Throws<ArgumentException>(() => MatMulTensorCoreKernels.WithLoraInMma(MatMulTensorCoreKernels.From(MatMulKernels.Nt(2, 4, 4, 0.5f, false)), u, lb, 2, 1f, false));
+        var masked = MatMulTensorCoreKernels.From(MatMulKernels.Nt(2, 4, 4, 1f, false));
+        masked.Dropout = 1;
+        Assert.Throws<ArgumentException>(() => MatMulTensorCoreKernels.WithLoraInMma(masked, u, lb, 2, 1f, false));
+    }
+
+    /// <summary>
     /// The CUDA path loads the kernel itself (LoadKernel + CreateLauncherDelegate, after the PTX pass) instead of
     /// LoadStreamKernel: the same binding, on a kernel the simulator loads, launches and computes the product.
     /// </summary>
