@@ -27,7 +27,10 @@ internal sealed class PoolChunk
 /// from, so that the device allocator is called only when a chunk is added and never inside a training step once the
 /// pool has been reserved (<see cref="Reserve"/>, sized from the memory plan). A kernel addresses a tensor as its
 /// chunk's view plus an offset: the multi-tensor ops (AdamW, gradient norm) take up to 8 chunk views per launch
-/// (MultiTensorBases), so the few chunks a trainer's tensors span cost no extra launch.
+/// (MultiTensorBases), so the few chunks a trainer's tensors span cost no extra launch. Large tensors would each get a
+/// chunk of their own, so whoever allocates many of them for one launch reserves their total first: the full fine-tune's
+/// writable weights (FullFineTune.CloneWritable), its gradients and f32 masters (FullFineTune), the optimizer moments
+/// (Trainer, Pretrainer), each as one range (LlamaWeights.AllocationBytes).
 /// </summary>
 /// <remarks>
 /// First fit over each chunk's sorted free list, ranges aligned to <see cref="Alignment"/> bytes (a CUDA allocation's

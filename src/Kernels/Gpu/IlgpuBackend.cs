@@ -78,14 +78,14 @@ public sealed class IlgpuBackend : IBackend
     /// <summary>Largest upload that goes through the pinned staging ring (token ids, targets, positions, small tables); larger ones (weights) wait for the device.</summary>
     internal const long StagedMaxBytes = 4L << 20;
 
-    private IlgpuBackend(Context context, Accelerator accelerator, string name)
+    private IlgpuBackend(Context context, Accelerator accelerator, string name, long poolChunkBytes = 0)
     {
         _context = context;
         Accelerator = accelerator;
         Name = name;
         TensorCores = accelerator is CudaAccelerator cuda && cuda.Architecture is { Major: >= 8 };
         // A shared chunk holds the small tensors (norms, adapters, their gradients and moments) of a model together.
-        _pool = new DevicePool(accelerator, accelerator.AcceleratorType == AcceleratorType.CPU ? 4L << 20 : 256L << 20);
+        _pool = new DevicePool(accelerator, poolChunkBytes > 0 ? poolChunkBytes : accelerator.AcceleratorType == AcceleratorType.CPU ? 4L << 20 : 256L << 20);
         if (accelerator.MaxNumThreadsPerGroup < MaxGroupSize)
             throw new NotSupportedException($"{name}: the accelerator allows {accelerator.MaxNumThreadsPerGroup} threads per group, kernels need {MaxGroupSize}");
         if (MaxGroupSize / accelerator.WarpSize > GroupReduce.MaxWarps)
@@ -119,7 +119,13 @@ public sealed class IlgpuBackend : IBackend
     /// machine is shared, so fewer is kinder).
     /// A debugger, not a compute path: keep shapes tiny.
     /// </summary>
-    public static IlgpuBackend CreateSimulator(int warpSize)
+    public static IlgpuBackend CreateSimulator(int warpSize) => CreateSimulator(warpSize, 0);
+
+    /// <summary>
+    /// <see cref="CreateSimulator(int)"/> with shared pool chunks of <paramref name="poolChunkBytes"/> (0: the default 4 MiB):
+    /// tests make tiny models' tensors larger than half a chunk, as a big model's are on a GPU (each its own chunk unless reserved).
+    /// </summary>
+    internal static IlgpuBackend CreateSimulator(int warpSize, long poolChunkBytes)
     {
         if (warpSize < 1 || warpSize > MaxGroupSize || (warpSize & (warpSize - 1)) != 0)
             throw new ArgumentOutOfRangeException(nameof(warpSize), $"device 'ilgpu-sim:{warpSize}': the warp size must be a power of two in [1, {MaxGroupSize}]");
@@ -128,7 +134,7 @@ public sealed class IlgpuBackend : IBackend
         try
         {
             var accelerator = context.GetCPUDevice(0).CreateAccelerator(context);
-            return new IlgpuBackend(context, accelerator, $"ilgpu-sim:{warpSize}");
+            return new IlgpuBackend(context, accelerator, $"ilgpu-sim:{warpSize}", poolChunkBytes);
         }
         catch
         {

@@ -84,6 +84,15 @@ public sealed class FullFineTune : ITrainableMethod
         _model = model;
         Config = config ?? new FullFineTuneConfig();
         Config.Validate(model.Config.NumLayers);
+        // The gradients (f32, every base parameter) and the f32 masters of bf16 weights as one range, before either is
+        // allocated: on a GPU they then share one pool chunk instead of a chunk each for a big model's tensors, so the
+        // gradient norm and the fused AdamW stay one launch (a launch covers at most 8 chunks).
+        if (!model.TrainBase)
+        {
+            long masters = model.Weights.Named().Where(x => x.Tensor.DType == DType.BF16 && Config.Selects(x.Name, model.Config.NumLayers))
+                .Sum(x => 4 * x.Tensor.Length + LlamaWeights.TensorSlackBytes);
+            model.Backend.Reserve(LlamaWeights.AllocationBytes(model.Config, DType.F32) + masters);
+        }
         model.TrainBase = true;
         foreach (var (name, p, g) in model.BaseParameters())
         {
@@ -216,10 +225,14 @@ public sealed class FullFineTune : ITrainableMethod
     /// <summary>
     /// A writable copy of <paramref name="w"/> on <paramref name="backend"/>, linear weights in <paramref name="linearDType"/>
     /// (default: the source's), everything else f32: loaded weights may be read-only views of a mapped file.
+    /// The copy is reserved as one range first (IBackend.Reserve), so that on a GPU the weights the optimizer writes lie
+    /// in one pool chunk and the fused AdamW stays one launch however large they are.
     /// </summary>
     public static LlamaWeights CloneWritable(LlamaWeights w, IBackend backend, DType? linearDType = null)
     {
-        var copy = LlamaWeights.Allocate(w.Config, backend, linearDType ?? w.Layers[0].Wq.DType);
+        var dtype = linearDType ?? w.Layers[0].Wq.DType;
+        if (!dtype.IsQuantized()) backend.Reserve(LlamaWeights.AllocationBytes(w.Config, dtype));
+        var copy = LlamaWeights.Allocate(w.Config, backend, dtype);
         var src = w.Named().ToList();
         var dst = copy.Named().ToList();
         for (int i = 0; i < src.Count; i++)

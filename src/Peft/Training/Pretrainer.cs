@@ -94,6 +94,9 @@ public sealed class Pretrainer : IDisposable
         _model = model;
         _backend = backend;
         _s = settings;
+        // Gradients and moments as one range before they are allocated: one pool chunk on a GPU (one fused launch).
+        if (!_model.TrainBase)
+            backend.Reserve(LlamaWeights.AllocationBytes(model.Config, DType.F32) + model.Weights.Named().Sum(x => 8 * x.Tensor.Length + 2 * LlamaWeights.TensorSlackBytes));
         _model.TrainBase = true;
         foreach (var (name, p, g) in _model.BaseParameters())
         {

@@ -128,6 +128,13 @@ public sealed class Trainer : IDisposable
         long largest = 0;
         try
         {
+            // The optimizer state as one range before any of it is allocated (a no-op where the memory plan's reservation
+            // already has room): on a GPU it then lies in one pool chunk, not a chunk per large tensor, and the fused AdamW
+            // stays one launch.
+            long perValue = adam ? 8 : 4, tensorsOfState = adam ? 2 : 1;
+            long stateBytes = method.Trainable.Sum(t => perValue * t.Param.Length + tensorsOfState * LlamaWeights.TensorSlackBytes);
+            if (!adam && method.Trainable.Count > 0) stateBytes += 4 * method.Trainable.Max(t => t.Param.Length) + LlamaWeights.TensorSlackBytes; // scratch
+            _backend.Reserve(stateBytes);
             foreach (var t in method.Trainable)
             {
                 if (!names.Add(t.Name)) throw new InvalidOperationException($"{method.Kind}: two trainable tensors are named '{t.Name}'");

@@ -159,6 +159,26 @@ public sealed class LlamaWeights : IDisposable
 
     public long ParameterCount => Named().Sum(p => p.Tensor.Length);
 
+    /// <summary>Slack per tensor in <see cref="AllocationBytes"/>: a GPU pool rounds every tensor up to 256 bytes (DevicePool.Alignment).</summary>
+    public const long TensorSlackBytes = 256;
+
+    /// <summary>
+    /// An upper bound of the device bytes <see cref="Allocate"/>(<paramref name="c"/>, backend, <paramref name="linearDType"/>)
+    /// takes: each tensor's bytes plus <see cref="TensorSlackBytes"/>. What to IBackend.Reserve first so that every tensor
+    /// lands in one pool chunk (a big model's tensors would otherwise get a chunk each, and a multi-tensor launch covers
+    /// at most 8 chunks).
+    /// </summary>
+    public static long AllocationBytes(LlamaConfig c, DType linearDType = DType.F32)
+    {
+        long C = c.HiddenSize, F = c.IntermediateSize, QD = c.QDim, KVD = c.KvDim, V = c.VocabSize;
+        long lin = linearDType.SizeOf();
+        long perLayer = 4 * 2 * C + (c.AttentionBias ? 4 * (QD + 2 * KVD) : 0) + lin * (2 * QD * C + 2 * KVD * C + 3 * F * C);
+        int perLayerTensors = 9 + (c.AttentionBias ? 3 : 0);
+        long bytes = c.NumLayers * perLayer + 4 * V * C + 4 * C + (c.TieWordEmbeddings ? 0 : lin * V * C);
+        long tensors = (long)c.NumLayers * perLayerTensors + 2 + (c.TieWordEmbeddings ? 0 : 1);
+        return bytes + tensors * TensorSlackBytes;
+    }
+
     public void Dispose()
     {
         foreach (var (_, t) in Named()) t.Dispose();
