@@ -93,6 +93,12 @@ public interface IBackend : IDisposable
     void MatMulBackwardInput(Tensor dx, Tensor dy, Tensor w, int m, int n, int k, bool accumulate);
     /// <summary>dw(N,K) += dy(M,N)ᵀ · x(M,K); dBias(N) += Σ_m dy(m,:) when given. The nn.Linear weight gradient.</summary>
     void MatMulBackwardWeight(Tensor dw, Tensor? dBias, Tensor dy, Tensor x, int m, int n, int k);
+    /// <summary>
+    /// <see cref="MatMulBackwardWeight"/> for a weight trained in bf16 (autocast semantics): a backend with tensor cores
+    /// may round dy and x to bf16 and accumulate in f32 into the f32 dw; dBias stays exact. Default: the exact f32 product.
+    /// </summary>
+    void MatMulBackwardWeightBf16(Tensor dw, Tensor? dBias, Tensor dy, Tensor x, int m, int n, int k)
+        => MatMulBackwardWeight(dw, dBias, dy, x, m, n, k);
 
     // ---------------------------------------------------------------- LoRA linear
     /// <summary>

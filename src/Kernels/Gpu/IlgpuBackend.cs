@@ -596,6 +596,11 @@ public sealed class IlgpuBackend : IBackend
         lock (_gate) Mm.BackwardWeight(dw, dBias, dy, x, m, n, k);
     }
 
+    public void MatMulBackwardWeightBf16(Tensor dw, Tensor? dBias, Tensor dy, Tensor x, int m, int n, int k)
+    {
+        lock (_gate) Mm.BackwardWeight(dw, dBias, dy, x, m, n, k, bf16: true);
+    }
+
     // ------------------------------------------------------------------ LoRA
     private LoraLinearKernels Lora => Kernels(b => new LoraLinearKernels(b));
 

@@ -36,7 +36,8 @@ public struct MatMulArgs
 /// operand dimension is contiguous. A product with few output tiles and a long reduction (the LoRA gradients dA, dB
 /// over all tokens) is split along r into one launch of (tiles × slices) groups writing partial sums, and
 /// <see cref="SplitKReduceKernel"/> sums them in a fixed order and applies the epilogue. Matches MatMulReference. Against bf16/f16 weights on CUDA sm_80+ the forward
-/// and input-gradient matmuls run on tensor cores instead (<see cref="MatMulTensorCoreKernels"/>).
+/// and input-gradient matmuls run on tensor cores instead (<see cref="MatMulTensorCoreKernels"/>), and the weight gradient of a bf16 weight
+/// (IBackend.MatMulBackwardWeightBf16: dy and x rounded to bf16) too.
 /// </remarks>
 internal sealed class MatMulKernels : IDisposable
 {
@@ -65,7 +66,14 @@ internal sealed class MatMulKernels : IDisposable
         _tiled = b.Accelerator.LoadStreamKernel<ArrayView<float>, DeviceFloats, ArrayView<float>, ArrayView<float>, DeviceFloats, MatMulArgs>(MatMulTiledKernel);
         _splitReduce = b.Accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, DeviceFloats, MatMulArgs>(SplitKReduceKernel);
         _columnSum = b.Kernels(x => new ColumnSumKernels(x));
+        WeightGradTensorCores = b.TensorCores;
     }
+
+    /// <summary>
+    /// Whether the bf16-compute weight gradient (<see cref="BackwardWeight"/> with bf16 = true) runs on the tensor-core
+    /// kernel: CUDA sm_80+ (<see cref="IlgpuBackend.TensorCores"/>); tests set it on the simulator to run the kernel's scalar path.
+    /// </summary>
+    internal bool WeightGradTensorCores { get; set; }
 
     /// <summary>How many r slices a product of <paramref name="tiles"/> output tiles and reduction <paramref name="r"/> is cut into (1: none).</summary>
     internal static int SplitsFor(long tiles, int r)
@@ -307,14 +315,30 @@ internal sealed class MatMulKernels : IDisposable
         else Launch(_b.F32(dy, "dy"), _b.Weight(w, "w"), _b.F32(dx, "dx"), None, Nn(m, k, n, 1f, accumulate));
     }
 
-    public void BackwardWeight(Tensor dw, Tensor? dBias, Tensor dy, Tensor x, int m, int n, int k)
+    /// <summary>
+    /// The tensor-core arguments of dW(N, K) += dyᵀ·x: A(i = n, r = m) = dy[m·N + n], B(j = k, r = m) = x[m·K + k], both
+    /// rows-contiguous (A staged transposed, B k-major; runs of 4 along rows read with one vector load when N (K) % 4 == 0).
+    /// </summary>
+    internal static TensorCoreArgs WeightGradArgs(Tensor dy, Tensor x, int m, int n, int k)
+        => MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(Tn(n, k, m, 1f, true)), dy, x, false);
+
+    /// <summary>
+    /// dW += dyᵀ·x (f32 exact), or with <paramref name="bf16"/> on tensor cores (<see cref="WeightGradTensorCores"/>) in
+    /// autocast semantics: dy and x rounded to bf16, f32 accumulation into the f32 dW. dBias stays an exact f32 column sum.
+    /// </summary>
+    public void BackwardWeight(Tensor dw, Tensor? dBias, Tensor dy, Tensor x, int m, int n, int k, bool bf16 = false)
     {
         const string op = "MatMulBackwardWeight";
         IlgpuBackend.Positive(op, ("m", m), ("n", n), ("k", k));
         IlgpuBackend.Need(dw, (long)n * k, "dw", op); // (N, K)
         IlgpuBackend.Need(dy, (long)m * n, "dy", op); // (M, N)
         IlgpuBackend.Need(x, (long)m * k, "x", op);   // (M, K)
-        Launch(_b.F32(dy, "dy"), _b.Floats(x, "x"), _b.F32(dw, "dw"), None, Tn(n, k, m, 1f, true));
+        if (bf16 && WeightGradTensorCores)
+        {
+            var tc = _tensorCore ??= _b.Kernels(b => new MatMulTensorCoreKernels(b));
+            tc.Launch(false, _b.Floats(dy, "dy"), _b.Floats(x, "x"), _b.F32(dw, "dw"), None, ArrayView<float>.Empty, None, WeightGradArgs(dy, x, m, n, k));
+        }
+        else Launch(_b.F32(dy, "dy"), _b.Floats(x, "x"), _b.F32(dw, "dw"), None, Tn(n, k, m, 1f, true));
         if (dBias is not null) _columnSum.Accumulate(dBias, dy, m, n, op);
     }
 }

@@ -643,7 +643,10 @@ public sealed partial class LlamaModel : IDisposable
         if (_lora[key] is not { } s)
         {
             _b.MatMulBackwardInput(dx, dy, w, ws.M, n, k, accumulate);
-            if (dW is not null) _b.MatMulBackwardWeight(dW, dBias, dy, x, ws.M, n, k);
+            if (dW is null) return;
+            // a bf16 weight trains in autocast semantics: its gradient product on tensor cores where the backend has them
+            if (w.DType == DType.BF16) _b.MatMulBackwardWeightBf16(dW, dBias, dy, x, ws.M, n, k);
+            else _b.MatMulBackwardWeight(dW, dBias, dy, x, ws.M, n, k);
             return;
         }
         if (s.IsDora)

@@ -65,6 +65,9 @@ public static class KernelsDoc
         yield return new("MatMulTensorCore (gate+up)", "x·Wᵀ, N=2F, K=C", Mm(2.0 * m.F, m.C), MmBytes(2.0 * m.F, m.C), tc);
         yield return new("MatMulTensorCore (down, + residual)", "residual + x·Wᵀ, N=C, K=F; add fused in the epilogue", Mm(m.C, m.F), MmBytes(m.C, m.F) + 4 * M * m.C, tc);
         yield return new("MatMulTensorCore (down, dx)", "dy·W, N=F, K=C", Mm(m.F, m.C), MmBytes(m.F, m.C), tcDx);
+        // full fine-tuning of a bf16 weight (autocast: dy and x rounded to bf16): dW (N, K) += dyᵀ·x reduces over the M tokens, dW read and written in f32
+        yield return new("MatMulTensorCore (down, dW; bf16 full fine-tuning)", "dW += dyᵀ·x over M, N=C, K=F; dy, x rounded to bf16", Mm(m.C, m.F), 4 * M * m.C + 4 * M * m.F + 8.0 * m.C * m.F,
+            "both operands are f32 activations contiguous along rows, not along the reduction: 16-byte row-run loads, rounded, stored transposed (A: four 16-bit shared stores per run) or k-major (B, read with ldmatrix.trans); no cp.async (f32 needs converting)");
         yield return new("MatMulTensorCore, Q8_0 weight (gate+up)", "x·Wᵀ, W 34 B per 32 elements", Mm(2.0 * m.F, m.C), 4.0 * M * m.C + 2.0 * m.F * m.C * 34 / 32 + 8.0 * M * m.F,
             "dequantized per element in the tile load (byte loads, no vector loads), then as bf16");
         yield return new("MatMulTensorCore, NF4 weight (gate+up)", "x·Wᵀ, W 0.5 B per element + stats", Mm(2.0 * m.F, m.C), 4.0 * M * m.C + 2.0 * m.F * m.C * 0.5 + 8.0 * M * m.F,

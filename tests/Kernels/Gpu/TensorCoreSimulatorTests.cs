@@ -117,6 +117,74 @@ public class TensorCoreSimulatorTests
     }
 
     /// <summary>
+    /// The bf16-compute weight gradient routed through the backend (MatMulBackwardWeightBf16, tensor-core kernel forced
+    /// on a simulator of its own): dW(N, K) += dyᵀ·x over bf16-rounded dy and x with f32 accumulation onto a non-zero
+    /// dW, dBias the exact f32 column sum of the unrounded dy; ragged M, N, K (not tile multiples), with the row-run
+    /// vector loads (N, K % 4 == 0) and without. With the flag off the same call is the exact f32 product.
+    /// </summary>
+    [Theory]
+    [InlineData(37, 20, 44, true)]   // vector loads of dy and x along their rows, two k steps with a tail of 5
+    [InlineData(70, 13, 9, true)]    // scalar loads, three k steps (r = m = 70)
+    [InlineData(37, 20, 44, false)]  // flag off: f32 SIMT, exact
+    public void WeightGradientBf16MatchesRoundedReference(int m, int n, int k, bool tensorCores)
+    {
+        var b = IlgpuBackend.CreateSimulator(32);
+        try
+        {
+            b.Kernels(x => new MatMulKernels(x)).WeightGradTensorCores = tensorCores;
+            float[] dy = Rand(m * n, 11), x = Rand(m * k, 12), dw0 = Rand(n * k, 13), db0 = Rand(n, 14);
+            using var tdy = Up(b, DType.F32, dy);
+            using var tx = Up(b, DType.F32, x);
+            using var tdw = Up(b, DType.F32, dw0);
+            using var tdb = Up(b, DType.F32, db0);
+            var args = MatMulKernels.WeightGradArgs(tdy, tx, m, n, k);
+            Assert.Equal((1L, (long)n, 1L, (long)k, 1), (args.Sai, args.Sar, args.Sbj, args.Sbr, args.Accumulate));
+            Assert.Equal(n % 4 == 0 ? 1 : 0, args.VecA);
+            Assert.Equal(k % 4 == 0 ? 1 : 0, args.VecB);
+            Assert.Equal((0, 0), (args.AsyncA, args.AsyncB)); // f32 activations are converted, never copied raw
+            b.MatMulBackwardWeightBf16(tdw, tdb, tdy, tx, m, n, k);
+            var got = new float[n * k];
+            var gotB = new float[n];
+            b.Download(tdw, got);
+            b.Download(tdb, gotB);
+            var expected = new double[n * k];
+            var expectedB = new double[n];
+            for (int j = 0; j < n; j++)
+            {
+                for (int c = 0; c < k; c++)
+                {
+                    double s = dw0[j * k + c];
+                    for (int r = 0; r < m; r++)
+                    {
+                        float a = dy[r * n + j], v = x[r * k + c];
+                        s += tensorCores ? (double)Round(a, false) * Round(v, false) : (double)a * v;
+                    }
+                    expected[j * k + c] = s;
+                }
+                double sb = db0[j];
+                for (int r = 0; r < m; r++) sb += dy[r * n + j];
+                expectedB[j] = sb;
+            }
+            NumericAssert.Close(expected, got, Tolerance.F32.Atol, Tolerance.F32.Rtol, $"dW {m}x{n}x{k} tc={tensorCores}");
+            NumericAssert.Close(expectedB, gotB, Tolerance.F32.Atol, Tolerance.F32.Rtol, $"dBias {m}x{n} tc={tensorCores}");
+            if (tensorCores)
+            {
+                // the rounding is real: the exact f32 product is further off than the f32 tolerance somewhere
+                double worst = 0;
+                for (int j = 0; j < n; j++)
+                for (int c = 0; c < k; c++)
+                {
+                    double s = dw0[j * k + c];
+                    for (int r = 0; r < m; r++) s += (double)dy[r * n + j] * x[r * k + c];
+                    worst = Math.Max(worst, Math.Abs(s - got[j * k + c]));
+                }
+                Assert.True(worst > 1e-3, $"bf16 route indistinguishable from f32 (max diff {worst})");
+            }
+        }
+        finally { b.Dispose(); }
+    }
+
+    /// <summary>
     /// GGUF Q8_0/Q4_0 weights through the backend's MatMul and MatMulBackwardInput on the simulator: the blocks are
     /// dequantized inside the tensor-core kernel's tile loads (q·d, then rounded to bf16 like the activations).
     /// Reference: QuantBlocks.Dequantize (the CPU's) then the same rounding, double accumulation.
