@@ -127,7 +127,7 @@ public class TrainerOverlapTests(ITestOutputHelper output)
         {
             b.Upload(clip, [3.25f, 0.123456f]);
             b.Upload(losses, values);
-            Trainer.FlagNonFiniteLoss(b, clip.View(1, 1), losses, zeros, 5);
+            StepReadback.FlagNonFiniteLoss(b, clip.View(1, 1), losses, zeros, 5);
             var c = clip.ToArray();
             Assert.Equal(3.25f, c[0]);
             if (finite) Assert.Equal(0.123456f, c[1]); // bit for bit

@@ -6,7 +6,7 @@ namespace FineTuneNative.Peft.Training;
 /// What a training step reads back from the device, in one f32 tensor so that the step waits for the device once:
 /// [‖g‖, clipping scale, every micro-batch's per-token losses in order]. Shared by <see cref="Trainer"/> and
 /// <see cref="Pretrainer"/>: the step's forward/backward passes write their losses into <see cref="Layout"/>'s views
-/// (LlamaModel.ForwardBackwardInto), IBackend.GradNormClip writes <see cref="Clip"/>, <see cref="FlagNonFiniteLoss"/>
+/// (LlamaModel.ForwardBackwardInto), IBackend.GradNormClip writes <see cref="Clip"/>, <see cref="FlagNonFiniteLoss()"/>
 /// turns a non-finite loss into a NaN scale (so the fused AdamW writes nothing), and <see cref="Read"/> downloads it all.
 /// </summary>
 /// <remarks>
@@ -56,8 +56,17 @@ internal sealed class StepReadback : IDisposable
         return _lossViews;
     }
 
-    /// <summary>Makes the clipping scale NaN on the device when a per-token loss of the current layout is not finite (<see cref="Trainer.FlagNonFiniteLoss"/>).</summary>
-    public void FlagNonFiniteLoss() => Trainer.FlagNonFiniteLoss(_backend, _probe.Scale, _probe.Losses, _probe.Zeros, (int)_probe.Losses.Length);
+    /// <summary>Makes the clipping scale NaN on the device when a per-token loss of the current layout is not finite (<see cref="FlagNonFiniteLoss(IBackend, Tensor, Tensor, Tensor, int)"/>).</summary>
+    public void FlagNonFiniteLoss() => FlagNonFiniteLoss(_backend, _probe.Scale, _probe.Losses, _probe.Zeros, (int)_probe.Losses.Length);
+
+    /// <summary>
+    /// A non-finite loss skips the step like a non-finite gradient norm, decided on the device (the host learns the loss
+    /// only after the update is queued): <paramref name="scale"/> (1) += Σ losses·0, which adds +0 when every per-token
+    /// loss is finite and NaN otherwise (0·±Inf and 0·NaN are NaN), so a finite scale is unchanged bit for bit and the
+    /// fused AdamW skips on a NaN one. One small matmul: <paramref name="losses"/> and <paramref name="zeros"/> are (1, rows).
+    /// </summary>
+    internal static void FlagNonFiniteLoss(IBackend backend, Tensor scale, Tensor losses, Tensor zeros, int rows) =>
+        backend.MatMul(scale, losses, zeros, null, 1, 1, rows, accumulate: true);
 
     /// <summary>
     /// The step's one wait: downloads norm, scale and losses together. The loss sum adds each micro-batch's losses in

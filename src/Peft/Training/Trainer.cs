@@ -332,15 +332,6 @@ public sealed class Trainer : IDisposable
     }
 
     /// <summary>
-    /// A non-finite loss skips the step like a non-finite gradient norm, decided on the device (the host learns the loss
-    /// only after the update is queued): <paramref name="scale"/> (1) += Σ losses·0, which adds +0 when every per-token
-    /// loss is finite and NaN otherwise (0·±Inf and 0·NaN are NaN), so a finite scale is unchanged bit for bit and the
-    /// fused AdamW skips on a NaN one. One small matmul: <paramref name="losses"/> and <paramref name="zeros"/> are (1, rows).
-    /// </summary>
-    internal static void FlagNonFiniteLoss(IBackend backend, Tensor scale, Tensor losses, Tensor zeros, int rows) =>
-        backend.MatMul(scale, losses, zeros, null, 1, 1, rows, accumulate: true);
-
-    /// <summary>
     /// The next GradAccum micro-batches of the shuffled order from (epoch, cursor), advancing them; a window never spans
     /// two epochs (the last one of an epoch may be short), and a new epoch draws a new order.
     /// </summary>
