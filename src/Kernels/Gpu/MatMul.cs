@@ -181,7 +181,7 @@ internal sealed class MatMulKernels : IDisposable
         if (groups > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(p), $"matmul {p.M}×{p.N} needs too many groups");
         p.Splits = 0;
         int splits = SplitsFor(groups, p.R);
-        LastSplits = splits;
+        t_lastSplits = splits;
         if (splits <= 1)
         {
             _tiled(new KernelConfig((int)groups, Threads), a, b, output, residual, bias, p);
@@ -204,8 +204,14 @@ internal sealed class MatMulKernels : IDisposable
         _splitReduce(checked((int)slice), partials, output, residual, bias, p);
     }
 
-    /// <summary>The r slices of the last <see cref="Launch"/> (1: not split); for tests.</summary>
-    internal int LastSplits { get; private set; }
+    /// <summary>
+    /// The r slices of the last <see cref="Launch"/> made by the calling thread, on any backend (1: not split); for tests.
+    /// Per thread, not per instance: the test backends are shared, and another test's matmul on the same backend between
+    /// a test's launch and its check must not change what the check sees (it did, once, in CI).
+    /// </summary>
+    internal static int LastSplitsOnThisThread => t_lastSplits;
+
+    [ThreadStatic] private static int t_lastSplits;
 
     public void Dispose() => _partials?.Dispose();
 
