@@ -190,8 +190,20 @@ public sealed class IlgpuBackend : IBackend
     /// <summary>The kernel set of one op family, created (and its kernels loaded) on first use only.</summary>
     internal T Kernels<T>(Func<IlgpuBackend, T> create) where T : class
     {
-        if (!_kernelSets.TryGetValue(typeof(T), out var set)) _kernelSets[typeof(T)] = set = create(this);
-        return (T)set;
+        lock (_gate) // re-entered from the ops (which hold it already); taken for tests that reach a kernel set directly
+        {
+            if (!_kernelSets.TryGetValue(typeof(T), out var set)) _kernelSets[typeof(T)] = set = create(this);
+            return (T)set;
+        }
+    }
+
+    /// <summary>
+    /// Runs <paramref name="work"/> holding the lock every op takes, for tests that launch a kernel set's methods
+    /// directly on a backend other tests share (so no other thread's launch interleaves with theirs).
+    /// </summary>
+    internal void Exclusive(Action work)
+    {
+        lock (_gate) work();
     }
 
     // ------------------------------------------------------------------ tensor -> view

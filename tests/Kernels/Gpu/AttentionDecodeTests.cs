@@ -67,7 +67,7 @@ public class AttentionDecodeTests
         using var tl = b.Allocate(DType.F32, bsz * nh);
         using var tlen = b.Allocate(DType.I32, bsz);
         b.Upload(tlen, lengths);
-        b.Kernels(x => new AttentionDecodeKernels(x)).Forward(to, tl, tq, tk, tv, tlen, bsz, tkv, 0, nh, nkv, hs, scale, splitKeys: 8);
+        b.Exclusive(() => b.Kernels(x => new AttentionDecodeKernels(x)).Forward(to, tl, tq, tk, tv, tlen, bsz, tkv, 0, nh, nkv, hs, scale, splitKeys: 8)); // shared backend
         float[] o = to.ToArray(), l = tl.ToArray();
         for (int s = 0; s < bsz; s++)
         {
