@@ -71,12 +71,20 @@ internal static unsafe class HalfConvert
 
     public static void F16ToF32(ReadOnlySpan<ushort> src, Span<float> dst)
     {
-        for (int i = 0; i < src.Length; i++) dst[i] = HalfBits.F16ToF32(src[i]);
+        if (dst.Length < src.Length) throw new ArgumentException($"F16ToF32: destination holds {dst.Length} values, source {src.Length}", nameof(dst));
+        fixed (ushort* s = src) fixed (float* d = dst) F16ToF32(s, d, src.Length);
     }
 
+    /// <summary>Exact for every half (VCVTPH2PS through <see cref="MatVecF16Asm.Widen"/> where it runs, else one value at a time).</summary>
     public static void F16ToF32(ushort* s, float* d, long n)
     {
-        for (long i = 0; i < n; i++) d[i] = HalfBits.F16ToF32(s[i]);
+        long i = 0;
+        if (n >= 16 && MatVecF16Asm.IsAvailable)
+        {
+            MatVecF16Asm.Widen(s, d, n / 16);
+            i = n & ~15L;
+        }
+        for (; i < n; i++) d[i] = HalfBits.F16ToF32(s[i]);
     }
 
     public static void F32ToF16(ReadOnlySpan<float> src, Span<ushort> dst)

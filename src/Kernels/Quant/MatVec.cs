@@ -312,9 +312,54 @@ public static unsafe class MatVec
         RowsHalf<Bf16Widen>(w, k, r0, r1, x, y, bias, accumulate);
 
     /// <summary>y[r] (+)= W[r]·x (+ bias[r]) for r in [r0, r1); W (N, K) f16 widened to f32 on the fly (decode reads half
-    /// the bytes of f32; the widening is integer shifts and one multiply, <see cref="PackedGemm.F16x16"/>).</summary>
-    public static void RowsF16(ushort* w, int k, int r0, int r1, float* x, float* y, float* bias, bool accumulate) =>
-        RowsHalf<F16Widen>(w, k, r0, r1, x, y, bias, accumulate);
+    /// the bytes of f32).</summary>
+    /// <remarks>
+    /// Where <see cref="Cpu.MatVecF16Asm"/> runs (x64 Linux, AVX-512F) the 16-column steps are its machine code: VCVTPH2PS
+    /// folded into the load, four rows per call, the next tile prefetched; the lane sums, the K % 16 tail and the store
+    /// stay here. Elsewhere the widening is integer shifts and one multiply (<see cref="PackedGemm.F16x16"/>). Both
+    /// accumulate in the same order (one FMA chain per row, then <c>Vector512.Sum</c>, then the tail), so finite weights
+    /// give the same bits on both paths; only ±inf/NaN weights differ (the managed widening is exact for finite values only).
+    /// </remarks>
+    public static void RowsF16(ushort* w, int k, int r0, int r1, float* x, float* y, float* bias, bool accumulate)
+    {
+        if (k >= 16 && Cpu.MatVecF16Asm.IsAvailable) RowsF16Asm(w, k, r0, r1, x, y, bias, accumulate);
+        else RowsHalf<F16Widen>(w, k, r0, r1, x, y, bias, accumulate);
+    }
+
+    private static void RowsF16Asm(ushort* w, int k, int r0, int r1, float* x, float* y, float* bias, bool accumulate)
+    {
+        var rows4 = Cpu.MatVecF16Asm.Rows4;
+        var rows1 = Cpu.MatVecF16Asm.Rows1;
+        float* acc = stackalloc float[64];
+        int kv = k & ~15;
+        long n16 = kv / 16, stride = 2L * k;
+        int r = r0;
+        for (; r + 4 <= r1; r += 4)
+        {
+            ushort* w0 = w + (long)r * k, w1 = w0 + k, w2 = w1 + k, w3 = w2 + k;
+            rows4(w0, x, acc, n16, stride, (byte*)(w0 + 4L * k));   // prefetches the next tile of 4 rows
+            float s0 = Vector512.Sum(Vector512.Load(acc)), s1 = Vector512.Sum(Vector512.Load(acc + 16));
+            float s2 = Vector512.Sum(Vector512.Load(acc + 32)), s3 = Vector512.Sum(Vector512.Load(acc + 48));
+            for (int j = kv; j < k; j++)
+            {
+                float xj = x[j];
+                s0 += HalfBits.F16ToF32(w0[j]) * xj; s1 += HalfBits.F16ToF32(w1[j]) * xj;
+                s2 += HalfBits.F16ToF32(w2[j]) * xj; s3 += HalfBits.F16ToF32(w3[j]) * xj;
+            }
+            Store(y, r, s0, bias, accumulate);
+            Store(y, r + 1, s1, bias, accumulate);
+            Store(y, r + 2, s2, bias, accumulate);
+            Store(y, r + 3, s3, bias, accumulate);
+        }
+        for (; r < r1; r++)
+        {
+            ushort* w0 = w + (long)r * k;
+            rows1(w0, x, acc, n16);
+            float s0 = Vector512.Sum(Vector512.Load(acc));
+            for (int j = kv; j < k; j++) s0 += HalfBits.F16ToF32(w0[j]) * x[j];
+            Store(y, r, s0, bias, accumulate);
+        }
+    }
 
     /// <summary>The 16-bit matvec, four rows at a time; <typeparamref name="TW"/> is a struct so the JIT specialises it.</summary>
     private static void RowsHalf<TW>(ushort* w, int k, int r0, int r1, float* x, float* y, float* bias, bool accumulate) where TW : struct, IWiden
