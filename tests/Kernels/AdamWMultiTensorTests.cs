@@ -91,7 +91,8 @@ public class AdamWMultiTensorTests
                     Close(md[i], m[i], $"m {i} step {step}");
                     Close(vd[i], v[i], $"v {i} step {step}");
                 }
-                // The rounded copies are the updated parameters in bf16 / f16, bit for bit.
+                // The rounded copies are the updated parameters in bf16 / f16, bit for bit (any device: the kernel rounds the
+                // f32 value it stores with HalfMath's integer round-to-nearest-even, HalfBits' bits).
                 var p1 = p[1].ToArray(); var p2 = p[2].ToArray();
                 Assert.Equal(p1.Select(x => HalfBits.Bf16ToF32(HalfBits.F32ToBf16(x))), r1.ToArray());
                 Assert.Equal(p2.Select(x => HalfBits.F16ToF32(HalfBits.F32ToF16(x))), r2.ToArray());

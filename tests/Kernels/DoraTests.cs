@@ -82,16 +82,33 @@ public class DoraTests
                 {
                     DoraLinear.Forward(be, y, x, w, bias, slot, u, z, m, n, k);
                     var (ey, ez, enorm) = DoraReference.Forward(xd, wd, bd, ad, bbd, magd, Scale, m, n, k, r);
+                    // NF4 on tensor cores: the base product x·Wᵀ takes bf16-rounded x and W (dz·W: dz and W), the rank-r
+                    // term and the norm stay f32; the reference gets the difference of the base products (zero elsewhere)
+                    bool tc = nf4 && TestBackends.RoundsOperands(be);
+                    var rw = tc ? Nf4Operand(be, wd, "w " + what) : wd;
+                    var dzBase = tc ? Minus(MatMulReference.Forward(RoundBf16(xd), rw, null, m, n, k), MatMulReference.Forward(xd, wd, null, m, n, k)) : new double[m * n];
+                    var dyBase = new double[m * n];
+                    for (int i = 0; i < m * n; i++) dyBase[i] = dzBase[i] * magd[i % n] / enorm[i % n];
                     Close(enorm, slot.WeightNorm, "norm " + what);
-                    Close(ez, z, "z " + what);
-                    Close(ey, y, "y " + what);
+                    Close(Plus(ez, dzBase), z, "z " + what);
+                    Close(Plus(ey, dyBase), y, "y " + what);
 
                     DoraLinear.Backward(be, dx, dy, x, w, slot, u, z, g, m, n, k, accumulate: true);
                     var e = DoraReference.Backward(dyd, xd, wd, ad, bbd, magd, Scale, m, n, k, r);
-                    Close(Plus(dx0, e.DX), dx, "dx += " + what);
+                    var dxBase = new double[m * k];
+                    var dMagBase = new double[n];
+                    if (tc)
+                    {
+                        var dz = new double[m * n]; // dy ⊙ magnitude/norm, the input gradient of z, rounded to bf16 by the mma
+                        for (int i = 0; i < m * n; i++) dz[i] = dyd[i] * magd[i % n] / enorm[i % n];
+                        AssertNoBf16Tie(dz, "dz " + what);
+                        dxBase = Minus(MatMulReference.BackwardInput(RoundBf16(dz), rw, m, n, k), MatMulReference.BackwardInput(dz, wd, m, n, k));
+                        for (int i = 0; i < m * n; i++) dMagBase[i % n] += dyd[i] * dzBase[i] / enorm[i % n]; // dMag = Σ dy·z/norm
+                    }
+                    Close(Plus(dx0, Plus(e.DX, dxBase)), dx, "dx += " + what);
                     Close(Plus(da0, e.DA), slot.DA, "dA += " + what);
                     Close(Plus(db0, e.DB), slot.DB, "dB += " + what);
-                    Close(Plus(dm0, e.DMag), slot.DMagnitude, "dMagnitude += " + what);
+                    Close(Plus(dm0, Plus(e.DMag, dMagBase)), slot.DMagnitude, "dMagnitude += " + what);
                 }
                 finally
                 {

@@ -38,6 +38,55 @@ internal static class KernelTest
     /// <summary>Values rounded to bf16 (so a bf16 tensor and the double reference hold the same numbers).</summary>
     public static double[] RoundBf16(double[] a) => Array.ConvertAll(a, x => (double)HalfBits.Bf16ToF32(HalfBits.F32ToBf16((float)x)));
 
+    /// <summary>Values rounded to f16.</summary>
+    public static double[] RoundF16(double[] a) => Array.ConvertAll(a, x => (double)HalfBits.F16ToF32(HalfBits.F32ToF16((float)x)));
+
+    /// <summary>
+    /// The activations (x, or dy for the input gradient) as backend <paramref name="b"/> multiplies them with a weight of
+    /// dtype <paramref name="w"/>: on tensor cores (<see cref="TestBackends.RoundsOperands(IBackend)"/>) rounded to the
+    /// weight's 16-bit type, bf16 for NF4; unchanged elsewhere (f32 SIMT widens the weight exactly). A reference on these
+    /// operands leaves only f32 accumulation error (a product of two bf16 or two f16 values is exact in f32).
+    /// </summary>
+    public static double[] MatMulInput(IBackend b, DType w, double[] x) => !TestBackends.RoundsOperands(b) ? x : w switch
+    {
+        DType.BF16 or DType.NF4 => RoundBf16(x),
+        DType.F16 => RoundF16(x),
+        _ => x,
+    };
+
+    /// <summary>
+    /// A dequantized NF4 weight as the tensor-core matmul multiplies it (rounded to bf16; unchanged elsewhere). The device
+    /// dequantizes in f32, a few ulps from the double reference (and CUDA contracts the absmax's mul + add into one FFMA),
+    /// so the test data must have no value that close to a bf16 rounding midpoint, where those ulps could pick the other
+    /// bf16 neighbour: asserted here (<see cref="AssertNoBf16Tie"/>), so the f32 tolerance stays valid.
+    /// </summary>
+    public static double[] Nf4Operand(IBackend b, double[] w, string what)
+    {
+        if (!TestBackends.RoundsOperands(b)) return w;
+        AssertNoBf16Tie(w, what);
+        return RoundBf16(w);
+    }
+
+    /// <summary>
+    /// Asserts no value is within 16 f32 ulps of a bf16 rounding midpoint (chance ~5e-4 a value): an f32 computation of
+    /// it that far off rounds to the same bf16 as the exact value. Fails (change the seed) rather than allow a flip.
+    /// </summary>
+    public static void AssertNoBf16Tie(double[] a, string what)
+    {
+        for (int i = 0; i < a.Length; i++)
+        {
+            int low = BitConverter.SingleToInt32Bits((float)a[i]) & 0xFFFF;
+            Assert.True(Math.Abs(low - 0x8000) > 16, $"{what}[{i}] = {a[i]:R} is within 16 f32 ulps of a bf16 rounding midpoint: pick other test data");
+        }
+    }
+
+    public static double[] Minus(double[] a, double[] b)
+    {
+        var y = new double[a.Length];
+        for (int i = 0; i < y.Length; i++) y[i] = a[i] - b[i];
+        return y;
+    }
+
     public static double[] Down(Tensor t) => GradCheck.ToDouble(t.ToArray());
 
     public static double[] Plus(double[] a, double[] b)

@@ -68,7 +68,17 @@ public class LoraLinearTests
         using var a = Up(b, ad, r, k); using var bb = Up(b, bbd, n, r);
         using var y = b.Allocate(DType.F32, m, n); using var u = b.Allocate(DType.F32, m, r);
         b.LoraLinearForward(y, x, w, null, new LoraParams(a, bb, Scale, 0, 0), u, null, m, n, k, r);
-        Close(LoraLinearReference.Forward(xd, wd, null, ad, bbd, Scale, 0, 0, m, n, k, r).Y, y, "y");
+        var e = LoraLinearReference.Forward(xd, wd, null, ad, bbd, Scale, 0, 0, m, n, k, r);
+        Close(e.U, u, "u");
+        var ey = e.Y;
+        if (TestBackends.RoundsOperands(b))
+        {
+            // tensor cores: one mma over [x | s·u]·[W | B]ᵀ with x, s·u and B rounded to bf16 (MatMulTensorCoreKernels.WithLoraInMma);
+            // s·u is formed in f32 from the device's u (checked above) as the kernel forms it, so the rounding is the kernel's
+            var su = RoundBf16(Array.ConvertAll(u.ToArray(), v => (double)(Scale * v)));
+            ey = Plus(MatMulReference.Forward(RoundBf16(xd), wd, null, m, n, k), MatMulReference.Forward(su, RoundBf16(bbd), null, m, n, r));
+        }
+        Close(ey, y, "y");
     }
 
     [SkippableTheory]

@@ -58,8 +58,9 @@ public class MatMulTests
             var xd = Rand((long)m * k, seed++); var wd = RoundBf16(Rand((long)n * k, seed++));
             using var x = Up(b, xd, m, k); using var w = UpBf16(b, GradCheck.ToFloat(wd), n, k); using var y = b.Allocate(DType.F32, m, n);
             b.MatMul(y, x, w, null, m, n, k, false);
-            // the reference sees the same bf16-rounded weights, so only f32 accumulation error remains
-            Close(MatMulReference.Forward(xd, wd, null, m, n, k), y, $"y bf16 M={m} N={n} K={k}");
+            // the reference sees the same bf16-rounded weights (and on tensor cores x rounded to bf16 too, as the mma reads
+            // it), so only f32 accumulation error remains
+            Close(MatMulReference.Forward(MatMulInput(b, DType.BF16, xd), wd, null, m, n, k), y, $"y bf16 M={m} N={n} K={k}");
         }
     }
 
@@ -80,7 +81,7 @@ public class MatMulTests
                     using var w = bf16 ? UpBf16(b, GradCheck.ToFloat(wd), n, k) : Up(b, wd, n, k);
                     using var dx = Up(b, garbage, m, k);
                     b.MatMulBackwardInput(dx, dy, w, m, n, k, acc);
-                    var expected = MatMulReference.BackwardInput(dyd, wd, m, n, k);
+                    var expected = MatMulReference.BackwardInput(bf16 ? MatMulInput(b, DType.BF16, dyd) : dyd, wd, m, n, k); // tensor cores round dy
                     Close(acc ? Plus(expected, garbage) : expected, dx, $"dx M={m} N={n} K={k} acc={acc} bf16={bf16}");
                 }
     }

@@ -156,23 +156,25 @@ public class Nf4Tests
                 var xd = Rand(m * k, seed++); var bd = Rand(n, seed++); var dyd = Rand(m * n, seed++);
                 using var x = Up(b, xd, m, k); using var bias = Up(b, bd, n); using var dy = Up(b, dyd, m, n);
 
+                // on tensor cores x (dy) and the dequantized W are rounded to bf16 (MatMulInput, Nf4Operand)
+                var (rx, rdy, rw) = (MatMulInput(b, DType.NF4, xd), MatMulInput(b, DType.NF4, dyd), Nf4Operand(b, wd, "w " + what));
                 using var y = Up(b, Rand(m * n, seed++, 5), m, n);
                 b.MatMul(y, x, w, bias, m, n, k, accumulate: false);
-                Close(MatMulReference.Forward(xd, wd, bd, m, n, k), y, "forward " + what);
+                Close(MatMulReference.Forward(rx, rw, bd, m, n, k), y, "forward " + what);
 
                 var y0 = Rand(m * n, seed++);
                 using var ya = Up(b, y0, m, n);
                 b.MatMul(ya, x, w, null, m, n, k, accumulate: true);
-                Close(Plus(y0, MatMulReference.Forward(xd, wd, null, m, n, k)), ya, "forward += " + what);
+                Close(Plus(y0, MatMulReference.Forward(rx, rw, null, m, n, k)), ya, "forward += " + what);
 
                 using var dx = Up(b, Rand(m * k, seed++, 5), m, k);
                 b.MatMulBackwardInput(dx, dy, w, m, n, k, accumulate: false);
-                Close(MatMulReference.BackwardInput(dyd, wd, m, n, k), dx, "dx " + what);
+                Close(MatMulReference.BackwardInput(rdy, rw, m, n, k), dx, "dx " + what);
 
                 var dx0 = Rand(m * k, seed++);
                 using var dxa = Up(b, dx0, m, k);
                 b.MatMulBackwardInput(dxa, dy, w, m, n, k, accumulate: true);
-                Close(Plus(dx0, MatMulReference.BackwardInput(dyd, wd, m, n, k)), dxa, "dx += " + what);
+                Close(Plus(dx0, MatMulReference.BackwardInput(rdy, rw, m, n, k)), dxa, "dx += " + what);
             }
         }
         finally
@@ -194,11 +196,15 @@ public class Nf4Tests
         using var y = b.Allocate(DType.F32, m, n); using var u = b.Allocate(DType.F32, m, r); using var g = b.Allocate(DType.F32, m, r);
         using var dx = b.Allocate(DType.F32, m, k); using var dA = b.Allocate(DType.F32, r, k); using var dB = b.Allocate(DType.F32, n, r);
         var lora = new LoraParams(a, bb, scale, 0, 0);
+        // on tensor cores the base product x·Wᵀ (dy·W) takes bf16-rounded x (dy) and W; the rank-r term stays f32 SIMT
+        var rw = Nf4Operand(b, wd, "w");
+        var baseY = Minus(MatMulReference.Forward(MatMulInput(b, DType.NF4, xd), rw, null, m, n, k), MatMulReference.Forward(xd, wd, null, m, n, k));
+        var baseDx = Minus(MatMulReference.BackwardInput(MatMulInput(b, DType.NF4, dyd), rw, m, n, k), MatMulReference.BackwardInput(dyd, wd, m, n, k));
         b.LoraLinearForward(y, x, w, null, lora, u, null, m, n, k, r);
-        Close(LoraLinearReference.Forward(xd, wd, null, ad, bbd, scale, 0, 0, m, n, k, r).Y, y, "y");
+        Close(Plus(LoraLinearReference.Forward(xd, wd, null, ad, bbd, scale, 0, 0, m, n, k, r).Y, baseY), y, "y");
         b.LoraLinearBackward(dx, dy, x, w, lora, u, null, g, dA, dB, null, null, m, n, k, r, accumulate: false);
         var e = LoraLinearReference.Backward(dyd, xd, wd, ad, bbd, scale, 0, 0, m, n, k, r);
-        Close(e.DX, dx, "dx");
+        Close(Plus(e.DX, baseDx), dx, "dx");
         Close(e.DA, dA, "dA");
         Close(e.DB, dB, "dB");
     }

@@ -74,7 +74,11 @@ public class RopeTests
                     Assert.Equal(xBits, Bits(b, x)); // read only
                     b.Rope(x, pos, m, nh, hs, Theta, layout, inverse: false);
                     b.Copy(before, x);
-                    Assert.True(Bits(b, before).SequenceEqual(Bits(b, fused)), what);
+                    if (TestBackends.Contracts(backend))
+                        // two kernels: ptxas may contract x0·c − x1·s into an FFMA on either product, not necessarily the
+                        // same one in both, so the f32 values may differ in their last bit and a 16-bit rounding by one ulp
+                        Close(Down(before), fused, what, dtype == DType.F32 ? (1e-6, 1e-6) : (1e-6, dtype == DType.BF16 ? 1.0 / 128 : 1.0 / 1024));
+                    else Assert.True(Bits(b, before).SequenceEqual(Bits(b, fused)), what);
                     Close(RopeReference.Apply(xd, pd, m, nh, hs, Theta, layout, false), fused, what,
                         Tolerance.For(dtype));
                 }

@@ -78,12 +78,12 @@ public sealed class IlgpuBackend : IBackend
     /// <summary>Largest upload that goes through the pinned staging ring (token ids, targets, positions, small tables); larger ones (weights) wait for the device.</summary>
     internal const long StagedMaxBytes = 4L << 20;
 
-    private IlgpuBackend(Context context, Accelerator accelerator, string name, long poolChunkBytes = 0)
+    private IlgpuBackend(Context context, Accelerator accelerator, string name, long poolChunkBytes = 0, bool tensorCores = false)
     {
         _context = context;
         Accelerator = accelerator;
         Name = name;
-        TensorCores = accelerator is CudaAccelerator cuda && cuda.Architecture is { Major: >= 8 };
+        TensorCores = tensorCores || accelerator is CudaAccelerator cuda && cuda.Architecture is { Major: >= 8 };
         // A shared chunk holds the small tensors (norms, adapters, their gradients and moments) of a model together.
         _pool = new DevicePool(accelerator, poolChunkBytes > 0 ? poolChunkBytes : accelerator.AcceleratorType == AcceleratorType.CPU ? 4L << 20 : 256L << 20);
         if (accelerator.MaxNumThreadsPerGroup < MaxGroupSize)
@@ -125,7 +125,16 @@ public sealed class IlgpuBackend : IBackend
     /// <see cref="CreateSimulator(int)"/> with shared pool chunks of <paramref name="poolChunkBytes"/> (0: the default 4 MiB):
     /// tests make tiny models' tensors larger than half a chunk, as a big model's are on a GPU (each its own chunk unless reserved).
     /// </summary>
-    internal static IlgpuBackend CreateSimulator(int warpSize, long poolChunkBytes)
+    internal static IlgpuBackend CreateSimulator(int warpSize, long poolChunkBytes) => CreateSimulator(warpSize, poolChunkBytes, false);
+
+    /// <summary>
+    /// <see cref="CreateSimulator(int)"/> that dispatches like CUDA sm_80+ (<paramref name="tensorCores"/>: <see cref="TensorCores"/>
+    /// true, so bf16/f16 matmuls, NF4 and bf16 attention take the tensor-core kernels, here their scalar paths with the same
+    /// operand rounding): device "ilgpu-sim-tc", a test and diagnostic device that shows what a GPU's first run will compute.
+    /// </summary>
+    public static IlgpuBackend CreateSimulator(int warpSize, bool tensorCores) => CreateSimulator(warpSize, 0, tensorCores);
+
+    private static IlgpuBackend CreateSimulator(int warpSize, long poolChunkBytes, bool tensorCores)
     {
         if (warpSize < 1 || warpSize > MaxGroupSize || (warpSize & (warpSize - 1)) != 0)
             throw new ArgumentOutOfRangeException(nameof(warpSize), $"device 'ilgpu-sim:{warpSize}': the warp size must be a power of two in [1, {MaxGroupSize}]");
@@ -134,7 +143,7 @@ public sealed class IlgpuBackend : IBackend
         try
         {
             var accelerator = context.GetCPUDevice(0).CreateAccelerator(context);
-            return new IlgpuBackend(context, accelerator, $"ilgpu-sim:{warpSize}", poolChunkBytes);
+            return new IlgpuBackend(context, accelerator, tensorCores ? $"ilgpu-sim-tc:{warpSize}" : $"ilgpu-sim:{warpSize}", poolChunkBytes, tensorCores);
         }
         catch
         {
@@ -166,8 +175,8 @@ public sealed class IlgpuBackend : IBackend
 
     /// <summary>
     /// Whether matmuls against bf16/f16 weights run on tensor cores (<see cref="MatMulTensorCoreKernels"/>): CUDA on
-    /// compute capability 8.0+ (A100, H100). Elsewhere they stay f32 SIMT (the simulator tests the tensor-core
-    /// kernel's scalar path directly).
+    /// compute capability 8.0+ (A100, H100), or the simulator created as "ilgpu-sim-tc" (the kernels' scalar paths, same
+    /// operand rounding). Elsewhere they stay f32 SIMT.
     /// </summary>
     internal bool TensorCores { get; }
 
