@@ -9,7 +9,7 @@ public static class Backends
     /// <summary>
     /// "cpu" or "cpu:THREADS"; "cuda" or "cuda:N" (ILGPU CUDA accelerator N); "ilgpu-sim" or "ilgpu-sim:WARP"
     /// (ILGPU's CPU simulator shaped like an NVIDIA GPU with the given warp size, default 32; tests only);
-    /// "ilgpu-sim-tc" or "ilgpu-sim-tc:WARP": the same simulator dispatching like CUDA sm_80+, so bf16/f16 matmuls, NF4 and
+    /// "ilgpu-sim-tc" (warp 32, as on any GPU with tensor cores): the same simulator dispatching like CUDA sm_80+, so bf16/f16 matmuls, NF4 and
     /// bf16 attention take the tensor-core kernels (their scalar paths, which round operands to bf16/f16 as the tensor cores
     /// do). A test and diagnostic device only (what a GPU's first run computes, without a GPU): never chosen implicitly.
     /// </summary>
@@ -26,7 +26,7 @@ public static class Backends
             "cuda" or "gpu" => IlgpuBackend.CreateCuda(ParseArg(0)),
             "ilgpu-sim" => IlgpuBackend.CreateSimulator(ParseArg(32)),
             "ilgpu-sim-tc" => IlgpuBackend.CreateSimulator(ParseArg(32), tensorCores: true),
-            _ => throw new ArgumentException($"unknown device '{name}': expected cpu, cpu:THREADS, cuda, cuda:N, ilgpu-sim[:WARP] or ilgpu-sim-tc[:WARP]"),
+            _ => throw new ArgumentException($"unknown device '{name}': expected cpu, cpu:THREADS, cuda, cuda:N, ilgpu-sim[:WARP] or ilgpu-sim-tc"),
         };
     }
 

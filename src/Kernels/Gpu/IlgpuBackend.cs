@@ -132,7 +132,12 @@ public sealed class IlgpuBackend : IBackend
     /// true, so bf16/f16 matmuls, NF4 and bf16 attention take the tensor-core kernels, here their scalar paths with the same
     /// operand rounding): device "ilgpu-sim-tc", a test and diagnostic device that shows what a GPU's first run will compute.
     /// </summary>
-    public static IlgpuBackend CreateSimulator(int warpSize, bool tensorCores) => CreateSimulator(warpSize, 0, tensorCores);
+    public static IlgpuBackend CreateSimulator(int warpSize, bool tensorCores)
+    {
+        if (tensorCores && warpSize != MmaLayout.WarpThreads) // as on every GPU with tensor cores; the kernels' lane maps need it
+            throw new ArgumentOutOfRangeException(nameof(warpSize), $"device 'ilgpu-sim-tc:{warpSize}': the tensor-core kernels need {MmaLayout.WarpThreads}-lane warps");
+        return CreateSimulator(warpSize, 0, tensorCores);
+    }
 
     private static IlgpuBackend CreateSimulator(int warpSize, long poolChunkBytes, bool tensorCores)
     {
