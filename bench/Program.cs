@@ -12,6 +12,7 @@ public static class Program
         if (args.Length > 0 && args[0] == "quick-gemm") { Variants.GemmVariants.Run(args); return; }
         if (args.Length > 0 && args[0] == "quick-head") { Variants.GemmVariants.RunHead(args); return; }
         if (args.Length > 0 && args[0] == "quick-lora") { Variants.GemmVariants.RunLora(args); return; }
+        if (args.Length > 0 && args[0] == "quick-f16gemv") { Variants.MatVecF16Variants.Run(args); return; }
         if (args.Length > 0 && args[0] == "peers") { Environment.ExitCode = Peers.PeersCommand.Run(args); return; }
         BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);
     }
