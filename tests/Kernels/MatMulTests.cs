@@ -106,6 +106,29 @@ public class MatMulTests
     }
 
     /// <summary>
+    /// The weight gradient of a weight trained in bf16 (MatMulBackwardWeightBf16, autocast semantics): on tensor cores dy
+    /// and x rounded to bf16 with f32 accumulation, elsewhere the exact f32 product; dBias the exact column sum of dy.
+    /// </summary>
+    [SkippableTheory]
+    [MemberData(nameof(TestBackends.All), MemberType = typeof(TestBackends))]
+    public void BackwardWeightBf16_MatchesReferenceOnItsOperands_Accumulates(string backend)
+    {
+        var b = Backend(backend);
+        int seed = 400;
+        foreach (var (m, n, k) in new[] { (1, 1, 1), (5, 3, 7), (37, 20, 44) }) // ragged, and row runs of 4 (vector loads)
+        {
+            var dyd = Rand((long)m * n, seed++); var xd = Rand((long)m * k, seed++);
+            var dw0 = Rand((long)n * k, seed++, 3); var db0 = Rand(n, seed++, 3);
+            using var dy = Up(b, dyd, m, n); using var x = Up(b, xd, m, k);
+            using var dw = Up(b, dw0, n, k); using var db = Up(b, db0, n);
+            b.MatMulBackwardWeightBf16(dw, db, dy, x, m, n, k);
+            var (rdy, rx) = (MatMulInput(b, DType.BF16, dyd), MatMulInput(b, DType.BF16, xd)); // as the mma reads them
+            Close(Plus(dw0, MatMulReference.BackwardWeight(rdy, rx, m, n, k)), dw, $"dw M={m} N={n} K={k}");
+            Close(Plus(db0, MatMulReference.BackwardBias(dyd, m, n)), db, $"dBias M={m} N={n} K={k}");
+        }
+    }
+
+    /// <summary>
     /// The CPU GEMM's block boundaries (cpu only: the sizes are too big for the simulator): several K slices of at most
     /// 256 (K=600 → 3 slices of 200), more rows than one packed A block (2040: B is packed once and reused by the
     /// second row block), more columns than one packed B block (4096), f32 and bf16 weights, every layout; and K slices
