@@ -26,9 +26,9 @@ public class Bf16KvCacheTests
 
     private static readonly int[] Prompt = { 1, 7, 30, 12, 4, 19, 22, 8, 3 };
 
-    private static float[][] Run(IBackend b, DType kv)
+    private static float[][] Run(IBackend b, DType kv, DType linear = DType.F32)
     {
-        using var w = LlamaWeights.Allocate(Config, b, DType.F32);
+        using var w = LlamaWeights.Allocate(Config, b, linear);
         var r = new Random(5);
         foreach (var (name, t) in w.Named())
         {
@@ -76,6 +76,38 @@ public class Bf16KvCacheTests
         _out.WriteLine($"max |logit| {maxLogit:G3}");
         Close(cpu32, cpu, 2e-2 * maxLogit, Tolerance.BF16.Rtol, "cpu f32 vs bf16 cache");
         Assert.Contains(Enumerable.Range(0, cpu[0].Length), j => cpu[0][j] != cpu32[0][j]);
+    }
+
+    /// <summary>
+    /// bf16 weights on tensor cores (CUDA sm_80+, or the simulator that dispatches like it with FTN_TEST_TC_SIM=1), what a
+    /// GPU's first generation runs: every linear on the tensor-core matmul (prefill M = 9 and decode M = 1). With an f32
+    /// cache that is exactly the plain backend multiplying bf16 weights by x rounded to bf16 (measured 1.2e-7 apart on
+    /// ilgpu-sim-tc, while the unrounded CPU backend is 0.024-0.044 away: the rounding is real and all of the difference).
+    /// With the bf16 cache (the CUDA default) the prefill attention also runs on the tensor-core kernel (P rounded) over
+    /// bf16 q, k, v: measured 0.027-0.044 from that emulation at max|logit| 3.6, bound 3e-2·max|logit| (a wrong rotation
+    /// or cache row is off by order max|logit|).
+    /// </summary>
+    [SkippableTheory]
+    [InlineData("ilgpu-sim-tc")]
+    [InlineData("cuda")]
+    public void Bf16Weights_OnTensorCores_AreTheRoundedInputEmulation(string device)
+    {
+        Skip.If(device == "cuda" && !Backends.CudaAvailable(), "no CUDA device");
+        Skip.If(device == "ilgpu-sim-tc" && !TestBackends.TensorCoreSimulator, "the tensor-core simulator runs with FTN_TEST_TC_SIM=1");
+        Skip.IfNot(TestBackends.RoundsOperands(device), $"{device} has no tensor cores (CUDA before sm_80)");
+        using var plain = new FineTuneNative.Tests.Runtime.Model.PlainBackend { RoundsBf16MatMulInputs = true };
+        var emulated = Run(plain, DType.F32, DType.BF16);
+        var tc = Run(TestBackends.Get(device), DType.F32, DType.BF16);
+        var cpu = Run(TestBackends.Get("cpu"), DType.F32, DType.BF16);
+        double maxLogit = emulated.SelectMany(x => x).Max(x => Math.Abs((double)x));
+        _out.WriteLine($"max |logit| {maxLogit:G3}");
+        // 1e-3·max|logit|: f32 accumulation order, and room for an activation that rounds to the other bf16 neighbour
+        // on one side (2^-8 of one element); the rounding itself is 7x larger and must show against the CPU backend
+        Close(emulated, tc, 1e-3 * maxLogit, 0, $"rounded-input emulation vs {device} (f32 cache)");
+        for (int i = 0; i < cpu.Length; i++)
+            Assert.Contains(Enumerable.Range(0, cpu[i].Length), j => Math.Abs(tc[i][j] - cpu[i][j]) > 2e-3 * maxLogit);
+        var tcBf16 = Run(TestBackends.Get(device), DType.BF16, DType.BF16);
+        Close(emulated, tcBf16, 3e-2 * maxLogit, 0, $"rounded-input emulation (f32 cache) vs {device} (bf16 cache)");
     }
 
     [Theory]

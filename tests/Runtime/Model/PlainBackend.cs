@@ -49,9 +49,22 @@ internal sealed class PlainBackend : IBackend
     public void Scale(Tensor t, float s) { var d = F(t); for (int i = 0; i < d.Length; i++) d[i] *= s; }
     public double SumOfSquares(Tensor t) { double s = 0; foreach (float x in F(t)) s += (double)x * x; return s; }
 
+    /// <summary>
+    /// Multiply bf16 weights as tensor cores do (x rounded to bf16, exact products, wide accumulation): the emulation
+    /// a tensor-core backend's whole-model run is checked against (IlgpuBackend.TensorCores).
+    /// </summary>
+    public bool RoundsBf16MatMulInputs { get; init; }
+
     public void MatMul(Tensor y, Tensor x, Tensor w, Tensor? bias, int m, int n, int k, bool accumulate)
     {
-        var Y = F(y); var X = F(x); var W = F(w);
+        var Y = F(y); var W = F(w);
+        ReadOnlySpan<float> X = F(x);
+        if (RoundsBf16MatMulInputs && w.DType == DType.BF16)
+        {
+            var rounded = new float[X.Length];
+            for (int i = 0; i < rounded.Length; i++) rounded[i] = HalfBits.Bf16ToF32(HalfBits.F32ToBf16(X[i]));
+            X = rounded;
+        }
         for (int i = 0; i < m; i++)
             for (int j = 0; j < n; j++)
             {
