@@ -37,6 +37,10 @@ internal static unsafe class MatVecF16Variants
             mats.Add(new Mat(w, n, k));
             bytes += 2L * n * k;
         }
+        var packed = new Dictionary<IntPtr, PackedMatrix>();
+        if (args.Contains("packed"))
+            foreach (var m in mats) packed[(IntPtr)m.W] = new PackedMatrix(DType.F16, m.W, m.N, m.K);
+        P1 = BuildPacked();
         var x = (float*)NativeMemory.AlignedAlloc(4 * F, 64);
         for (int j = 0; j < F; j++) x[j] = MathF.Sin(j);
         var y = (float*)NativeMemory.AlignedAlloc(4 * V, 64);
@@ -51,10 +55,21 @@ internal static unsafe class MatVecF16Variants
             ("b1 a1 with the prefetches first in the loop", m => AsmB(B1, false, m, x, y, 1)),
             ("b2 b1, 32 columns per step, 2 chains per row", m => AsmB(B2, true, m, x, y, 1)),
             ("b3 b1, vmovdqu ymm + vcvtph2ps zmm, ymm", m => AsmB(B3, false, m, x, y, 1)),
+            ("p1 packed 16-row panels, broadcast x, 4 chains", m => { if (packed.Count > 0) Packed(packed[(IntPtr)m.W], x, y); }),
         };
         B1 = Build(pfFirst: true, twoChains: false, regForm: false);
         B2 = Build(pfFirst: true, twoChains: true, regForm: false);
         B3 = Build(pfFirst: true, twoChains: false, regForm: true);
+        if (packed.Count > 0)
+        {
+            var yr = new float[576];
+            MatVec.RowsF16(mats[0].W, 576, 0, 576, x, y, null, false);
+            new Span<float>(y, 576).CopyTo(yr);
+            Packed(packed[(IntPtr)mats[0].W], x, y);
+            double md = 0;
+            for (int i = 0; i < 576; i++) md = Math.Max(md, Math.Abs(yr[i] - y[i]) / (Math.Abs(yr[i]) + 1e-3));
+            Console.WriteLine($"  p1 vs a1 on 576x576: max rel diff {md:E2}");
+        }
         var hot = mats[0];   // 576 x 576 (648 KiB: stays in L2): the instruction cost alone
         foreach (var (name, op) in variants)
         {
@@ -71,7 +86,42 @@ internal static unsafe class MatVecF16Variants
             }
     }
 
-    private static delegate* unmanaged[Cdecl, SuppressGCTransition]<ushort*, float*, float*, long, long, byte*, void> B1, B2, B3;
+    private static delegate* unmanaged[Cdecl, SuppressGCTransition]<ushort*, float*, float*, long, long, byte*, void> B1, B2, B3, P1;
+
+    private static void Packed(PackedMatrix pm, float* x, float* y)
+    {
+        for (int p = 0; p < pm.Panels; p++)
+        {
+            byte* panel = pm.Panel(p);
+            P1((ushort*)panel, x, y + 16 * p, pm.K / 4, 0, panel + pm.PanelBytes);
+        }
+    }
+
+    /// <summary>p1(panel, x, y16, k/4, _, prefetch): y16 = Σ_k f32(panel[16k..16k+16])·x[k], chains k mod 4, summed at the end.</summary>
+    private static delegate* unmanaged[Cdecl, SuppressGCTransition]<ushort*, float*, float*, long, long, byte*, void> BuildPacked()
+    {
+        var e = new X64Code.Emitter();
+        for (int r = 0; r < 4; r++) e.EvexRR(1, 1, 0xEF, r, r, r);
+        int loop = e.Position;
+        e.Bytes(0x41, 0x0F, 0x18, 0x09); e.Bytes(0x41, 0x0F, 0x18, 0x49, 0x40);
+        for (int u = 0; u < 4; u++)
+        {
+            e.EvexRM(2, 1, 0x18, 8 + u, 0, X64Code.Rsi, 4 * u, 4);        // vbroadcastss zmm(8+u), [rsi+4u]
+            e.EvexRM(2, 1, 0x13, 4 + u, 0, X64Code.Rdi, 32 * u, 32);      // vcvtph2ps zmm(4+u), [rdi+32u]
+            e.EvexRR(2, 1, 0xB8, u, 4 + u, 8 + u);                        // vfmadd231ps zmm(u), zmm(4+u), zmm(8+u)
+        }
+        e.Bytes(0x48, 0x83, 0xEF, 0x80);                                   // sub rdi, -128
+        e.Bytes(0x48, 0x83, 0xC6, 0x10);                                   // add rsi, 16
+        e.Bytes(0x49, 0x83, 0xE9, 0x80);                                   // sub r9, -128
+        e.Bytes(0x48, 0xFF, 0xC9);
+        e.Jcc(0x85, loop);
+        e.EvexRR(1, 0, 0x58, 0, 0, 1); e.EvexRR(1, 0, 0x58, 2, 2, 3); e.EvexRR(1, 0, 0x58, 0, 0, 2);   // vaddps
+        e.EvexRM(1, 0, 0x11, 0, 0, X64Code.Rdx, 0, 64);
+        e.Bytes(0xC5, 0xF8, 0x77, 0xC3);
+        var page = X64Code.ExecutablePage(e.ToArray(), out string why);
+        if (page == null) throw new InvalidOperationException(why);
+        return (delegate* unmanaged[Cdecl, SuppressGCTransition]<ushort*, float*, float*, long, long, byte*, void>)page;
+    }
 
     private static void AsmB(delegate* unmanaged[Cdecl, SuppressGCTransition]<ushort*, float*, float*, long, long, byte*, void> kern, bool two, Mat m, float* x, float* y, int tilesAhead)
     {

@@ -10,8 +10,8 @@ using Xunit.Abstractions;
 namespace FineTuneNative.Tests.Kernels;
 
 /// <summary>
-/// The VCVTPH2PS machine code of MatVecF16Asm: the f16 decode product (MatVec.RowsF16) against the double reference on
-/// ragged shapes, bit for bit against the managed widening it replaces, the widening exact over all 65536 halves, the
+/// The VCVTPH2PS machine code of MatVecF16Asm: the f16 decode products (MatVec.RowsF16 on rows, PackedGemm.RowsF16 on
+/// 16-row panels) against the double reference on ragged shapes, bit for bit against the managed widening it replaces, the widening exact over all 65536 halves, the
 /// managed fallback forced on the test thread, and the encoding read back by objdump.
 /// </summary>
 public sealed unsafe class MatVecF16AsmTests(ITestOutputHelper output)
@@ -65,6 +65,39 @@ public sealed unsafe class MatVecF16AsmTests(ITestOutputHelper output)
             try { managed = Rows(h, x, bias, n, k, r0, accumulate); }
             finally { MatVecF16Asm.ForceFallback = false; }
             Assert.Equal(managed, y);
+        }
+    }
+
+    // (N, K, r0, r1): partial first and last panels, K % 4 = 1 and 3, K < 4 (tail only), a 4-column tail after the kernel,
+    // the SmolLM2 depth on whole panels.
+    public static readonly TheoryData<int, int, int, int> PanelShapes = new()
+    {
+        { 37, 45, 3, 35 }, { 37, 7, 0, 37 }, { 5, 3, 0, 5 }, { 64, 576, 16, 48 }, { 40, 1535, 0, 40 }, { 16, 4, 0, 16 },
+    };
+
+    [SkippableTheory]
+    [MemberData(nameof(PanelShapes))]
+    public void Packed_Panel_Rows_Match_Double_Reference(int n, int k, int r0, int r1)
+    {
+        Skip.IfNot(PackedGemm.F16DecodeAvailable, NoKernel);
+        var (w, h) = F16Weights((long)n * k, 81 + k, 0.5);
+        var x = KernelTest.Rand(k, 82, 1.5).Select(v => (float)v).ToArray();
+        var bias = KernelTest.Rand(n, 83).Select(v => (float)v).ToArray();
+        foreach (bool accumulate in new[] { false, true })
+        {
+            var y = Enumerable.Repeat(7f, n).ToArray();
+            fixed (ushort* pw = h) fixed (float* px = x) fixed (float* py = y) fixed (float* pb = bias)
+            {
+                using var pm = new PackedMatrix(DType.F16, pw, n, k, "w");
+                PackedGemm.RowsF16(pm.Data, k, r0, r1, px, py, pb, accumulate);
+            }
+            for (int r = 0; r < n; r++)
+            {
+                if (r < r0 || r >= r1) { Assert.Equal(7f, y[r]); continue; }
+                double e = bias[r] + (accumulate ? 7 : 0), mag = 0;
+                for (int j = 0; j < k; j++) { e += w[(long)r * k + j] * x[j]; mag += Math.Abs(w[(long)r * k + j] * x[j]); }
+                Assert.True(Math.Abs(y[r] - e) <= 1e-6 + 1e-5 * (mag + Math.Abs(e)), $"row {r} of {n}x{k}: {y[r]} vs {e}");
+            }
         }
     }
 
@@ -159,7 +192,8 @@ public sealed unsafe class MatVecF16AsmTests(ITestOutputHelper output)
         Skip.IfNot(File.Exists("/usr/bin/objdump"), "binutils objdump not installed");
         var code = MatVecF16Asm.Encode(out var entries);
         Assert.Equal(0, entries.Rows4);
-        Assert.True(entries.Rows1 % 64 == 0 && entries.Widen % 64 == 0 && entries.Rows1 < entries.Widen, $"entries {entries}");
+        Assert.True(entries.Rows1 % 64 == 0 && entries.Widen % 64 == 0 && entries.Panel16 % 64 == 0
+            && entries.Rows1 < entries.Widen && entries.Widen < entries.Panel16, $"entries {entries}");
         string path = Path.Combine(Path.GetTempPath(), $"ftn-matvecf16-{Environment.ProcessId}.bin");
         File.WriteAllBytes(path, code);
         try
@@ -176,7 +210,7 @@ public sealed unsafe class MatVecF16AsmTests(ITestOutputHelper output)
             List<string> Part(int from, int to) => ins.Where(i => i.At >= from && i.At < to).Select(i => i.Text).ToList();
             var rows4 = Part(entries.Rows4, entries.Rows1);
             var rows1 = Part(entries.Rows1, entries.Widen);
-            var widen = Part(entries.Widen, code.Length);
+            var widen = Part(entries.Widen, code.Length);   // up to the panel kernel: narrowed below
             string[] bases = { "%rdi", "%rax", "%r10", "%r11" };
             for (int r = 0; r < 4; r++)
             {
@@ -192,7 +226,20 @@ public sealed unsafe class MatVecF16AsmTests(ITestOutputHelper output)
             Assert.Equal(new[] { "vmovups %zmm0,(%rdx)", "vzeroupper", "ret" }, rows1.TakeLast(3));
             Assert.Equal(new[] { "vcvtph2ps (%rdi),%zmm0", "vmovups %zmm0,(%rsi)", "add $0x20,%rdi", "add $0x40,%rsi", "dec %rdx" }, widen.Take(5));
             Assert.Equal(new[] { "vzeroupper", "ret" }, widen.TakeLast(2));
-            output.WriteLine($"{code.Length} bytes; rows4 {rows4.Count}, rows1 {rows1.Count}, widen {widen.Count} instructions");
+            var panel = Part(entries.Panel16, code.Length);
+            widen = Part(entries.Widen, entries.Panel16);
+            Assert.Equal(new[] { "vzeroupper", "ret" }, widen.TakeLast(2));
+            for (int u = 0; u < 4; u++)
+            {
+                Assert.Contains($"vbroadcastss {(u == 0 ? "" : $"0x{4 * u:x}")}(%rsi),%zmm{8 + u}", panel);
+                Assert.Contains($"vcvtph2ps {(u == 0 ? "" : $"0x{32 * u:x}")}(%rdi),%zmm{4 + u}", panel);
+                Assert.Contains($"vfmadd231ps %zmm{8 + u},%zmm{4 + u},%zmm{u}", panel);
+            }
+            foreach (var s in new[] { "prefetcht0 (%r8)", "prefetcht0 0x40(%r8)", "sub $0xffffffffffffff80,%rdi", "add $0x10,%rsi",
+                         "vaddps %zmm1,%zmm0,%zmm0", "vaddps %zmm3,%zmm2,%zmm2", "vaddps %zmm2,%zmm0,%zmm0", "vmovups %zmm0,(%rdx)" })
+                Assert.Contains(s, panel);
+            Assert.Equal(new[] { "vzeroupper", "ret" }, panel.TakeLast(2));
+            output.WriteLine($"{code.Length} bytes; rows4 {rows4.Count}, rows1 {rows1.Count}, widen {widen.Count}, panel16 {panel.Count} instructions");
         }
         finally { File.Delete(path); }
     }

@@ -3,7 +3,7 @@ using System.Runtime.CompilerServices;
 namespace FineTuneNative.Kernels.Cpu;
 
 /// <summary>
-/// The f16-weight decode product (GEMV) and the f16 → f32 widening as machine code built on VCVTPH2PS (AVX-512F,
+/// The f16-weight decode product (GEMV: row-major rows and packed 16-row panels) and the f16 → f32 widening as machine code built on VCVTPH2PS (AVX-512F,
 /// EVEX.512.66.0F38.W0 13 /r: 16 halves → 16 floats, exact for every half including subnormals, ±inf and NaN). .NET 10
 /// exposes no F16C/AVX512-FP16 conversion intrinsic, so without it a widening costs 4 AVX-512 instructions per 16
 /// halves (<see cref="Quant.PackedGemm.F16x16"/>); here it is one, folded into the load. Same route as
@@ -33,6 +33,14 @@ internal static unsafe class MatVecF16Asm
     /// <summary>widen(src, dst, n16): dst[0 .. 16·n16) = f32(src[0 .. 16·n16)), n16 ≥ 1, exactly (NaN stays NaN, quieted).</summary>
     public static readonly delegate* unmanaged[Cdecl, SuppressGCTransition]<ushort*, float*, long, void> Widen;
 
+    /// <summary>
+    /// panel16(panel, x, y16, k4, prefetch): y16[c] = Σ_{k &lt; 4·k4} f32(panel[16k + c])·x[k] for the 16 rows c of a packed
+    /// f16 panel (<see cref="Quant.PackedMatrix"/>: element k of row c at 16k + c), k4 ≥ 1; four FMA chains (k mod 4)
+    /// added as (c0 + c1) + (c2 + c3) at the end; x[k] broadcast from memory. Requests 128 bytes at prefetch per 4
+    /// columns: pass the next panel (32·K bytes on).
+    /// </summary>
+    public static readonly delegate* unmanaged[Cdecl, SuppressGCTransition]<ushort*, float*, float*, long, byte*, void> Panel16;
+
     /// <summary>Why the kernels are null (empty when they are available).</summary>
     public static readonly string Unavailable = "";
 
@@ -50,7 +58,7 @@ internal static unsafe class MatVecF16Asm
     }
 
     /// <summary>Byte offsets of the three entry points inside <see cref="Encode"/>'s code.</summary>
-    public static readonly (int Rows4, int Rows1, int Widen) Entries;
+    public static readonly (int Rows4, int Rows1, int Widen, int Panel16) Entries;
 
     static MatVecF16Asm()
     {
@@ -62,6 +70,7 @@ internal static unsafe class MatVecF16Asm
         Rows4 = (delegate* unmanaged[Cdecl, SuppressGCTransition]<ushort*, float*, float*, long, long, byte*, void>)(page + Entries.Rows4);
         Rows1 = (delegate* unmanaged[Cdecl, SuppressGCTransition]<ushort*, float*, float*, long, void>)(page + Entries.Rows1);
         Widen = (delegate* unmanaged[Cdecl, SuppressGCTransition]<ushort*, float*, long, void>)(page + Entries.Widen);
+        Panel16 = (delegate* unmanaged[Cdecl, SuppressGCTransition]<ushort*, float*, float*, long, byte*, void>)(page + Entries.Panel16);
     }
 
     private const int Rax = X64Code.Rax, Rcx = X64Code.Rcx, Rdx = X64Code.Rdx, Rsi = X64Code.Rsi, Rdi = X64Code.Rdi,
@@ -87,9 +96,15 @@ internal static unsafe class MatVecF16Asm
     ///        vmovups [rdx], zmm0; vzeroupper; ret
     /// widen: vcvtph2ps zmm0, [rdi]; vmovups [rsi], zmm0; add rdi, 32; add rsi, 64; dec rdx; jnz widen
     ///        vzeroupper; ret
+    /// panel16: vpxord zmm0..3
+    /// loop:  prefetcht0 [r8]; prefetcht0 [r8+64]
+    ///        vbroadcastss zmm(8+u), [rsi+4u]; vcvtph2ps zmm(4+u), [rdi+32u]; vfmadd231ps zmm(u), zmm(4+u), zmm(8+u)   ; u = 0..3
+    ///        sub rdi, -128; add rsi, 16; sub r8, -128; dec rcx; jnz loop
+    ///        vaddps zmm0, zmm0, zmm1; vaddps zmm2, zmm2, zmm3; vaddps zmm0, zmm0, zmm2
+    ///        vmovups [rdx], zmm0; vzeroupper; ret
     /// </code>
     /// </summary>
-    public static byte[] Encode(out (int Rows4, int Rows1, int Widen) entries)
+    public static byte[] Encode(out (int Rows4, int Rows1, int Widen, int Panel16) entries)
     {
         var e = new X64Code.Emitter();
         int[] rowBase = { Rdi, Rax, R10, R11 };
@@ -142,7 +157,31 @@ internal static unsafe class MatVecF16Asm
         e.Bytes(0xC5, 0xF8, 0x77);                                                                           // vzeroupper
         e.Bytes(0xC3);                                                                                       // ret
 
-        entries = (rows4, rows1, widen);
+        Align64(e);
+        int panel16 = e.Position;
+        for (int u = 0; u < 4; u++) e.EvexRR(map: 1, pp: 1, op: 0xEF, reg: u, vvvv: u, rm: u);             // vpxord zmm(u)
+        int loopP = e.Position;
+        e.Bytes(0x41, 0x0F, 0x18, 0x08);                                                                     // prefetcht0 [r8]
+        e.Bytes(0x41, 0x0F, 0x18, 0x48, 0x40);                                                               // prefetcht0 [r8+64]
+        for (int u = 0; u < 4; u++)
+        {
+            e.EvexRM(map: 2, pp: 1, op: 0x18, reg: 8 + u, vvvv: 0, baseReg: Rsi, disp: 4 * u, n: 4);         // vbroadcastss zmm(8+u), [rsi+4u]
+            e.EvexRM(map: 2, pp: 1, op: 0x13, reg: 4 + u, vvvv: 0, baseReg: Rdi, disp: 32 * u, n: 32);       // vcvtph2ps zmm(4+u), [rdi+32u]
+            e.EvexRR(map: 2, pp: 1, op: 0xB8, reg: u, vvvv: 4 + u, rm: 8 + u);                               // vfmadd231ps zmm(u), zmm(4+u), zmm(8+u)
+        }
+        e.Bytes(0x48, 0x83, 0xEF, 0x80);                                                                     // sub rdi, -128
+        e.Bytes(0x48, 0x83, 0xC6, 0x10);                                                                     // add rsi, 16
+        e.Bytes(0x49, 0x83, 0xE8, 0x80);                                                                     // sub r8, -128
+        e.Bytes(0x48, 0xFF, 0xC9);                                                                           // dec rcx
+        e.Jcc(0x85, loopP);                                                                                  // jnz loopP
+        e.EvexRR(map: 1, pp: 0, op: 0x58, reg: 0, vvvv: 0, rm: 1);                                          // vaddps zmm0, zmm0, zmm1
+        e.EvexRR(map: 1, pp: 0, op: 0x58, reg: 2, vvvv: 2, rm: 3);                                          // vaddps zmm2, zmm2, zmm3
+        e.EvexRR(map: 1, pp: 0, op: 0x58, reg: 0, vvvv: 0, rm: 2);                                          // vaddps zmm0, zmm0, zmm2
+        e.EvexRM(map: 1, pp: 0, op: 0x11, reg: 0, vvvv: 0, baseReg: Rdx, disp: 0, n: 64);                   // vmovups [rdx], zmm0
+        e.Bytes(0xC5, 0xF8, 0x77);                                                                           // vzeroupper
+        e.Bytes(0xC3);                                                                                       // ret
+
+        entries = (rows4, rows1, widen, panel16);
         return e.ToArray();
     }
 

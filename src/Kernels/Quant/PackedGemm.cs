@@ -433,6 +433,40 @@ public static unsafe class PackedGemm
         }
     }
 
+    /// <summary>True where <see cref="RowsF16"/> runs (its machine code: x64 Linux with AVX-512F).</summary>
+    public static bool F16DecodeAvailable => Cpu.MatVecF16Asm.Panel16 != null;
+
+    /// <summary>
+    /// Decode (M = 1): y[r] (+)= W[r]·x (+ bias[r]) for r in [r0, r1) from F16 panels: one contiguous stream per panel
+    /// (the row-major f16 rows read 4 streams), VCVTPH2PS on 16 rows at a time against the broadcast x[k], the next
+    /// panel prefetched (<see cref="Cpu.MatVecF16Asm.Panel16"/>); the K % 4 tail here. Only where
+    /// <see cref="F16DecodeAvailable"/>. Summation: four chains over k mod 4, not the row kernels' order.
+    /// </summary>
+    public static void RowsF16(byte* w, int k, int r0, int r1, float* x, float* y, float* bias, bool accumulate)
+    {
+        if (r1 <= r0) return;
+        if (!F16DecodeAvailable) throw new InvalidOperationException($"packed f16 decode needs the VCVTPH2PS kernel ({Cpu.MatVecF16Asm.Unavailable})");
+        long panelBytes = 32L * k;
+        int k4 = k & ~3;
+        float* t = stackalloc float[16];
+        for (int p = r0 / 16; p * 16 < r1; p++)
+        {
+            byte* o = w + p * panelBytes;
+            Vector512<float> f = default;
+            if (k4 > 0)
+            {
+                Cpu.MatVecF16Asm.Panel16((ushort*)o, x, t, k4 / 4, o + panelBytes);
+                f = Vector512.Load(t);
+            }
+            for (int kk = k4; kk < k; kk++)
+            {
+                Cpu.MatVecF16Asm.Widen((ushort*)(o + 32L * kk), t, 1);
+                f = Avx512F.FusedMultiplyAdd(Vector512.Load(t), Vector512.Create(x[kk]), f);
+            }
+            StoreLanes(y, f, p * 16, r0, r1, bias, accumulate);
+        }
+    }
+
     // ------------------------------------------------------------------------------------------- F32 / F16
 
     /// <summary>

@@ -324,6 +324,11 @@ internal sealed unsafe class CpuDecoder : IDisposable
             PackedGemm.RowsQ8_0(m.P, m.K, r0, r1, a.Q, a.D, y, bias, accumulate);
             return;
         }
+        if (m.P != null && m.Type == DType.F16)
+        {
+            PackedGemm.RowsF16(m.P, m.K, r0, r1, x, y, bias, accumulate);
+            return;
+        }
         switch (m.Type)
         {
             case DType.F32: MatVec.RowsF32((float*)m.W, m.K, r0, r1, x, y, bias, accumulate); break;

@@ -135,8 +135,9 @@ public sealed unsafe partial class InferenceSession : IDisposable
     internal static bool PackForPrefill(DType t) => t is DType.F32 or DType.F16 or DType.Q8_0 or DType.Q4_0;
 
     /// <summary>Which weight types the fused decoder reads packed (<see cref="PackedGemm.RowsQ4_0"/>: ~4x fewer
-    /// instructions per block than the row kernel, 20 instead of 18 bytes per block).</summary>
-    internal static bool PackForDecode(DType t) => t is DType.Q4_0 or DType.Q8_0;
+    /// instructions per block than the row kernel, 20 instead of 18 bytes per block; F16 where its VCVTPH2PS panel kernel
+    /// runs, <see cref="PackedGemm.RowsF16"/>: one stream per 16 rows instead of four).</summary>
+    internal static bool PackForDecode(DType t) => t is DType.Q4_0 or DType.Q8_0 || (t == DType.F16 && PackedGemm.F16DecodeAvailable);
 
     private void PackWeights(CpuBackend cpu, bool prefill)
     {
