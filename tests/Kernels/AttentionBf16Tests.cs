@@ -33,13 +33,6 @@ public class AttentionBf16Tests
         _ => x,
     };
 
-    private static Tensor UpAs(IBackend b, DType d, double[] data, params int[] shape)
-    {
-        var t = b.Allocate(d, shape);
-        b.Upload(t, GradCheck.ToFloat(data));
-        return t;
-    }
-
     [SkippableTheory]
     [MemberData(nameof(TestBackends.All), MemberType = typeof(TestBackends))]
     public void HalfInputs_MatchReferenceOnRoundedInputs(string backend)

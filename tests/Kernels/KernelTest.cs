@@ -24,6 +24,14 @@ internal static class KernelTest
         return t;
     }
 
+    /// <summary>A tensor of <paramref name="dtype"/> holding <paramref name="data"/> (rounded to it on upload).</summary>
+    public static Tensor UpAs(IBackend b, DType dtype, double[] data, params int[] shape)
+    {
+        var t = b.Allocate(dtype, shape);
+        b.Upload(t, GradCheck.ToFloat(data));
+        return t;
+    }
+
     public static Tensor UpInt(IBackend b, int[] data)
     {
         var t = b.Allocate(DType.I32, data.Length);

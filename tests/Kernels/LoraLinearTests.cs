@@ -57,67 +57,77 @@ public class LoraLinearTests
             }
     }
 
+    /// <summary>The 16-bit base weights a backend's LoRA takes: the CPU backend's LoRA linears read f32 or bf16 only.</summary>
+    private static DType[] HalfWeights(string backend) => backend == "cpu" ? new[] { DType.BF16 } : new[] { DType.BF16, DType.F16 };
+
     [SkippableTheory]
     [MemberData(nameof(TestBackends.All), MemberType = typeof(TestBackends))]
-    public void Forward_Bf16BaseWeight(string backend)
+    public void Forward_HalfBaseWeight(string backend)
     {
         var b = Backend(backend);
         const int m = 6, n = 11, k = 13, r = 3;
-        var xd = Rand(m * k, 1); var wd = RoundBf16(Rand(n * k, 2)); var ad = Rand(r * k, 3); var bbd = Rand(n * r, 4);
-        var bd = Rand(n, 5); var rd = Rand(m * n, 6);
-        using var x = Up(b, xd, m, k); using var w = UpBf16(b, GradCheck.ToFloat(wd), n, k);
-        using var a = Up(b, ad, r, k); using var bb = Up(b, bbd, n, r); using var bias = Up(b, bd, n); using var res = Up(b, rd, m, n);
-        using var y = b.Allocate(DType.F32, m, n); using var u = b.Allocate(DType.F32, m, r);
-        using var yr = Up(b, Enumerable.Repeat(float.NaN, m * n).ToArray(), m, n); using var u2 = b.Allocate(DType.F32, m, r);
-        var lora = new LoraParams(a, bb, Scale, 0, 0);
-        b.LoraLinearForward(y, x, w, null, lora, u, null, m, n, k, r);
-        b.LoraLinearForwardResidual(yr, res, x, w, bias, lora, u2, null, m, n, k, r); // bias and residual in the same epilogue
-        var e = LoraLinearReference.Forward(xd, wd, null, ad, bbd, Scale, 0, 0, m, n, k, r);
-        Close(e.U, u, "u");
-        Close(e.U, u2, "u residual");
-        var ey = e.Y;
-        var eyr = Plus(LoraLinearReference.Forward(xd, wd, bd, ad, bbd, Scale, 0, 0, m, n, k, r).Y, rd);
-        if (TestBackends.RoundsOperands(b))
+        foreach (var dt in HalfWeights(backend))
         {
-            // tensor cores: one mma over [x | s·u]·[W | B]ᵀ with x, s·u and B rounded to bf16 (MatMulTensorCoreKernels.WithLoraInMma);
-            // s·u is formed in f32 from the device's u (checked above) as the kernel forms it, so the rounding is the kernel's
-            var su = RoundBf16(Array.ConvertAll(u.ToArray(), v => (double)(Scale * v)));
-            var low = MatMulReference.Forward(su, RoundBf16(bbd), null, m, n, r);
-            ey = Plus(MatMulReference.Forward(RoundBf16(xd), wd, null, m, n, k), low);
-            eyr = Plus(Plus(MatMulReference.Forward(RoundBf16(xd), wd, bd, m, n, k), low), rd);
+            Func<double[], double[]> round = dt == DType.BF16 ? RoundBf16 : RoundF16; // what a tensor core's operand holds
+            var xd = Rand(m * k, 1); var wd = round(Rand(n * k, 2)); var ad = Rand(r * k, 3); var bbd = Rand(n * r, 4);
+            var bd = Rand(n, 5); var rd = Rand(m * n, 6);
+            using var x = Up(b, xd, m, k); using var w = UpAs(b, dt, wd, n, k);
+            using var a = Up(b, ad, r, k); using var bb = Up(b, bbd, n, r); using var bias = Up(b, bd, n); using var res = Up(b, rd, m, n);
+            using var y = b.Allocate(DType.F32, m, n); using var u = b.Allocate(DType.F32, m, r);
+            using var yr = Up(b, Enumerable.Repeat(float.NaN, m * n).ToArray(), m, n); using var u2 = b.Allocate(DType.F32, m, r);
+            var lora = new LoraParams(a, bb, Scale, 0, 0);
+            b.LoraLinearForward(y, x, w, null, lora, u, null, m, n, k, r);
+            b.LoraLinearForwardResidual(yr, res, x, w, bias, lora, u2, null, m, n, k, r); // bias and residual in the same epilogue
+            var e = LoraLinearReference.Forward(xd, wd, null, ad, bbd, Scale, 0, 0, m, n, k, r);
+            Close(e.U, u, $"u {dt.Name()}");
+            Close(e.U, u2, $"u residual {dt.Name()}");
+            var ey = e.Y;
+            var eyr = Plus(LoraLinearReference.Forward(xd, wd, bd, ad, bbd, Scale, 0, 0, m, n, k, r).Y, rd);
+            if (TestBackends.RoundsOperands(b))
+            {
+                // tensor cores: one mma over [x | s·u]·[W | B]ᵀ with x, s·u and B rounded to W's type (MatMulTensorCoreKernels.WithLoraInMma);
+                // s·u is formed in f32 from the device's u (checked above) as the kernel forms it, so the rounding is the kernel's
+                var su = round(Array.ConvertAll(u.ToArray(), v => (double)(Scale * v)));
+                var low = MatMulReference.Forward(su, round(bbd), null, m, n, r);
+                ey = Plus(MatMulReference.Forward(round(xd), wd, null, m, n, k), low);
+                eyr = Plus(Plus(MatMulReference.Forward(round(xd), wd, bd, m, n, k), low), rd);
+            }
+            Close(ey, y, $"y {dt.Name()}");
+            Close(eyr, yr, $"y residual + bias {dt.Name()}");
         }
-        Close(ey, y, "y");
-        Close(eyr, yr, "y residual + bias");
     }
 
     /// <summary>
-    /// The backward over a bf16 base weight, with dropout and accumulation: on tensor cores dx = dy·W (dy rounded to bf16)
+    /// The backward over a bf16 (f16) base weight, with dropout and accumulation: on tensor cores dx = dy·W (dy rounded to W's type)
     /// plus the rank-r term s·mask⊙(g·A)/(1−p) in the same launch's f32 epilogue (LoraLinearKernels.Backward).
     /// </summary>
     [SkippableTheory]
     [MemberData(nameof(TestBackends.All), MemberType = typeof(TestBackends))]
-    public void Backward_Bf16BaseWeight_WithDropout(string backend)
+    public void Backward_HalfBaseWeight_WithDropout(string backend)
     {
         var b = Backend(backend);
         const int m = 6, n = 11, k = 13, r = 3;
         const float p = 0.3f;
-        var xd = Rand(m * k, 11); var wd = RoundBf16(Rand(n * k, 12)); var ad = Rand(r * k, 13); var bbd = Rand(n * r, 14);
-        var dyd = Rand(m * n, 15); var dx0 = Rand(m * k, 16, 3); var dA0 = Rand(r * k, 17, 3); var dB0 = Rand(n * r, 18, 3);
-        using var x = Up(b, xd, m, k); using var w = UpBf16(b, GradCheck.ToFloat(wd), n, k);
-        using var a = Up(b, ad, r, k); using var bb = Up(b, bbd, n, r); using var dy = Up(b, dyd, m, n);
-        using var y = b.Allocate(DType.F32, m, n); using var u = b.Allocate(DType.F32, m, r); using var xDrop = b.Allocate(DType.F32, m, k);
-        using var g = b.Allocate(DType.F32, m, r);
-        using var dx = Up(b, dx0, m, k); using var dA = Up(b, dA0, r, k); using var dB = Up(b, dB0, n, r);
-        var lora = new LoraParams(a, bb, Scale, p, Seed);
-        b.LoraLinearForward(y, x, w, null, lora, u, xDrop, m, n, k, r);
-        b.LoraLinearBackward(dx, dy, x, w, lora, u, xDrop, g, dA, dB, null, null, m, n, k, r, accumulate: true);
-        var e = LoraLinearReference.Backward(dyd, xd, wd, ad, bbd, Scale, p, Seed, m, n, k, r);
-        // the base term's input as the backend multiplies it (rounded to bf16 on tensor cores): the reference's dy·W replaced
-        var baseDx = Minus(MatMulReference.BackwardInput(MatMulInput(b, DType.BF16, dyd), wd, m, n, k), MatMulReference.BackwardInput(dyd, wd, m, n, k));
-        Close(MatMulReference.BackwardInput(dyd, bbd, m, n, r), g, "g");
-        Close(Plus(dx0, Plus(e.DX, baseDx)), dx, "dx +=");
-        Close(Plus(dA0, e.DA), dA, "dA +=");
-        Close(Plus(dB0, e.DB), dB, "dB +=");
+        foreach (var dt in HalfWeights(backend))
+        {
+            var xd = Rand(m * k, 11); var wd = dt == DType.BF16 ? RoundBf16(Rand(n * k, 12)) : RoundF16(Rand(n * k, 12)); var ad = Rand(r * k, 13); var bbd = Rand(n * r, 14);
+            var dyd = Rand(m * n, 15); var dx0 = Rand(m * k, 16, 3); var dA0 = Rand(r * k, 17, 3); var dB0 = Rand(n * r, 18, 3);
+            using var x = Up(b, xd, m, k); using var w = UpAs(b, dt, wd, n, k);
+            using var a = Up(b, ad, r, k); using var bb = Up(b, bbd, n, r); using var dy = Up(b, dyd, m, n);
+            using var y = b.Allocate(DType.F32, m, n); using var u = b.Allocate(DType.F32, m, r); using var xDrop = b.Allocate(DType.F32, m, k);
+            using var g = b.Allocate(DType.F32, m, r);
+            using var dx = Up(b, dx0, m, k); using var dA = Up(b, dA0, r, k); using var dB = Up(b, dB0, n, r);
+            var lora = new LoraParams(a, bb, Scale, p, Seed);
+            b.LoraLinearForward(y, x, w, null, lora, u, xDrop, m, n, k, r);
+            b.LoraLinearBackward(dx, dy, x, w, lora, u, xDrop, g, dA, dB, null, null, m, n, k, r, accumulate: true);
+            var e = LoraLinearReference.Backward(dyd, xd, wd, ad, bbd, Scale, p, Seed, m, n, k, r);
+            // the base term's input as the backend multiplies it (rounded to W's type on tensor cores): the reference's dy·W replaced
+            var baseDx = Minus(MatMulReference.BackwardInput(MatMulInput(b, dt, dyd), wd, m, n, k), MatMulReference.BackwardInput(dyd, wd, m, n, k));
+            Close(MatMulReference.BackwardInput(dyd, bbd, m, n, r), g, $"g {dt.Name()}");
+            Close(Plus(dx0, Plus(e.DX, baseDx)), dx, $"dx += {dt.Name()}");
+            Close(Plus(dA0, e.DA), dA, $"dA += {dt.Name()}");
+            Close(Plus(dB0, e.DB), dB, $"dB += {dt.Name()}");
+        }
     }
 
     [SkippableTheory]
