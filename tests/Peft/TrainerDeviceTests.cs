@@ -90,8 +90,8 @@ public class TrainerDeviceTests(ITestOutputHelper output)
     }
 
     /// <summary>
-    /// Training over bf16 linear weights on tensor cores (CUDA sm_80+, or the simulator that dispatches like it with
-    /// FTN_TEST_TC_SIM=1): every matmul against a weight, its input gradient and (full) its weight gradient on the
+    /// Training over bf16 linear weights on tensor cores (CUDA sm_80+, or the simulator that dispatches like it, unless
+    /// FTN_TEST_TC_SIM=0): every matmul against a weight, its input gradient and (full) its weight gradient on the
     /// tensor-core kernels, bf16 attention too, what a GPU's first training step runs. Operands are rounded to bf16 there,
     /// so the CPU backend's run is matched at bf16-level tolerances. Measured on ilgpu-sim-tc (relative): step-1 loss
     /// 7e-5 (full) / 5e-5 (lora), step-2 loss 3.3e-3 / 2.4e-4 (after one Adam step, whose lr·sign(g) moves near-zero
@@ -106,7 +106,7 @@ public class TrainerDeviceTests(ITestOutputHelper output)
     public void Trainer_steps_over_bf16_weights_on_tensor_cores_stay_near_the_cpu_backend(string method, string device)
     {
         Skip.If(device == "cuda" && !Backends.CudaAvailable(), "no CUDA device");
-        Skip.If(device == "ilgpu-sim-tc" && !TestBackends.TensorCoreSimulator, "the tensor-core simulator runs with FTN_TEST_TC_SIM=1");
+        Skip.If(device == "ilgpu-sim-tc" && !TestBackends.TensorCoreSimulator, "FTN_TEST_TC_SIM=0 leaves the tensor-core simulator out");
         Skip.IfNot(TestBackends.RoundsOperands(device), $"{device} has no tensor cores (CUDA before sm_80): Trainer_steps_on_ilgpu_sim_match_the_cpu_backend's f32 case");
         var cpu = Train("cpu", method, 2, DType.BF16);
         var tc = Train(device, method, 2, DType.BF16);

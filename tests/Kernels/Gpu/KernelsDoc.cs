@@ -173,7 +173,7 @@ public static class KernelsDoc
         sb.AppendLine("On CUDA sm_80+ (`IlgpuBackend.TensorCores`) bf16/f16-weight matmuls, NF4 matmuls, the LoRA forward's rank-r term and");
         sb.AppendLine("bf16/f16 attention take the tensor-core kernels, which round their operands to 16 bits; the plain simulator never does.");
         sb.AppendLine("Device `ilgpu-sim-tc` (tests and diagnostics only) is the simulator with that dispatch (the kernels' scalar paths, same");
-        sb.AppendLine("rounding). `FTN_TEST_TC_SIM=1 dotnet test tests/FineTuneNative.Tests.csproj -c Release --filter \"DisplayName~ilgpu-sim-tc\"`");
+        sb.AppendLine("rounding). The test suite runs on it by default (FTN_TEST_TC_SIM=0 leaves it out); `dotnet test tests/FineTuneNative.Tests.csproj -c Release --filter \"DisplayName~ilgpu-sim-tc\"`");
         sb.AppendLine("runs every op test of `TestBackends.All` on it, plus a training step and a generation over bf16 weights; the");
         sb.AppendLine("tolerances that depend on it ask `TestBackends.RoundsOperands` (true there and on an sm_80+ GPU), and compare against");
         sb.AppendLine("the reference on the rounded operands where the rounding is reproducible (matmul, NF4, LoRA, DoRA: f32 tolerance),");

@@ -7,8 +7,8 @@ using static FineTuneNative.Tests.Kernels.KernelTest;
 namespace FineTuneNative.Tests.Kernels.Gpu;
 
 /// <summary>
-/// "ilgpu-sim-tc": the simulator dispatching like CUDA sm_80+ (IlgpuBackend.TensorCores), the device op tests run on with
-/// FTN_TEST_TC_SIM=1 to see what a GPU's first run computes. Its name, its flag, and that a 16-bit-weight matmul through
+/// "ilgpu-sim-tc": the simulator dispatching like CUDA sm_80+ (IlgpuBackend.TensorCores), the device op tests also run on
+/// (unless FTN_TEST_TC_SIM=0) to see what a GPU's first run computes. Its name, its flag, and that a 16-bit-weight matmul through
 /// it really takes the tensor-core kernel: x rounded to the weight's type, where the plain simulator's SIMT kernel is f32.
 /// </summary>
 public class TensorCoreSimulatorBackendTests

@@ -79,7 +79,7 @@ public class Bf16KvCacheTests
     }
 
     /// <summary>
-    /// bf16 weights on tensor cores (CUDA sm_80+, or the simulator that dispatches like it with FTN_TEST_TC_SIM=1), what a
+    /// bf16 weights on tensor cores (CUDA sm_80+, or the simulator that dispatches like it, unless FTN_TEST_TC_SIM=0), what a
     /// GPU's first generation runs: every linear on the tensor-core matmul (prefill M = 9 and decode M = 1). With an f32
     /// cache that is exactly the plain backend multiplying bf16 weights by x rounded to bf16 (measured 1.2e-7 apart on
     /// ilgpu-sim-tc, while the unrounded CPU backend is 0.024-0.044 away: the rounding is real and all of the difference).
@@ -93,7 +93,7 @@ public class Bf16KvCacheTests
     public void Bf16Weights_OnTensorCores_AreTheRoundedInputEmulation(string device)
     {
         Skip.If(device == "cuda" && !Backends.CudaAvailable(), "no CUDA device");
-        Skip.If(device == "ilgpu-sim-tc" && !TestBackends.TensorCoreSimulator, "the tensor-core simulator runs with FTN_TEST_TC_SIM=1");
+        Skip.If(device == "ilgpu-sim-tc" && !TestBackends.TensorCoreSimulator, "FTN_TEST_TC_SIM=0 leaves the tensor-core simulator out");
         Skip.IfNot(TestBackends.RoundsOperands(device), $"{device} has no tensor cores (CUDA before sm_80)");
         using var plain = new FineTuneNative.Tests.Runtime.Model.PlainBackend { RoundsBf16MatMulInputs = true };
         var emulated = Run(plain, DType.F32, DType.BF16);
