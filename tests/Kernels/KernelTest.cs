@@ -63,6 +63,13 @@ internal static class KernelTest
     };
 
     /// <summary>
+    /// x as a matmul forward (IBackend.MatMul / MatMulResidual) of <paramref name="m"/> rows multiplies it: a decode forward
+    /// (m ≤ MatMulGemvKernels.MaxRows) runs the f32 GEMV on every ILGPU accelerator (x exact), more rows as <see cref="MatMulInput"/>.
+    /// </summary>
+    public static double[] MatMulForwardInput(IBackend b, DType w, double[] x, int m)
+        => m <= FineTuneNative.Kernels.Gpu.MatMulGemvKernels.MaxRows ? x : MatMulInput(b, w, x);
+
+    /// <summary>
     /// A dequantized NF4 weight as the tensor-core matmul multiplies it (rounded to bf16; unchanged elsewhere). The device
     /// dequantizes in f32, a few ulps from the double reference (and CUDA contracts the absmax's mul + add into one FFMA),
     /// so the test data must have no value that close to a bf16 rounding midpoint, where those ulps could pick the other

@@ -40,7 +40,7 @@ public class LinearResidualTests
             // Alpha·acc + bias (or + residual) into one FFMA: Alpha = 1 here, so the product is exact and the FFMA rounds once,
             // as the separate add does; both launches take the same kernel (same split-K policy, same accumulation order).
             Assert.True(Down(unfused).SequenceEqual(Down(fused)), $"fused != matmul + add: {what}");
-            Close(Plus(MatMulReference.Forward(bf16 ? MatMulInput(b, DType.BF16, xd) : xd, wd, withBias ? bd : null, m, n, k), rd), fused, what);
+            Close(Plus(MatMulReference.Forward(bf16 ? MatMulForwardInput(b, DType.BF16, xd, m) : xd, wd, withBias ? bd : null, m, n, k), rd), fused, what);
             Assert.True(rd.SequenceEqual(Down(res)), $"residual changed: {what}");
         }
     }

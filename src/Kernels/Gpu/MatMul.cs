@@ -25,6 +25,9 @@ public struct MatMulArgs
     public int Splits, SliceR;
 }
 
+/// <summary>Which kernel a matmul forward ran (<see cref="MatMulKernels.LastForwardPathOnThisThread"/>).</summary>
+internal enum MatMulPath { None, Tiled, TensorCore, Gemv, Nf4 }
+
 /// <summary>
 /// Matmul in the three layouts a linear layer needs, with f32 accumulation over f32 or bf16 weights:
 /// y = x·Wᵀ (+bias), dx = dy·W, dW += dyᵀ·x (dBias += Σ dy).
@@ -37,7 +40,8 @@ public struct MatMulArgs
 /// over all tokens) is split along r into one launch of (tiles × slices) groups writing partial sums, and
 /// <see cref="SplitKReduceKernel"/> sums them in a fixed order and applies the epilogue. Matches MatMulReference. Against bf16/f16 weights on CUDA sm_80+ the forward
 /// and input-gradient matmuls run on tensor cores instead (<see cref="MatMulTensorCoreKernels"/>), and the weight gradient of a bf16 weight
-/// (IBackend.MatMulBackwardWeightBf16: dy and x rounded to bf16) too.
+/// (IBackend.MatMulBackwardWeightBf16: dy and x rounded to bf16) too. A forward of at most
+/// <see cref="MatMulGemvKernels.MaxRows"/> rows (decode) over f32/bf16/f16/Q8_0/Q4_0 weights runs <see cref="MatMulGemvKernels"/> instead, on any accelerator.
 /// </remarks>
 internal sealed class MatMulKernels : IDisposable
 {
@@ -49,6 +53,7 @@ internal sealed class MatMulKernels : IDisposable
     private readonly Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, DeviceFloats, MatMulArgs> _splitReduce;
     private readonly ColumnSumKernels _columnSum;
     private MatMulTensorCoreKernels? _tensorCore;
+    private MatMulGemvKernels? _gemv;
     private MemoryBuffer1D<float, Stride1D.Dense>? _partials;
 
     /// <summary>
@@ -213,6 +218,14 @@ internal sealed class MatMulKernels : IDisposable
 
     [ThreadStatic] private static int t_lastSplits;
 
+    /// <summary>
+    /// The kernel the last <see cref="Forward"/> of the calling thread took, on any backend; for tests. Per thread, as
+    /// <see cref="LastSplitsOnThisThread"/>: the test backends are shared between test classes running in parallel.
+    /// </summary>
+    internal static MatMulPath LastForwardPathOnThisThread => t_lastPath;
+
+    [ThreadStatic] private static MatMulPath t_lastPath;
+
     public void Dispose() => _partials?.Dispose();
 
     /// <summary>The split-K scratch (grow-only: the first step of a shape allocates it, later steps reuse it).</summary>
@@ -280,20 +293,32 @@ internal sealed class MatMulKernels : IDisposable
         var rv = residual is null ? default : _b.F32(residual, "residual");
         if (w.DType == DType.NF4)
         {
+            t_lastPath = MatMulPath.Nf4;
             _b.Kernels(b => new Nf4Kernels(b)).Forward(w, _b.F32(x, "x"), _b.F32(y, "y"), bias, m, n, k, 1f, accumulate, op);
             if (residual is not null) _b.Add(y, y, residual);
+            return;
+        }
+        if (m <= MatMulGemvKernels.MaxRows)
+        {
+            // decode (a few rows): one memory-bound pass over W in f32 (x not rounded), not 64/128-row tiles of padding
+            t_lastPath = MatMulPath.Gemv;
+            _gemv ??= _b.Kernels(x => new MatMulGemvKernels(x));
+            _gemv.Launch(_b.Floats(x, "x"), w.DType.IsBlockQuantized() ? _b.QuantWeight(w, "w") : _b.Weight(w, "w"), _b.F32(y, "y"),
+                bias is null ? None : _b.Floats(bias, "bias"), m, n, k, accumulate, bias is not null, rv);
             return;
         }
         var p = Nt(m, n, k, 1f, accumulate);
         p.HasBias = bias is null ? 0 : 1;
         if (w.DType.IsBlockQuantized())
         {
+            t_lastPath = MatMulPath.TensorCore;
             // Q8_0/Q4_0: dequantized inside the tensor-core kernel's tile loads (its scalar path off CUDA)
             Quantized.Launch(false, _b.Floats(x, "x"), _b.QuantWeight(w, "w"), _b.F32(y, "y"), bias is null ? None : _b.Floats(bias, "bias"),
                 ArrayView<float>.Empty, None, MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(p), x, w, false), rv);
             return;
         }
         var tc = TensorCoreFor(w.DType);
+        t_lastPath = tc is null ? MatMulPath.Tiled : MatMulPath.TensorCore;
         if (tc is not null)
             tc.Launch(w.DType == DType.F16, _b.Floats(x, "x"), _b.Weight(w, "w"), _b.F32(y, "y"), bias is null ? None : _b.Floats(bias, "bias"),
                 ArrayView<float>.Empty, None, MatMulTensorCoreKernels.Vectorized(MatMulTensorCoreKernels.From(p), x, w, w.DType == DType.F16), rv);

@@ -79,6 +79,19 @@ public static class KernelsDoc
             "f32 SIMT on a 64×64 tile of which 16 columns are real (the FMAs are cheap, the dy read is the floor); partial sums of every slice round-trip through memory before the reduce pass");
         yield return new("MatMulTiled (LM head, f32 SIMT)", "x·Eᵀ, N=V, K=C", Mm(m.V, m.C), 4 * M * m.C + 4.0 * m.V * m.C + 4 * M * m.V,
             "f32 FMA on CUDA cores (no tensor cores for f32 weights): 67 TFLOP/s f32 peak, 15x below the bf16 floor");
+        // decode (one token per sequence, M = 1): the GEMV reads each bf16 weight element once (2 B) for 2 FLOPs; x and y are
+        // noise. The tensor-core kernel at the same M launches ceil(N/128) groups, one 128×128 tile each (127 of 128 rows
+        // padding): its floor below assumes each busy SM streams no more than its 1/132 share of the H100's bandwidth.
+        foreach (var (name, n, k, res) in new (string, double, double, bool)[]
+                 { ("q,k,v", qkv, m.C, false), ("o, + residual", m.C, m.C, true), ("gate+up", 2.0 * m.F, m.C, false), ("down, + residual", m.C, m.F, true) })
+        {
+            double bytes = 2 * n * k + 4 * k + 4 * n * (res ? 2 : 1);
+            double groups = Math.Ceiling(n / 128), tcFloor = bytes / (PeakBytes * Math.Min(1, groups / 132)) * 1e6;
+            yield return new($"MatMulGemv (decode M=1, {name})", $"x·Wᵀ{(res ? " + residual" : "")}, N={n}, K={k}; {Math.Ceiling(n / FineTuneNative.Kernels.Gpu.MatMulGemvKernels.WarpsPerGroup)} groups of 4 warps",
+                2 * n * k, bytes,
+                $"memory bound: one warp per column, lanes stride K with 2-byte (bf16) loads, coalesced but not vectorized; x (f32) re-read through L1 by every warp; " +
+                $"the tensor-core kernel at M=1 launches {groups} groups on 132 SMs: ≥ {F(tcFloor, "0.0")} µs ({F(tcFloor / (bytes / PeakBytes * 1e6), "0.0")}x this floor)");
+        }
         double T = Seq, pairs = Batch * m.NH * T * (T + 1) / 2;
         yield return new("AttentionForward", "causal, 4·HS FLOPs per (query, key) pair", 4 * pairs * m.HS,
             4 * M * (m.NH * 2.0 + m.NKV * 2.0) * m.HS, "f32 SIMT FMAs (the f32 q/k/v path): the FLOP floor assumes tensor cores");
@@ -112,7 +125,8 @@ public static class KernelsDoc
 
     /// <summary>Threads per group a kernel is launched with on CUDA.</summary>
     public static int GroupThreads(string kernel)
-        => kernel.StartsWith("AttentionTensorCoreKernels.", StringComparison.Ordinal) ? FineTuneNative.Kernels.Gpu.AttentionTensorCoreKernels.Threads : 256;
+        => kernel.StartsWith("AttentionTensorCoreKernels.", StringComparison.Ordinal) ? FineTuneNative.Kernels.Gpu.AttentionTensorCoreKernels.Threads
+            : kernel.StartsWith("MatMulGemvKernels.", StringComparison.Ordinal) ? FineTuneNative.Kernels.Gpu.MatMulGemvKernels.WarpsPerGroup * 32 : 256;
 
     private static string F(double v, string fmt = "0.00") => v.ToString(fmt, CultureInfo.InvariantCulture);
 
@@ -122,7 +136,7 @@ public static class KernelsDoc
         sb.AppendLine();
         sb.AppendLine("## Occupancy on an H100 (from the table above)");
         sb.AppendLine();
-        sb.AppendLine("Resident groups per SM at 256 threads per group (the explicitly grouped kernels' size on CUDA; the tensor-core attention: 128) from the sm_90");
+        sb.AppendLine("Resident groups per SM at 256 threads per group (the explicitly grouped kernels' size on CUDA; the tensor-core attention and the GEMV: 128) from the sm_90");
         sb.AppendLine("registers and static shared memory above: 65536 registers, 228 KiB shared memory, 64 warps per SM.");
         sb.AppendLine();
         sb.AppendLine("| kernel | registers | smem (B) | groups/SM | occupancy | limited by |");

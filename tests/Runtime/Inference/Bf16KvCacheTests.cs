@@ -80,7 +80,8 @@ public class Bf16KvCacheTests
 
     /// <summary>
     /// bf16 weights on tensor cores (CUDA sm_80+, or the simulator that dispatches like it, unless FTN_TEST_TC_SIM=0), what a
-    /// GPU's first generation runs: every linear on the tensor-core matmul (prefill M = 9 and decode M = 1). With an f32
+    /// GPU's first generation runs: every prefill linear (M = 9) on the tensor-core matmul, every decode linear (M = 1) on the f32
+    /// GEMV (MatMulGemvKernels: x not rounded; PlainBackend rounds only above its MaxRows too). With an f32
     /// cache that is exactly the plain backend multiplying bf16 weights by x rounded to bf16 (measured 1.2e-7 apart on
     /// ilgpu-sim-tc, while the unrounded CPU backend is 0.024-0.044 away: the rounding is real and all of the difference).
     /// With the bf16 cache (the CUDA default) the prefill attention also runs on the tensor-core kernel (P rounded) over

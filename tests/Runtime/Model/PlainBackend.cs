@@ -51,7 +51,8 @@ internal sealed class PlainBackend : IBackend
 
     /// <summary>
     /// Multiply bf16 weights as tensor cores do (x rounded to bf16, exact products, wide accumulation): the emulation
-    /// a tensor-core backend's whole-model run is checked against (IlgpuBackend.TensorCores).
+    /// a tensor-core backend's whole-model run is checked against (IlgpuBackend.TensorCores). Forwards of at most
+    /// MatMulGemvKernels.MaxRows rows (decode) stay f32 there (the GEMV), so they are not rounded here either.
     /// </summary>
     public bool RoundsBf16MatMulInputs { get; init; }
 
@@ -59,7 +60,7 @@ internal sealed class PlainBackend : IBackend
     {
         var Y = F(y); var W = F(w);
         ReadOnlySpan<float> X = F(x);
-        if (RoundsBf16MatMulInputs && w.DType == DType.BF16)
+        if (RoundsBf16MatMulInputs && w.DType == DType.BF16 && m > FineTuneNative.Kernels.Gpu.MatMulGemvKernels.MaxRows)
         {
             var rounded = new float[X.Length];
             for (int i = 0; i < rounded.Length; i++) rounded[i] = HalfBits.Bf16ToF32(HalfBits.F32ToBf16(X[i]));
