@@ -52,6 +52,15 @@ internal static class GpuBench
             run.Op($"MatMul bf16 {name} {m}x{n}x{k}", 2.0 * m * n * k, 4.0 * m * k + 2.0 * n * k + 4.0 * m * n,
                 () => b.MatMul(View(y, m * n), View(x, m * k), w, null, m, n, k, false));
         }
+        // decode: the GEMV (MatMulGemvKernels, M <= 8 rows) at one token and at 8 sequences, against the tensor-core kernel at
+        // 9 rows (the first count above the GEMV's bound: its launch shape at M = 1, ceil(N/128) groups); floor: W's bytes
+        foreach (var (name, n, k) in new[] { ("q,k,v", qkv, c), ("o", c, c), ("gate+up", 2 * f, c), ("down", c, f) })
+        {
+            using var w = Rand(b, DType.BF16, n, k);
+            foreach (int dm in new[] { 1, 8, 9 })
+                run.Op($"MatMul bf16 decode {name} {dm}x{n}x{k}{(dm <= 8 ? " (GEMV)" : " (tile kernel)")}", 2.0 * dm * n * k, 4.0 * dm * k + 2.0 * n * k + 4.0 * dm * n,
+                    () => b.MatMul(View(y, dm * n), View(x, dm * k), w, null, dm, n, k, false));
+        }
         using (var w = Rand(b, DType.BF16, c, f))
             run.Op($"MatMulBackwardInput bf16 down {m}x{f}x{c}", 2.0 * m * f * c, 4.0 * m * c + 2.0 * f * c + 4.0 * m * f,
                 () => b.MatMulBackwardInput(View(y, m * f), View(x, m * c), w, m, c, f, false));
