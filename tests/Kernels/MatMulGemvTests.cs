@@ -18,8 +18,10 @@ public class MatMulGemvTests
     private const int Max = MatMulGemvKernels.MaxRows;
 
     // (M, N, K): K below, at and across the warp (19 < 32; 130 = 4 warps + a tail), odd K for 16-bit weights, N ragged,
-    // M = 1, 3 and the bound; M = Max + 1 goes to the old path
-    private static readonly (int M, int N, int K)[] Shapes = { (1, 1, 1), (1, 37, 19), (3, 33, 17), (Max, 5, 45), (1, 3, 130), (Max + 1, 13, 21) };
+    // M = 1, 3 and the bound; K % 4 == 0 takes the 4-wide loads (8: 2 runs, fewer than a warp; 132: 33 runs, one warp of
+    // 32 plus one); M = Max + 1 goes to the old path
+    private static readonly (int M, int N, int K)[] Shapes =
+        { (1, 1, 1), (1, 37, 19), (3, 33, 17), (Max, 5, 45), (1, 3, 130), (3, 9, 132), (Max, 6, 8), (1, 5, 4), (Max + 1, 13, 21), (Max + 1, 7, 12) };
 
     // Q8_0/Q4_0 rows are whole 32-element blocks
     private static readonly (int M, int N, int K)[] QuantShapes = { (1, 37, 64), (3, 5, 96), (Max, 11, 32), (Max + 1, 7, 64) };
@@ -27,11 +29,13 @@ public class MatMulGemvTests
     /// <summary>The ILGPU backends (the CPU's Q8_0/Q4_0 matmul quantizes x to Q8 per block: tests/Kernels/Quant).</summary>
     public static IEnumerable<object[]> Ilgpu() => TestBackends.Names().Where(n => n != "cpu").Select(n => new object[] { n });
 
-    private static void AssertPath(IBackend b, int m, string what)
+    private static void AssertPath(IBackend b, int m, int k, bool quantized, string what)
     {
         if (b is not IlgpuBackend) return;
         var path = MatMulKernels.LastForwardPathOnThisThread;
-        if (m <= Max) Assert.True(path == MatMulPath.Gemv, $"{what}: ran {path}, not the GEMV");
+        // runs of 4 k where K % 4 == 0 (f32/16-bit weights; the tensors here start at offset 0)
+        var gemv = k % 4 == 0 && !quantized ? MatMulPath.GemvVectorized : MatMulPath.Gemv;
+        if (m <= Max) Assert.True(path == gemv, $"{what}: ran {path}, not {gemv}");
         else Assert.True(path is MatMulPath.Tiled or MatMulPath.TensorCore, $"{what}: ran {path} above the GEMV's {Max} rows");
     }
 
@@ -56,7 +60,7 @@ public class MatMulGemvTests
                     using var y = Up(b, y0, m, n); using var r = Up(b, rd, m, n);
                     if (variant == 2) b.MatMulResidual(y, r, x, w, bias, m, n, k);
                     else b.MatMul(y, x, w, variant == 1 ? bias : null, m, n, k, accumulate: variant == 1);
-                    AssertPath(b, m, what);
+                    AssertPath(b, m, k, false, what);
                     // the GEMV multiplies in f32 on every accelerator (x exact); above it tensor cores round x (MatMulInput)
                     var expected = MatMulReference.Forward(MatMulForwardInput(b, dtype, xd, m), wd, variant == 0 ? null : bd, m, n, k);
                     if (variant == 1) expected = Plus(expected, y0);
@@ -78,12 +82,35 @@ public class MatMulGemvTests
         var xd = Rand(m * k, 41); var wd = RoundBf16(Rand(n * k, 42));
         using var x = Up(b, xd, m, k); using var w = UpAs(b, DType.BF16, wd, n, k); using var y = b.Allocate(DType.F32, m, n);
         b.MatMul(y, x, w, null, m, n, k, accumulate: false);
-        AssertPath(b, m, backend);
+        AssertPath(b, m, k, false, backend);
         var got = y.ToArray();
         Close(MatMulReference.Forward(xd, wd, null, m, n, k), y, "exact");
         var rounded = MatMulReference.Forward(RoundBf16(xd), wd, null, m, n, k);
         double off = rounded.Select((e, i) => Math.Abs(e - got[i])).Max();
         Assert.True(off > 20 * Tolerance.F32.Atol, $"within {off:G3} of the rounded-x product");
+    }
+
+    /// <summary>
+    /// Views that start off a 4-element boundary (x at element 1, or a bf16 W at element 2) keep the scalar loads
+    /// although K % 4 == 0; one starting on it (W at a whole number of rows of K = 8) takes the 4-wide loads.
+    /// </summary>
+    [SkippableTheory]
+    [MemberData(nameof(Ilgpu))]
+    public void Decode_Views_VectorizeOnlyWhenAligned(string backend)
+    {
+        var b = Backend(backend);
+        const int m = 3, n = 5, k = 8;
+        foreach (var (xOff, wOff) in new[] { (1, 0), (0, 2), (0, k), (4, k) })
+        {
+            var xd = Rand(xOff + m * k, 61 + xOff); var wd = RoundBf16(Rand(wOff + n * k, 62 + wOff));
+            using var xAll = Up(b, xd, xOff + m * k); using var wAll = UpAs(b, DType.BF16, wd, wOff + n * k);
+            using var y = b.Allocate(DType.F32, m, n);
+            b.MatMul(y, xAll.View(xOff, m * k), wAll.View(wOff, n * k), null, m, n, k, accumulate: false);
+            var path = MatMulKernels.LastForwardPathOnThisThread;
+            var expectedPath = xOff % 4 == 0 && wOff % 4 == 0 ? MatMulPath.GemvVectorized : MatMulPath.Gemv;
+            Assert.True(path == expectedPath, $"x at {xOff}, W at {wOff}: ran {path}, not {expectedPath}");
+            Close(MatMulReference.Forward(xd[xOff..], wd[wOff..], null, m, n, k), y, $"x at {xOff}, W at {wOff}");
+        }
     }
 
     /// <summary>
@@ -113,7 +140,7 @@ public class MatMulGemvTests
                     using var x = Up(b, xd, m, k); using var bias = Up(b, bd, n); using var y = Up(b, y0, m, n); using var r = Up(b, rd, m, n);
                     if (variant == 2) b.MatMulResidual(y, r, x, w, bias, m, n, k);
                     else b.MatMul(y, x, w, variant == 1 ? bias : null, m, n, k, accumulate: variant == 1);
-                    AssertPath(b, m, what);
+                    AssertPath(b, m, k, true, what);
                     var expected = m <= Max
                         ? MatMulReference.Forward(xd, wd, variant == 0 ? null : bd, m, n, k)
                         : MatMulReference.Forward(RoundBf16(xd), RoundBf16(wd), variant == 0 ? null : bd, m, n, k);

@@ -26,7 +26,7 @@ public struct MatMulArgs
 }
 
 /// <summary>Which kernel a matmul forward ran (<see cref="MatMulKernels.LastForwardPathOnThisThread"/>).</summary>
-internal enum MatMulPath { None, Tiled, TensorCore, Gemv, Nf4 }
+internal enum MatMulPath { None, Tiled, TensorCore, Gemv, GemvVectorized, Nf4 }
 
 /// <summary>
 /// Matmul in the three layouts a linear layer needs, with f32 accumulation over f32 or bf16 weights:
@@ -301,10 +301,11 @@ internal sealed class MatMulKernels : IDisposable
         if (m <= MatMulGemvKernels.MaxRows)
         {
             // decode (a few rows): one memory-bound pass over W in f32 (x not rounded), not 64/128-row tiles of padding
-            t_lastPath = MatMulPath.Gemv;
+            bool vec = MatMulGemvKernels.CanVectorize(x, w, k);
+            t_lastPath = vec ? MatMulPath.GemvVectorized : MatMulPath.Gemv;
             _gemv ??= _b.Kernels(x => new MatMulGemvKernels(x));
             _gemv.Launch(_b.Floats(x, "x"), w.DType.IsBlockQuantized() ? _b.QuantWeight(w, "w") : _b.Weight(w, "w"), _b.F32(y, "y"),
-                bias is null ? None : _b.Floats(bias, "bias"), m, n, k, accumulate, bias is not null, rv);
+                bias is null ? None : _b.Floats(bias, "bias"), m, n, k, accumulate, bias is not null, vec, rv);
             return;
         }
         var p = Nt(m, n, k, 1f, accumulate);
