@@ -89,7 +89,7 @@ public static class KernelsDoc
             double groups = Math.Ceiling(n / 128), tcFloor = bytes / (PeakBytes * Math.Min(1, groups / 132)) * 1e6;
             yield return new($"MatMulGemv (decode M=1, {name})", $"x·Wᵀ{(res ? " + residual" : "")}, N={n}, K={k}; {Math.Ceiling(n / FineTuneNative.Kernels.Gpu.MatMulGemvKernels.WarpsPerGroup)} groups of 4 warps",
                 2 * n * k, bytes,
-                $"memory bound: one warp per column, lanes stride K in runs of 4 (one 8-byte bf16 weight load and one 16-byte x load per lane and step, K % 4 == 0); x (f32) re-read through L1 by every warp (not staged in shared memory); 4 warps per group: fewer than 132 × 16 resident warps at small N; " +
+                $"memory bound: one warp per column, lanes stride K in runs of 4 (one 8-byte bf16 weight load and one 16-byte x load per lane and step, K % 4 == 0: LD.E.64 / LD.E.128 in the SASS, generic-space loads as ILGPU emits them, not the LDG.CONSTANT read-only path); x (f32) re-read through L1 by every warp (not staged in shared memory); 4 warps per group: fewer than 132 × 16 resident warps at small N; " +
                 $"the tensor-core kernel at M=1 launches {groups} groups on 132 SMs: ≥ {F(tcFloor, "0.0")} µs ({F(tcFloor / (bytes / PeakBytes * 1e6), "0.0")}x this floor)");
         }
         double T = Seq, pairs = Batch * m.NH * T * (T + 1) / 2;

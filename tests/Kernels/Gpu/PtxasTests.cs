@@ -221,6 +221,11 @@ public class PtxasTests
                         string expectedHmma = kernel.Name.Contains("Bf16", StringComparison.Ordinal) ? @"HMMA\.16816\.F32\.BF16\b" : @"HMMA\.16816\.F32 ";
                         if (kernel.TensorCore && !Regex.IsMatch(sass, expectedHmma))
                             failures.AppendLine($"{kernel.Name} {arch}: no {expectedHmma.Replace(@"\", "")} in the SASS");
+                        // the decode GEMV's runs of 4 (MatMulGemvKernels.CanVectorize): 16-byte x / f32 W and 8-byte 16-bit W loads
+                        // (LD.E.128 / LD.E.64: ILGPU's views are generic pointers, so generic LD rather than LDG)
+                        if (kernel.Name.StartsWith("MatMulGemvKernels.", StringComparison.Ordinal) &&
+                            (!Regex.IsMatch(sass, @"\bLDG?\.E(\.\w+)*\.128\b") || !Regex.IsMatch(sass, @"\bLDG?\.E(\.\w+)*\.64\b")))
+                            failures.AppendLine($"{kernel.Name} {arch}: no 128-bit and 64-bit global loads in the SASS (the GEMV's vector loads were lost); its loads: " + string.Join(" ", Regex.Matches(sass, @"\bLDG?\.[\.\w]*").Select(x => x.Value).Distinct()));
                         if (kernel.TensorCore && report.LocalAccesses != 0)
                             failures.AppendLine($"{kernel.Name} {arch}: {report.LocalAccesses} LDL/STL in the SASS (PtxLocalForwarding no longer removes ILGPU's inline-asm locals)");
                     }
