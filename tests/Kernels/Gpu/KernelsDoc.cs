@@ -186,6 +186,7 @@ public static class KernelsDoc
         sb.AppendLine();
         sb.AppendLine("On CUDA sm_80+ (`IlgpuBackend.TensorCores`) bf16/f16-weight matmuls, NF4 matmuls, the LoRA forward's rank-r term and");
         sb.AppendLine("bf16/f16 attention take the tensor-core kernels, which round their operands to 16 bits; the plain simulator never does.");
+        sb.AppendLine($"A matmul forward of at most {FineTuneNative.Kernels.Gpu.MatMulGemvKernels.MaxRows} rows (decode) takes the f32 GEMV on every accelerator instead (MatMulGemvKernels: x not rounded).");
         sb.AppendLine("Device `ilgpu-sim-tc` (tests and diagnostics only) is the simulator with that dispatch (the kernels' scalar paths, same");
         sb.AppendLine("rounding). The test suite runs on it by default (FTN_TEST_TC_SIM=0 leaves it out); `dotnet test tests/FineTuneNative.Tests.csproj -c Release --filter \"DisplayName~ilgpu-sim-tc\"`");
         sb.AppendLine("runs every op test of `TestBackends.All` on it, plus a training step and a generation over bf16 weights; the");
