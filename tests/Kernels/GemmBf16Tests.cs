@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using FineTuneNative.Kernels;
 using FineTuneNative.Kernels.Cpu;
 using FineTuneNative.Kernels.Reference;
@@ -236,35 +235,25 @@ public sealed unsafe class GemmBf16Tests(ITestOutputHelper output)
     [SkippableFact]
     public void Encoding_Disassembles_To_The_Documented_Instructions()
     {
-        Skip.IfNot(File.Exists("/usr/bin/objdump"), "binutils objdump not installed");
+        Skip.IfNot(File.Exists(X64Disassembly.Objdump), "binutils objdump not installed");
         var code = GemmBf16Asm.Encode();
-        string path = Path.Combine(Path.GetTempPath(), $"ftn-gemmbf16-{Environment.ProcessId}.bin");
-        File.WriteAllBytes(path, code);
-        try
+        var ins = X64Disassembly.Disassemble(code, "gemmbf16").Select(i => i.Text).ToList();
+        Assert.DoesNotContain(ins, i => i.StartsWith("(bad)", StringComparison.Ordinal));
+        Assert.Equal(24, ins.Count(i => i.StartsWith("vpxord", StringComparison.Ordinal)));
+        // AT&T order: vdpbf16ps src2, src1, dst  (dst += src1·src2 pairwise)
+        for (int r = 0; r < 12; r++)
         {
-            var psi = new ProcessStartInfo("/usr/bin/objdump", $"-D -b binary -mi386:x86-64 \"{path}\"") { RedirectStandardOutput = true, UseShellExecute = false };
-            using var p = Process.Start(psi)!;
-            string text = p.StandardOutput.ReadToEnd();
-            p.WaitForExit();
-            var ins = text.Split('\n').Select(l => l.Split('\t')).Where(f => f.Length >= 3).Select(f => string.Join(' ', f[2].Split(' ', StringSplitOptions.RemoveEmptyEntries))).ToList();
-            Assert.DoesNotContain(ins, i => i.StartsWith("(bad)", StringComparison.Ordinal));
-            Assert.Equal(24, ins.Count(i => i.StartsWith("vpxord", StringComparison.Ordinal)));
-            // AT&T order: vdpbf16ps src2, src1, dst  (dst += src1·src2 pairwise)
-            for (int r = 0; r < 12; r++)
-            {
-                Assert.Contains($"vpbroadcastd {(r == 0 ? "" : $"0x{4 * r:x}")}(%rsi),%zmm{26 + r % 4}", ins);
-                Assert.Contains($"vdpbf16ps %zmm{26 + r % 4},%zmm24,%zmm{2 * r}", ins);
-                Assert.Contains($"vdpbf16ps %zmm{26 + r % 4},%zmm25,%zmm{2 * r + 1}", ins);
-                Assert.Contains($"vmovups %zmm{2 * r},(%rcx)", ins);
-                Assert.Contains($"vmovups %zmm{2 * r + 1},0x40(%rcx)", ins);
-            }
-            Assert.Contains("vmovups (%rdx),%zmm24", ins);
-            Assert.Contains("vmovups 0x40(%rdx),%zmm25", ins);
-            Assert.Contains("vaddps 0x40(%rax),%zmm23,%zmm23", ins);
-            Assert.Equal("ret", ins[^1]);
-            output.WriteLine($"{code.Length} bytes, {ins.Count} instructions");
+            Assert.Contains($"vpbroadcastd {(r == 0 ? "" : $"0x{4 * r:x}")}(%rsi),%zmm{26 + r % 4}", ins);
+            Assert.Contains($"vdpbf16ps %zmm{26 + r % 4},%zmm24,%zmm{2 * r}", ins);
+            Assert.Contains($"vdpbf16ps %zmm{26 + r % 4},%zmm25,%zmm{2 * r + 1}", ins);
+            Assert.Contains($"vmovups %zmm{2 * r},(%rcx)", ins);
+            Assert.Contains($"vmovups %zmm{2 * r + 1},0x40(%rcx)", ins);
         }
-        finally { File.Delete(path); }
+        Assert.Contains("vmovups (%rdx),%zmm24", ins);
+        Assert.Contains("vmovups 0x40(%rdx),%zmm25", ins);
+        Assert.Contains("vaddps 0x40(%rax),%zmm23,%zmm23", ins);
+        Assert.Equal("ret", ins[^1]);
+        output.WriteLine($"{code.Length} bytes, {ins.Count} instructions");
     }
 
     [SkippableFact]

@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using FineTuneNative.Kernels;
 using FineTuneNative.Kernels.Cpu;
 using FineTuneNative.Kernels.Quant;
@@ -189,58 +188,46 @@ public sealed unsafe class MatVecF16AsmTests(ITestOutputHelper output)
     [SkippableFact]
     public void Encoding_Disassembles_To_The_Documented_Instructions()
     {
-        Skip.IfNot(File.Exists("/usr/bin/objdump"), "binutils objdump not installed");
+        Skip.IfNot(File.Exists(X64Disassembly.Objdump), "binutils objdump not installed");
         var code = MatVecF16Asm.Encode(out var entries);
         Assert.Equal(0, entries.Rows4);
         Assert.True(entries.Rows1 % 64 == 0 && entries.Widen % 64 == 0 && entries.Panel16 % 64 == 0
             && entries.Rows1 < entries.Widen && entries.Widen < entries.Panel16, $"entries {entries}");
-        string path = Path.Combine(Path.GetTempPath(), $"ftn-matvecf16-{Environment.ProcessId}.bin");
-        File.WriteAllBytes(path, code);
-        try
+        // (offset, instruction) in AT&T order: op src2, src1, dst
+        var ins = X64Disassembly.Disassemble(code, "matvecf16");
+        Assert.DoesNotContain(ins, i => i.Text.StartsWith("(bad)", StringComparison.Ordinal));
+        List<string> Part(int from, int to) => ins.Where(i => i.At >= from && i.At < to).Select(i => i.Text).ToList();
+        var rows4 = Part(entries.Rows4, entries.Rows1);
+        var rows1 = Part(entries.Rows1, entries.Widen);
+        var widen = Part(entries.Widen, code.Length);   // up to the panel kernel: narrowed below
+        string[] bases = { "%rdi", "%rax", "%r10", "%r11" };
+        for (int r = 0; r < 4; r++)
         {
-            var psi = new ProcessStartInfo("/usr/bin/objdump", $"-D -b binary -mi386:x86-64 \"{path}\"") { RedirectStandardOutput = true, UseShellExecute = false };
-            using var p = Process.Start(psi)!;
-            string text = p.StandardOutput.ReadToEnd();
-            p.WaitForExit();
-            // (offset, instruction) in AT&T order: op src2, src1, dst
-            var ins = text.Split('\n').Select(l => l.Split('\t')).Where(f => f.Length >= 3)
-                .Select(f => (At: Convert.ToInt32(f[0].Trim().TrimEnd(':'), 16), Text: string.Join(' ', f[2].Split(' ', StringSplitOptions.RemoveEmptyEntries))))
-                .Where(i => i.Text != "int3").ToList();
-            Assert.DoesNotContain(ins, i => i.Text.StartsWith("(bad)", StringComparison.Ordinal));
-            List<string> Part(int from, int to) => ins.Where(i => i.At >= from && i.At < to).Select(i => i.Text).ToList();
-            var rows4 = Part(entries.Rows4, entries.Rows1);
-            var rows1 = Part(entries.Rows1, entries.Widen);
-            var widen = Part(entries.Widen, code.Length);   // up to the panel kernel: narrowed below
-            string[] bases = { "%rdi", "%rax", "%r10", "%r11" };
-            for (int r = 0; r < 4; r++)
-            {
-                Assert.Contains($"vpxord %zmm{r},%zmm{r},%zmm{r}", rows4);
-                Assert.Contains($"vcvtph2ps ({bases[r]}),%zmm{4 + r}", rows4);
-                Assert.Contains($"vfmadd231ps %zmm8,%zmm{4 + r},%zmm{r}", rows4);
-                Assert.Contains($"vmovups %zmm{r},{(r == 0 ? "" : $"0x{64 * r:x}")}(%rdx)", rows4);
-            }
-            foreach (var s in new[] { "lea (%rdi,%r8,1),%rax", "lea (%rax,%r8,1),%r10", "lea (%r10,%r8,1),%r11", "vmovups (%rsi),%zmm8",
-                         "prefetcht0 (%r9)", "prefetcht0 0x40(%r9)", "add $0x20,%rdi", "add $0x20,%r11", "add $0x40,%rsi", "sub $0xffffffffffffff80,%r9", "dec %rcx", "vzeroupper", "ret" })
-                Assert.Contains(s, rows4);
-            Assert.Equal(new[] { "vpxord %zmm0,%zmm0,%zmm0", "vcvtph2ps (%rdi),%zmm4", "vfmadd231ps (%rsi),%zmm4,%zmm0", "add $0x20,%rdi", "add $0x40,%rsi", "dec %rcx" }, rows1.Take(6));
-            Assert.Equal(new[] { "vmovups %zmm0,(%rdx)", "vzeroupper", "ret" }, rows1.TakeLast(3));
-            Assert.Equal(new[] { "vcvtph2ps (%rdi),%zmm0", "vmovups %zmm0,(%rsi)", "add $0x20,%rdi", "add $0x40,%rsi", "dec %rdx" }, widen.Take(5));
-            Assert.Equal(new[] { "vzeroupper", "ret" }, widen.TakeLast(2));
-            var panel = Part(entries.Panel16, code.Length);
-            widen = Part(entries.Widen, entries.Panel16);
-            Assert.Equal(new[] { "vzeroupper", "ret" }, widen.TakeLast(2));
-            for (int u = 0; u < 4; u++)
-            {
-                Assert.Contains($"vbroadcastss {(u == 0 ? "" : $"0x{4 * u:x}")}(%rsi),%zmm{8 + u}", panel);
-                Assert.Contains($"vcvtph2ps {(u == 0 ? "" : $"0x{32 * u:x}")}(%rdi),%zmm{4 + u}", panel);
-                Assert.Contains($"vfmadd231ps %zmm{8 + u},%zmm{4 + u},%zmm{u}", panel);
-            }
-            foreach (var s in new[] { "prefetcht0 (%r8)", "prefetcht0 0x40(%r8)", "sub $0xffffffffffffff80,%rdi", "add $0x10,%rsi",
-                         "vaddps %zmm1,%zmm0,%zmm0", "vaddps %zmm3,%zmm2,%zmm2", "vaddps %zmm2,%zmm0,%zmm0", "vmovups %zmm0,(%rdx)" })
-                Assert.Contains(s, panel);
-            Assert.Equal(new[] { "vzeroupper", "ret" }, panel.TakeLast(2));
-            output.WriteLine($"{code.Length} bytes; rows4 {rows4.Count}, rows1 {rows1.Count}, widen {widen.Count}, panel16 {panel.Count} instructions");
+            Assert.Contains($"vpxord %zmm{r},%zmm{r},%zmm{r}", rows4);
+            Assert.Contains($"vcvtph2ps ({bases[r]}),%zmm{4 + r}", rows4);
+            Assert.Contains($"vfmadd231ps %zmm8,%zmm{4 + r},%zmm{r}", rows4);
+            Assert.Contains($"vmovups %zmm{r},{(r == 0 ? "" : $"0x{64 * r:x}")}(%rdx)", rows4);
         }
-        finally { File.Delete(path); }
+        foreach (var s in new[] { "lea (%rdi,%r8,1),%rax", "lea (%rax,%r8,1),%r10", "lea (%r10,%r8,1),%r11", "vmovups (%rsi),%zmm8",
+                     "prefetcht0 (%r9)", "prefetcht0 0x40(%r9)", "add $0x20,%rdi", "add $0x20,%r11", "add $0x40,%rsi", "sub $0xffffffffffffff80,%r9", "dec %rcx", "vzeroupper", "ret" })
+            Assert.Contains(s, rows4);
+        Assert.Equal(new[] { "vpxord %zmm0,%zmm0,%zmm0", "vcvtph2ps (%rdi),%zmm4", "vfmadd231ps (%rsi),%zmm4,%zmm0", "add $0x20,%rdi", "add $0x40,%rsi", "dec %rcx" }, rows1.Take(6));
+        Assert.Equal(new[] { "vmovups %zmm0,(%rdx)", "vzeroupper", "ret" }, rows1.TakeLast(3));
+        Assert.Equal(new[] { "vcvtph2ps (%rdi),%zmm0", "vmovups %zmm0,(%rsi)", "add $0x20,%rdi", "add $0x40,%rsi", "dec %rdx" }, widen.Take(5));
+        Assert.Equal(new[] { "vzeroupper", "ret" }, widen.TakeLast(2));
+        var panel = Part(entries.Panel16, code.Length);
+        widen = Part(entries.Widen, entries.Panel16);
+        Assert.Equal(new[] { "vzeroupper", "ret" }, widen.TakeLast(2));
+        for (int u = 0; u < 4; u++)
+        {
+            Assert.Contains($"vbroadcastss {(u == 0 ? "" : $"0x{4 * u:x}")}(%rsi),%zmm{8 + u}", panel);
+            Assert.Contains($"vcvtph2ps {(u == 0 ? "" : $"0x{32 * u:x}")}(%rdi),%zmm{4 + u}", panel);
+            Assert.Contains($"vfmadd231ps %zmm{8 + u},%zmm{4 + u},%zmm{u}", panel);
+        }
+        foreach (var s in new[] { "prefetcht0 (%r8)", "prefetcht0 0x40(%r8)", "sub $0xffffffffffffff80,%rdi", "add $0x10,%rsi",
+                     "vaddps %zmm1,%zmm0,%zmm0", "vaddps %zmm3,%zmm2,%zmm2", "vaddps %zmm2,%zmm0,%zmm0", "vmovups %zmm0,(%rdx)" })
+            Assert.Contains(s, panel);
+        Assert.Equal(new[] { "vzeroupper", "ret" }, panel.TakeLast(2));
+        output.WriteLine($"{code.Length} bytes; rows4 {rows4.Count}, rows1 {rows1.Count}, widen {widen.Count}, panel16 {panel.Count} instructions");
     }
 }
