@@ -76,16 +76,24 @@ internal sealed class StepReadback : IDisposable
     {
         var host = _host.AsSpan(0, (int)_probe.All.Length);
         _backend.Download(_probe.All, host);
-        double lossSum = 0;
-        int at = 2;
-        foreach (int r in _viewRows)
+        return (AddPerBatch(0, host[2..], _viewRows), host[0], host[1]);
+    }
+
+    /// <summary>
+    /// <paramref name="sum"/> plus consecutive batches' per-token losses (<paramref name="rows"/> each): each batch summed
+    /// in double in token order, then added, as when each batch was read back alone (the step's readback and evaluation).
+    /// </summary>
+    internal static double AddPerBatch(double sum, ReadOnlySpan<float> losses, ReadOnlySpan<int> rows)
+    {
+        int at = 0;
+        foreach (int r in rows)
         {
             double ls = 0;
-            foreach (float x in host.Slice(at, r)) ls += x;
-            lossSum += ls;
+            foreach (float x in losses.Slice(at, r)) ls += x;
+            sum += ls;
             at += r;
         }
-        return (lossSum, host[0], host[1]);
+        return sum;
     }
 
     /// <summary>Makes the readback hold the clip pair and <paramref name="rows"/> losses (reallocated only when a step needs more).</summary>

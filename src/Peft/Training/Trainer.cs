@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Globalization;
+using System.Runtime.InteropServices;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using FineTuneNative.Kernels;
@@ -209,14 +210,7 @@ public sealed class Trainer : IDisposable
             if (queued.Count == 0) return;
             var host = _evalHost.AsSpan(0, (int)used);
             _backend.Download(_evalLosses!.View(0, (int)used), host);
-            int at = 0;
-            foreach (int r in queued)
-            {
-                double ls = 0;
-                foreach (float x in host.Slice(at, r)) ls += x;
-                sum += ls;
-                at += r;
-            }
+            sum = StepReadback.AddPerBatch(sum, host, CollectionsMarshal.AsSpan(queued));
             queued.Clear();
             used = 0;
         }
